@@ -1,0 +1,97 @@
+import SystemPackage
+import _CUserfaultfd
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// Handing a userfaultfd (or any descriptor) to another process over a unix socket.
+public enum DescriptorPassing {
+    /// The process at the other end of a unix socket, from `SO_PEERCRED`.
+    public struct PeerCredentials: Hashable, Sendable, CustomStringConvertible {
+        public var pid: Int32
+        public var uid: UInt32
+        public var gid: UInt32
+        public var description: String { "pid \(pid) uid \(uid) gid \(gid)" }
+    }
+
+    /// Sends `payload` with exactly one descriptor attached (`SCM_RIGHTS`), in one `sendmsg`.
+    ///
+    /// - Throws: `UserfaultfdError` for `sendmsg`, or if the payload is empty (a
+    ///   descriptor needs at least one byte of data to travel with).
+    public static func send(_ descriptor: FileDescriptor, payload: [UInt8], over socket: FileDescriptor) throws(UserfaultfdError) {
+        try send(descriptors: [descriptor], payload: payload, over: socket)
+    }
+
+    /// Sends `payload` with `descriptors` attached (0 to 16 of them), in one `sendmsg`.
+    public static func send(descriptors: [FileDescriptor], payload: [UInt8], over socket: FileDescriptor) throws(UserfaultfdError) {
+        if payload.isEmpty {
+            throw UserfaultfdError(operation: "sendmsg SCM_RIGHTS", kind: .invalidArgument("the payload is empty"))
+        }
+        let fds = descriptors.map(\.rawValue)
+        let n = payload.withUnsafeBytes { bytes in
+            fds.withUnsafeBufferPointer { cuffd_send_fds(socket.rawValue, bytes.baseAddress, bytes.count, $0.baseAddress, Int32($0.count)) }
+        }
+        if n < 0 { throw UserfaultfdError(operation: "sendmsg SCM_RIGHTS", errno: currentErrno()) }
+        if n != payload.count {
+            throw UserfaultfdError(operation: "sendmsg SCM_RIGHTS", kind: .malformed("sent \(n) of \(payload.count) bytes"))
+        }
+    }
+
+    /// Receives one message of at most `maxPayload` bytes that must carry exactly one descriptor.
+    ///
+    /// Descriptors arrive close-on-exec (`MSG_CMSG_CLOEXEC`). If the message carries
+    /// no descriptor, several, or was truncated, every descriptor received is closed
+    /// and the call throws ``UserfaultfdError/Kind/malformed(_:)`` saying which.
+    /// - Returns: the payload and the descriptor, which the caller now owns.
+    public static func receive(from socket: FileDescriptor, maxPayload: Int = 65536) throws(UserfaultfdError) -> (payload: [UInt8], descriptor: FileDescriptor) {
+        var payload = [UInt8](repeating: 0, count: max(1, maxPayload))
+        var fds = [Int32](repeating: -1, count: 16)
+        var count: Int32 = 0
+        var truncated: Int32 = 0
+        let n = payload.withUnsafeMutableBytes { bytes in
+            fds.withUnsafeMutableBufferPointer {
+                cuffd_recv_fds(socket.rawValue, bytes.baseAddress, bytes.count, $0.baseAddress, Int32($0.count), &count, &truncated)
+            }
+        }
+        if n < 0 { throw UserfaultfdError(operation: "recvmsg SCM_RIGHTS", errno: currentErrno()) }
+        let received = Array(fds.prefix(min(Int(count), fds.count)))
+        func closeAll() { for fd in received { _ = Glibc.close(fd) } }
+        if n == 0 && count == 0 {
+            throw UserfaultfdError(operation: "recvmsg SCM_RIGHTS", kind: .malformed("the peer closed the connection without sending anything"))
+        }
+        if truncated != 0 {
+            closeAll()
+            throw UserfaultfdError(operation: "recvmsg SCM_RIGHTS", kind: .malformed("the message was truncated (more than \(maxPayload) bytes or too many descriptors)"))
+        }
+        if count != 1 {
+            closeAll()
+            throw UserfaultfdError(operation: "recvmsg SCM_RIGHTS", kind: .malformed("expected exactly one descriptor, received \(count)"))
+        }
+        payload.removeSubrange(n...)
+        return (payload, FileDescriptor(rawValue: received[0]))
+    }
+
+    /// The credentials of the process at the other end of a connected unix socket.
+    public static func peerCredentials(of socket: FileDescriptor) throws(UserfaultfdError) -> PeerCredentials {
+        var pid: Int32 = 0
+        var uid: UInt32 = 0
+        var gid: UInt32 = 0
+        if cuffd_peer_credentials(socket.rawValue, &pid, &uid, &gid) != 0 {
+            throw UserfaultfdError(operation: "getsockopt SO_PEERCRED", errno: currentErrno())
+        }
+        return PeerCredentials(pid: pid, uid: uid, gid: gid)
+    }
+
+    /// A connected pair of unix stream sockets (close-on-exec), for tests and for
+    /// handing a uffd to a child process.
+    public static func socketPair() throws(UserfaultfdError) -> (FileDescriptor, FileDescriptor) {
+        var fds: [Int32] = [-1, -1]
+        if socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &fds) != 0 {
+            throw UserfaultfdError(operation: "socketpair", errno: currentErrno())
+        }
+        return (FileDescriptor(rawValue: fds[0]), FileDescriptor(rawValue: fds[1]))
+    }
+}

@@ -1,0 +1,39 @@
+extension Userfaultfd.Handle {
+    /// The messages of this userfaultfd as an `AsyncSequence`, for code where
+    /// convenience matters more than latency.
+    ///
+    /// A dedicated thread (never the cooperative pool) waits on the fd and yields each
+    /// message. The stream ends with an error if reading fails and finishes when the
+    /// fd hangs up; cancelling the consuming task, or ending iteration, stops the thread.
+    /// The handle must stay open while the stream runs.
+    public func events(batchSize: Int = 64) throws(UserfaultfdError) -> AsyncThrowingStream<Userfaultfd.Event, any Error> {
+        let stop = try StopSignal()
+        let handle = self
+        let (stream, continuation) = AsyncThrowingStream<Userfaultfd.Event, any Error>.makeStream()
+        let thread = DedicatedThread(name: "uffd-events") {
+            let buffer = Userfaultfd.EventBuffer(capacity: batchSize)
+            do {
+                loop: while true {
+                    switch try handle.wait(stop: stop) {
+                    case .stopped: break loop
+                    case .hangUp: break loop
+                    case .timedOut: continue
+                    case .ready:
+                        try handle.readEvents(into: buffer)
+                        for event in buffer.events { continuation.yield(event) }
+                    }
+                }
+                continuation.finish()
+            } catch {
+                continuation.finish(throwing: error)
+            }
+        }
+        // Termination may be reported on the reading thread itself, so it only raises
+        // the stop signal; the thread then ends on its own (it is detached when released).
+        continuation.onTermination = { _ in
+            stop.raise()
+            _ = thread
+        }
+        return stream
+    }
+}

@@ -1,0 +1,93 @@
+import SystemPackage
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// A failed userfaultfd operation: which operation, and the error the kernel gave.
+///
+/// Errors name the operation (`UFFDIO_COPY`, `UFFDIO_REGISTER`, `open /dev/userfaultfd`…)
+/// so a log line tells what went wrong without a stack trace.
+public struct UserfaultfdError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// What kind of failure this is.
+    public enum Kind: Equatable, Sendable {
+        /// A system call or ioctl failed with `errno`.
+        case system(Errno)
+        /// The kernel does not offer features the caller required.
+        case unsupportedFeatures(Userfaultfd.Features)
+        /// The kernel does not offer ioctls the caller required.
+        case unsupportedIoctls(Userfaultfd.Ioctls)
+        /// An argument was rejected before reaching the kernel.
+        case invalidArgument(String)
+        /// Data from a peer or the kernel did not have the expected shape.
+        case malformed(String)
+    }
+
+    /// The operation that failed, for example `"UFFDIO_COPY"`.
+    public var operation: String
+    /// What went wrong.
+    public var kind: Kind
+    /// Extra guidance for the user: why it failed and what to do about it.
+    public var hint: String?
+
+    public init(operation: String, kind: Kind, hint: String? = nil) {
+        self.operation = operation
+        self.kind = kind
+        self.hint = hint
+    }
+
+    /// An error for `operation` failing with `errno`.
+    public init(operation: String, errno: Errno, hint: String? = nil) {
+        self.init(operation: operation, kind: .system(errno), hint: hint)
+    }
+
+    /// The `errno` of a failed system call, if this error is one.
+    public var errno: Errno? {
+        if case .system(let e) = kind { return e }
+        return nil
+    }
+
+    public var description: String {
+        var text: String
+        switch kind {
+        case .system(let e):
+            text = "\(operation) failed: \(e) (errno \(e.rawValue))"
+        case .unsupportedFeatures(let missing):
+            text = "\(operation): the running kernel does not offer the required features \(missing)"
+        case .unsupportedIoctls(let missing):
+            text = "\(operation): the required ioctls \(missing) are not available"
+        case .invalidArgument(let why):
+            text = "\(operation): invalid argument: \(why)"
+        case .malformed(let why):
+            text = "\(operation): malformed data: \(why)"
+        }
+        if let hint { text += ". \(hint)" }
+        return text
+    }
+}
+
+/// The current thread's `errno` as an `Errno`.
+@inline(__always)
+internal func currentErrno() -> Errno {
+    Errno(rawValue: errno)
+}
+
+/// Runs `body` until it returns something other than -1 with `EINTR`.
+///
+/// - Returns: the result of `body` when it is not -1.
+/// - Throws: `UserfaultfdError` naming `operation` with the `errno` of the failure.
+@inline(__always)
+internal func retryOnInterrupt<R: FixedWidthInteger>(
+    _ operation: String,
+    _ body: () -> R
+) throws(UserfaultfdError) -> R {
+    while true {
+        let result = body()
+        if result != -1 { return result }
+        let e = currentErrno()
+        if e == .interrupted { continue }
+        throw UserfaultfdError(operation: operation, errno: e)
+    }
+}

@@ -1,0 +1,9 @@
+import ArgumentParser
+
+@main
+struct Uffd: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "uffd",
+        abstract: "Paging memory from userland with Linux userfaultfd.",
+        subcommands: [])
+}
