@@ -5,11 +5,16 @@ let package = Package(
     name: "swift-userfaultfd",
     products: [
         .library(name: "Userfaultfd", targets: ["Userfaultfd"]),
+        .library(name: "FaultEngine", targets: ["FaultEngine"]),
+        .library(name: "Postcopy", targets: ["Postcopy"]),
+        .library(name: "FaultManager", targets: ["FaultManager"]),
         .executable(name: "uffd", targets: ["uffd"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
     ],
     targets: [
         // C shim: kernel constants, structs and non-variadic ioctl/syscall wrappers. No logic.
@@ -25,17 +30,82 @@ let package = Package(
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
+        // C whose job is to be C: the async-signal-safe SIGBUS resolver of the engine.
+        .target(
+            name: "_CFaultEngine",
+            dependencies: ["_CUserfaultfd"],
+            cSettings: [.define("_GNU_SOURCE")]
+        ),
+        // Serving faults: handler threads, page sources, strategies, prefetch, statistics.
+        .target(
+            name: "FaultEngine",
+            dependencies: [
+                "Userfaultfd",
+                "_CFaultEngine",
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
+            ]
+        ),
+        // The yardsticks `uffd bench` compares against: a C reference handler and the SIGSEGV scheme.
+        .target(
+            name: "_CBenchReference",
+            dependencies: ["_CUserfaultfd"],
+            cSettings: [.define("_GNU_SOURCE")]
+        ),
+        // `uffd bench`: every contender interleaved in one run, verified byte for byte.
+        .target(
+            name: "FaultBench",
+            dependencies: ["FaultEngine", "_CBenchReference"]
+        ),
+        // Postcopy live migration of memory between processes and machines.
+        .target(
+            name: "Postcopy",
+            dependencies: [
+                "Userfaultfd",
+                "FaultEngine",
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
+            ]
+        ),
+        // The non-cooperative manager daemon behind `uffd serve`.
+        .target(
+            name: "FaultManager",
+            dependencies: [
+                "Userfaultfd",
+                "FaultEngine",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         // The command-line tool.
         .executableTarget(
             name: "uffd",
             dependencies: [
                 "Userfaultfd",
+                "FaultEngine",
+                "FaultBench",
+                "Postcopy",
+                "FaultManager",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
+        ),
+        // A guest-like client of `uffd serve`, for its tests and benchmarks.
+        .executableTarget(
+            name: "uffd-test-client",
+            dependencies: ["Userfaultfd", "FaultManager"]
         ),
         .testTarget(
             name: "UserfaultfdTests",
             dependencies: ["Userfaultfd", "_CUserfaultfd"]
+        ),
+        .testTarget(
+            name: "FaultEngineTests",
+            dependencies: ["FaultEngine", "Userfaultfd"]
+        ),
+        .testTarget(
+            name: "PostcopyTests",
+            dependencies: ["Postcopy", "Userfaultfd"]
+        ),
+        .testTarget(
+            name: "FaultManagerTests",
+            dependencies: ["FaultManager", "Userfaultfd"]
         ),
     ]
 )

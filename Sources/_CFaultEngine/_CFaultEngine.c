@@ -1,0 +1,1 @@
+#include "_CFaultEngine.h"

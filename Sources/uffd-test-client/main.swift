@@ -1,0 +1,1 @@
+print("uffd-test-client")
