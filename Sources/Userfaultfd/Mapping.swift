@@ -145,14 +145,21 @@ public enum HugePages {
     @discardableResult
     public static func ensureFree(_ count: Int) -> Bool {
         if free >= count { return true }
-        let wanted = total + (count - free)
-        let fd = Glibc.open(sysfs + "nr_hugepages", O_WRONLY | O_CLOEXEC)
-        if fd >= 0 {
-            let text = Array("\(wanted)\n".utf8)
-            _ = text.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
-            _ = Glibc.close(fd)
-        }
+        setTotal(total + (count - free))
         return free >= count
+    }
+
+    /// Asks the kernel to keep `count` huge pages reserved (root only).
+    ///
+    /// - Returns: whether the kernel now holds exactly that many.
+    @discardableResult
+    public static func setTotal(_ count: Int) -> Bool {
+        let fd = Glibc.open(sysfs + "nr_hugepages", O_WRONLY | O_CLOEXEC)
+        guard fd >= 0 else { return false }
+        let text = Array("\(count)\n".utf8)
+        _ = text.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
+        _ = Glibc.close(fd)
+        return total == count
     }
 
     static func advice(needed: Int) -> String {

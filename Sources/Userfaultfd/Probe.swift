@@ -5,28 +5,74 @@ import Musl
 #endif
 
 /// Everything about userfaultfd on this machine, as `uffd probe` shows it.
-public struct SystemProbe: Sendable {
+public struct SystemProbe: Sendable, Codable {
     /// The kernel release (`uname -r`).
     public var kernelRelease: String
-    /// Why this process can or cannot create a uffd.
-    public var creation: CreationDiagnosis
-    /// Which creation methods worked here, by name.
-    public var methods: [(method: Userfaultfd.CreationMethod, userModeOnly: Bool, error: String?)]
-    /// What the kernel answered to a handshake (nil if no uffd could be created).
-    public var support: Userfaultfd.Support?
-    /// Per memory type, per register mode: the ioctls the range offers, or the error.
-    public var memoryTypes: [MemoryTypeProbe]
-    /// Free and total 2 MiB huge pages.
-    public var hugePagesFree: Int
-    public var hugePagesTotal: Int
+    /// The effective uid of this process.
+    public var effectiveUID: UInt32
+    /// Whether this process has CAP_SYS_PTRACE.
+    public var hasPtraceCapability: Bool
+    /// `vm.unprivileged_userfaultfd`, if readable.
+    public var unprivilegedUserfaultfd: Int?
+    /// `/dev/userfaultfd`: whether it exists, its mode, and whether this process may use it.
+    public var device: Device
+    /// Each way of creating a uffd, tried here.
+    public var creation: [CreationAttempt]
+    /// Every feature this library knows, with whether the kernel offers it
+    /// (all false if no uffd could be created).
+    public var features: [FeatureSupport]
+    /// The raw feature word of the kernel's answer (keeps bits this library has no name for).
+    public var featureBits: UInt64?
+    /// The ioctls valid on the fd itself.
+    public var fdIoctls: [String]
+    /// Per memory type, per register mode: the ioctls a range of that type offers.
+    public var memoryTypes: [MemoryType]
+    /// 2 MiB huge pages: free and reserved.
+    public var hugePages: HugePageCount
 
-    /// One memory type's registration results.
-    public struct MemoryTypeProbe: Sendable {
-        public var kind: MemoryMapping.Kind
+    public struct Device: Sendable, Codable {
+        public var path: String
+        public var exists: Bool
+        public var mode: String?
+        public var owner: UInt32?
+        public var group: UInt32?
+        public var accessible: Bool
+    }
+
+    public struct CreationAttempt: Sendable, Codable {
+        public var method: String
+        public var userModeOnly: Bool
+        public var works: Bool
+        public var error: String?
+    }
+
+    public struct FeatureSupport: Sendable, Codable {
+        public var name: String
+        public var bit: Int
+        public var supported: Bool
+    }
+
+    public struct MemoryType: Sendable, Codable {
+        public var kind: String
         /// Why the memory could not be mapped (for hugetlb: no huge page reserved).
         public var unavailable: String?
-        /// For each register mode tried: the ioctls, or the error text.
-        public var modes: [(mode: Userfaultfd.RegisterMode, ioctls: Userfaultfd.Ioctls?, error: String?)]
+        public var modes: [ModeResult]
+    }
+
+    public struct ModeResult: Sendable, Codable {
+        /// For example `MISSING|WP`.
+        public var mode: String
+        /// The ioctls the range offers in this mode (nil if registration failed).
+        public var ioctls: [String]?
+        /// The error, if registration failed.
+        public var error: String?
+    }
+
+    public struct HugePageCount: Sendable, Codable {
+        public var free: Int
+        public var total: Int
+        /// Whether one page was reserved just for the probe and given back.
+        public var borrowedForProbe = false
     }
 
     /// Every non-empty combination of MISSING, WP and MINOR.
@@ -34,52 +80,89 @@ public struct SystemProbe: Sendable {
 
     /// Probes this machine: creation methods, features, and the ioctls of a small
     /// anonymous, shmem and hugetlb range registered in every mode.
-    public static func run() -> SystemProbe {
+    ///
+    /// - Parameter borrowHugePage: when no huge page is free and this process may
+    ///   reserve one (root), reserve one for the hugetlb row and give it back after.
+    ///   The reported counts are those from before the probe.
+    public static func run(borrowHugePage: Bool = true) -> SystemProbe {
+        let hugeBefore = HugePageCount(free: HugePages.free, total: HugePages.total)
         var u = utsname()
         uname(&u)
         let release = withUnsafeBytes(of: &u.release) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-        var methods: [(Userfaultfd.CreationMethod, Bool, String?)] = []
+        let diagnosis = CreationDiagnosis.current()
+
+        var attempts: [CreationAttempt] = []
         for method in [Userfaultfd.CreationMethod.syscall, .device] {
             for userMode in [false, true] {
+                var attempt = CreationAttempt(method: method.rawValue, userModeOnly: userMode, works: true, error: nil)
                 do {
                     _ = try Userfaultfd.open(method: method, userModeOnly: userMode)
-                    methods.append((method, userMode, nil))
                 } catch {
-                    methods.append((method, userMode, error.description))
+                    attempt.works = false
+                    attempt.error = error.description
                 }
+                attempts.append(attempt)
             }
         }
+
         let support = try? Userfaultfd.probe()
-        var types: [MemoryTypeProbe] = []
-        for kind in MemoryMapping.Kind.allCases {
-            types.append(probe(kind, features: support?.features ?? []))
+        let offered = support?.features ?? []
+        let features = Userfaultfd.Features.named.map { entry in
+            FeatureSupport(name: entry.name, bit: entry.feature.rawValue.trailingZeroBitCount, supported: offered.contains(entry.feature))
         }
+        let borrowed = borrowHugePage && hugeBefore.free == 0 && HugePages.setTotal(hugeBefore.total + 1)
+        let types = MemoryMapping.Kind.allCases.map { probe($0, features: offered) }
+        if borrowed { HugePages.setTotal(hugeBefore.total) }
         return SystemProbe(
-            kernelRelease: release, creation: .current(), methods: methods, support: support,
-            memoryTypes: types, hugePagesFree: HugePages.free, hugePagesTotal: HugePages.total)
+            kernelRelease: release,
+            effectiveUID: diagnosis.effectiveUID,
+            hasPtraceCapability: diagnosis.hasPtraceCapability,
+            unprivilegedUserfaultfd: diagnosis.unprivilegedSysctl,
+            device: Device(
+                path: Userfaultfd.devicePath, exists: diagnosis.deviceExists,
+                mode: diagnosis.deviceMode.map { String($0.mode, radix: 8) },
+                owner: diagnosis.deviceMode?.uid, group: diagnosis.deviceMode?.gid,
+                accessible: diagnosis.deviceAccessible),
+            creation: attempts,
+            features: features,
+            featureBits: support?.features.rawValue,
+            fdIoctls: names(of: support?.ioctls ?? []),
+            memoryTypes: types,
+            hugePages: HugePageCount(free: hugeBefore.free, total: hugeBefore.total, borrowedForProbe: borrowed))
     }
 
-    private static func probe(_ kind: MemoryMapping.Kind, features: Userfaultfd.Features) -> MemoryTypeProbe {
+    /// The names of the ioctls in `set`, in ioctl-number order.
+    public static func names(of set: Userfaultfd.Ioctls) -> [String] {
+        Userfaultfd.Ioctls.named.filter { set.contains($0.ioctl) }.map(\.name)
+    }
+
+    /// `MISSING|WP|MINOR` style name of a register mode.
+    public static func name(of mode: Userfaultfd.RegisterMode) -> String {
+        [("MISSING", Userfaultfd.RegisterMode.missing), ("WP", .writeProtect), ("MINOR", .minor)]
+            .filter { mode.contains($0.1) }.map(\.0).joined(separator: "|")
+    }
+
+    private static func probe(_ kind: MemoryMapping.Kind, features: Userfaultfd.Features) -> MemoryType {
         let length = kind == .hugetlb ? HugePages.size : 4 * systemPageSize
         let mapping: MemoryMapping
         do {
             mapping = try MemoryMapping(kind: kind, length: length)
         } catch {
-            return MemoryTypeProbe(kind: kind, unavailable: error.description, modes: [])
+            return MemoryType(kind: kind.rawValue, unavailable: error.description, modes: [])
         }
-        var modes: [(Userfaultfd.RegisterMode, Userfaultfd.Ioctls?, String?)] = []
-        // WP on shmem/hugetlb needs WP_HUGETLBFS_SHMEM; ask for everything that does not
-        // change fault delivery (not SIGBUS, not WP_ASYNC).
+        // Ask for every feature that does not change how faults are delivered
+        // (not SIGBUS, not WP_ASYNC): WP on shmem and hugetlb needs WP_HUGETLBFS_SHMEM.
         let wanted = features.subtracting([.sigbus, .wpAsync])
+        var modes: [ModeResult] = []
         for mode in allModes {
             do {
                 let uffd = try Userfaultfd(features: wanted)
                 let ioctls = try uffd.handle.register(mapping.range, mode: mode)
-                modes.append((mode, ioctls, nil))
+                modes.append(ModeResult(mode: name(of: mode), ioctls: names(of: ioctls), error: nil))
             } catch {
-                modes.append((mode, nil, error.errno.map { "\($0)" } ?? error.description))
+                modes.append(ModeResult(mode: name(of: mode), ioctls: nil, error: error.errno.map { "\($0)" } ?? error.description))
             }
         }
-        return MemoryTypeProbe(kind: kind, unavailable: nil, modes: modes)
+        return MemoryType(kind: kind.rawValue, unavailable: nil, modes: modes)
     }
 }
