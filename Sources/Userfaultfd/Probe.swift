@@ -155,14 +155,24 @@ public struct SystemProbe: Sendable, Codable {
         let wanted = features.subtracting([.sigbus, .wpAsync])
         var modes: [ModeResult] = []
         for mode in allModes {
-            do {
-                let uffd = try Userfaultfd(features: wanted)
-                let ioctls = try uffd.handle.register(mapping.range, mode: mode)
-                modes.append(ModeResult(mode: name(of: mode), ioctls: names(of: ioctls), error: nil))
-            } catch {
-                modes.append(ModeResult(mode: name(of: mode), ioctls: nil, error: error.errno.map { "\($0)" } ?? error.description))
-            }
+            let (ioctls, why) = tryRegister(mapping.range, mode: mode, features: wanted)
+            modes.append(ModeResult(mode: name(of: mode), ioctls: ioctls.map(names(of:)), error: why))
         }
         return MemoryType(kind: kind.rawValue, unavailable: nil, modes: modes)
+    }
+
+    /// Registers `range` with `mode` on a new uffd: the ioctls offered, or why not.
+    ///
+    /// Kept out of the loop above: a `do`/`catch` there around a noncopyable
+    /// `Userfaultfd` crashes the Swift 6.3.1 optimizer (release builds).
+    private static func tryRegister(_ range: MemoryRange, mode: Userfaultfd.RegisterMode, features: Userfaultfd.Features) -> (Userfaultfd.Ioctls?, String?) {
+        let uffd: Userfaultfd
+        do { uffd = try Userfaultfd(features: features) } catch { return (nil, describe(error)) }
+        do { return (try uffd.handle.register(range, mode: mode), nil) } catch { return (nil, describe(error)) }
+    }
+
+    private static func describe(_ error: UserfaultfdError) -> String {
+        if let e = error.errno { return "\(e)" }
+        return error.description
     }
 }
