@@ -381,3 +381,20 @@ func runHelper(_ arguments: [String], seconds: Int = 30) throws -> ChildEnd? {
     if rc != 0 { throw Failure("posix_spawn \(path): \(rc)") }
     return waitChild(pid, seconds: seconds)
 }
+
+/// The kernel's id of the calling thread, from `/proc/thread-self` ("<pid>/task/<tid>").
+func currentThreadID() -> Int32 {
+    var link = [CChar](repeating: 0, count: 64)
+    let n = readlink("/proc/thread-self", &link, link.count - 1)
+    guard n > 0 else { return -1 }
+    let text = String(decoding: link.prefix(n).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    return text.split(separator: "/").last.flatMap { Int32($0) } ?? -1
+}
+
+/// A mapping held by reference, for where an optional one is needed.
+final class Mapped: @unchecked Sendable {
+    let mapping: MemoryMapping
+    init(_ mapping: consuming MemoryMapping) { self.mapping = mapping }
+    var range: MemoryRange { mapping.range }
+    var base: UnsafeMutableRawPointer { mapping.base }
+}
