@@ -142,6 +142,7 @@ final class FaultServer: @unchecked Sendable {
     let missingFaults = Atomic<Int>(0)
     let writeProtectFaults = Atomic<Int>(0)
     let minorFaults = Atomic<Int>(0)
+    private let stopRequested = Atomic<Bool>(false)
     private let state = Mutex<(failures: [String], events: [SeenEvent], threadIDs: [Int32], writes: Int)>(([], [], [], 0))
     private let children = Mutex<[Session]>([])
     private let stopSignal: StopSignal
@@ -149,7 +150,7 @@ final class FaultServer: @unchecked Sendable {
 
     init(
         _ handle: Userfaultfd.Handle,
-        followForks: Bool = true,
+        followForks: Bool = false,
         unregisterRemoved: Bool = false,
         onEvent: OnEvent? = nil,
         resolve: @escaping Resolve
@@ -168,7 +169,14 @@ final class FaultServer: @unchecked Sendable {
             while true {
                 do {
                     switch try current.wait(stop: stopSignal, timeoutMilliseconds: 200) {
-                    case .stopped: return
+                    case .stopped:
+                        if !stopRequested.load(ordering: .sequentiallyConsistent) {
+                            var link = [CChar](repeating: 0, count: 128)
+                            let n = readlink("/proc/self/fd/\(stopSignal.fileDescriptor.rawValue)", &link, 127)
+                            let target = n > 0 ? String(decoding: link.prefix(n).map { UInt8(bitPattern: $0) }, as: UTF8.self) : "closed"
+                            fail("stopped unasked: fd \(stopSignal.fileDescriptor.rawValue) is now \(target)")
+                        }
+                        return
                     case .timedOut: continue
                     case .hangUp:
                         fail("the userfaultfd hung up")
@@ -220,10 +228,14 @@ final class FaultServer: @unchecked Sendable {
         }
     }
 
-    private func fail(_ text: String) { state.withLock { $0.failures.append(text) } }
+    private func fail(_ text: String) {
+        say("server: \(text)")
+        state.withLock { $0.failures.append(text) }
+    }
 
     /// Stops the thread and waits for it. Calling it again does nothing.
     func stop() {
+        stopRequested.store(true, ordering: .sequentiallyConsistent)
         stopSignal.raise()
         thread?.join()
     }
@@ -261,9 +273,15 @@ func runFaulting<T: Sendable>(
         done.raise()
     }
     if !waitReadable(done.fileDescriptor, milliseconds: seconds * 1000) {
-        Issue.record("the \(name) thread did not finish within \(seconds) s: a fault was left unresolved")
+        Issue.record("the \(name) thread did not finish within \(seconds) s: a fault or event was left unresolved")
         server?.stop()
-        session?.close()
+        if let session {
+            // Reading completes pending FORK/REMAP/REMOVE events (a fork or madvise waits
+            // for that); closing the uffd then wakes threads blocked on page faults.
+            let buffer = Userfaultfd.EventBuffer(capacity: 16)
+            for _ in 0..<5 where (try? session.handle.readEvents(into: buffer)) != nil { usleep(10_000) }
+            session.close()
+        }
     }
     thread.join()
     return result.withLock { $0.take() }
