@@ -156,16 +156,21 @@ final class FaultServer: @unchecked Sendable {
         resolve: @escaping Resolve
     ) throws {
         stopSignal = try StopSignal()
-        thread = start(handle, followForks: followForks, unregisterRemoved: unregisterRemoved, onEvent: onEvent, resolve: resolve)
+        let ready = try StopSignal()
+        thread = start(handle, ready: ready, followForks: followForks, unregisterRemoved: unregisterRemoved, onEvent: onEvent, resolve: resolve)
+        // A fork with EVENT_FORK holds malloc's locks until its FORK message is read: the
+        // thread must be past its own allocations before anyone forks.
+        if !waitReadable(ready.fileDescriptor, milliseconds: 10_000) { throw Failure("the resolver thread did not start") }
     }
 
     private func start(
-        _ handle: Userfaultfd.Handle, followForks: Bool, unregisterRemoved: Bool,
+        _ handle: Userfaultfd.Handle, ready: StopSignal, followForks: Bool, unregisterRemoved: Bool,
         onEvent: OnEvent?, resolve: @escaping Resolve
     ) -> DedicatedThread {
         DedicatedThread(name: "uffd-test-srv") { [self] in
             let buffer = Userfaultfd.EventBuffer(capacity: 16)
             var current = handle
+            ready.raise()
             while true {
                 do {
                     switch try current.wait(stop: stopSignal, timeoutMilliseconds: 200) {
