@@ -65,8 +65,7 @@ func checkEvents(_ kind: MemoryKind, writeProtect: Bool) throws {
         }
         let page = Int(start - areaBase.load(ordering: .sequentiallyConsistent)) / ps
         guard (0..<n).contains(page) else { throw Failure("fault outside the area: \(fault)") }
-        try requireCompleted(
-            uffd.copy(to: start, from: src.page(page), length: ps, mode: writeProtect ? .writeProtect : []), ps, "UFFDIO_COPY")
+        try copyPage(uffd, to: start, from: src.page(page), pageSize: ps, mode: writeProtect ? .writeProtect : [])
     }
     let base = UInt(m.range.start), target = UInt(landing.range.start), release = kind.releaseAdvice
     let end = runFaulting("fork", seconds: 40, session: session, server: server) { () -> ChildEnd? in

@@ -109,6 +109,16 @@ func requireCompleted(_ outcome: Userfaultfd.Outcome, _ length: Int, _ what: Str
     if outcome != .completed(length) { throw Failure("\(what): \(outcome), expected completed(\(length))") }
 }
 
+/// Copies one page in as a resolver must: EEXIST means another resolver (or an
+/// earlier message for the same page) won, and the faulting thread still needs a WAKE.
+func copyPage(_ uffd: Userfaultfd.Handle, to start: UInt64, from source: UnsafeRawPointer, pageSize ps: Int, mode: Userfaultfd.CopyMode = []) throws {
+    switch try uffd.copy(to: start, from: source, length: ps, mode: mode) {
+    case .completed(ps): return
+    case .alreadyPresent: try uffd.wake(MemoryRange(start: start, length: UInt64(ps)))
+    case let other: throw Failure("UFFDIO_COPY at 0x\(String(start, radix: 16)): \(other)")
+    }
+}
+
 /// The `UserfaultfdError` that `body` threw, or nil (an error of another type is recorded).
 func error(of body: () throws -> Void) -> UserfaultfdError? {
     do {
