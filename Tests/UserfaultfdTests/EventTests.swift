@@ -200,3 +200,32 @@ extension Matrix {
         }
     }
 }
+
+extension Matrix {
+    /// EVENT_UNMAP: munmap of a registered range waits until the manager reads the event.
+    @Suite("unmap event") struct UnmapEvent {
+        @Test("munmap of a registered range delivers UNMAP with the range")
+        func unmap() throws {
+            let session = try Session(features: [.eventUnmap])
+            let ps = systemPageSize
+            // Raw memory: the test unmaps it itself.
+            guard let p = mmap(nil, 4 * ps, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), p != MAP_FAILED else {
+                throw Failure("mmap failed")
+            }
+            let whole = MemoryRange(p, length: 4 * ps)
+            let tail = MemoryRange(start: whole.start + UInt64(2 * ps), length: UInt64(2 * ps))
+            try session.handle.register(whole, mode: .missing)
+            // The head stays registered: unregister it first, or its munmap would wait for a reader.
+            defer {
+                try? session.handle.unregister(MemoryRange(p, length: 2 * ps))
+                munmap(p, 2 * ps)
+            }
+            let server = try FaultServer(session.handle) { fault, _ in throw Failure("unexpected \(fault)") }
+            let result = runFaulting("munmap", session: session, server: server) { munmap(tail.pointer, Int(tail.length)) }
+            server.stop()
+            #expect(result == 0)
+            #expect(server.events == [.unmap(tail)])
+            #expect(server.failures == [])
+        }
+    }
+}
