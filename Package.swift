@@ -91,9 +91,14 @@ let package = Package(
             name: "uffd-test-client",
             dependencies: ["Userfaultfd", "FaultManager"]
         ),
+        // A process of its own for the Userfaultfd tests (for example, one without privileges).
+        .executableTarget(
+            name: "uffd-test-helper",
+            dependencies: ["Userfaultfd"]
+        ),
         .testTarget(
             name: "UserfaultfdTests",
-            dependencies: ["Userfaultfd", "_CUserfaultfd"]
+            dependencies: ["Userfaultfd", "_CUserfaultfd", "uffd-test-helper"]
         ),
         .testTarget(
             name: "FaultEngineTests",

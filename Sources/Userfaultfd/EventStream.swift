@@ -1,3 +1,9 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
 extension Userfaultfd.Handle {
     /// The messages of this userfaultfd as an `AsyncSequence`, for code where
     /// convenience matters more than latency.
@@ -6,12 +12,18 @@ extension Userfaultfd.Handle {
     /// message. The stream ends with an error if reading fails and finishes when the
     /// fd hangs up; cancelling the consuming task, or ending iteration, stops the thread.
     /// The handle must stay open while the stream runs.
+    ///
+    /// The call returns once the thread is ready to read: a `fork()` with EVENT_FORK
+    /// holds the C allocator's locks until its FORK message is read, so a reader that
+    /// still had to allocate its buffer then would deadlock with it.
     public func events(batchSize: Int = 64) throws(UserfaultfdError) -> AsyncThrowingStream<Userfaultfd.Event, any Error> {
         let stop = try StopSignal()
+        let ready = try StopSignal()
         let handle = self
         let (stream, continuation) = AsyncThrowingStream<Userfaultfd.Event, any Error>.makeStream()
         let thread = DedicatedThread(name: "uffd-events") {
             let buffer = Userfaultfd.EventBuffer(capacity: batchSize)
+            ready.raise()
             do {
                 loop: while true {
                     switch try handle.wait(stop: stop) {
@@ -34,6 +46,8 @@ extension Userfaultfd.Handle {
             stop.raise()
             _ = thread
         }
+        var readiness = pollfd(fd: ready.fileDescriptor.rawValue, events: Int16(POLLIN), revents: 0)
+        while Glibc.poll(&readiness, 1, -1) < 0 && errno == EINTR {}
         return stream
     }
 }

@@ -206,26 +206,27 @@ extension Userfaultfd.Handle {
 
     /// Blocks until messages are ready, `stop` is raised, or the timeout passes.
     ///
+    /// It allocates nothing, not even on its first call, so it is safe while another
+    /// thread forks with EVENT_FORK (which holds the allocator's locks until the FORK
+    /// message is read).
+    ///
     /// - Parameters:
     ///   - stop: a signal another thread raises to end the wait (closing a uffd does not wake `poll`).
     ///   - timeoutMilliseconds: -1 waits forever.
     public func wait(stop: StopSignal?, timeoutMilliseconds: Int32 = -1) throws(UserfaultfdError) -> WaitResult {
-        var fds = (
-            pollfd(fd: fd, events: Int16(POLLIN), revents: 0),
-            pollfd(fd: stop?.fileDescriptor.rawValue ?? -1, events: Int16(POLLIN), revents: 0)
-        )
+        let stopfd = stop?.fileDescriptor.rawValue ?? -1
+        var uffdEvents: Int16 = 0
+        var stopEvents: Int16 = 0
         while true {
-            let n = withUnsafeMutableBytes(of: &fds) { raw in
-                Glibc.poll(raw.baseAddress!.assumingMemoryBound(to: pollfd.self), stop == nil ? 1 : 2, timeoutMilliseconds)
-            }
+            let n = cuffd_poll_pair(fd, stopfd, timeoutMilliseconds, &uffdEvents, &stopEvents)
             if n < 0 {
                 let e = currentErrno()
                 if e == .interrupted { continue }
                 throw UserfaultfdError(operation: "poll", errno: e)
             }
             if n == 0 { return .timedOut }
-            if fds.1.revents != 0 { return .stopped }
-            if fds.0.revents & Int16(POLLIN) != 0 { return .ready }
+            if stopEvents != 0 { return .stopped }
+            if uffdEvents & Int16(POLLIN) != 0 { return .ready }
             return .hangUp
         }
     }

@@ -132,6 +132,11 @@ public enum HugePages {
 
     /// Huge pages reserved and not in use.
     public static var free: Int { readCount("free_hugepages") }
+    /// Free huge pages that no mapping has claimed yet: what a new mapping can get.
+    ///
+    /// `free` still counts pages that existing hugetlb mappings have reserved but not
+    /// touched; a new mapping cannot have those.
+    public static var available: Int { max(0, free - readCount("resv_hugepages")) }
     /// Huge pages reserved in all.
     public static var total: Int { readCount("nr_hugepages") }
 
@@ -139,14 +144,16 @@ public enum HugePages {
         readSmallFile(sysfs + name).flatMap { Int($0.trimmingCharacters(in: " \n")) } ?? 0
     }
 
-    /// Makes sure at least `count` huge pages are free, reserving more if needed (root only).
+    /// Makes sure at least `count` huge pages are available to a new mapping (free and
+    /// not reserved by another one), reserving more if needed (root only).
     ///
-    /// - Returns: whether `count` pages are free afterwards.
+    /// - Returns: whether `count` pages are available afterwards.
     @discardableResult
     public static func ensureFree(_ count: Int) -> Bool {
-        if free >= count { return true }
-        setTotal(total + (count - free))
-        return free >= count
+        let have = available
+        if have >= count { return true }
+        setTotal(total + (count - have))
+        return available >= count
     }
 
     /// Asks the kernel to keep `count` huge pages reserved (root only).
@@ -163,7 +170,7 @@ public enum HugePages {
     }
 
     static func advice(needed: Int) -> String {
-        "hugetlb memory needs \(needed) free 2 MiB pages, \(free) are free; reserve them as root with "
+        "hugetlb memory needs \(needed) free 2 MiB pages, \(available) are free and unclaimed; reserve them as root with "
             + "`echo N > /proc/sys/vm/nr_hugepages`"
     }
 }
