@@ -8,6 +8,11 @@ import Glibc
 import Musl
 #endif
 
+/// A small object, the size of a FORK message's, for warming the allocator cache.
+final class AllocatorWarmUp {
+    var words: (UInt64, UInt64, UInt64) = (0, 0, 0)
+}
+
 /// What installing a chunk came to.
 enum InstallResult {
     /// Done (installed, already there, or given up on with the thread woken or poisoned).
@@ -49,6 +54,8 @@ final class HandlerLoop<Source: PageSource> {
     var gone = false
     var moveFromStagingWorks = true
     var moveFromSourceWorks = true
+    /// A FORK was read in this batch: refill the allocator cache after it.
+    var forkSeen = false
     /// Bytes of the run the last ``install`` got through before it returned.
     var progress = 0
     /// Adaptive read-ahead: where the last chunk ended, and the current window.
@@ -97,6 +104,17 @@ final class HandlerLoop<Source: PageSource> {
         drainBuffer = Userfaultfd.EventBuffer(capacity: configuration.batchSize)
         deferred.reserveCapacity(4 * configuration.batchSize)
         latencies = .allocate(capacity: latencyCapacity)
+        warmAllocatorCache()
+    }
+
+    /// Allocates and frees a few small objects so this thread's allocator cache holds
+    /// chunks of the size a FORK message needs: reading it must not wait for the
+    /// allocator lock that a fork() of this process holds.
+    func warmAllocatorCache() {
+        var keep: [AllocatorWarmUp] = []
+        keep.reserveCapacity(6)
+        for _ in 0..<6 { keep.append(AllocatorWarmUp()) }
+        keep.removeAll(keepingCapacity: true)
     }
 
     deinit {
@@ -146,10 +164,12 @@ final class HandlerLoop<Source: PageSource> {
             } catch {
                 if isProcessGone(error) {
                     gone = true
-                } else {
-                    record(failure: error, at: 0)
+                    break loop
                 }
-                break loop
+                // Keep serving: a thread waiting on a fault must not be left behind.
+                record(failure: error, at: 0)
+                usleep(1000)
+                continue loop
             }
             if n == 0 { continue }
             server.busyHandlers.wrappingAdd(1, ordering: .relaxed)
@@ -160,12 +180,20 @@ final class HandlerLoop<Source: PageSource> {
             }
             serveDeferred()
             flushLatencies()
+            if forkSeen {
+                forkSeen = false
+                warmAllocatorCache()
+            }
             server.busyHandlers.wrappingSubtract(1, ordering: .relaxed)
         }
         flushLatencies()
-        if gone {
-            // Let the other handler threads finish too, then tell the owner.
-            server.stopSignal.raise()
+        if gone { reportProcessGone() }
+    }
+
+    /// Stops the other threads and tells the owner, once per server.
+    func reportProcessGone() {
+        server.stopSignal.raise()
+        if !server.processGone.exchange(true, ordering: .acquiringAndReleasing) {
             report(.processExited)
         }
     }
@@ -244,6 +272,7 @@ final class HandlerLoop<Source: PageSource> {
         case .fork(let child):
             StatisticsCounters.add(counters.forks, 1)
             report(.fork(child))
+            forkSeen = true
         case .unknown(let code):
             report(.unknown(code: code))
         }

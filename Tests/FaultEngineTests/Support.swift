@@ -104,9 +104,17 @@ func openDescriptorCount() -> Int {
 final class EventLog: Sendable {
     let events = Mutex<[String]>([])
     let forks = Mutex<[Userfaultfd.ForkedUserfaultfd]>([])
+    init() {
+        forks.withLock { $0.reserveCapacity(8) }
+    }
+
+    /// Records events; a FORK of this process is kept without allocating (see `onEvent`).
     func callback() -> @Sendable (FaultServerEvent) -> Void {
         { [self] event in
-            if case .fork(let child) = event { self.forks.withLock { $0.append(child) } }
+            if case .fork(let child) = event {
+                self.forks.withLock { $0.append(child) }
+                return
+            }
             self.events.withLock { $0.append(event.description) }
         }
     }
