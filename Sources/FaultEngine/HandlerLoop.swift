@@ -256,8 +256,7 @@ final class HandlerLoop<Source: PageSource> {
             deferred.append((fault, cfe_now_ns()))
         case .remove(let range):
             StatisticsCounters.add(counters.removes, 1)
-            table.remove(range)
-            server.signalResolver?.update(table.snapshot)
+            table.remove(range)   // bitmaps only: the SIGBUS resolver shares them
             report(.removed(range))
         case .unmap(let range):
             StatisticsCounters.add(counters.unmaps, 1)

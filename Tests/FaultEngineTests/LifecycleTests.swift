@@ -21,9 +21,11 @@ extension FaultEngineTests {
                 let server = try serve(try imageSource(pages: 16), mapping: memory, configuration: configuration)
                 try server.start()
                 touch(memory.base, pages: [0, 15])
+                #expect(serverThreadNames().count == 3)
                 server.stop()
                 server.stop()
                 server.waitUntilStopped()
+                #expect(serverThreadNames().isEmpty, "server threads left after stop")
                 #expect(!server.isRunning)
                 #expect(throws: UserfaultfdError.self) { try server.start() }
             }

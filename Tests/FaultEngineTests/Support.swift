@@ -100,6 +100,25 @@ func openDescriptorCount() -> Int {
     return n
 }
 
+/// The names of this process's threads that belong to fault servers.
+func serverThreadNames() -> [String] {
+    guard let dir = opendir("/proc/self/task") else { return [] }
+    defer { closedir(dir) }
+    var names: [String] = []
+    while let entry = readdir(dir) {
+        let tid = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        guard tid.first?.isNumber == true else { continue }
+        let fd = open("/proc/self/task/\(tid)/comm", O_RDONLY)
+        guard fd >= 0 else { continue }
+        var buffer = [UInt8](repeating: 0, count: 32)
+        let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        close(fd)
+        let name = String(decoding: buffer.prefix(max(n, 0)), as: UTF8.self)
+        if name.hasPrefix("uffd-handler") || name.hasPrefix("uffd-prefetch") { names.append(name) }
+    }
+    return names
+}
+
 /// Events seen through `onEvent`.
 final class EventLog: Sendable {
     let events = Mutex<[String]>([])
