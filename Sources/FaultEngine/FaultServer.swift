@@ -192,8 +192,8 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
     deinit {
         stop()
         // Released on one of its own threads, stop() only raised the signal: close here.
-        signalResolver?.unregister()
         closeDescriptor()
+        signalResolver?.unregister()
     }
 
     private func closeDescriptor() {
@@ -310,7 +310,6 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
         }
         guard let threads else { return }
         for t in threads { t.join() }
-        signalResolver?.unregister()
         if let recorder, let path = configuration.recordWorkingSet {
             let offsets = recorder.offsets
             do {
@@ -319,7 +318,10 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
                 counters.lastError.withLock { $0 = "writing working set \(path): \(error)" }
             }
         }
+        // Close the uffd before leaving the SIGBUS resolver: from then on the kernel
+        // serves the ranges itself, so no SIGBUS can arrive that nobody resolves.
         closeDescriptor()
+        signalResolver?.unregister()
         finishedSignal.raise()
     }
 

@@ -213,6 +213,10 @@ static int resolve(const struct cfe_table *t, const struct cfe_region *r, uint64
             }
             if (rc == 0) rc = copy_run(t->uffd, dst, buffer, len, r, i, ps, page, &fault_done);
         }
+        if (rc == EBADF) {
+            // The server closed the uffd while this ran: the kernel serves the range now.
+            return 1;
+        }
         if (rc == EAGAIN) {
             // A layout event is pending; the handler thread reads it. Let the access
             // fault again (and land here again) once it has.

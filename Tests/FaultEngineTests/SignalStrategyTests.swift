@@ -71,6 +71,31 @@ extension FaultEngineTests {
             #expect((16 * page..<32 * page).allSatisfy { memory.base.load(fromByteOffset: $0, as: UInt8.self) == 0 })
         }
 
+        @Test func shutdownWhileFaultingInThreadNeverKills() throws {
+            let pages = 8192
+            let memory = try MemoryMapping.anonymous(length: pages * page)
+            let server = try serve(try imageSource(pages: pages), mapping: memory, features: Self.features,
+                                   configuration: .init(strategy: .sigbus(chunkPages: 1)))
+            try server.start()
+            let base = UInt(bitPattern: memory.base)
+            let workers = (0..<2).map { t in
+                DedicatedThread(name: "sigbus-load-\(t)") {
+                    touch(UnsafeMutableRawPointer(bitPattern: base)!, pages: permutation(pages, seed: UInt64(t + 40)))
+                }
+            }
+            usleep(2000)
+            server.stop()
+            for w in workers { w.join() }
+            // Served pages hold the image; pages touched after the stop hold zeros.
+            var bad = 0
+            for p in 0..<pages {
+                let served = firstMismatch(memory.base + p * page, count: 64, sourceOffset: p * page) == nil
+                let zero = (0..<64).allSatisfy { memory.base.load(fromByteOffset: p * page + $0, as: UInt8.self) == 0 }
+                if !(served || zero) { bad += 1 }
+            }
+            #expect(bad == 0)
+        }
+
         @Test func failingFileGivesSIGBUSInThread() async {
             await #expect(processExitsWith: .signal(SIGBUS)) {
                 let ps = systemPageSize
