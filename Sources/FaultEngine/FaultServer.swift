@@ -21,7 +21,9 @@ public enum FaultServerEvent: Sendable, CustomStringConvertible {
     /// The source failed for the page at `address`; the page was poisoned, so the
     /// thread touching it gets SIGBUS instead of waiting forever.
     case sourceFailed(address: UInt64, error: PageSourceError)
-    /// A fault at an address no served region contains; nothing was installed.
+    /// A fault at an address no served region contains (registered on the uffd but
+    /// not given to the server): nothing was installed, the page was poisoned so the
+    /// thread gets SIGBUS instead of faulting there forever.
     case faultOutsideRegions(address: UInt64)
     /// Installing failed for a reason other than the process going away.
     case resolutionFailed(address: UInt64, error: UserfaultfdError)

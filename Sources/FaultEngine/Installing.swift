@@ -28,11 +28,21 @@ extension HandlerLoop {
             StatisticsCounters.add(counters.missing, 1)
         }
         var first = true
+        var lookups = 0
         while !gone {
             guard let entry = table.lookup(address) else {
+                // Another handler may be applying a REMAP right now: look again shortly.
+                if lookups < 3 {
+                    lookups += 1
+                    sched_yield()
+                    continue
+                }
+                // Not ours to fill: poison it, so the thread gets SIGBUS instead of
+                // faulting here forever. Nothing is installed outside the regions.
                 StatisticsCounters.add(counters.outside, 1)
                 report(.faultOutsideRegions(address: address))
-                try? handle.wake(MemoryRange(start: address, length: ps))
+                let page = MemoryRange(start: address, length: ps)
+                if (try? handle.poison(page)) == nil { try? handle.wake(page) }
                 return
             }
             let page = (address &- entry.range.start) / ps

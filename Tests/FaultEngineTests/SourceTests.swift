@@ -88,6 +88,23 @@ extension FaultEngineTests {
             }
         }
 
+        @Test func faultOutsideTheServedRegionsGivesSIGBUS() async {
+            await #expect(processExitsWith: .signal(SIGBUS)) {
+                let ps = systemPageSize
+                let memory = try MemoryMapping.anonymous(length: 8 * ps)
+                let uffd = try Userfaultfd(features: [])
+                try uffd.handle.register(memory.range, mode: .missing)
+                // Only the first half is served.
+                let served = MemoryRange(start: memory.range.start, length: UInt64(4 * ps))
+                let server = try FaultServer(userfaultfd: uffd, regions: [ServedRegion(range: served)],
+                                             source: ZeroSource(), configuration: .handler64k)
+                try server.start()
+                _ = memory.base.load(fromByteOffset: 0, as: UInt8.self)        // served
+                _ = memory.base.load(fromByteOffset: 6 * ps, as: UInt8.self)   // SIGBUS here
+                server.stop()
+            }
+        }
+
         @Test func failingSourceIsReportedAndOnlyTheFaultingPageIsLost() throws {
             let pages = 16
             let memory = try MemoryMapping.anonymous(length: pages * page)
