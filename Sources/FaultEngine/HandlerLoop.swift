@@ -1,0 +1,335 @@
+import SystemPackage
+import Userfaultfd
+import _CFaultEngine
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// A small object, the size of a FORK message's, for warming the allocator cache.
+final class AllocatorWarmUp {
+    var words: (UInt64, UInt64, UInt64) = (0, 0, 0)
+}
+
+/// What installing a chunk came to.
+enum InstallResult {
+    /// Done (installed, already there, or given up on with the thread woken or poisoned).
+    case done
+    /// The address space is changing (`EAGAIN`): read pending events, then try again.
+    case retry
+    /// The faulting process is gone.
+    case gone
+}
+
+/// One handler thread's state and loop: everything it needs is allocated here,
+/// before the first fault, and reused.
+final class HandlerLoop<Source: PageSource> {
+    let server: FaultServer<Source>
+    let handle: Userfaultfd.Handle
+    let source: Source
+    let table: RegionTable
+    let counters: StatisticsCounters
+    let onEvent: (@Sendable (FaultServerEvent) -> Void)?
+    let recorder: WorkingSetRecorder?
+    /// The handler's number; -1 for the prefetch thread.
+    let index: Int
+    let ps: UInt64
+    let chunkPages: UInt64
+    let adaptiveMax: UInt64
+    let kind: Kind
+    /// Page-aligned private anonymous memory: where pages are filled before COPY or MOVE.
+    let staging: UnsafeMutableRawPointer
+    let stagingBytes: Int
+    /// `mincore` answers for the MINOR strategy.
+    let residency: UnsafeMutablePointer<UInt8>
+    let buffer: Userfaultfd.EventBuffer
+    let drainBuffer: Userfaultfd.EventBuffer
+    /// Faults read while draining events, served after the batch.
+    var deferred: [(fault: Userfaultfd.PageFault, readAt: UInt64)] = []
+    let latencies: UnsafeMutablePointer<UInt64>
+    let latencyCapacity = 1024
+    var latencyCount = 0
+    var gone = false
+    var moveFromStagingWorks = true
+    var moveFromSourceWorks = true
+    /// A FORK was read in this batch: refill the allocator cache after it.
+    var forkSeen = false
+    /// Bytes of the run the last ``install`` got through before it returned.
+    var progress = 0
+    /// Adaptive read-ahead: where the last chunk ended, and the current window.
+    var lastEnd: UInt64 = 0
+    var window: UInt64
+
+    enum Kind { case copy, move, minor }
+
+    init(server: FaultServer<Source>, index: Int, onEvent: (@Sendable (FaultServerEvent) -> Void)?) {
+        self.server = server
+        self.handle = server.handle
+        self.source = server.source
+        self.table = server.table
+        self.counters = server.counters
+        self.onEvent = onEvent
+        self.recorder = server.recorder
+        self.index = index
+        self.ps = UInt64(server.pageSize)
+        let configuration = server.configuration
+        self.chunkPages = UInt64(configuration.strategy.chunkPages)
+        if case .adaptive(let maxPages) = configuration.prefetch {
+            adaptiveMax = UInt64(maxPages)
+        } else {
+            adaptiveMax = 0
+        }
+        switch configuration.strategy {
+        case .copy, .sigbus: kind = .copy
+        case .move: kind = .move
+        case .minor: kind = .minor
+        }
+        window = chunkPages
+        let maxPages = configuration.maxChunkPages
+        stagingBytes = maxPages * server.pageSize
+        let p = mmap(nil, stagingBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+        if let p, p != MAP_FAILED {
+            staging = p
+        } else {
+            // Out of address space: fall back to the heap (still page-aligned).
+            staging = UnsafeMutableRawPointer.allocate(byteCount: stagingBytes, alignment: server.pageSize)
+        }
+        _ = madvise(staging, stagingBytes, MADV_NOHUGEPAGE)
+        // Touch the staging pages once so the first faults do not pay for them.
+        memset(staging, 0, stagingBytes)
+        residency = .allocate(capacity: maxPages)
+        buffer = Userfaultfd.EventBuffer(capacity: configuration.batchSize)
+        drainBuffer = Userfaultfd.EventBuffer(capacity: configuration.batchSize)
+        deferred.reserveCapacity(4 * configuration.batchSize)
+        latencies = .allocate(capacity: latencyCapacity)
+        warmAllocatorCache()
+    }
+
+    /// Allocates and frees a few small objects so this thread's allocator cache holds
+    /// chunks of the size a FORK message needs: reading it must not wait for the
+    /// allocator lock that a fork() of this process holds.
+    func warmAllocatorCache() {
+        var keep: [AllocatorWarmUp] = []
+        keep.reserveCapacity(6)
+        for _ in 0..<6 { keep.append(AllocatorWarmUp()) }
+        keep.removeAll(keepingCapacity: true)
+    }
+
+    deinit {
+        munmap(staging, stagingBytes)
+        residency.deallocate()
+        latencies.deallocate()
+    }
+
+    @inline(__always)
+    func report(_ event: FaultServerEvent) {
+        onEvent?(event)
+    }
+
+    // MARK: - The loop
+
+    /// Serves faults until the stop signal is raised or the process goes away.
+    func run() {
+        let cpus = server.configuration.handlerCPUs
+        if !cpus.isEmpty { _ = cfe_pin_current_thread(Int32(cpus[index % cpus.count])) }
+        loop: while !gone {
+            let waited: Userfaultfd.Handle.WaitResult
+            do {
+                if let requests = server.signalResolver?.requestPipe {
+                    waited = try waitForMessagesOrRequests(requests.read)
+                    if waited == .timedOut {
+                        serveSignalRequests(requests.read)
+                        continue loop
+                    }
+                } else {
+                    waited = try handle.wait(stop: server.stopSignal)
+                }
+            } catch {
+                record(failure: error, at: 0)
+                break loop
+            }
+            switch waited {
+            case .stopped: break loop
+            case .hangUp:
+                gone = true
+                break loop
+            case .timedOut: continue loop
+            case .ready: break
+            }
+            let n: Int
+            do {
+                n = try handle.readEvents(into: buffer)
+            } catch {
+                if isProcessGone(error) {
+                    gone = true
+                    break loop
+                }
+                // Keep serving: a thread waiting on a fault must not be left behind.
+                record(failure: error, at: 0)
+                usleep(1000)
+                continue loop
+            }
+            if n == 0 { continue }
+            server.busyHandlers.wrappingAdd(1, ordering: .relaxed)
+            let readAt = cfe_now_ns()
+            for i in 0..<n {
+                dispatch(buffer.events[i], readAt: readAt)
+                if gone { break }
+            }
+            serveDeferred()
+            flushLatencies()
+            if forkSeen {
+                forkSeen = false
+                warmAllocatorCache()
+            }
+            server.busyHandlers.wrappingSubtract(1, ordering: .relaxed)
+        }
+        flushLatencies()
+        if gone { reportProcessGone() }
+    }
+
+    /// Stops the other threads and tells the owner, once per server.
+    func reportProcessGone() {
+        server.stopSignal.raise()
+        if !server.processGone.exchange(true, ordering: .acquiringAndReleasing) {
+            report(.processExited)
+        }
+    }
+
+    /// Polls the uffd, the stop signal and the SIGBUS request pipe. A readable pipe
+    /// is reported as `.timedOut` (the caller then serves the requests).
+    func waitForMessagesOrRequests(_ requests: Int32) throws(UserfaultfdError) -> Userfaultfd.Handle.WaitResult {
+        var fds = (
+            pollfd(fd: handle.fileDescriptor.rawValue, events: Int16(POLLIN), revents: 0),
+            pollfd(fd: server.stopSignal.fileDescriptor.rawValue, events: Int16(POLLIN), revents: 0),
+            pollfd(fd: requests, events: Int16(POLLIN), revents: 0)
+        )
+        while true {
+            let n = withUnsafeMutableBytes(of: &fds) { raw in
+                Glibc.poll(raw.baseAddress!.assumingMemoryBound(to: pollfd.self), 3, -1)
+            }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw UserfaultfdError(operation: "poll", errno: Errno(rawValue: errno))
+            }
+            if fds.1.revents != 0 { return .stopped }
+            if fds.0.revents & Int16(POLLIN) != 0 { return .ready }
+            if fds.2.revents != 0 { return .timedOut }
+            if fds.0.revents != 0 { return .hangUp }
+        }
+    }
+
+    /// Serves the addresses faulting threads wrote to the SIGBUS request pipe, then
+    /// wakes them (they wait on the resolver's generation word).
+    func serveSignalRequests(_ requests: Int32) {
+        guard let resolver = server.signalResolver else { return }
+        var addresses: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0, 0, 0, 0, 0)
+        while true {
+            let n = withUnsafeMutableBytes(of: &addresses) { Glibc.read(requests, $0.baseAddress, $0.count) }
+            if n <= 0 { break }
+            let readAt = cfe_now_ns()
+            withUnsafeBytes(of: &addresses) { raw in
+                for k in 0..<(n / 8) {
+                    let address = raw.load(fromByteOffset: k * 8, as: UInt64.self)
+                    serve(Userfaultfd.PageFault(address: address, flags: []), readAt: readAt)
+                }
+            }
+            cfe_generation_bump(resolver.generation)
+        }
+    }
+
+    @inline(__always)
+    func dispatch(_ event: Userfaultfd.Event, readAt: UInt64) {
+        switch event {
+        case .pageFault(let fault):
+            serve(fault, readAt: readAt)
+        default:
+            handleLayoutEvent(event)
+        }
+    }
+
+    func handleLayoutEvent(_ event: Userfaultfd.Event) {
+        switch event {
+        case .pageFault(let fault):
+            deferred.append((fault, cfe_now_ns()))
+        case .remove(let range):
+            StatisticsCounters.add(counters.removes, 1)
+            table.remove(range)   // bitmaps only: the SIGBUS resolver shares them
+            report(.removed(range))
+        case .unmap(let range):
+            StatisticsCounters.add(counters.unmaps, 1)
+            table.unmap(range)
+            server.signalResolver?.update(table.snapshot)
+            report(.unmapped(range))
+        case .remap(let from, let to, let length):
+            StatisticsCounters.add(counters.remaps, 1)
+            table.remap(from: from, to: to, length: length)
+            server.signalResolver?.update(table.snapshot)
+            report(.remapped(from: from, to: to, length: length))
+        case .fork(let child):
+            StatisticsCounters.add(counters.forks, 1)
+            report(.fork(child))
+            forkSeen = true
+        case .unknown(let code):
+            report(.unknown(code: code))
+        }
+    }
+
+    func serveDeferred() {
+        var k = 0
+        while k < deferred.count && !gone {
+            let (fault, readAt) = deferred[k]
+            serve(fault, readAt: readAt)
+            k += 1
+        }
+        deferred.removeAll(keepingCapacity: true)
+    }
+
+    /// Reads pending messages after `EAGAIN`: layout events are applied at once,
+    /// faults are kept for after the batch. Returns false if serving must end.
+    func drainEvents() -> Bool {
+        StatisticsCounters.add(counters.retries, 1)
+        let n: Int
+        do {
+            n = try handle.readEvents(into: drainBuffer)
+        } catch {
+            if isProcessGone(error) { gone = true }
+            return false
+        }
+        if n == 0 {
+            // Another handler thread holds the event; let it finish.
+            if server.stopRequested.load(ordering: .relaxed) { return false }
+            sched_yield()
+            return true
+        }
+        for i in 0..<n {
+            handleLayoutEvent(drainBuffer.events[i])
+        }
+        return true
+    }
+
+    // MARK: - Latency
+
+    @inline(__always)
+    func recordLatency(since readAt: UInt64) {
+        guard index >= 0 else { return }
+        if latencyCount == latencyCapacity { flushLatencies() }
+        latencies[latencyCount] = cfe_now_ns() &- readAt
+        latencyCount &+= 1
+    }
+
+    func flushLatencies() {
+        guard latencyCount > 0, index >= 0 else { return }
+        let n = latencyCount
+        let values = latencies
+        counters.histograms[index].withLock { record in
+            for k in 0..<n {
+                _ = record.histogram.record(max(values[k], 1))
+                record.blockTime &+= values[k]
+            }
+        }
+        latencyCount = 0
+    }
+}

@@ -1,0 +1,308 @@
+import Userfaultfd
+import _CFaultEngine
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// Serving one fault: the chunk around it, the runs of missing pages in the chunk,
+/// the ioctl loop, and what happens when the source fails.
+extension HandlerLoop {
+    // MARK: - One fault
+
+    @inline(__always)
+    func serve(_ fault: Userfaultfd.PageFault, readAt: UInt64) {
+        let address = fault.address & ~(ps &- 1)
+        if fault.flags.contains(.writeProtect) {
+            StatisticsCounters.add(counters.writeProtect, 1)
+            resolveWriteProtect(address)
+            recordLatency(since: readAt)
+            return
+        }
+        let minorFault = fault.flags.contains(.minor)
+        if minorFault {
+            StatisticsCounters.add(counters.minor, 1)
+        } else {
+            StatisticsCounters.add(counters.missing, 1)
+        }
+        var first = true
+        var lookups = 0
+        while !gone {
+            guard let entry = table.lookup(address) else {
+                // Another handler may be applying a REMAP right now: look again shortly.
+                if lookups < 3 {
+                    lookups += 1
+                    sched_yield()
+                    continue
+                }
+                // Not ours to fill: poison it, so the thread gets SIGBUS instead of
+                // faulting here forever. Nothing is installed outside the regions.
+                StatisticsCounters.add(counters.outside, 1)
+                report(.faultOutsideRegions(address: address))
+                let page = MemoryRange(start: address, length: ps)
+                if (try? handle.poison(page)) == nil { try? handle.wake(page) }
+                return
+            }
+            let page = (address &- entry.range.start) / ps
+            let pages = entry.range.length / ps
+            if first {
+                first = false
+                if let recorder, !entry.isResident(page) { recorder.record(entry.sourceOffset &+ page &* ps) }
+            }
+            var start: UInt64
+            var end: UInt64
+            if adaptiveMax > 0 {
+                if address == lastEnd {
+                    // Sequential: read further ahead, forward from the fault.
+                    window = min(window &* 2, adaptiveMax)
+                    start = page
+                    end = min(page &+ window, pages)
+                } else {
+                    // Elsewhere: back to the aligned chunk around the fault.
+                    window = chunkPages
+                    start = page / chunkPages &* chunkPages
+                    end = min(start &+ chunkPages, pages)
+                }
+                lastEnd = entry.range.start &+ end &* ps
+            } else {
+                start = page / chunkPages &* chunkPages
+                end = min(start &+ chunkPages, pages)
+            }
+            switch installChunk(entry, from: start, to: end, faultPage: page, minorFault: minorFault) {
+            case .done:
+                recordLatency(since: readAt)
+                return
+            case .retry:
+                if !drainEvents() { return }
+            case .gone:
+                gone = true
+                return
+            }
+        }
+    }
+
+    func resolveWriteProtect(_ address: UInt64) {
+        while true {
+            do {
+                if try handle.writeProtect(MemoryRange(start: address, length: ps), protect: false) == .retryAfterEvents {
+                    if drainEvents() { continue }
+                }
+            } catch {
+                if isProcessGone(error) { gone = true } else { record(failure: error, at: address) }
+            }
+            return
+        }
+    }
+
+    /// Installs the pages of `from ..< to` (page indices in `entry`) that are not
+    /// resident, and always the faulting page. `faultPage` is `.max` for prefetching.
+    @inline(__always)
+    func installChunk(_ entry: RegionEntry, from start: UInt64, to end: UInt64, faultPage: UInt64, minorFault: Bool) -> InstallResult {
+        var i = start
+        while i < end {
+            if i != faultPage && entry.isResident(i) {
+                i &+= 1
+                continue
+            }
+            var j = i &+ 1
+            while j < end && (j == faultPage || !entry.isResident(j)) { j &+= 1 }
+            let result = installRun(entry, from: i, to: j, faultPage: faultPage, minorFault: minorFault)
+            if case .done = result {} else { return result }
+            i = j
+        }
+        return .done
+    }
+
+    // MARK: - Installing a run of missing pages
+
+    @inline(__always)
+    func installRun(_ entry: RegionEntry, from i: UInt64, to j: UInt64, faultPage: UInt64, minorFault: Bool) -> InstallResult {
+        let count = j &- i
+        let bytes = Int(count &* ps)
+        let destination = entry.range.start &+ i &* ps
+        let sourceOffset = entry.sourceOffset &+ i &* ps
+        var zeroed: UInt64 = 0
+        for p in i..<j where entry.isZeroed(p) { zeroed &+= 1 }
+        if kind == .minor {
+            return installMinor(entry, from: i, to: j, faultPage: faultPage, minorFault: minorFault, zeroed: zeroed)
+        }
+        if zeroed == count {
+            return install(entry, from: i, to: j, faultPage: faultPage, zero: true) { (off: Int) throws(UserfaultfdError) in
+                try handle.zeropage(MemoryRange(start: destination &+ UInt64(off), length: UInt64(bytes - off)))
+            }
+        }
+        if kind == .move && zeroed == 0 && moveFromSourceWorks,
+            let pages = source.movablePages(at: sourceOffset, length: bytes)
+        {
+            return moveFromSource(entry, from: i, to: j, faultPage: faultPage, pages: pages)
+        }
+        if kind == .copy && zeroed == 0, let bytesInPlace = source.contiguousBytes(at: sourceOffset, length: bytes) {
+            // The bytes are in memory already: COPY reads them in place.
+            return install(entry, from: i, to: j, faultPage: faultPage, zero: false) { (off: Int) throws(UserfaultfdError) in
+                try handle.copy(to: destination &+ UInt64(off), from: bytesInPlace + off, length: bytes - off)
+            }
+        }
+        do {
+            try fill(staging, entry: entry, from: i, to: j, zeroed: zeroed)
+        } catch {
+            return sourceFailed(entry, from: i, to: j, faultPage: faultPage, minorFault: minorFault, error: error)
+        }
+        let stagingAddress = UInt64(UInt(bitPattern: staging))
+        progress = 0
+        if kind == .move && moveFromStagingWorks {
+            let result = install(entry, from: i, to: j, faultPage: faultPage, zero: false, fallible: true) { (off: Int) throws(UserfaultfdError) in
+                try handle.move(to: destination &+ UInt64(off), from: stagingAddress &+ UInt64(off), length: bytes - off)
+            }
+            if let result { return result }
+            // MOVE is refused here (not private anonymous memory): copy from now on,
+            // starting where MOVE stopped (the staging area still holds those pages).
+            moveFromStagingWorks = false
+        }
+        let staged = staging
+        let start = kind == .move ? progress : 0
+        if start >= bytes { return .done }
+        let first = i &+ UInt64(start) / ps
+        return install(entry, from: first, to: j, faultPage: faultPage, zero: false) { (off: Int) throws(UserfaultfdError) in
+            try handle.copy(to: destination &+ UInt64(start + off), from: staged + start + off, length: bytes - start - off)
+        }
+    }
+
+    /// Fills `buffer` with the bytes of pages `i ..< j`: zeros where a REMOVE released
+    /// them, the source's bytes elsewhere.
+    @inline(__always)
+    func fill(_ buffer: UnsafeMutableRawPointer, entry: RegionEntry, from i: UInt64, to j: UInt64, zeroed: UInt64) throws(PageSourceError) {
+        if zeroed == 0 {
+            try source.fill(UnsafeMutableRawBufferPointer(start: buffer, count: Int((j &- i) &* ps)), at: entry.sourceOffset &+ i &* ps)
+            return
+        }
+        var p = i
+        while p < j {
+            let z = entry.isZeroed(p)
+            var q = p &+ 1
+            while q < j && entry.isZeroed(q) == z { q &+= 1 }
+            let region = UnsafeMutableRawBufferPointer(start: buffer + Int((p &- i) &* ps), count: Int((q &- p) &* ps))
+            if z {
+                memset(region.baseAddress!, 0, region.count)
+            } else {
+                try source.fill(region, at: entry.sourceOffset &+ p &* ps)
+            }
+            p = q
+        }
+    }
+
+    /// Runs a resolving ioctl over the run until every page is installed or found
+    /// present, marking pages resident and counting them.
+    ///
+    /// With `fallible`, a failure other than the process going away returns nil
+    /// (the caller falls back to another ioctl from ``progress`` on) instead of
+    /// giving up on the run.
+    @inline(__always)
+    func install(
+        _ entry: RegionEntry, from i: UInt64, to j: UInt64, faultPage: UInt64, zero: Bool, fallible: Bool = false,
+        _ operation: (Int) throws(UserfaultfdError) -> Userfaultfd.Outcome
+    ) -> InstallResult? {
+        let bytes = Int((j &- i) &* ps)
+        var off = 0
+        var installed: UInt64 = 0
+        var faultInstalled = false
+        defer {
+            progress = off
+            account(installed: installed, faultInstalled: faultInstalled, zero: zero)
+        }
+        while off < bytes {
+            let outcome: Userfaultfd.Outcome
+            do {
+                outcome = try operation(off)
+            } catch {
+                if isProcessGone(error) { return .gone }
+                if fallible { return nil }
+                record(failure: error, at: entry.range.start &+ i &* ps &+ UInt64(off))
+                if faultPage >= i && faultPage < j {
+                    try? handle.wake(MemoryRange(start: entry.range.start &+ faultPage &* ps, length: ps))
+                }
+                return .done
+            }
+            switch outcome {
+            case .completed(let n), .partial(let n):
+                let first = i &+ UInt64(off) / ps
+                let pages = UInt64(n) / ps
+                entry.markResident(first, count: pages)
+                installed &+= pages
+                if faultPage >= first && faultPage < first &+ pages { faultInstalled = true }
+                off += n
+            case .alreadyPresent:
+                let page = i &+ UInt64(off) / ps
+                entry.markResident(page, count: 1)
+                StatisticsCounters.add(counters.alreadyPresent, 1)
+                if page == faultPage {
+                    try? handle.wake(MemoryRange(start: entry.range.start &+ page &* ps, length: ps))
+                }
+                off += Int(ps)
+            case .retryAfterEvents:
+                return .retry
+            }
+        }
+        return .done
+    }
+
+    @inline(__always)
+    func install(
+        _ entry: RegionEntry, from i: UInt64, to j: UInt64, faultPage: UInt64, zero: Bool,
+        _ operation: (Int) throws(UserfaultfdError) -> Userfaultfd.Outcome
+    ) -> InstallResult {
+        install(entry, from: i, to: j, faultPage: faultPage, zero: zero, fallible: false, operation)!
+    }
+
+    @inline(__always)
+    func account(installed: UInt64, faultInstalled: Bool, zero: Bool) {
+        guard installed > 0 else { return }
+        StatisticsCounters.add(counters.installed, installed)
+        StatisticsCounters.add(counters.prefetched, installed &- (faultInstalled ? 1 : 0))
+        if zero { StatisticsCounters.add(counters.zero, installed) }
+    }
+
+    // MARK: - Failures
+
+    /// The source failed for pages `i ..< j`: retry the faulting page alone, and if
+    /// that fails too, poison it so its thread gets SIGBUS instead of waiting forever.
+    func sourceFailed(_ entry: RegionEntry, from i: UInt64, to j: UInt64, faultPage: UInt64, minorFault: Bool, error: PageSourceError) -> InstallResult {
+        let containsFault = faultPage >= i && faultPage < j
+        StatisticsCounters.add(counters.sourceErrors, 1)
+        counters.lastError.withLock { $0 = error.description }
+        if containsFault && j &- i > 1 {
+            return installRun(entry, from: faultPage, to: faultPage &+ 1, faultPage: faultPage, minorFault: minorFault)
+        }
+        guard containsFault else { return .done }
+        let address = entry.range.start &+ faultPage &* ps
+        report(.sourceFailed(address: address, error: error))
+        do {
+            switch try handle.poison(MemoryRange(start: address, length: ps)) {
+            case .completed, .partial:
+                StatisticsCounters.add(counters.poisoned, 1)
+                entry.markPoisoned(faultPage)
+                entry.markResident(faultPage, count: 1)
+            case .alreadyPresent:
+                try? handle.wake(MemoryRange(start: address, length: ps))
+            case .retryAfterEvents:
+                return .retry
+            }
+        } catch {
+            if isProcessGone(error) { return .gone }
+            record(failure: error, at: address)
+            try? handle.wake(MemoryRange(start: address, length: ps))
+        }
+        return .done
+    }
+
+    @inline(__always)
+    func isProcessGone(_ error: UserfaultfdError) -> Bool {
+        error.errno == .noSuchProcess || error.errno == .noSpace
+    }
+
+    func record(failure error: UserfaultfdError, at address: UInt64) {
+        counters.lastError.withLock { $0 = error.description }
+        report(.resolutionFailed(address: address, error: error))
+    }
+}
