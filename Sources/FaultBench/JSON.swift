@@ -37,7 +37,8 @@ extension BenchReport {
         out += targets.map { t in
             "    {\"target\": \(quoted(t.summary)), \"pattern\": \(quoted(t.pattern.rawValue)), "
                 + "\"ratio\": \(number(t.value, 4)), \"required\": \(number(t.required, 2)), "
-                + "\"comparable\": \(t.comparable), \"met\": \(t.met)}"
+                + "\"comparable\": \(t.comparable), \"met\": \(t.met)"
+                + (t.caveat.map { ", \"caveat\": \(quoted($0))" } ?? "") + "}"
         }.joined(separator: ",\n")
         out += "\n  ]\n}\n"
         return out
