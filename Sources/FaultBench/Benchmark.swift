@@ -53,8 +53,9 @@ public struct BenchProgress: Sendable {
     public var completed: Int
     /// Runs in all.
     public var total: Int
-    /// The run that just finished.
+    /// The contender of the run that just finished.
     public var contender: Contender
+    /// Its touch order.
     public var pattern: AccessPattern
     /// 1-based.
     public var repetition: Int

@@ -54,8 +54,11 @@ public struct BenchResult: Sendable, Equatable {
 
 /// A contender and pattern that gave no figure, and why.
 public struct NotMeasured: Sendable, Equatable {
+    /// Who could not run.
     public var contender: Contender
+    /// On which touch order.
     public var pattern: AccessPattern
+    /// Why, for example `not available: FaultEngine has no MOVE strategy`.
     public var reason: String
 }
 

@@ -59,6 +59,7 @@ public struct BenchReport: Sendable, Equatable {
 public struct TargetCheck: Sendable, Equatable {
     /// The target in words, for example `swift-best ≥ 2.00× kernel-first-touch pages/s`.
     public var summary: String
+    /// The touch order both figures were measured with.
     public var pattern: AccessPattern
     /// The measured ratio.
     public var value: Double
