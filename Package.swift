@@ -42,6 +42,7 @@ let package = Package(
             dependencies: [
                 "Userfaultfd",
                 "_CFaultEngine",
+                .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ]
         ),
@@ -97,7 +98,7 @@ let package = Package(
         ),
         .testTarget(
             name: "FaultEngineTests",
-            dependencies: ["FaultEngine", "Userfaultfd"]
+            dependencies: ["FaultEngine", "Userfaultfd", "_CFaultEngine"]
         ),
         .testTarget(
             name: "PostcopyTests",

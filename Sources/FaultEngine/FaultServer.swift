@@ -1,0 +1,314 @@
+import Synchronization
+import SystemPackage
+import Userfaultfd
+import _CFaultEngine
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// What a ``FaultServer`` reports through ``FaultServer/onEvent``.
+public enum FaultServerEvent: Sendable, CustomStringConvertible {
+    /// The process forked: its child's ranges report to this new uffd. Take it
+    /// (``Userfaultfd/ForkedUserfaultfd/take()``) and serve it with a new server over a
+    /// copy of ``FaultServer/regions``; if nobody takes it, it is closed.
+    case fork(Userfaultfd.ForkedUserfaultfd)
+    /// The faulting process is gone (`ESRCH`/`ENOSPC`, or the uffd hung up): the
+    /// server stopped serving. ``FaultServer/waitUntilStopped()`` returns.
+    case processExited
+    /// The source failed for the page at `address`; the page was poisoned, so the
+    /// thread touching it gets SIGBUS instead of waiting forever.
+    case sourceFailed(address: UInt64, error: PageSourceError)
+    /// A fault at an address no served region contains; nothing was installed.
+    case faultOutsideRegions(address: UInt64)
+    /// Installing failed for a reason other than the process going away.
+    case resolutionFailed(address: UInt64, error: UserfaultfdError)
+    /// Already handled by the server; reported for logs: pages released (next faults get zeros).
+    case removed(MemoryRange)
+    /// Already handled by the server; reported for logs: the range is no longer served.
+    case unmapped(MemoryRange)
+    /// Already handled by the server; reported for logs: the range moved, same source bytes.
+    case remapped(from: UInt64, to: UInt64, length: UInt64)
+    /// A message the server does not know.
+    case unknown(code: UInt8)
+
+    public var description: String {
+        switch self {
+        case .fork(let child): return "fork (child uffd \(child.rawDescriptor))"
+        case .processExited: return "process exited"
+        case .sourceFailed(let address, let error): return "source failed at 0x\(String(address, radix: 16)): \(error)"
+        case .faultOutsideRegions(let address): return "fault outside served regions at 0x\(String(address, radix: 16))"
+        case .resolutionFailed(let address, let error): return "resolving 0x\(String(address, radix: 16)) failed: \(error)"
+        case .removed(let r): return "remove \(r)"
+        case .unmapped(let r): return "unmap \(r)"
+        case .remapped(let from, let to, let length):
+            return "remap 0x\(String(from, radix: 16)) -> 0x\(String(to, radix: 16)) (\(length) bytes)"
+        case .unknown(let code): return "unknown event 0x\(String(code, radix: 16))"
+        }
+    }
+}
+
+/// Serves the page faults of one userfaultfd from a page source.
+///
+/// Dedicated handler threads poll the uffd and a stop signal, read messages in
+/// batches into preallocated buffers and install pages as the configured strategy
+/// says. The fault path allocates nothing, takes no lock that faulting code could
+/// hold, and calls the source directly (it is a generic parameter, not an existential).
+///
+/// ```swift
+/// let memory = try MemoryMapping.anonymous(length: 64 << 20)
+/// let uffd = try Userfaultfd(features: [.eventRemove, .eventUnmap, .eventRemap])
+/// try uffd.handle.register(memory.range, mode: .missing)
+/// let server = try FaultServer(userfaultfd: uffd,
+///                              regions: [ServedRegion(range: memory.range)],
+///                              source: try FileSource(path: "snapshot.bin"))
+/// try server.start()
+/// // ... touch memory: pages come from the file ...
+/// server.stop()
+/// print(server.statistics.jsonString())
+/// ```
+public final class FaultServer<Source: PageSource>: @unchecked Sendable {
+    /// How the server resolves faults.
+    public typealias Configuration = FaultServerConfiguration
+
+    let handle: Userfaultfd.Handle
+    /// The uffd's descriptor, owned; -1 once closed.
+    private let ownedDescriptor: Mutex<Int32>
+    let source: Source
+    /// The configuration the server runs with.
+    public let configuration: Configuration
+    let table: RegionTable
+    let counters: StatisticsCounters
+    let stopSignal: StopSignal
+    let finishedSignal: StopSignal
+    let pageSize: Int
+    let recorder: WorkingSetRecorder?
+    let replayOffsets: [UInt64]
+    /// Handler threads busy with a batch (the prefetcher yields to them).
+    let busyHandlers = Atomic<Int>(0)
+    let runningThreads = Atomic<Int>(0)
+    let stopRequested = Atomic<Bool>(false)
+    var signalResolver: SignalResolverRegistration?
+
+    private struct State {
+        var started = false
+        var stopped = false
+        var threads: [DedicatedThread] = []
+        var threadIDs: [pthread_t] = []
+    }
+    private let state = Mutex(State())
+    private let eventCallback = Mutex<(@Sendable (FaultServerEvent) -> Void)?>(nil)
+
+    /// Creates a server; it serves nothing until ``start()``.
+    ///
+    /// - Parameters:
+    ///   - userfaultfd: the uffd, handshaken, with `regions` registered on it. The server
+    ///     owns it from now on and closes it when it stops.
+    ///   - regions: the ranges to serve: page-aligned, non-empty, not overlapping, each
+    ///     within the source's length, with a page-aligned source offset.
+    ///   - source: where page contents come from.
+    ///   - configuration: strategy, prefetch and threads.
+    /// - Throws: `UserfaultfdError` (``UserfaultfdError/Kind/invalidArgument(_:)``) naming
+    ///   the region or setting that is wrong, or the feature the strategy needs.
+    public init(
+        userfaultfd: consuming Userfaultfd,
+        regions: [ServedRegion],
+        source: Source,
+        configuration: Configuration = .default
+    ) throws(UserfaultfdError) {
+        try configuration.validate()
+        let page = systemPageSize
+        try Self.validate(regions, source: source, configuration: configuration, pageSize: page)
+        let handle = userfaultfd.handle
+        switch configuration.strategy {
+        case .sigbus:
+            if !handle.features.contains(.sigbus) {
+                throw UserfaultfdError(operation: "FaultServer", kind: .invalidArgument(
+                    "the sigbus strategy needs a uffd handshaken with FEATURE_SIGBUS (it has \(handle.features))"))
+            }
+        case .minor:
+            if !handle.features.contains(.minorShmem) {
+                throw UserfaultfdError(operation: "FaultServer", kind: .invalidArgument(
+                    "the minor strategy needs a uffd handshaken with FEATURE_MINOR_SHMEM (it has \(handle.features))"))
+            }
+        case .copy, .move:
+            break
+        }
+        var replay: [UInt64] = []
+        if case .replay(let path) = configuration.prefetch {
+            replay = try WorkingSetFile.read(path)
+        }
+        let table = try RegionTable(regions, pageSize: page)
+        let stopSignal = try StopSignal()
+        let finishedSignal = try StopSignal()
+        let recorder = try configuration.recordWorkingSet.map { _ throws(UserfaultfdError) in
+            try WorkingSetRecorder(capacity: table.totalPages)
+        }
+        // Nothing can fail from here on: take ownership of the descriptor.
+        self.handle = handle
+        self.ownedDescriptor = Mutex(userfaultfd.release().rawValue)
+        self.source = source
+        self.configuration = configuration
+        self.pageSize = page
+        self.table = table
+        self.counters = StatisticsCounters(handlers: configuration.handlerThreads)
+        self.stopSignal = stopSignal
+        self.finishedSignal = finishedSignal
+        self.recorder = recorder
+        self.replayOffsets = replay
+    }
+
+    private static func validate(_ regions: [ServedRegion], source: Source, configuration: Configuration, pageSize: Int) throws(UserfaultfdError) {
+        func bad(_ why: String) -> UserfaultfdError {
+            UserfaultfdError(operation: "FaultServer regions", kind: .invalidArgument(why))
+        }
+        if regions.isEmpty { throw bad("no region to serve") }
+        let ps = UInt64(pageSize)
+        for r in regions {
+            if r.range.length == 0 || !r.range.isAligned(to: ps) { throw bad("region \(r.range) is empty or not page-aligned") }
+            if r.range.end < r.range.start { throw bad("region \(r.range) wraps around the address space") }
+            if r.sourceOffset % ps != 0 { throw bad("source offset \(r.sourceOffset) of region \(r.range) is not page-aligned") }
+            if let length = source.length, r.sourceOffset > length || r.range.length > length - r.sourceOffset {
+                throw bad("region \(r.range) at source offset \(r.sourceOffset) reaches beyond the source's \(length) bytes")
+            }
+            if case .minor = configuration.strategy {
+                guard let alias = r.pageCacheAlias, alias % ps == 0 else {
+                    throw bad("the minor strategy needs a page-aligned pageCacheAlias for region \(r.range)")
+                }
+            }
+        }
+        let sorted = regions.sorted { $0.range.start < $1.range.start }
+        for (a, b) in zip(sorted, sorted.dropFirst()) where a.range.overlaps(b.range) {
+            throw bad("regions \(a.range) and \(b.range) overlap")
+        }
+    }
+
+    deinit {
+        stop()
+    }
+
+    /// The regions served now (after UNMAP and REMAP events).
+    public var regions: [ServedRegion] { table.ranges }
+
+    /// Called on a handler thread for events: FORK (adopt the child's uffd), process
+    /// exit, source failures, and notices of the layout changes the server handled.
+    /// Set it before ``start()``; it must return quickly and never touch served memory.
+    public var onEvent: (@Sendable (FaultServerEvent) -> Void)? {
+        get { eventCallback.withLock { $0 } }
+        set { eventCallback.withLock { $0 = newValue } }
+    }
+
+    /// A snapshot of the statistics.
+    public var statistics: FaultStatistics {
+        counters.snapshot(inThread: signalResolver?.resolvedFaults ?? 0)
+    }
+
+    /// Starts the handler threads (and the prefetch thread, if any).
+    ///
+    /// - Throws: `UserfaultfdError` if the server was already started or stopped, or the
+    ///   SIGBUS resolver cannot be installed.
+    public func start() throws(UserfaultfdError) {
+        let callback = onEvent
+        try state.withLock { (s: inout State) throws(UserfaultfdError) in
+            if s.started || s.stopped {
+                throw UserfaultfdError(operation: "FaultServer.start", kind: .invalidArgument(
+                    s.stopped ? "the server was stopped; create a new one" : "the server is already running"))
+            }
+            s.started = true
+        }
+        if case .sigbus(let chunk) = configuration.strategy, let backing = source.signalSafeBacking {
+            signalResolver = try SignalResolverRegistration(
+                handle: handle, regions: table.snapshot, backing: backing, chunkPages: chunk,
+                pageSize: pageSize, recorder: recorder)
+        }
+        let threadCount = configuration.handlerThreads
+        let needsPrefetcher = configuration.backgroundPopulate || !replayOffsets.isEmpty
+        runningThreads.store(threadCount + (needsPrefetcher ? 1 : 0), ordering: .sequentiallyConsistent)
+        var threads: [DedicatedThread] = []
+        for i in 0..<threadCount {
+            threads.append(DedicatedThread(name: "uffd-handler-\(i)") { [self] in
+                self.registerCurrentThread()
+                let loop = HandlerLoop(server: self, index: i, onEvent: callback)
+                loop.run()
+                self.threadFinished()
+            })
+        }
+        if needsPrefetcher {
+            threads.append(DedicatedThread(name: "uffd-prefetch") { [self] in
+                self.registerCurrentThread()
+                let loop = HandlerLoop(server: self, index: -1, onEvent: callback)
+                loop.prefetch(replay: self.replayOffsets, populate: self.configuration.backgroundPopulate)
+                self.threadFinished()
+            })
+        }
+        state.withLock { $0.threads = threads }
+    }
+
+    private func registerCurrentThread() {
+        let me = pthread_self()
+        state.withLock { $0.threadIDs.append(me) }
+    }
+
+    private func threadFinished() {
+        if runningThreads.wrappingSubtract(1, ordering: .sequentiallyConsistent).newValue == 0 {
+            finishedSignal.raise()
+        }
+    }
+
+    /// Stops serving: raises the stop signal, joins every thread, writes the recorded
+    /// working set, and closes the uffd (threads still waiting on a fault are woken by
+    /// the kernel and see ordinary memory from then on).
+    ///
+    /// Idempotent and never hangs on a fault. Called from a handler thread (for example
+    /// in ``onEvent``), it only asks the threads to stop; they are joined later.
+    public func stop() {
+        stopRequested.store(true, ordering: .sequentiallyConsistent)
+        stopSignal.raise()
+        let me = pthread_self()
+        let onServerThread = state.withLock { s in s.threadIDs.contains { pthread_equal($0, me) != 0 } }
+        if onServerThread { return }
+        let threads: [DedicatedThread]? = state.withLock { s in
+            if s.stopped { return nil }
+            s.stopped = true
+            let t = s.threads
+            s.threads = []
+            return t
+        }
+        guard let threads else { return }
+        for t in threads { t.join() }
+        signalResolver?.unregister()
+        if let recorder, let path = configuration.recordWorkingSet {
+            let offsets = recorder.offsets
+            do {
+                try WorkingSetFile.write(offsets, to: path)
+            } catch {
+                counters.lastError.withLock { $0 = "writing working set \(path): \(error)" }
+            }
+        }
+        let fd = ownedDescriptor.withLock { fd -> Int32 in
+            let old = fd
+            fd = -1
+            return old
+        }
+        if fd >= 0 { _ = Glibc.close(fd) }
+        finishedSignal.raise()
+    }
+
+    /// Waits until the server stopped on its own (the process went away) or was
+    /// stopped, then finishes stopping it (joins its threads).
+    public func waitUntilStopped() {
+        let started = state.withLock { $0.started }
+        if started {
+            var p = pollfd(fd: finishedSignal.fileDescriptor.rawValue, events: Int16(POLLIN), revents: 0)
+            while Glibc.poll(&p, 1, -1) < 0 && errno == EINTR {}
+        }
+        stop()
+    }
+
+    /// Whether the server is serving (started, not yet stopped or gone).
+    public var isRunning: Bool {
+        state.withLock { $0.started && !$0.stopped } && !finishedSignal.isRaised
+    }
+}

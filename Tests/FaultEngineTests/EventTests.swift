@@ -1,0 +1,104 @@
+import FaultEngine
+import Synchronization
+import Testing
+import Userfaultfd
+import _CFaultEngine
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+extension FaultEngineTests {
+    @Suite(.serialized, .timeLimit(.minutes(1)))
+    struct EventTests {
+        @Test func removeThenFaultGivesZeros() throws {
+            let pages = 32
+            let memory = try MemoryMapping.anonymous(length: pages * page)
+            let server = try serve(try imageSource(pages: pages), mapping: memory, configuration: .handler64k)
+            try server.start()
+            touch(memory.base, pages: Array(0..<pages))
+            #expect(firstMismatch(memory.base, count: pages * page) == nil)
+            // Release pages 4..<12; they must read as zeros, the rest keep the image.
+            #expect(madvise(memory.base + 4 * page, 8 * page, MADV_DONTNEED) == 0)
+            touch(memory.base, pages: Array(0..<pages))
+            server.stop()
+            #expect((4 * page..<12 * page).allSatisfy { memory.base.load(fromByteOffset: $0, as: UInt8.self) == 0 })
+            #expect(firstMismatch(memory.base, count: 4 * page) == nil)
+            #expect(firstMismatch(memory.base + 12 * page, count: 20 * page, sourceOffset: 12 * page) == nil)
+            let stats = server.statistics
+            #expect(stats.removeEvents == 1)
+            #expect(stats.zeroPages == 8)
+        }
+
+        @Test func unmapDropsTheRange() throws {
+            let pages = 32
+            let memory = try MemoryMapping.anonymous(length: pages * page)
+            let log = EventLog()
+            let server = try serve(try imageSource(pages: pages), mapping: memory, configuration: .handler4k)
+            server.onEvent = log.callback()
+            try server.start()
+            touch(memory.base, pages: [0])
+            // Unmap the middle; the mapping's owner unmaps it all again later (harmless).
+            #expect(munmap(memory.base + 8 * page, 8 * page) == 0)
+            touch(memory.base, pages: [1, 20])
+            let regions = server.regions.map(\.range)
+            server.stop()
+            #expect(server.statistics.unmapEvents == 1)
+            #expect(regions == [
+                MemoryRange(start: memory.range.start, length: UInt64(8 * page)),
+                MemoryRange(start: memory.range.start + UInt64(16 * page), length: UInt64(16 * page)),
+            ])
+            #expect(firstMismatch(memory.base + 20 * page, count: page, sourceOffset: 20 * page) == nil)
+            #expect(log.all.contains { $0.hasPrefix("unmap") })
+            // Map the hole again so the mapping's own munmap stays well-defined.
+            _ = mmap(memory.base + 8 * page, 8 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0)
+        }
+
+        @Test func remapMovesTheRangeAndKeepsItsSourceBytes() throws {
+            let pages = 16
+            let memory = try MemoryMapping.anonymous(length: pages * page)
+            let server = try serve(try imageSource(pages: pages), mapping: memory, configuration: .handler4k)
+            try server.start()
+            touch(memory.base, pages: [0])
+            // Move the last 8 pages somewhere else; they keep their source offsets.
+            let target = mmap(nil, 8 * page, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)!
+            let moved = cfe_mremap_fixed(memory.base + 8 * page, 8 * page, target)!
+            #expect(moved == target)
+            touch(moved, pages: Array(0..<8))
+            server.stop()
+            #expect(firstMismatch(moved, count: 8 * page, sourceOffset: 8 * page) == nil)
+            #expect(server.statistics.remapEvents == 1)
+            munmap(moved, 8 * page)
+            _ = mmap(memory.base + 8 * page, 8 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0)
+        }
+
+        @Test func forkIsReportedWithTheChildsUffd() throws {
+            let pages = 8
+            let memory = try MemoryMapping.anonymous(length: pages * page)
+            let log = EventLog()
+            let server = try serve(try imageSource(pages: pages), mapping: memory,
+                                   features: [.eventFork, .eventRemove, .eventUnmap, .eventRemap], configuration: .handler4k)
+            server.onEvent = log.callback()
+            try server.start()
+            touch(memory.base, pages: [0])
+            let child = fork()
+            if child == 0 { _exit(0) }
+            #expect(child > 0)
+            var status: Int32 = 0
+            waitpid(child, &status, 0)
+            server.stop()
+            #expect(server.statistics.forkEvents == 1)
+            let forks = log.forks.withLock { $0 }
+            #expect(forks.count == 1)
+            // The child's uffd can be taken (and is closed with it).
+            var taken = false
+            if let uffd = forks.first?.take() {
+                taken = true
+                _ = consume uffd
+            }
+            #expect(taken)
+        }
+    }
+}
