@@ -23,7 +23,7 @@ enum BaselineContenders {
         _ = madvise(base, region.length, MADV_NOHUGEPAGE)
         populate(base, length: region.length)
         let ns = order.withUnsafeBufferPointer {
-            cbench_copy_pages(base, workload.source.base, workload.pageCount, $0.baseAddress, $0.count, workload.pageSize)
+            cbench_copy_pages(base, workload.source.baseAddress, workload.pageCount, $0.baseAddress, $0.count, workload.pageSize)
         }
         let problem = workload.verify(region: region.base, order: order)
         return .measured(Run(nanoseconds: ns, pages: order.count, mismatch: problem))
@@ -68,7 +68,7 @@ enum BaselineContenders {
         }
         var result = cbench_sigsegv_result()
         let rc = order.withUnsafeBufferPointer {
-            cbench_sigsegv_run(base, length, workload.source.base, workload.pageCount,
+            cbench_sigsegv_run(base, length, workload.source.baseAddress, workload.pageCount,
                                $0.baseAddress, $0.count, workload.pageSize, &result)
         }
         if rc != 0 { return .notMeasured("cannot install the SIGSEGV handler: errno \(rc)") }
@@ -106,14 +106,17 @@ enum BaselineContenders {
             return .notMeasured("cannot register the region: \(error)")
         }
         var handler: OpaquePointer?
+        // Timed from the handler's start, like the engine's servers.
+        let started = cbench_now_ns()
         let rc = cbench_handler_start(uffd.fileDescriptor.rawValue, region.range.start, region.range.length,
-                                      workload.source.base, UInt64(workload.sourceLength), UInt64(chunk), &handler)
+                                      workload.source.baseAddress, UInt64(workload.sourceLength), UInt64(chunk), &handler)
         guard rc == 0, let handler else { return .notMeasured("cannot start the C reference handler: errno \(rc)") }
         var sink: UInt64 = 0
         let base = region.base
-        let ns = order.withUnsafeBufferPointer {
+        _ = order.withUnsafeBufferPointer {
             cbench_touch_read(base, $0.baseAddress, $0.count, workload.pageSize, &sink)
         }
+        let ns = cbench_now_ns() - started
         let problem = workload.verify(region: region.base, order: order)
         var stats = cbench_handler_stats()
         cbench_handler_stop(handler, &stats)

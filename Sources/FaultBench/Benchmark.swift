@@ -131,13 +131,10 @@ public enum Benchmark {
                 notMeasured.append(NotMeasured(contender: contender, pattern: pattern, reason: notes.joined(separator: "; ")))
                 continue
             }
-            var note = notes.isEmpty ? nil : notes.joined(separator: "; ")
-            if let extra = EngineContenders.remark(contender) {
-                note = note.map { "\($0); \(extra)" } ?? extra
-            }
             results.append(BenchResult(contender: contender, pattern: pattern, usPerPage: median(samples),
-                                       verified: verified, samples: samples, note: note,
-                                       foundWrongBytes: wrongBytes))
+                                       verified: verified, samples: samples,
+                                       note: notes.isEmpty ? nil : notes.joined(separator: "; "),
+                                       remark: EngineContenders.remark(contender), foundWrongBytes: wrongBytes))
         }
         return BenchReport(sizeMiB: configuration.sizeMiB, pageSize: workload.pageSize,
                            repetitions: configuration.repetitions, scaleTouches: configuration.scaleTouches,

@@ -26,7 +26,9 @@ extension BenchReport {
         }.joined(separator: ",\n")
         out += "\n  ],\n  \"notes\": [\n"
         out += results.compactMap { r in
-            r.note.map { "    {\"name\": \(quoted(r.name)), \"pattern\": \(quoted(r.pattern.rawValue)), \"note\": \(quoted($0))}" }
+            let text = [r.note, r.remark].compactMap { $0 }.joined(separator: "; ")
+            if text.isEmpty { return nil }
+            return "    {\"name\": \(quoted(r.name)), \"pattern\": \(quoted(r.pattern.rawValue)), \"note\": \(quoted(text))}"
         }.joined(separator: ",\n")
         out += "\n  ],\n  \"notMeasured\": [\n"
         out += notMeasured.map { m in

@@ -44,6 +44,9 @@ public struct BenchResult: Sendable, Equatable {
     public var samples: [Double]
     /// What went wrong or what the reader must know about this figure, if anything.
     public var note: String?
+    /// What the reader must know about this contender whatever happened (for example
+    /// that it consumes its source), if anything.
+    public var remark: String? = nil
     /// Whether a repetition found a wrong byte (as opposed to stopping early, or not
     /// being verified for another reason).
     public var foundWrongBytes: Bool

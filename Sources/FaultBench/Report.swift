@@ -105,6 +105,7 @@ extension BenchReport {
                 let limit = c.isScaleRun || c == .memcpy ? nil : ratio(c, to: .memcpy, p)
                 var verified = r.verified ? "yes" : "NO"
                 if let note = r.note { verified += mark("\(c) \(p): \(note)") }
+                if let remark = r.remark { verified += mark("\(c): \(remark)") }
                 rows.append([c.rawValue, p.rawValue, fixed(r.usPerPage, 2), grouped(r.pagesPerSecond),
                              ratioText(twin), ratioText(kernel), ratioText(limit), verified])
             } else if let missing = notMeasured.first(where: { $0.contender == c && $0.pattern == p }) {

@@ -1,3 +1,4 @@
+import FaultEngine
 import Userfaultfd
 import _CBenchReference
 
@@ -26,8 +27,9 @@ final class Workload: @unchecked Sendable {
     let pageSize: Int
     /// Pages of the source (and of every non-scale region).
     let pageCount: Int
-    /// The source bytes, `pageCount * pageSize`, read-only once filled.
-    let source: MemoryMapping
+    /// The source bytes, `pageCount * pageSize`, read-only once filled. The C
+    /// contenders read it directly; the engine serves it as it is.
+    let source: MemorySource
     let corruption: Corruption?
     /// 0, 1, 2, …
     let sequential: [UInt64]
@@ -42,18 +44,18 @@ final class Workload: @unchecked Sendable {
         let length = sizeMiB << 20
         pageCount = length / pageSize
         self.corruption = corruption
+        if case .sourceByte(let offset) = corruption, offset < 0 || offset >= length {
+            throw BenchError("corruption offset \(offset) lies outside the \(length)-byte source")
+        }
+        let pages = pageCount
+        let size = pageSize
         do {
-            source = try MemoryMapping.anonymous(length: length)
+            source = try MemorySource(length: length) { bytes in
+                cbench_fill_pattern(bytes.baseAddress, 0, pages, size)
+                if case .sourceByte(let offset) = corruption { bytes[offset] ^= 0xFF }
+            }
         } catch {
             throw BenchError("cannot map the \(sizeMiB) MiB source: \(error)")
-        }
-        cbench_fill_pattern(source.base, 0, pageCount, pageSize)
-        if case .sourceByte(let offset) = corruption {
-            guard offset >= 0, offset < length else {
-                throw BenchError("corruption offset \(offset) lies outside the \(length)-byte source")
-            }
-            source.base.storeBytes(of: source.base.load(fromByteOffset: offset, as: UInt8.self) ^ 0xFF,
-                                   toByteOffset: offset, as: UInt8.self)
         }
         sequential = (0..<UInt64(pageCount)).map { $0 }
         var order = sequential
@@ -64,6 +66,13 @@ final class Workload: @unchecked Sendable {
 
     /// The bytes of the source.
     var sourceLength: Int { pageCount * pageSize }
+
+    /// Working-set files recorded for `swift-replay`, by pattern (removed with the workload).
+    var recordedWorkingSets: [AccessPattern: String] = [:]
+
+    deinit {
+        for path in recordedWorkingSets.values { unlink(path) }
+    }
 
     /// The touch order of `pattern` over a region of `pageCount` pages.
     func order(_ pattern: AccessPattern) -> [UInt64] {

@@ -28,10 +28,11 @@ struct FaultBenchTests {
     @Test("A corrupted source byte marks every contender that installs it unverified")
     func corruptedSourceByteIsCaught() throws {
         let offset = 5 * systemPageSize + 17
-        let configuration = BenchConfiguration(sizeMiB: 1, repetitions: 1, contenders: baselineContenders,
+        let engine: [Contender] = [.swiftHandler64k, .swiftMove]
+        let configuration = BenchConfiguration(sizeMiB: 1, repetitions: 1, contenders: baselineContenders + engine,
                                                corruption: .sourceByte(offset: offset))
         let report = try Benchmark.run(configuration)
-        for contender in sourceContenders where !contender.isScaleRun {
+        for contender in sourceContenders + engine where !contender.isScaleRun {
             for pattern in AccessPattern.allCases {
                 let result = try #require(report.result(contender, pattern))
                 #expect(!result.verified, "\(contender) \(pattern)")
@@ -180,4 +181,38 @@ struct FaultBenchTests {
 func maxMapCount() -> Int? {
     guard let text = try? String(contentsOfFile: "/proc/sys/vm/max_map_count", encoding: .utf8) else { return nil }
     return Int(text.trimmingCharacters(in: .whitespacesAndNewlines))
+}
+
+extension FaultBenchTests {
+    @Suite("with the engine")
+    struct EngineContenderTests {
+        @Test("Every engine contender either verifies on a quick run or says why it gave no figure")
+        func engineContendersVerifyOrExplain() throws {
+            let engine = Contender.allCases.filter(\.usesEngine)
+            let report = try Benchmark.run(BenchConfiguration(sizeMiB: 2, repetitions: 1, contenders: engine))
+            #expect(report.results.count + report.notMeasured.count == engine.reduce(0) { $0 + $1.patterns.count })
+            for result in report.results {
+                #expect(result.verified, "\(result.name) \(result.pattern): \(result.note ?? "")")
+            }
+            for missing in report.notMeasured {
+                #expect(!missing.reason.isEmpty)
+            }
+            // The engine's COPY configurations exist from its first version on.
+            for contender in [Contender.swiftHandler4k, .swiftHandler64k, .swiftBest] {
+                #expect(report.result(contender, .random) != nil, "\(contender) gave no figure")
+            }
+        }
+
+        @Test("swift-move consumes its own copy of the source, never the shared one")
+        func moveLeavesTheSharedSourceIntact() throws {
+            let report = try Benchmark.run(BenchConfiguration(sizeMiB: 1, repetitions: 2, contenders: [.swiftMove, .cHandler4k]))
+            let move = try #require(report.result(.swiftMove, .sequential))
+            #expect(move.verified, "\(move.note ?? "")")
+            #expect(move.remark?.contains("consumes its source") == true)
+            // c-handler-4k runs after swift-move in each repetition, from the shared source.
+            for pattern in AccessPattern.allCases {
+                #expect(report.result(.cHandler4k, pattern)?.verified == true)
+            }
+        }
+    }
 }
