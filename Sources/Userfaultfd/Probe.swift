@@ -72,14 +72,24 @@ public struct SystemProbe: Sendable {
         // change fault delivery (not SIGBUS, not WP_ASYNC).
         let wanted = features.subtracting([.sigbus, .wpAsync])
         for mode in allModes {
-            do {
-                let uffd = try Userfaultfd(features: wanted)
-                let ioctls = try uffd.handle.register(mapping.range, mode: mode)
-                modes.append((mode, ioctls, nil))
-            } catch {
-                modes.append((mode, nil, error.errno.map { "\($0)" } ?? error.description))
-            }
+            let (ioctls, why) = tryRegister(mapping.range, mode: mode, features: wanted)
+            modes.append((mode, ioctls, why))
         }
         return MemoryTypeProbe(kind: kind, unavailable: nil, modes: modes)
+    }
+
+    /// Registers `range` with `mode` on a new uffd: the ioctls offered, or why not.
+    ///
+    /// Kept out of the loop above: a `do`/`catch` there around a noncopyable
+    /// `Userfaultfd` crashes the Swift 6.3.1 optimizer (release builds).
+    private static func tryRegister(_ range: MemoryRange, mode: Userfaultfd.RegisterMode, features: Userfaultfd.Features) -> (Userfaultfd.Ioctls?, String?) {
+        let uffd: Userfaultfd
+        do { uffd = try Userfaultfd(features: features) } catch { return (nil, describe(error)) }
+        do { return (try uffd.handle.register(range, mode: mode), nil) } catch { return (nil, describe(error)) }
+    }
+
+    private static func describe(_ error: UserfaultfdError) -> String {
+        if let e = error.errno { return "\(e)" }
+        return error.description
     }
 }
