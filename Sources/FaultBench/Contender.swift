@@ -29,7 +29,7 @@ public enum Contender: String, CaseIterable, Sendable, CustomStringConvertible {
     case swiftReplay = "swift-replay"
     /// The engine's default configuration.
     case swiftBest = "swift-best"
-    /// Scale run: random pages of a 1 GiB region, served by the engine's default.
+    /// Scale run: random pages of a 1 GiB region, served by the engine one page per fault.
     case scale1GiB = "scale-1gib"
     /// Scale run: as many random pages of a 1 TiB sparse region, served the same way.
     case scale1TiB = "scale-1tib"

@@ -125,7 +125,7 @@ extension BenchReport {
             for check in checks {
                 let status = !check.comparable ? "not comparable (a figure is unverified)" : check.met ? "met" : "NOT met"
                 let caveat = check.caveat.map { " (\($0))" } ?? ""
-                text += "  \(check.summary) (\(check.pattern)): \(fixed(check.value, 2))× — \(status)\(caveat)\n"
+                text += "  \(check.summary) (\(check.pattern)): \(fixed(check.value, 3))× — \(status)\(caveat)\n"
             }
         }
         return text
