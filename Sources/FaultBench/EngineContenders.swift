@@ -120,6 +120,9 @@ enum EngineContenders {
             return try serveOrThrow(workload, source: source, configuration, features: features, memory: memory,
                                     regionPages: regionPages, order: order)
         } catch {
+            if error.operation.hasPrefix("FaultServer"), case .invalidArgument = error.kind {
+                return .notMeasured("not available: the engine refuses this configuration: \(error)")
+            }
             return .notMeasured("cannot set up the engine: \(error)")
         }
     }

@@ -18,33 +18,33 @@ extension BenchReport {
         var out = "{\n"
         out += "  \"sizeMiB\": \(sizeMiB),\n  \"pageSize\": \(pageSize),\n"
         out += "  \"repetitions\": \(repetitions),\n  \"scaleTouches\": \(scaleTouches),\n"
-        out += "  \"results\": [\n"
-        out += results.map { r in
+        out += "  \"results\": " + array(results.map { r in
             "    {\"name\": \(quoted(r.name)), \"pattern\": \(quoted(r.pattern.rawValue)), "
                 + "\"usPerPage\": \(number(r.usPerPage, 4)), \"pagesPerSecond\": \(number(r.pagesPerSecond, 1)), "
                 + "\"verified\": \(r.verified)}"
-        }.joined(separator: ",\n")
-        out += "\n  ],\n  \"notes\": [\n"
-        out += results.compactMap { r in
+        }) + ",\n"
+        out += "  \"notes\": " + array(results.compactMap { r in
             let text = [r.note, r.remark].compactMap { $0 }.joined(separator: "; ")
             if text.isEmpty { return nil }
             return "    {\"name\": \(quoted(r.name)), \"pattern\": \(quoted(r.pattern.rawValue)), \"note\": \(quoted(text))}"
-        }.joined(separator: ",\n")
-        out += "\n  ],\n  \"notMeasured\": [\n"
-        out += notMeasured.map { m in
+        }) + ",\n"
+        out += "  \"notMeasured\": " + array(notMeasured.map { m in
             "    {\"name\": \(quoted(m.contender.rawValue)), \"pattern\": \(quoted(m.pattern.rawValue)), "
                 + "\"reason\": \(quoted(m.reason))}"
-        }.joined(separator: ",\n")
-        out += "\n  ],\n  \"targets\": [\n"
-        out += targets.map { t in
+        }) + ",\n"
+        out += "  \"targets\": " + array(targets.map { t in
             "    {\"target\": \(quoted(t.summary)), \"pattern\": \(quoted(t.pattern.rawValue)), "
                 + "\"ratio\": \(number(t.value, 4)), \"required\": \(number(t.required, 2)), "
                 + "\"comparable\": \(t.comparable), \"met\": \(t.met)"
                 + (t.caveat.map { ", \"caveat\": \(quoted($0))" } ?? "") + "}"
-        }.joined(separator: ",\n")
-        out += "\n  ]\n}\n"
+        }) + "\n}\n"
         return out
     }
+}
+
+/// A JSON array of already-indented items, one per line (`[]` when empty).
+func array(_ items: [String]) -> String {
+    items.isEmpty ? "[]" : "[\n" + items.joined(separator: ",\n") + "\n  ]"
 }
 
 /// A JSON number rounded to `decimals` decimals; non-finite values become null.

@@ -134,7 +134,7 @@ struct FaultBenchTests {
         #expect(table.contains("1.25×"), "swift-handler-4k is 10/8 = 1.25× its C twin")
         #expect(table.contains("0.25×"), "swift-handler-4k is 2/8 = 0.25× kernel-first-touch")
         #expect(table.contains("not available: no MOVE"))
-        #expect(table.contains("swift-handler-4k ≥ 0.95× c-handler-4k pages/s (random): 1.25× — met"))
+        #expect(table.contains("swift-handler-4k ≥ 0.95× c-handler-4k pages/s (random): 1.250× — met"))
         #expect(report.ratio(.swiftHandler4k, to: .cHandler4k, .random) == 1.25)
         #expect(report.targets.count == 1)
     }
