@@ -23,7 +23,7 @@ public enum Corruption: Sendable, Equatable {
 ///
 /// Page `p` of a region holds pattern page `p % pageCount`; every pattern page
 /// differs from every other, so a page installed at the wrong place is caught.
-final class Workload: @unchecked Sendable {
+final class Workload {
     let pageSize: Int
     /// Pages of the source (and of every non-scale region).
     let pageCount: Int
