@@ -111,7 +111,14 @@ public enum Benchmark {
         for (index, (contender, pattern)) in plan.enumerated() {
             let runs = outcomes[index]
             let samples = runs.compactMap(\.microsecondsPerPage)
-            var notes: [String] = []
+            // The first note of each kind, with how many repetitions had one if not all did.
+            var kinds: [(first: String, count: Int)] = []
+            func note(_ kind: Int, _ text: String?) {
+                guard let text else { return }
+                while kinds.count <= kind { kinds.append(("", 0)) }
+                if kinds[kind].count == 0 { kinds[kind].first = text }
+                kinds[kind].count += 1
+            }
             var verified = true
             var wrongBytes = false
             for outcome in runs {
@@ -119,13 +126,16 @@ public enum Benchmark {
                 case .measured(let run):
                     verified = verified && run.verified
                     wrongBytes = wrongBytes || run.mismatch != nil
-                    for note in [run.failure, run.mismatch].compactMap({ $0 }) where !notes.contains(note) {
-                        notes.append(note)
-                    }
+                    note(0, run.failure)
+                    note(1, run.mismatch)
                 case .notMeasured(let reason):
                     verified = false
-                    if !notes.contains(reason) { notes.append(reason) }
+                    note(2, reason)
                 }
+            }
+            let notes = kinds.filter { $0.count > 0 }.map { kind in
+                kind.count == runs.count ? kind.first
+                    : "\(kind.first) (in \(kind.count) of \(runs.count) repetitions)"
             }
             if samples.isEmpty {
                 notMeasured.append(NotMeasured(contender: contender, pattern: pattern, reason: notes.joined(separator: "; ")))
