@@ -90,6 +90,20 @@ struct FaultBenchTests {
         _ = try MemoryMapping.anonymous(length: 1 << 20)
     }
 
+    @Test("The C reference handler clips its last chunk to a region that is not a whole number of chunks")
+    func cHandlerClipsTheLastChunk() throws {
+        let workload = try Workload(sizeMiB: 1, corruption: nil)
+        // 259 pages: 16 chunks of 16 pages, then 3 pages; region page p holds source page p % 256.
+        let order: [UInt64] = [258] + (0..<258).reversed()
+        let outcome = BaselineContenders.cHandler(workload, chunk: 65536, regionPages: 259, order: order)
+        guard case .measured(let run) = outcome else {
+            Issue.record("the C handler did not run: \(outcome)")
+            return
+        }
+        #expect(run.verified, "\(run.mismatch ?? "") \(run.failure ?? "")")
+        #expect(run.pages == 259)
+    }
+
     @Test("The JSON has the documented shape and the same figures as the report")
     func jsonShape() throws {
         let configuration = BenchConfiguration(sizeMiB: 1, repetitions: 1,
