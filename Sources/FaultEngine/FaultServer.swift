@@ -202,7 +202,9 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
 
     /// A snapshot of the statistics.
     public var statistics: FaultStatistics {
-        counters.snapshot(inThread: signalResolver?.resolvedFaults ?? 0)
+        var s = counters.snapshot(inThread: signalResolver?.resolvedFaults ?? 0)
+        s.poisonedPages += signalResolver?.poisonedPages ?? 0
+        return s
     }
 
     /// Starts the handler threads (and the prefetch thread, if any).
@@ -218,10 +220,15 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
             }
             s.started = true
         }
-        if case .sigbus(let chunk) = configuration.strategy, let backing = source.signalSafeBacking {
-            signalResolver = try SignalResolverRegistration(
-                handle: handle, regions: table.snapshot, backing: backing, chunkPages: chunk,
-                pageSize: pageSize, recorder: recorder)
+        if case .sigbus(let chunk) = configuration.strategy {
+            do {
+                signalResolver = try SignalResolverRegistration(
+                    handle: handle, regions: table.snapshot, backing: source.signalSafeBacking, chunkPages: chunk,
+                    pageSize: pageSize, recorder: recorder)
+            } catch {
+                state.withLock { $0.started = false }
+                throw error
+            }
         }
         let threadCount = configuration.handlerThreads
         let needsPrefetcher = configuration.backgroundPopulate || !replayOffsets.isEmpty

@@ -1,3 +1,4 @@
+import SystemPackage
 import Userfaultfd
 import _CFaultEngine
 
@@ -118,7 +119,15 @@ final class HandlerLoop<Source: PageSource> {
         loop: while !gone {
             let waited: Userfaultfd.Handle.WaitResult
             do {
-                waited = try handle.wait(stop: server.stopSignal)
+                if let requests = server.signalResolver?.requestPipe {
+                    waited = try waitForMessagesOrRequests(requests.read)
+                    if waited == .timedOut {
+                        serveSignalRequests(requests.read)
+                        continue loop
+                    }
+                } else {
+                    waited = try handle.wait(stop: server.stopSignal)
+                }
             } catch {
                 record(failure: error, at: 0)
                 break loop
@@ -158,6 +167,48 @@ final class HandlerLoop<Source: PageSource> {
             // Let the other handler threads finish too, then tell the owner.
             server.stopSignal.raise()
             report(.processExited)
+        }
+    }
+
+    /// Polls the uffd, the stop signal and the SIGBUS request pipe. A readable pipe
+    /// is reported as `.timedOut` (the caller then serves the requests).
+    func waitForMessagesOrRequests(_ requests: Int32) throws(UserfaultfdError) -> Userfaultfd.Handle.WaitResult {
+        var fds = (
+            pollfd(fd: handle.fileDescriptor.rawValue, events: Int16(POLLIN), revents: 0),
+            pollfd(fd: server.stopSignal.fileDescriptor.rawValue, events: Int16(POLLIN), revents: 0),
+            pollfd(fd: requests, events: Int16(POLLIN), revents: 0)
+        )
+        while true {
+            let n = withUnsafeMutableBytes(of: &fds) { raw in
+                Glibc.poll(raw.baseAddress!.assumingMemoryBound(to: pollfd.self), 3, -1)
+            }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw UserfaultfdError(operation: "poll", errno: Errno(rawValue: errno))
+            }
+            if fds.1.revents != 0 { return .stopped }
+            if fds.0.revents & Int16(POLLIN) != 0 { return .ready }
+            if fds.2.revents != 0 { return .timedOut }
+            if fds.0.revents != 0 { return .hangUp }
+        }
+    }
+
+    /// Serves the addresses faulting threads wrote to the SIGBUS request pipe, then
+    /// wakes them (they wait on the resolver's generation word).
+    func serveSignalRequests(_ requests: Int32) {
+        guard let resolver = server.signalResolver else { return }
+        var addresses: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0, 0, 0, 0, 0)
+        while true {
+            let n = withUnsafeMutableBytes(of: &addresses) { Glibc.read(requests, $0.baseAddress, $0.count) }
+            if n <= 0 { break }
+            let readAt = cfe_now_ns()
+            withUnsafeBytes(of: &addresses) { raw in
+                for k in 0..<(n / 8) {
+                    let address = raw.load(fromByteOffset: k * 8, as: UInt64.self)
+                    serve(Userfaultfd.PageFault(address: address, flags: []), readAt: readAt)
+                }
+            }
+            cfe_generation_bump(resolver.generation)
         }
     }
 
@@ -482,6 +533,8 @@ final class HandlerLoop<Source: PageSource> {
             switch try handle.poison(MemoryRange(start: address, length: ps)) {
             case .completed, .partial:
                 StatisticsCounters.add(counters.poisoned, 1)
+                entry.markPoisoned(faultPage)
+                entry.markResident(faultPage, count: 1)
             case .alreadyPresent:
                 try? handle.wake(MemoryRange(start: address, length: ps))
             case .retryAfterEvents:
