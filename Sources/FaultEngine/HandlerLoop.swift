@@ -317,12 +317,16 @@ final class HandlerLoop<Source: PageSource> {
             var end: UInt64
             if adaptiveMax > 0 {
                 if address == lastEnd {
+                    // Sequential: read further ahead, forward from the fault.
                     window = min(window &* 2, adaptiveMax)
+                    start = page
+                    end = min(page &+ window, pages)
                 } else {
+                    // Elsewhere: back to the aligned chunk around the fault.
                     window = chunkPages
+                    start = page / chunkPages &* chunkPages
+                    end = min(start &+ chunkPages, pages)
                 }
-                start = page
-                end = min(page &+ window, pages)
                 lastEnd = entry.range.start &+ end &* ps
             } else {
                 start = page / chunkPages &* chunkPages
@@ -395,6 +399,12 @@ final class HandlerLoop<Source: PageSource> {
             let pages = source.movablePages(at: sourceOffset, length: bytes)
         {
             return moveFromSource(entry, from: i, to: j, faultPage: faultPage, pages: pages)
+        }
+        if kind == .copy && zeroed == 0, let bytesInPlace = source.contiguousBytes(at: sourceOffset, length: bytes) {
+            // The bytes are in memory already: COPY reads them in place.
+            return install(entry, from: i, to: j, faultPage: faultPage, zero: false) { (off: Int) throws(UserfaultfdError) in
+                try handle.copy(to: destination &+ UInt64(off), from: bytesInPlace + off, length: bytes - off)
+            }
         }
         do {
             try fill(staging, entry: entry, from: i, to: j, zeroed: zeroed)

@@ -27,7 +27,13 @@ extension FaultEngineTests {
                 ("swift-sigbus", .sigbus, [.sigbus]),
                 ("swift-adaptive", .adaptive, []),
                 ("swift-move-staging", .move, []),
+                ("copy-256k", .init(strategy: .copy(chunkPages: 64)), []),
+                ("sigbus-256k", .init(strategy: .sigbus(chunkPages: 64)), [.sigbus]),
+                ("adaptive-1m-4m", .init(strategy: .copy(chunkPages: 256), prefetch: .adaptive(maxPages: 1024)), []),
             ]
+            if let only = getenv("FAULT_ENGINE_MEASURE_ONLY").map({ String(cString: $0) }) {
+                configurations = configurations.filter { $0.0 == only }
+            }
             if let cpu = cpus {
                 for k in configurations.indices { configurations[k].1.handlerCPUs = [cpu] }
                 _ = cfe_pin_current_thread(Int32(cpu))

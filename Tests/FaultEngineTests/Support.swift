@@ -55,11 +55,15 @@ func firstMismatch(_ base: UnsafeRawPointer, count: Int, sourceOffset: Int = 0) 
     return nil
 }
 
+/// Where `touch` leaves its sum, so optimised builds cannot drop the reads.
+nonisolated(unsafe) var touchSink: UInt8 = 0
+
 /// Reads one byte of every page, in the order given, from registered memory.
+@inline(never)
 func touch(_ base: UnsafeMutableRawPointer, pages order: [Int]) {
     var sum: UInt8 = 0
     for p in order { sum &+= (base + p * page).load(as: UInt8.self) }
-    withExtendedLifetime(sum) {}
+    touchSink &+= sum
 }
 
 /// A deterministic permutation of `0..<count`.
