@@ -113,5 +113,9 @@ let package = Package(
             name: "FaultManagerTests",
             dependencies: ["FaultManager", "Userfaultfd"]
         ),
+        .testTarget(
+            name: "FaultBenchTests",
+            dependencies: ["FaultBench", "Userfaultfd"]
+        ),
     ]
 )

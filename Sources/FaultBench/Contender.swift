@@ -1,0 +1,130 @@
+/// One way of getting bytes into memory on first touch, measured by the bench.
+///
+/// The raw value is the name the results carry (`"c-handler-4k"`); the list and
+/// the names are fixed so runs can be compared with each other.
+public enum Contender: String, CaseIterable, Sendable, CustomStringConvertible {
+    /// Copy the same bytes into already-populated memory: the physical limit.
+    case memcpy = "memcpy"
+    /// Write-touch fresh anonymous memory: the kernel's own zero-fill fault.
+    case kernelFirstTouch = "kernel-first-touch"
+    /// PROT_NONE region; a SIGSEGV handler mprotects the page and copies it in (C).
+    case sigsegvMprotect = "sigsegv-mprotect"
+    /// The C reference handler thread, one UFFDIO_COPY of 4 KiB per fault.
+    case cHandler4k = "c-handler-4k"
+    /// The C reference handler thread, one UFFDIO_COPY of 64 KiB per fault.
+    case cHandler64k = "c-handler-64k"
+    /// The engine configured like ``cHandler4k``.
+    case swiftHandler4k = "swift-handler-4k"
+    /// The engine configured like ``cHandler64k``.
+    case swiftHandler64k = "swift-handler-64k"
+    /// The engine resolving in the faulting thread (FEATURE_SIGBUS).
+    case swiftSigbus = "swift-sigbus"
+    /// The engine installing chunks with UFFDIO_MOVE.
+    case swiftMove = "swift-move"
+    /// The engine on shmem, MINOR faults resolved with UFFDIO_CONTINUE.
+    case swiftMinor = "swift-minor"
+    /// The engine with adaptive read-ahead.
+    case swiftAdaptive = "swift-adaptive"
+    /// The engine replaying a recorded working set.
+    case swiftReplay = "swift-replay"
+    /// The engine's default configuration.
+    case swiftBest = "swift-best"
+    /// Scale run: random pages of a 1 GiB region, served by the engine one page per fault.
+    case scale1GiB = "scale-1gib"
+    /// Scale run: as many random pages of a 1 TiB sparse region, served the same way.
+    case scale1TiB = "scale-1tib"
+    /// Scale run: the SIGSEGV scheme on the pages of ``scale1GiB``.
+    case scaleSigsegv1GiB = "scale-1gib-sigsegv"
+    /// Scale run: the SIGSEGV scheme on the pages of ``scale1TiB``.
+    case scaleSigsegv1TiB = "scale-1tib-sigsegv"
+
+    public var description: String { rawValue }
+
+    /// The access patterns this contender is measured with.
+    public var patterns: [AccessPattern] {
+        isScaleRun ? [.random] : [.sequential, .random]
+    }
+
+    /// Whether this is one of the scale runs (1 GiB against 1 TiB regions).
+    public var isScaleRun: Bool {
+        switch self {
+        case .scale1GiB, .scale1TiB, .scaleSigsegv1GiB, .scaleSigsegv1TiB: return true
+        default: return false
+        }
+    }
+
+    /// Whether the engine (module `FaultEngine`) serves this contender.
+    public var usesEngine: Bool {
+        switch self {
+        case .swiftHandler4k, .swiftHandler64k, .swiftSigbus, .swiftMove, .swiftMinor,
+             .swiftAdaptive, .swiftReplay, .swiftBest, .scale1GiB, .scale1TiB:
+            return true
+        default:
+            return false
+        }
+    }
+
+    /// The C reference of the same design, for the engine contenders that have one.
+    public var cTwin: Contender? {
+        switch self {
+        case .swiftHandler4k: return .cHandler4k
+        case .swiftHandler64k: return .cHandler64k
+        default: return nil
+        }
+    }
+
+    /// Parses a comma-separated list of contender names (as `--only` takes them).
+    ///
+    /// - Throws: ``BenchError`` naming the unknown names and listing the known ones.
+    public static func parseList(_ text: String) throws(BenchError) -> [Contender] {
+        var chosen: [Contender] = []
+        var unknown: [String] = []
+        for part in text.split(separator: ",") {
+            let name = part.trimmingSpaces()
+            if name.isEmpty { continue }
+            if let contender = Contender(rawValue: name) {
+                if !chosen.contains(contender) { chosen.append(contender) }
+            } else {
+                unknown.append(name)
+            }
+        }
+        if !unknown.isEmpty {
+            throw BenchError("unknown contender name(s) \(unknown.joined(separator: ", ")); known names: "
+                + Contender.allCases.map(\.rawValue).joined(separator: ", "))
+        }
+        if chosen.isEmpty {
+            throw BenchError("no contender named in '\(text)'; known names: "
+                + Contender.allCases.map(\.rawValue).joined(separator: ", "))
+        }
+        return chosen
+    }
+}
+
+/// The order in which a contender touches the pages of its region.
+public enum AccessPattern: String, CaseIterable, Sendable, CustomStringConvertible {
+    /// Page 0, 1, 2, … in address order.
+    case sequential
+    /// A fixed-seed permutation of the pages: the same order in every run.
+    case random
+
+    public var description: String { rawValue }
+}
+
+/// Bad bench input or a bench that could not be set up, with a message naming what was wrong.
+public struct BenchError: Error, Sendable, CustomStringConvertible, Equatable {
+    /// What was wrong.
+    public var message: String
+
+    public init(_ message: String) { self.message = message }
+
+    public var description: String { message }
+}
+
+extension Substring {
+    func trimmingSpaces() -> String {
+        var s = self
+        while let c = s.first, c == " " || c == "\t" { s.removeFirst() }
+        while let c = s.last, c == " " || c == "\t" { s.removeLast() }
+        return String(s)
+    }
+}
