@@ -49,3 +49,32 @@ public struct MigrationError: Error, Equatable, Sendable, CustomStringConvertibl
         }
     }
 }
+
+extension MigrationError {
+    /// An ERROR frame's payload: a kind code, then the text.
+    var wirePayload: [UInt8] {
+        let code: UInt8
+        switch kind {
+        case .badToken: code = 1
+        case .unsupportedVersion: code = 2
+        case .malformedFrame: code = 3
+        case .outOfRange: code = 4
+        case .badRegions: code = 5
+        default: code = 0
+        }
+        return [code] + Array(description.utf8.prefix(1024))
+    }
+
+    /// The error a peer reported in an ERROR frame, as seen from this side.
+    static func fromWire(_ payload: [UInt8]) -> MigrationError {
+        let text = String(decoding: payload.dropFirst(), as: UTF8.self)
+        switch payload.first {
+        case 1: return MigrationError(.badToken)
+        case 2: return MigrationError(.peer(text))
+        case 3: return MigrationError(.peer(text))
+        case 4: return MigrationError(.peer(text))
+        case 5: return MigrationError(.badRegions(text))
+        default: return MigrationError(.peer(text))
+        }
+    }
+}

@@ -160,14 +160,14 @@ final class Connection: @unchecked Sendable {
         if length > 0 { try receive(into: raw, length) }
         let payload = [UInt8](UnsafeRawBufferPointer(start: raw, count: length))
         if header.type == .error {
-            throw MigrationError(.peer(String(decoding: payload, as: UTF8.self)))
+            throw MigrationError.fromWire(payload)
         }
         return (header, payload)
     }
 
     /// Tells the peer why this side gives up (best effort).
     func sendError(_ error: MigrationError) {
-        try? send(.error, payload: Array(error.description.utf8.prefix(1024)))
+        try? send(.error, payload: error.wirePayload)
     }
 
     /// Ends both directions: a thread blocked in `recv` on it returns.

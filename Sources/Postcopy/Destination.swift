@@ -1,0 +1,561 @@
+import Histogram
+import Synchronization
+import Userfaultfd
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// The receiving side of a migration: maps the regions the source describes, lets a
+/// workload run on them, and pulls every page it touches before it arrives.
+///
+/// Three dedicated threads do the work: a fault thread reads the userfaultfd and sends
+/// one request per missing page (deduplicated) on the urgent channel; one receive thread
+/// per channel validates arriving frames and installs pages with `UFFDIO_COPY` or
+/// `UFFDIO_ZEROPAGE`. A page that arrives after it was installed is dropped.
+///
+/// ```swift
+/// let listener = try MigrationListener(.tcp(host: "127.0.0.1", port: 7070))
+/// let destination = try MigrationDestination.accept(on: listener, options: .init(token: token))
+/// let stats = try destination.run { startWorkload(on: destination.regions) }
+/// ```
+public final class MigrationDestination: @unchecked Sendable {
+    /// Limits and timeouts of a destination.
+    public struct Options: Sendable {
+        /// The pre-shared token the source must present.
+        public var token: [UInt8]
+        /// The most bytes the source may describe.
+        public var maxBytes: Int = 64 << 30
+        /// How long to wait for the source's two connections and handshakes.
+        public var handshakeTimeoutMilliseconds: Int32 = 10_000
+        /// How long to wait for the source to reconnect after a connection drops during
+        /// postcopy. Past it, pages that can never arrive are poisoned and the migration fails.
+        public var recoveryTimeoutMilliseconds: Int32 = 5_000
+
+        public init(token: [UInt8]) { self.token = token }
+    }
+
+    /// The regions, mapped in this process, in the order the source described them.
+    /// They stay mapped as long as this object lives.
+    public let regions: [MemoryRange]
+    let table: RegionTable
+    let options: Options
+    let listener: MigrationListener
+    let migrationID: UInt64
+    private let memory: [RegionMemory]
+    private let uffd: Userfaultfd
+    private var handle: Userfaultfd.Handle { uffd.handle }
+
+    private var stream: Connection
+    private var urgent: Connection
+    private var retired: [Connection] = []
+    private let urgentFD: Atomic<Int32>
+
+    let received: PageBitmap
+    private let requested: PageBitmap
+    private let zeroKnown: PageBitmap
+    private let requestTime: UnsafeMutablePointer<UInt64>
+
+    private let receivedCount = Atomic<Int>(0)
+    private let faults = Atomic<Int>(0)
+    private let localZero = Atomic<Int>(0)
+    private let duplicates = Atomic<Int>(0)
+    private let registered = Atomic<Bool>(false)
+    private let completeSeen = Atomic<Bool>(false)
+    private let disconnected = Atomic<Bool>(false)
+    private let failure = Mutex<MigrationError?>(nil)
+    private let latency = Mutex<(Histogram<UInt64>, UInt64)>(
+        (Histogram<UInt64>(highestTrackableValue: 600_000_000_000, numberOfSignificantValueDigits: .three), 0))
+    private let stopFaults: StopSignal
+    private var faultThread: DedicatedThread?
+    private var receivers: [DedicatedThread] = []
+    private var onResume: (@Sendable () -> Void)?
+    private var reconnects = 0
+
+    /// Pages installed so far (or known to be zero).
+    public var receivedPages: Int { receivedCount.load(ordering: .relaxed) }
+    /// Pages in all regions.
+    public var totalPages: Int { table.totalPages }
+
+    /// Accepts a source's two connections on `listener`, checks its handshake, and maps
+    /// the regions it describes.
+    ///
+    /// - Throws: ``MigrationError`` with kind `badToken`, `unsupportedVersion`,
+    ///   `malformedFrame` or `badRegions` (the source is told why), or `connectionLost`
+    ///   when no source arrives in time.
+    public static func accept(on listener: MigrationListener, options: Options) throws(MigrationError) -> MigrationDestination {
+        guard let (hello, stream, urgent) = try acceptPair(listener, options: options, milliseconds: options.handshakeTimeoutMilliseconds) else {
+            throw MigrationError(.connectionLost("no source connected to \(listener.endpoint) within \(options.handshakeTimeoutMilliseconds) ms"))
+        }
+        do throws(MigrationError) {
+            if hello.resume { throw MigrationError(.malformedFrame("a resume handshake for a migration this destination does not know")) }
+            if hello.pageSize != systemPageSize {
+                throw MigrationError(.badRegions("page size \(hello.pageSize) differs from this machine's \(systemPageSize)"))
+            }
+            var total: UInt64 = 0
+            for (i, length) in hello.regionLengths.enumerated() {
+                if length == 0 || length % UInt64(systemPageSize) != 0 {
+                    throw MigrationError(.badRegions("region \(i) is \(length) bytes, not a positive multiple of \(systemPageSize)"))
+                }
+                total &+= length
+                if total > UInt64(options.maxBytes) || total < length {
+                    throw MigrationError(.badRegions("the regions exceed the \(options.maxBytes)-byte limit"))
+                }
+            }
+            let d = try MigrationDestination(hello: hello, stream: stream, urgent: urgent, listener: listener, options: options)
+            try stream.send(.welcome)
+            try urgent.send(.welcome)
+            return d
+        } catch {
+            stream.sendError(error)
+            throw error
+        }
+    }
+
+    private init(hello: Wire.Hello, stream: Connection, urgent: Connection, listener: MigrationListener, options: Options) throws(MigrationError) {
+        var maps: [RegionMemory] = []
+        for length in hello.regionLengths { maps.append(try RegionMemory(length: Int(length))) }
+        memory = maps
+        regions = maps.map { MemoryRange(start: $0.start, length: UInt64($0.length)) }
+        table = RegionTable(starts: regions.map(\.start), lengths: hello.regionLengths, pageSize: hello.pageSize)
+        do {
+            uffd = try Userfaultfd(features: [.poison])
+        } catch {
+            throw MigrationError(error)
+        }
+        stopFaults = try Self.stopSignal()
+        self.stream = stream
+        self.urgent = urgent
+        urgentFD = Atomic(urgent.fd)
+        self.listener = listener
+        self.options = options
+        migrationID = hello.migrationID
+        received = PageBitmap(count: table.totalPages)
+        requested = PageBitmap(count: table.totalPages)
+        zeroKnown = PageBitmap(count: table.totalPages)
+        requestTime = .allocate(capacity: max(1, table.totalPages))
+    }
+
+    private static func stopSignal() throws(MigrationError) -> StopSignal {
+        do { return try StopSignal() } catch { throw MigrationError(error) }
+    }
+
+    deinit {
+        stopFaults.raise()
+        faultThread?.join()
+        requestTime.deallocate()
+    }
+
+    // MARK: Running
+
+    /// Receives the migration until every page is installed.
+    ///
+    /// - Parameter onResume: called once the switchover is done and the workload may run
+    ///   on ``regions`` (faults on missing pages are served from then on). It runs on a
+    ///   receive thread and should only start the workload, not run it.
+    /// - Returns: the destination's view of the statistics.
+    /// - Throws: ``MigrationError``. If a connection dropped during postcopy and the source
+    ///   did not return within the recovery timeout, the error is `recoveryTimedOut` and
+    ///   every page that can never arrive is poisoned (touching it raises SIGBUS), so no
+    ///   faulting thread waits forever. Protocol errors poison the same way.
+    public func run(onResume: @escaping @Sendable () -> Void) throws(MigrationError) -> MigrationStatistics {
+        self.onResume = onResume
+        let start = monotonicNanoseconds()
+        startReceivers()
+        var completeSince: UInt64 = 0
+        while true {
+            usleep(500)
+            if let error = failure.withLock({ $0 }) { throw fail(error) }
+            if completeSeen.load(ordering: .acquiring) {
+                if receivedCount.load(ordering: .acquiring) == table.totalPages {
+                    return finish(start: start)
+                }
+                if completeSince == 0 { completeSince = monotonicNanoseconds() }
+                if monotonicNanoseconds() - completeSince > UInt64(options.recoveryTimeoutMilliseconds) * 1_000_000 {
+                    throw fail(MigrationError(.malformedFrame(
+                        "the source declared the migration complete with \(table.totalPages - receivedPages) pages never sent")))
+                }
+            }
+            if disconnected.load(ordering: .acquiring) {
+                stopReceivers()
+                if !registered.load(ordering: .acquiring) {
+                    throw fail(MigrationError(.connectionLost("the source went away before the switchover")))
+                }
+                if let error = recover() { throw error }
+                disconnected.store(false, ordering: .releasing)
+                startReceivers()
+            }
+        }
+    }
+
+    private func startReceivers() {
+        let s = stream, u = urgent
+        receivers = [
+            DedicatedThread(name: "pc-recv-stream") { [self] in receiveLoop(s, channel: .stream) },
+            DedicatedThread(name: "pc-recv-urgent") { [self] in receiveLoop(u, channel: .urgent) },
+        ]
+    }
+
+    private func stopReceivers() {
+        stream.shutdown()
+        urgent.shutdown()
+        for t in receivers { t.join() }
+        receivers = []
+    }
+
+    private func finish(start: UInt64) -> MigrationStatistics {
+        let report = makeReport()
+        try? stream.send(.done, payload: report.encode())
+        stopFaults.raise()
+        faultThread?.join()
+        faultThread = nil
+        if registered.load(ordering: .acquiring) {
+            for r in regions { try? handle.unregister(r) }
+        }
+        // The source closes both connections once it has the report.
+        _ = stream.waitReadable(milliseconds: 2_000)
+        stopReceivers()
+        var stats = MigrationStatistics()
+        stats.regionBytes = table.totalPages * table.pageSize
+        stats.totalSeconds = Double(monotonicNanoseconds() - start) / 1e9
+        stats.reconnects = reconnects
+        report.apply(to: &stats)
+        return stats
+    }
+
+    private func makeReport() -> DestinationReport {
+        latency.withLock { state in
+            DestinationReport(
+                faults: UInt64(faults.load(ordering: .relaxed)),
+                localZeroFaults: UInt64(localZero.load(ordering: .relaxed)),
+                p50: state.0.valueAtPercentile(50), p90: state.0.valueAtPercentile(90),
+                p99: state.0.valueAtPercentile(99), max: state.0.max,
+                blocktimeNanoseconds: state.1,
+                duplicates: UInt64(duplicates.load(ordering: .relaxed)),
+                latencyCount: state.0.totalCount)
+        }
+    }
+
+    /// Gives up: tells the source, stops receiving, poisons what can never arrive.
+    private func fail(_ error: MigrationError) -> MigrationError {
+        stream.sendError(error)
+        stopReceivers()
+        let poisoned = poisonMissing()
+        stopFaults.raise()
+        faultThread?.join()
+        faultThread = nil
+        if case .recoveryTimedOut = error.kind { return MigrationError(.recoveryTimedOut(poisonedPages: poisoned)) }
+        return error
+    }
+
+    /// Poisons every page not received (zero-filling those known to be zero); returns how many were poisoned.
+    private func poisonMissing() -> Int {
+        guard registered.load(ordering: .acquiring) else { return 0 }
+        var poisoned = 0
+        for run in table.runs(where: { !received.test($0) }) {
+            let base = table.regions[Int(run.region)].start
+            let g0 = table.regions[Int(run.region)].firstGlobal + Int(run.first)
+            var i = 0
+            while i < Int(run.count) {
+                let zero = zeroKnown.test(g0 + i)
+                var j = i + 1
+                while j < Int(run.count) && zeroKnown.test(g0 + j) == zero { j += 1 }
+                let range = MemoryRange(start: base + (run.first + UInt64(i)) * UInt64(table.pageSize), length: UInt64((j - i) * table.pageSize))
+                if zero {
+                    _ = try? handle.zeropage(range)
+                } else {
+                    _ = try? handle.poison(range)
+                    poisoned += j - i
+                }
+                for k in i..<j { received.testAndSet(g0 + k) }
+                i = j
+            }
+        }
+        return poisoned
+    }
+
+    /// Waits for the source to come back; nil once it has, the error otherwise.
+    private func recover() -> MigrationError? {
+        let deadline = monotonicNanoseconds() + UInt64(options.recoveryTimeoutMilliseconds) * 1_000_000
+        while true {
+            let now = monotonicNanoseconds()
+            if now >= deadline { break }
+            let remaining = Int32(min(UInt64(Int32.max), (deadline - now) / 1_000_000 + 1))
+            let pair: (Wire.Hello, Connection, Connection)?
+            do { pair = try Self.acceptPair(listener, options: options, milliseconds: remaining) } catch { continue }
+            guard let (hello, s, u) = pair else { break }
+            let lengths = table.regions.map { UInt64($0.pages * table.pageSize) }
+            if !hello.resume || hello.migrationID != migrationID || hello.regionLengths != lengths {
+                s.sendError(MigrationError(.badRegions("not a resume of migration \(migrationID) with the same regions")))
+                continue
+            }
+            var bitmap: [UInt8] = []
+            for r in table.regions { bitmap += received.bytes(from: r.firstGlobal, count: r.pages) }
+            do {
+                try s.send(.welcome, payload: bitmap)
+                try u.send(.welcome)
+            } catch { continue }
+            retired += [stream, urgent]
+            stream = s
+            urgent = u
+            urgentFD.store(u.fd, ordering: .releasing)
+            // Ask again for every page a thread still waits on.
+            let frame = UnsafeMutableRawPointer.allocate(byteCount: Wire.headerSize, alignment: 8)
+            defer { frame.deallocate() }
+            var g = 0
+            while let next = requested.nextSet(from: g) {
+                if !received.test(next) { sendRequest(next, frame: frame, fd: u.fd) }
+                g = next + 1
+            }
+            reconnects += 1
+            return nil
+        }
+        return fail(MigrationError(.recoveryTimedOut(poisonedPages: 0)))
+    }
+
+    /// Accepts connections until one stream and one urgent channel of the same migration
+    /// have shaken hands. Nil on timeout.
+    static func acceptPair(_ listener: MigrationListener, options: Options, milliseconds: Int32) throws(MigrationError) -> (Wire.Hello, Connection, Connection)? {
+        let deadline = monotonicNanoseconds() + UInt64(milliseconds) * 1_000_000
+        var slots: [Wire.Channel: (Wire.Hello, Connection)] = [:]
+        while true {
+            let now = monotonicNanoseconds()
+            if now >= deadline { return nil }
+            let remaining = Int32(min(UInt64(Int32.max), (deadline - now) / 1_000_000 + 1))
+            guard let connection = try listener.accept(milliseconds: remaining) else { return nil }
+            let hello: Wire.Hello
+            do throws(MigrationError) {
+                guard connection.waitReadable(milliseconds: remaining) else {
+                    throw MigrationError(.connectionLost("the peer sent no handshake in time"))
+                }
+                let (header, payload) = try connection.receiveControl(pageSize: systemPageSize)
+                if header.type != .hello { throw MigrationError(.malformedFrame("expected a hello frame, got \(header.type)")) }
+                hello = try Wire.Hello.decode(payload)
+                if !Wire.tokensMatch(hello.token, options.token) { throw MigrationError(.badToken) }
+            } catch {
+                connection.sendError(error)
+                throw error
+            }
+            if let other = slots.first(where: { $0.key != hello.channel }), other.value.0.migrationID != hello.migrationID {
+                slots = [:]
+            }
+            slots[hello.channel] = (hello, connection)
+            if let s = slots[.stream], let u = slots[.urgent] {
+                if s.0.regionLengths != u.0.regionLengths || s.0.pageSize != u.0.pageSize {
+                    let error = MigrationError(.badRegions("the two channels describe different regions"))
+                    s.1.sendError(error)
+                    throw error
+                }
+                return (s.0, s.1, u.1)
+            }
+        }
+    }
+
+    // MARK: Receive threads
+
+    private func receiveLoop(_ connection: Connection, channel: Wire.Channel) {
+        let pageSize = table.pageSize
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: Wire.maxRunPages * pageSize, alignment: pageSize)
+        let scratch = UnsafeMutableRawPointer.allocate(byteCount: Wire.headerSize, alignment: 8)
+        var histogram = Histogram<UInt64>(highestTrackableValue: 600_000_000_000, numberOfSignificantValueDigits: .three)
+        var blocktime: UInt64 = 0
+        defer {
+            buffer.deallocate()
+            scratch.deallocate()
+            latency.withLock { state in
+                state.0.add(histogram)
+                state.1 += blocktime
+            }
+        }
+        do throws(MigrationError) {
+            while true {
+                let header = try connection.receiveHeader(scratch: scratch, pageSize: pageSize)
+                switch header.type {
+                case .pages:
+                    let g = try table.check(region: header.region, first: header.first, count: UInt64(header.count))
+                    try connection.receive(into: buffer, Int(header.payloadLength))
+                    try install(g, count: Int(header.count), region: Int(header.region), first: header.first,
+                                data: buffer, channel: channel, histogram: &histogram, blocktime: &blocktime)
+                case .zeros:
+                    let g = try table.check(region: header.region, first: header.first, count: UInt64(header.count))
+                    try install(g, count: Int(header.count), region: Int(header.region), first: header.first,
+                                data: nil, channel: channel, histogram: &histogram, blocktime: &blocktime)
+                case .switchover where channel == .stream:
+                    let payload = UnsafeMutableRawPointer.allocate(byteCount: max(1, Int(header.payloadLength)), alignment: 8)
+                    defer { payload.deallocate() }
+                    try connection.receive(into: payload, Int(header.payloadLength))
+                    let runs = try Wire.decodeRuns([UInt8](UnsafeRawBufferPointer(start: payload, count: Int(header.payloadLength))))
+                    try switchover(invalidating: runs, final: header.count == 1, connection: connection)
+                case .complete where channel == .stream:
+                    completeSeen.store(true, ordering: .releasing)
+                    return
+                case .error:
+                    let payload = UnsafeMutableRawPointer.allocate(byteCount: max(1, Int(header.payloadLength)), alignment: 8)
+                    defer { payload.deallocate() }
+                    try connection.receive(into: payload, Int(header.payloadLength))
+                    throw MigrationError.fromWire([UInt8](UnsafeRawBufferPointer(start: payload, count: Int(header.payloadLength))))
+                default:
+                    throw MigrationError(.malformedFrame("unexpected \(header.type) frame on the \(channel) channel"))
+                }
+            }
+        } catch {
+            if case .connectionLost = error.kind {
+                disconnected.store(true, ordering: .releasing)
+            } else {
+                failure.withLock { if $0 == nil { $0 = error } }
+            }
+        }
+    }
+
+    /// Installs a run of pages (`data` nil: zero pages), skipping pages already there.
+    private func install(
+        _ g0: Int, count: Int, region: Int, first: UInt64, data: UnsafeRawPointer?, channel: Wire.Channel,
+        histogram: inout Histogram<UInt64>, blocktime: inout UInt64
+    ) throws(MigrationError) {
+        let pageSize = table.pageSize
+        let base = table.regions[region].start + first * UInt64(pageSize)
+        guard registered.load(ordering: .acquiring) else {
+            // Precopy: the workload is not running here and the range is not registered yet.
+            if channel != .stream { throw MigrationError(.malformedFrame("a page on the urgent channel before the switchover")) }
+            for i in 0..<count {
+                let target = UnsafeMutableRawPointer(bitPattern: UInt(base) + UInt(i * pageSize))!
+                let wasReceived = received.testAndSet(g0 + i)
+                if !wasReceived { receivedCount.add(1, ordering: .relaxed) }
+                if let data {
+                    target.copyMemory(from: data + i * pageSize, byteCount: pageSize)
+                    zeroKnown.testAndClear(g0 + i)
+                } else {
+                    if wasReceived && !zeroKnown.test(g0 + i) { memset(target, 0, pageSize) }
+                    zeroKnown.testAndSet(g0 + i)
+                }
+            }
+            return
+        }
+        var i = 0
+        while i < count {
+            if received.testAndSet(g0 + i) {
+                duplicates.add(1, ordering: .relaxed)
+                i += 1
+                continue
+            }
+            var j = i + 1
+            while j < count && !received.testAndSet(g0 + j) { j += 1 }
+            let destination = base + UInt64(i * pageSize)
+            let length = (j - i) * pageSize
+            var done = 0
+            while done < length {
+                let outcome: Userfaultfd.Outcome
+                do {
+                    if let data {
+                        outcome = try handle.copy(to: destination + UInt64(done), from: data + i * pageSize + done, length: length - done)
+                    } else {
+                        outcome = try handle.zeropage(MemoryRange(start: destination + UInt64(done), length: UInt64(length - done)))
+                    }
+                } catch {
+                    throw MigrationError(error)
+                }
+                switch outcome {
+                case .completed: done = length
+                case .partial(let n): done += n
+                case .alreadyPresent:
+                    duplicates.add(1, ordering: .relaxed)
+                    done += pageSize
+                case .retryAfterEvents: continue
+                }
+            }
+            receivedCount.add(j - i, ordering: .releasing)
+            let now = monotonicNanoseconds()
+            for g in (g0 + i)..<(g0 + j) where requested.test(g) {
+                let waited = now &- requestTime[g]
+                _ = histogram.record(waited)
+                blocktime &+= waited
+            }
+            if j < count { duplicates.add(1, ordering: .relaxed) }
+            i = j + 1
+        }
+    }
+
+    /// Switches to postcopy (or, for stop-and-copy, just resumes): forgets pages the
+    /// source dirtied after sending them, registers the regions, starts the fault thread,
+    /// lets the workload go and tells the source.
+    private func switchover(invalidating runs: [Wire.PageRun], final: Bool, connection: Connection) throws(MigrationError) {
+        for run in runs {
+            let g0 = try table.check(region: run.region, first: run.first, count: run.count)
+            for g in g0..<(g0 + Int(run.count)) {
+                if received.testAndClear(g) { receivedCount.subtract(1, ordering: .relaxed) }
+                zeroKnown.testAndClear(g)
+            }
+            let start = table.regions[Int(run.region)].start + run.first * UInt64(table.pageSize)
+            _ = madvise(UnsafeMutableRawPointer(bitPattern: UInt(start)), Int(run.count) * table.pageSize, MADV_DONTNEED)
+        }
+        if !final && !registered.load(ordering: .acquiring) {
+            do {
+                for r in regions { try handle.register(r, mode: .missing, requiring: [.copy, .zeropage]) }
+            } catch {
+                throw MigrationError(error)
+            }
+            faultThread = DedicatedThread(name: "pc-faults") { [self] in faultLoop() }
+            registered.store(true, ordering: .releasing)
+        }
+        onResume?()
+        try connection.send(.resumed)
+    }
+
+    // MARK: Fault thread
+
+    private func faultLoop() {
+        let buffer = Userfaultfd.EventBuffer(capacity: 64)
+        let frame = UnsafeMutableRawPointer.allocate(byteCount: Wire.headerSize, alignment: 8)
+        defer { frame.deallocate() }
+        do {
+            while true {
+                switch try handle.wait(stop: stopFaults) {
+                case .stopped, .hangUp: return
+                case .timedOut: continue
+                case .ready: break
+                }
+                try handle.readEvents(into: buffer)
+                for event in buffer.events {
+                    guard case .pageFault(let fault) = event, let (_, g) = table.locate(fault.address) else { continue }
+                    if zeroKnown.test(g) {
+                        let page = fault.address & ~UInt64(table.pageSize - 1)
+                        _ = try handle.zeropage(MemoryRange(start: page, length: UInt64(table.pageSize)))
+                        localZero.add(1, ordering: .relaxed)
+                        continue
+                    }
+                    if received.test(g) || requested.testAndSet(g) { continue }
+                    requestTime[g] = monotonicNanoseconds()
+                    faults.add(1, ordering: .relaxed)
+                    sendRequest(g, frame: frame, fd: urgentFD.load(ordering: .acquiring))
+                }
+            }
+        } catch {
+            failure.withLock { if $0 == nil { $0 = MigrationError(error) } }
+        }
+    }
+
+    /// Sends one page request; a failure is ignored (the request is repeated after a reconnect).
+    private func sendRequest(_ g: Int, frame: UnsafeMutableRawPointer, fd: Int32) {
+        let (region, page) = table.split(g)
+        Wire.Header(type: .request, count: 1, region: UInt32(region), first: UInt64(page)).encode(into: frame)
+        _ = send(fd, frame, Wire.headerSize, Int32(MSG_NOSIGNAL))
+    }
+}
+
+/// An anonymous mapping owned by a destination.
+final class RegionMemory: @unchecked Sendable {
+    let base: UnsafeMutableRawPointer
+    let length: Int
+    var start: UInt64 { UInt64(UInt(bitPattern: base)) }
+
+    init(length: Int) throws(MigrationError) {
+        let p = mmap(nil, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        guard let p, p != MAP_FAILED else { throw systemError("mmap \(length) bytes") }
+        base = p
+        self.length = length
+    }
+
+    deinit { munmap(base, length) }
+}
