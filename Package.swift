@@ -99,9 +99,14 @@ let package = Package(
             name: "FaultEngineTests",
             dependencies: ["FaultEngine", "Userfaultfd"]
         ),
+        // Runs the Postcopy scenarios whose expected outcome is a signal.
+        .executableTarget(
+            name: "postcopy-test-helper",
+            dependencies: ["Postcopy", "Userfaultfd"]
+        ),
         .testTarget(
             name: "PostcopyTests",
-            dependencies: ["Postcopy", "Userfaultfd"]
+            dependencies: ["Postcopy", "Userfaultfd", "postcopy-test-helper"]
         ),
         .testTarget(
             name: "FaultManagerTests",

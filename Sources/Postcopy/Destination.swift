@@ -66,6 +66,7 @@ public final class MigrationDestination: @unchecked Sendable {
     private let completeSeen = Atomic<Bool>(false)
     private let disconnected = Atomic<Bool>(false)
     private let failure = Mutex<MigrationError?>(nil)
+    private let lostReason = Mutex<String?>(nil)
     private let latency = Mutex<(Histogram<UInt64>, UInt64)>(
         (Histogram<UInt64>(highestTrackableValue: 600_000_000_000, numberOfSignificantValueDigits: .three), 0))
     private let stopFaults: StopSignal
@@ -180,11 +181,14 @@ public final class MigrationDestination: @unchecked Sendable {
             }
             if disconnected.load(ordering: .acquiring) {
                 stopReceivers()
+                if let error = failure.withLock({ $0 }) { throw fail(error) }
                 if !registered.load(ordering: .acquiring) {
-                    throw fail(MigrationError(.connectionLost("the source went away before the switchover")))
+                    let why = lostReason.withLock { $0 } ?? "no reason given"
+                    throw fail(MigrationError(.connectionLost("the source went away before the switchover (\(why))")))
                 }
                 if let error = recover() { throw error }
                 disconnected.store(false, ordering: .releasing)
+                lostReason.withLock { $0 = nil }
                 startReceivers()
             }
         }
@@ -401,7 +405,8 @@ public final class MigrationDestination: @unchecked Sendable {
                 }
             }
         } catch {
-            if case .connectionLost = error.kind {
+            if case .connectionLost(let why) = error.kind {
+                lostReason.withLock { if $0 == nil { $0 = "\(channel) channel: \(why)" } }
                 disconnected.store(true, ordering: .releasing)
             } else {
                 failure.withLock { if $0 == nil { $0 = error } }

@@ -136,8 +136,9 @@ final class Connection: @unchecked Sendable {
                 throw MigrationError(.connectionLost("recv: \(String(cString: strerror(errno)))"))
             }
             if n == 0 {
-                throw MigrationError(done == 0 ? .connectionLost("the peer closed the connection")
-                                               : .malformedFrame("truncated: the connection closed after \(done) of \(count) bytes"))
+                // A frame cut short is what a dropped connection looks like: recoverable, not malformed.
+                throw MigrationError(.connectionLost(done == 0 ? "the peer closed the connection"
+                                                     : "truncated frame: the connection closed after \(done) of \(count) bytes"))
             }
             done += n
         }

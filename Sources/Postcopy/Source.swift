@@ -33,8 +33,9 @@ public final class MigrationSource: @unchecked Sendable {
         public var reconnect: Bool = true
         /// How long to keep trying to reconnect.
         public var recoveryTimeoutMilliseconds: Int32 = 5_000
-        /// Testing: shut both connections down once this many pages were sent after the switchover.
-        var dropConnectionsAfterPages: Int?
+        /// For tests of recovery: shut the stream connection down once this many pages were
+        /// sent after the switchover, as a network failure would.
+        public var _dropConnectionsAfterPages: Int?
 
         public init(token: [UInt8], mode: MigrationStatistics.Mode = .postcopy) {
             self.token = token
@@ -270,7 +271,7 @@ public final class MigrationSource: @unchecked Sendable {
             cursor = g + max(n, 1)
             if n == 0 { continue }
             try sendRun(connection, region: region, page: page, global: g, count: n, scratch: scratch, phase: phase)
-            if phase == .stream, let limit = options.dropConnectionsAfterPages, !dropDone,
+            if phase == .stream, let limit = options._dropConnectionsAfterPages, !dropDone,
                postcopySent.add(n, ordering: .relaxed).newValue >= limit {
                 dropDone = true
                 connection.shutdown()
