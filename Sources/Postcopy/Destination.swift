@@ -210,6 +210,11 @@ public final class MigrationDestination: @unchecked Sendable {
     }
 
     private func finish(start: UInt64) -> MigrationStatistics {
+        // Every page is here: the receive threads are done (the stream one left at COMPLETE)
+        // and hand in their latency figures as they exit.
+        urgent.shutdown()
+        for t in receivers { t.join() }
+        receivers = []
         let report = makeReport()
         try? stream.send(.done, payload: report.encode())
         stopFaults.raise()
@@ -360,6 +365,7 @@ public final class MigrationDestination: @unchecked Sendable {
     // MARK: Receive threads
 
     private func receiveLoop(_ connection: Connection, channel: Wire.Channel) {
+        if channel == .urgent { preferLowLatencyScheduling() }
         let pageSize = table.pageSize
         let buffer = UnsafeMutableRawPointer.allocate(byteCount: Wire.maxRunPages * pageSize, alignment: pageSize)
         let scratch = UnsafeMutableRawPointer.allocate(byteCount: Wire.headerSize, alignment: 8)
@@ -511,6 +517,7 @@ public final class MigrationDestination: @unchecked Sendable {
     // MARK: Fault thread
 
     private func faultLoop() {
+        preferLowLatencyScheduling()
         let buffer = Userfaultfd.EventBuffer(capacity: 64)
         let frame = UnsafeMutableRawPointer.allocate(byteCount: Wire.headerSize, alignment: 8)
         defer { frame.deallocate() }

@@ -171,6 +171,12 @@ final class Connection: @unchecked Sendable {
         try? send(.error, payload: error.wirePayload)
     }
 
+    /// Caps the kernel's send buffer: bytes queued here delay whatever is sent after them.
+    func limitSendBuffer(_ bytes: Int) {
+        var value = Int32(clamping: bytes)
+        _ = setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &value, socklen_t(MemoryLayout<Int32>.size))
+    }
+
     /// Ends both directions: a thread blocked in `recv` on it returns.
     func shutdown() { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
 
@@ -223,6 +229,10 @@ public final class MigrationListener: @unchecked Sendable {
             }
             if rc != 0 { let e = systemError("bind \(endpoint)"); _ = close(fd); throw e }
         }
+        // Small receive buffers keep the stream's backlog, which a page cannot overtake once
+        // it is queued, short (accepted sockets inherit this).
+        var receiveBuffer: Int32 = 512 << 10
+        _ = setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &receiveBuffer, socklen_t(MemoryLayout<Int32>.size))
         if listen(fd, 16) != 0 { let e = systemError("listen"); _ = close(fd); throw e }
         return (fd, bound)
     }
@@ -283,4 +293,16 @@ func monotonicNanoseconds() -> UInt64 {
     var ts = timespec()
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
+}
+
+/// Lets the calling thread preempt busy ones when it wakes (SCHED_FIFO, low priority).
+///
+/// The threads on a remote fault's path (fault thread, both urgent-channel threads) block
+/// almost all the time; on a machine whose cores are busy with the workload and the
+/// stream, waiting for a time slice would otherwise dominate the fault latency.
+/// Without the privilege to do so, nothing changes.
+func preferLowLatencyScheduling() {
+    var parameters = sched_param()
+    parameters.sched_priority = 1
+    _ = pthread_setschedparam(pthread_self(), SCHED_FIFO, &parameters)
 }

@@ -29,6 +29,10 @@ public final class MigrationSource: @unchecked Sendable {
         public var precopyRounds: Int = 4
         /// Precopy ends early once a round leaves at most this many dirty pages.
         public var convergencePages: Int = 256
+        /// The kernel send buffer of the stream connection. A page claimed by the stream waits
+        /// behind everything queued before it, so a requested page that was already queued
+        /// arrives no sooner than this many bytes later; smaller keeps remote faults short.
+        public var streamBufferBytes: Int = 512 << 10
         /// Whether to reconnect and resume after a connection drops during postcopy.
         public var reconnect: Bool = true
         /// How long to keep trying to reconnect.
@@ -204,6 +208,7 @@ public final class MigrationSource: @unchecked Sendable {
                        regionLengths: regions.map(\.length), token: options.token).encode()
         }
         let stream = try Connection.connect(to: endpoint)
+        stream.limitSendBuffer(options.streamBufferBytes)
         try stream.send(.hello, payload: hello(.stream))
         let urgent = try Connection.connect(to: endpoint)
         try urgent.send(.hello, payload: hello(.urgent))
@@ -317,6 +322,7 @@ public final class MigrationSource: @unchecked Sendable {
 
     /// Answers page requests as they come, then points the stream just past them.
     private func urgentLoop(_ connection: Connection) {
+        preferLowLatencyScheduling()
         let scratch = UnsafeMutableRawPointer.allocate(byteCount: Wire.headerSize, alignment: 8)
         let sendScratch = UnsafeMutableRawPointer.allocate(byteCount: Wire.headerSize, alignment: 8)
         defer {
