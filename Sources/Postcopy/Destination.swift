@@ -398,6 +398,15 @@ public final class MigrationDestination: @unchecked Sendable {
                     try connection.receive(into: payload, Int(header.payloadLength))
                     let runs = try Wire.decodeRuns([UInt8](UnsafeRawBufferPointer(start: payload, count: Int(header.payloadLength))))
                     try switchover(invalidating: runs, final: header.count == 1, connection: connection)
+                case .discard where channel == .stream:
+                    if registered.load(ordering: .acquiring) {
+                        throw MigrationError(.malformedFrame("a discard frame after the switchover"))
+                    }
+                    let payload = UnsafeMutableRawPointer.allocate(byteCount: max(1, Int(header.payloadLength)), alignment: 8)
+                    defer { payload.deallocate() }
+                    try connection.receive(into: payload, Int(header.payloadLength))
+                    try forget(Wire.decodeRuns([UInt8](UnsafeRawBufferPointer(start: payload, count: Int(header.payloadLength)))))
+                    try connection.send(.discarded)
                 case .complete where channel == .stream:
                     completeSeen.store(true, ordering: .releasing)
                     return
@@ -492,15 +501,7 @@ public final class MigrationDestination: @unchecked Sendable {
     /// source dirtied after sending them, registers the regions, starts the fault thread,
     /// lets the workload go and tells the source.
     private func switchover(invalidating runs: [Wire.PageRun], final: Bool, connection: Connection) throws(MigrationError) {
-        for run in runs {
-            let g0 = try table.check(region: run.region, first: run.first, count: run.count)
-            for g in g0..<(g0 + Int(run.count)) {
-                if received.testAndClear(g) { receivedCount.subtract(1, ordering: .relaxed) }
-                zeroKnown.testAndClear(g)
-            }
-            let start = table.regions[Int(run.region)].start + run.first * UInt64(table.pageSize)
-            _ = madvise(UnsafeMutableRawPointer(bitPattern: UInt(start)), Int(run.count) * table.pageSize, MADV_DONTNEED)
-        }
+        try forget(runs)
         if !final && !registered.load(ordering: .acquiring) {
             do {
                 for r in regions { try handle.register(r, mode: .missing, requiring: [.copy, .zeropage]) }
@@ -512,6 +513,19 @@ public final class MigrationDestination: @unchecked Sendable {
         }
         onResume?()
         try connection.send(.resumed)
+    }
+
+    /// Drops pages the source sent and then saw change: they are missing again.
+    private func forget(_ runs: [Wire.PageRun]) throws(MigrationError) {
+        for run in runs {
+            let g0 = try table.check(region: run.region, first: run.first, count: run.count)
+            for g in g0..<(g0 + Int(run.count)) {
+                if received.testAndClear(g) { receivedCount.subtract(1, ordering: .relaxed) }
+                zeroKnown.testAndClear(g)
+            }
+            let start = table.regions[Int(run.region)].start + run.first * UInt64(table.pageSize)
+            _ = madvise(UnsafeMutableRawPointer(bitPattern: UInt(start)), Int(run.count) * table.pageSize, MADV_DONTNEED)
+        }
     }
 
     // MARK: Fault thread

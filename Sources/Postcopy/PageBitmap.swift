@@ -43,6 +43,10 @@ final class PageBitmap: @unchecked Sendable {
         return words[i >> 6].bitwiseAnd(~mask, ordering: .acquiringAndReleasing).oldValue & mask != 0
     }
 
+    /// Bits `64 * i ..< 64 * i + 64`.
+    @inline(__always)
+    func word(_ i: Int) -> UInt64 { words[i].load(ordering: .relaxed) }
+
     /// The first set bit at or after `start`, or nil.
     func nextSet(from start: Int) -> Int? {
         if start >= count { return nil }

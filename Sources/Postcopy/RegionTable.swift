@@ -64,6 +64,27 @@ struct RegionTable: Sendable {
         return regions[i].start + UInt64(page * pageSize)
     }
 
+    /// Runs of global pages set in both bitmaps, never crossing a region; skips 64 clear
+    /// pages at a time.
+    func runs(where include: (Int) -> Bool, both bitmaps: (PageBitmap, PageBitmap)) -> [Wire.PageRun] {
+        var out: [Wire.PageRun] = []
+        for (index, r) in regions.enumerated() {
+            var p = 0
+            while p < r.pages {
+                let g = r.firstGlobal + p
+                if g & 63 == 0 && p + 64 <= r.pages && bitmaps.0.word(g >> 6) & bitmaps.1.word(g >> 6) == 0 {
+                    p += 64
+                    continue
+                }
+                if !include(g) { p += 1; continue }
+                let start = p
+                while p < r.pages && include(r.firstGlobal + p) { p += 1 }
+                out.append(Wire.PageRun(region: UInt32(index), first: UInt64(start), count: UInt64(p - start)))
+            }
+        }
+        return out
+    }
+
     /// Runs of global pages for which `include` holds, never crossing a region.
     func runs(where include: (Int) -> Bool) -> [Wire.PageRun] {
         var out: [Wire.PageRun] = []

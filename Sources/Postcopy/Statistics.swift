@@ -28,6 +28,9 @@ public struct MigrationStatistics: Sendable, Equatable {
     public var precopyRounds: Int = 0
     /// Bytes of page data sent during precopy (zero pages travel as markers and count nothing).
     public var precopyBytes: Int = 0
+    /// Pages sent during precopy that kept changing and were forgotten before the pause
+    /// (pulled again after the switchover).
+    public var discardedPages: Int = 0
     /// Source stop to destination resume, in microseconds (includes the final dirty scan and, for
     /// stop-and-copy, every page left).
     public var switchoverPauseMicroseconds: Double = 0
@@ -76,6 +79,7 @@ public struct MigrationStatistics: Sendable, Equatable {
             ("totalSeconds", n(totalSeconds)),
             ("precopyRounds", String(precopyRounds)),
             ("precopyBytes", String(precopyBytes)),
+            ("discardedPages", String(discardedPages)),
             ("switchoverPauseMicroseconds", n(switchoverPauseMicroseconds)),
             ("pausePages", String(pausePages)),
             ("postcopyFaults", String(postcopyFaults)),

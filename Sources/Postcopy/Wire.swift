@@ -37,6 +37,9 @@ enum Wire {
         case complete = 8
         case done = 9
         case error = 10
+        /// Precopy: forget these sent pages, they keep changing (and will come again later).
+        case discard = 11
+        case discarded = 12
     }
 
     enum Channel: UInt8 {
@@ -97,9 +100,9 @@ enum Wire {
             case .zeros, .request:
                 if header.count == 0 { throw MigrationError(.malformedFrame("a \(type) frame covers no page")) }
                 if length != 0 { throw MigrationError(.malformedFrame("a \(type) frame has a \(length)-byte payload")) }
-            case .resumed, .complete:
+            case .resumed, .complete, .discarded:
                 if length != 0 { throw MigrationError(.malformedFrame("a \(type) frame has a \(length)-byte payload")) }
-            case .hello, .welcome, .switchover, .done, .error:
+            case .hello, .welcome, .switchover, .discard, .done, .error:
                 if length > Wire.maxControlPayload {
                     throw MigrationError(.malformedFrame("a \(type) frame announces \(length) payload bytes (at most \(Wire.maxControlPayload))"))
                 }

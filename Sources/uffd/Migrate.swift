@@ -38,6 +38,9 @@ struct WorkloadOptions: ParsableArguments {
     @Option(help: "Worker threads reading and writing the region.")
     var workers = 2
 
+    @Option(help: "Kernel send buffer of the stream connection, in KiB (smaller: shorter remote faults).")
+    var streamBuffer = 512
+
     func validate() throws {
         guard size > 0, size <= 1 << 20 else { throw ValidationError("--size must be 1...1048576 MiB, not \(size)") }
         guard (1...64).contains(workers) else { throw ValidationError("--workers must be 1...64, not \(workers)") }
@@ -67,6 +70,7 @@ enum SourceRun {
         usleep(UInt32(max(0, warmupSeconds) * 1e6))
         var options = MigrationSource.Options(token: token, mode: mode)
         options.precopyRounds = precopyRounds
+        options.streamBufferBytes = workload.streamBuffer << 10
         let source = try MigrationSource(regions: [data.range, log.range], options: options)
         let progress = showProgress ? ProgressLine(source) : nil
         defer { progress?.finish() }
@@ -145,7 +149,7 @@ func statisticsRows(_ s: MigrationStatistics) -> [(String, String)] {
         ("mode", s.mode.rawValue),
         ("region", mib(s.regionBytes)),
         ("total time", format1(s.totalSeconds * 1000) + " ms"),
-        ("precopy rounds", "\(s.precopyRounds) (\(mib(s.precopyBytes)))"),
+        ("precopy rounds", "\(s.precopyRounds) (\(mib(s.precopyBytes)), \(s.discardedPages) hot pages left for postcopy)"),
         ("switchover pause", format1(s.switchoverPauseMicroseconds / 1000) + " ms" + (s.pausePages > 0 ? " (\(s.pausePages) pages while stopped)" : "")),
         ("postcopy faults", "\(s.postcopyFaults) remote, \(s.localZeroFaults) local zero"),
         ("remote-fault latency", "p50 \(format1(s.latency.p50)) µs  p90 \(format1(s.latency.p90)) µs  p99 \(format1(s.latency.p99)) µs  max \(format1(s.latency.max)) µs"),

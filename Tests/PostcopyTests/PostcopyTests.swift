@@ -138,6 +138,8 @@ struct EndToEndTests {
         #expect(differingPages(source.range, destination.regions[0]) == 0)
         #expect(stats.precopyRounds >= 2)
         #expect(stats.precopyBytes >= testBytes / 4 * 3)
+        // The hot set was forgotten before the pause and pulled afterwards.
+        #expect(stats.discardedPages > 0)
     }
 
     @Test func stopAndCopyNeedsNoFaults() throws {
