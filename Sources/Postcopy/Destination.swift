@@ -44,36 +44,38 @@ public final class MigrationDestination: @unchecked Sendable {
     let options: Options
     let listener: MigrationListener
     let migrationID: UInt64
-    private let memory: [RegionMemory]
-    private let uffd: Userfaultfd
-    private var handle: Userfaultfd.Handle { uffd.handle }
+    let memory: [RegionMemory]
+    let uffd: Userfaultfd
+    var handle: Userfaultfd.Handle { uffd.handle }
 
-    private var stream: Connection
-    private var urgent: Connection
-    private var retired: [Connection] = []
-    private let urgentFD: Atomic<Int32>
+    var stream: Connection
+    var urgent: Connection
+    var retired: [Connection] = []
+    let urgentFD: Atomic<Int32>
 
     let received: PageBitmap
-    private let requested: PageBitmap
-    private let zeroKnown: PageBitmap
-    private let requestTime: UnsafeMutablePointer<UInt64>
+    let requested: PageBitmap
+    let zeroKnown: PageBitmap
+    let requestTime: UnsafeMutablePointer<UInt64>
 
-    private let receivedCount = Atomic<Int>(0)
-    private let faults = Atomic<Int>(0)
-    private let localZero = Atomic<Int>(0)
-    private let duplicates = Atomic<Int>(0)
-    private let registered = Atomic<Bool>(false)
-    private let completeSeen = Atomic<Bool>(false)
-    private let disconnected = Atomic<Bool>(false)
-    private let failure = Mutex<MigrationError?>(nil)
-    private let lostReason = Mutex<String?>(nil)
-    private let latency = Mutex<(Histogram<UInt64>, UInt64)>(
+    let receivedCount = Atomic<Int>(0)
+    let faults = Atomic<Int>(0)
+    let localZero = Atomic<Int>(0)
+    let duplicates = Atomic<Int>(0)
+    let registered = Atomic<Bool>(false)
+    /// Whether pages arrived before the switchover.
+    let precopySeen = Atomic<Bool>(false)
+    let completeSeen = Atomic<Bool>(false)
+    let disconnected = Atomic<Bool>(false)
+    let failure = Mutex<MigrationError?>(nil)
+    let lostReason = Mutex<String?>(nil)
+    let latency = Mutex<(Histogram<UInt64>, UInt64)>(
         (Histogram<UInt64>(highestTrackableValue: 600_000_000_000, numberOfSignificantValueDigits: .three), 0))
-    private let stopFaults: StopSignal
-    private var faultThread: DedicatedThread?
-    private var receivers: [DedicatedThread] = []
-    private var onResume: (@Sendable () -> Void)?
-    private var reconnects = 0
+    let stopFaults: StopSignal
+    var faultThread: DedicatedThread?
+    var receivers: [DedicatedThread] = []
+    var onResume: (@Sendable () -> Void)?
+    var reconnects = 0
 
     /// Pages installed so far (or known to be zero).
     public var receivedPages: Int { receivedCount.load(ordering: .relaxed) }
@@ -194,7 +196,7 @@ public final class MigrationDestination: @unchecked Sendable {
         }
     }
 
-    private func startReceivers() {
+    func startReceivers() {
         let s = stream, u = urgent
         receivers = [
             DedicatedThread(name: "pc-recv-stream") { [self] in receiveLoop(s, channel: .stream) },
@@ -202,14 +204,14 @@ public final class MigrationDestination: @unchecked Sendable {
         ]
     }
 
-    private func stopReceivers() {
+    func stopReceivers() {
         stream.shutdown()
         urgent.shutdown()
         for t in receivers { t.join() }
         receivers = []
     }
 
-    private func finish(start: UInt64) -> MigrationStatistics {
+    func finish(start: UInt64) -> MigrationStatistics {
         // Every page is here: the receive threads are done (the stream one left at COMPLETE)
         // and hand in their latency figures as they exit.
         urgent.shutdown()
@@ -230,11 +232,12 @@ public final class MigrationDestination: @unchecked Sendable {
         stats.regionBytes = table.totalPages * table.pageSize
         stats.totalSeconds = Double(monotonicNanoseconds() - start) / 1e9
         stats.reconnects = reconnects
+        stats.mode = !registered.load(ordering: .relaxed) ? .stopAndCopy : precopySeen.load(ordering: .relaxed) ? .precopyPostcopy : .postcopy
         report.apply(to: &stats)
         return stats
     }
 
-    private func makeReport() -> DestinationReport {
+    func makeReport() -> DestinationReport {
         latency.withLock { state in
             DestinationReport(
                 faults: UInt64(faults.load(ordering: .relaxed)),
@@ -248,7 +251,7 @@ public final class MigrationDestination: @unchecked Sendable {
     }
 
     /// Gives up: tells the source, stops receiving, poisons what can never arrive.
-    private func fail(_ error: MigrationError) -> MigrationError {
+    func fail(_ error: MigrationError) -> MigrationError {
         stream.sendError(error)
         stopReceivers()
         let poisoned = poisonMissing()
@@ -260,7 +263,7 @@ public final class MigrationDestination: @unchecked Sendable {
     }
 
     /// Poisons every page not received (zero-filling those known to be zero); returns how many were poisoned.
-    private func poisonMissing() -> Int {
+    func poisonMissing() -> Int {
         guard registered.load(ordering: .acquiring) else { return 0 }
         var poisoned = 0
         for run in table.runs(where: { !received.test($0) }) {
@@ -286,7 +289,7 @@ public final class MigrationDestination: @unchecked Sendable {
     }
 
     /// Waits for the source to come back; nil once it has, the error otherwise.
-    private func recover() -> MigrationError? {
+    func recover() -> MigrationError? {
         let deadline = monotonicNanoseconds() + UInt64(options.recoveryTimeoutMilliseconds) * 1_000_000
         while true {
             let now = monotonicNanoseconds()
@@ -360,213 +363,6 @@ public final class MigrationDestination: @unchecked Sendable {
                 return (s.0, s.1, u.1)
             }
         }
-    }
-
-    // MARK: Receive threads
-
-    private func receiveLoop(_ connection: Connection, channel: Wire.Channel) {
-        if channel == .urgent { preferLowLatencyScheduling() }
-        let pageSize = table.pageSize
-        let buffer = UnsafeMutableRawPointer.allocate(byteCount: Wire.maxRunPages * pageSize, alignment: pageSize)
-        let scratch = UnsafeMutableRawPointer.allocate(byteCount: Wire.headerSize, alignment: 8)
-        var histogram = Histogram<UInt64>(highestTrackableValue: 600_000_000_000, numberOfSignificantValueDigits: .three)
-        var blocktime: UInt64 = 0
-        defer {
-            buffer.deallocate()
-            scratch.deallocate()
-            latency.withLock { state in
-                state.0.add(histogram)
-                state.1 += blocktime
-            }
-        }
-        do throws(MigrationError) {
-            while true {
-                let header = try connection.receiveHeader(scratch: scratch, pageSize: pageSize)
-                switch header.type {
-                case .pages:
-                    let g = try table.check(region: header.region, first: header.first, count: UInt64(header.count))
-                    try connection.receive(into: buffer, Int(header.payloadLength))
-                    try install(g, count: Int(header.count), region: Int(header.region), first: header.first,
-                                data: buffer, channel: channel, histogram: &histogram, blocktime: &blocktime)
-                case .zeros:
-                    let g = try table.check(region: header.region, first: header.first, count: UInt64(header.count))
-                    try install(g, count: Int(header.count), region: Int(header.region), first: header.first,
-                                data: nil, channel: channel, histogram: &histogram, blocktime: &blocktime)
-                case .switchover where channel == .stream:
-                    let payload = UnsafeMutableRawPointer.allocate(byteCount: max(1, Int(header.payloadLength)), alignment: 8)
-                    defer { payload.deallocate() }
-                    try connection.receive(into: payload, Int(header.payloadLength))
-                    let runs = try Wire.decodeRuns([UInt8](UnsafeRawBufferPointer(start: payload, count: Int(header.payloadLength))))
-                    try switchover(invalidating: runs, final: header.count == 1, connection: connection)
-                case .discard where channel == .stream:
-                    if registered.load(ordering: .acquiring) {
-                        throw MigrationError(.malformedFrame("a discard frame after the switchover"))
-                    }
-                    let payload = UnsafeMutableRawPointer.allocate(byteCount: max(1, Int(header.payloadLength)), alignment: 8)
-                    defer { payload.deallocate() }
-                    try connection.receive(into: payload, Int(header.payloadLength))
-                    try forget(Wire.decodeRuns([UInt8](UnsafeRawBufferPointer(start: payload, count: Int(header.payloadLength)))))
-                    try connection.send(.discarded)
-                case .complete where channel == .stream:
-                    completeSeen.store(true, ordering: .releasing)
-                    return
-                case .error:
-                    let payload = UnsafeMutableRawPointer.allocate(byteCount: max(1, Int(header.payloadLength)), alignment: 8)
-                    defer { payload.deallocate() }
-                    try connection.receive(into: payload, Int(header.payloadLength))
-                    throw MigrationError.fromWire([UInt8](UnsafeRawBufferPointer(start: payload, count: Int(header.payloadLength))))
-                default:
-                    throw MigrationError(.malformedFrame("unexpected \(header.type) frame on the \(channel) channel"))
-                }
-            }
-        } catch {
-            if case .connectionLost(let why) = error.kind {
-                lostReason.withLock { if $0 == nil { $0 = "\(channel) channel: \(why)" } }
-                disconnected.store(true, ordering: .releasing)
-            } else {
-                failure.withLock { if $0 == nil { $0 = error } }
-            }
-        }
-    }
-
-    /// Installs a run of pages (`data` nil: zero pages), skipping pages already there.
-    private func install(
-        _ g0: Int, count: Int, region: Int, first: UInt64, data: UnsafeRawPointer?, channel: Wire.Channel,
-        histogram: inout Histogram<UInt64>, blocktime: inout UInt64
-    ) throws(MigrationError) {
-        let pageSize = table.pageSize
-        let base = table.regions[region].start + first * UInt64(pageSize)
-        guard registered.load(ordering: .acquiring) else {
-            // Precopy: the workload is not running here and the range is not registered yet.
-            if channel != .stream { throw MigrationError(.malformedFrame("a page on the urgent channel before the switchover")) }
-            for i in 0..<count {
-                let target = UnsafeMutableRawPointer(bitPattern: UInt(base) + UInt(i * pageSize))!
-                let wasReceived = received.testAndSet(g0 + i)
-                if !wasReceived { receivedCount.add(1, ordering: .relaxed) }
-                if let data {
-                    target.copyMemory(from: data + i * pageSize, byteCount: pageSize)
-                    zeroKnown.testAndClear(g0 + i)
-                } else {
-                    if wasReceived && !zeroKnown.test(g0 + i) { memset(target, 0, pageSize) }
-                    zeroKnown.testAndSet(g0 + i)
-                }
-            }
-            return
-        }
-        var i = 0
-        while i < count {
-            if received.testAndSet(g0 + i) {
-                duplicates.add(1, ordering: .relaxed)
-                i += 1
-                continue
-            }
-            var j = i + 1
-            while j < count && !received.testAndSet(g0 + j) { j += 1 }
-            let destination = base + UInt64(i * pageSize)
-            let length = (j - i) * pageSize
-            var done = 0
-            while done < length {
-                let outcome: Userfaultfd.Outcome
-                do {
-                    if let data {
-                        outcome = try handle.copy(to: destination + UInt64(done), from: data + i * pageSize + done, length: length - done)
-                    } else {
-                        outcome = try handle.zeropage(MemoryRange(start: destination + UInt64(done), length: UInt64(length - done)))
-                    }
-                } catch {
-                    throw MigrationError(error)
-                }
-                switch outcome {
-                case .completed: done = length
-                case .partial(let n): done += n
-                case .alreadyPresent:
-                    duplicates.add(1, ordering: .relaxed)
-                    done += pageSize
-                case .retryAfterEvents: continue
-                }
-            }
-            receivedCount.add(j - i, ordering: .releasing)
-            let now = monotonicNanoseconds()
-            for g in (g0 + i)..<(g0 + j) where requested.test(g) {
-                let waited = now &- requestTime[g]
-                _ = histogram.record(waited)
-                blocktime &+= waited
-            }
-            if j < count { duplicates.add(1, ordering: .relaxed) }
-            i = j + 1
-        }
-    }
-
-    /// Switches to postcopy (or, for stop-and-copy, just resumes): forgets pages the
-    /// source dirtied after sending them, registers the regions, starts the fault thread,
-    /// lets the workload go and tells the source.
-    private func switchover(invalidating runs: [Wire.PageRun], final: Bool, connection: Connection) throws(MigrationError) {
-        try forget(runs)
-        if !final && !registered.load(ordering: .acquiring) {
-            do {
-                for r in regions { try handle.register(r, mode: .missing, requiring: [.copy, .zeropage]) }
-            } catch {
-                throw MigrationError(error)
-            }
-            faultThread = DedicatedThread(name: "pc-faults") { [self] in faultLoop() }
-            registered.store(true, ordering: .releasing)
-        }
-        onResume?()
-        try connection.send(.resumed)
-    }
-
-    /// Drops pages the source sent and then saw change: they are missing again.
-    private func forget(_ runs: [Wire.PageRun]) throws(MigrationError) {
-        for run in runs {
-            let g0 = try table.check(region: run.region, first: run.first, count: run.count)
-            for g in g0..<(g0 + Int(run.count)) {
-                if received.testAndClear(g) { receivedCount.subtract(1, ordering: .relaxed) }
-                zeroKnown.testAndClear(g)
-            }
-            let start = table.regions[Int(run.region)].start + run.first * UInt64(table.pageSize)
-            _ = madvise(UnsafeMutableRawPointer(bitPattern: UInt(start)), Int(run.count) * table.pageSize, MADV_DONTNEED)
-        }
-    }
-
-    // MARK: Fault thread
-
-    private func faultLoop() {
-        preferLowLatencyScheduling()
-        let buffer = Userfaultfd.EventBuffer(capacity: 64)
-        let frame = UnsafeMutableRawPointer.allocate(byteCount: Wire.headerSize, alignment: 8)
-        defer { frame.deallocate() }
-        do {
-            while true {
-                switch try handle.wait(stop: stopFaults) {
-                case .stopped, .hangUp: return
-                case .timedOut: continue
-                case .ready: break
-                }
-                try handle.readEvents(into: buffer)
-                for event in buffer.events {
-                    guard case .pageFault(let fault) = event, let (_, g) = table.locate(fault.address) else { continue }
-                    if zeroKnown.test(g) {
-                        let page = fault.address & ~UInt64(table.pageSize - 1)
-                        _ = try handle.zeropage(MemoryRange(start: page, length: UInt64(table.pageSize)))
-                        localZero.add(1, ordering: .relaxed)
-                        continue
-                    }
-                    if received.test(g) || requested.testAndSet(g) { continue }
-                    requestTime[g] = monotonicNanoseconds()
-                    faults.add(1, ordering: .relaxed)
-                    sendRequest(g, frame: frame, fd: urgentFD.load(ordering: .acquiring))
-                }
-            }
-        } catch {
-            failure.withLock { if $0 == nil { $0 = MigrationError(error) } }
-        }
-    }
-
-    /// Sends one page request; a failure is ignored (the request is repeated after a reconnect).
-    private func sendRequest(_ g: Int, frame: UnsafeMutableRawPointer, fd: Int32) {
-        let (region, page) = table.split(g)
-        Wire.Header(type: .request, count: 1, region: UInt32(region), first: UInt64(page)).encode(into: frame)
-        _ = send(fd, frame, Wire.headerSize, Int32(MSG_NOSIGNAL))
     }
 }
 

@@ -66,13 +66,14 @@ struct RegionTable: Sendable {
 
     /// Runs of global pages set in both bitmaps, never crossing a region; skips 64 clear
     /// pages at a time.
-    func runs(where include: (Int) -> Bool, both bitmaps: (PageBitmap, PageBitmap)) -> [Wire.PageRun] {
+    func runs(setInBoth a: PageBitmap, _ b: PageBitmap) -> [Wire.PageRun] {
+        let include = { (g: Int) in a.test(g) && b.test(g) }
         var out: [Wire.PageRun] = []
         for (index, r) in regions.enumerated() {
             var p = 0
             while p < r.pages {
                 let g = r.firstGlobal + p
-                if g & 63 == 0 && p + 64 <= r.pages && bitmaps.0.word(g >> 6) & bitmaps.1.word(g >> 6) == 0 {
+                if g & 63 == 0 && p + 64 <= r.pages && a.word(g >> 6) & b.word(g >> 6) == 0 {
                     p += 64
                     continue
                 }

@@ -33,9 +33,6 @@ public final class MigrationSource: @unchecked Sendable {
         /// behind everything queued before it, so a requested page that was already queued
         /// arrives no sooner than this many bytes later; smaller keeps remote faults short.
         public var streamBufferBytes: Int = 512 << 10
-        /// Invalidated runs at the switchover closer than this are merged (the clean pages
-        /// between them are sent again): fewer `madvise` calls while the workload is stopped.
-        public var switchoverGapPages: Int = 0
         /// After precopy, the most passes that have the destination forget pages dirtied
         /// again (outside the pause), so that few remain to forget during it.
         public var discardPasses: Int = 4
@@ -147,7 +144,7 @@ public final class MigrationSource: @unchecked Sendable {
             // workload is stopped: have it forget them now, and pull them after the switchover.
             if let t = tracker, options.mode == .precopyPostcopy {
                 for _ in 0..<options.discardPasses {
-                    let hot = table.runs(where: { missing.test($0) && sentOnce.test($0) }, both: (missing, sentOnce))
+                    let hot = table.runs(setInBoth: missing, sentOnce)
                     if hot.isEmpty { break }
                     for run in hot {
                         let base = table.regions[Int(run.region)].firstGlobal + Int(run.first)
@@ -172,7 +169,7 @@ public final class MigrationSource: @unchecked Sendable {
                 try sendMissing(stream, scratch: scratch, phase: .pause)
                 try stream.send(.switchover, payload: Wire.encodeRuns([]), count: 1)
             } else {
-                let runs = coalescedInvalidations()
+                let runs = table.runs(setInBoth: missing, sentOnce)
                 try stream.send(.switchover, payload: Wire.encodeRuns(runs))
             }
             let (resumed, _) = try stream.receiveControl(pageSize: table.pageSize)
@@ -223,28 +220,6 @@ public final class MigrationSource: @unchecked Sendable {
         stats.zeroPages = zeroPages.load(ordering: .relaxed)
         stats.requestedPages = requestedPages.load(ordering: .relaxed)
         return stats
-    }
-
-    /// The pages the destination must forget at the switchover: sent, then dirtied.
-    ///
-    /// Each run costs the destination one `madvise` while the workload is stopped, and a
-    /// hot set written at random yields tens of thousands of short runs. Runs closer than
-    /// `switchoverGapPages` are merged; the clean pages in between are marked missing
-    /// again here, so the destination fetches them once more after the switchover.
-    private func coalescedInvalidations() -> [Wire.PageRun] {
-        var merged: [Wire.PageRun] = []
-        for run in table.runs(where: { missing.test($0) && sentOnce.test($0) }, both: (missing, sentOnce)) {
-            if var last = merged.last, last.region == run.region,
-               run.first - (last.first + last.count) <= UInt64(options.switchoverGapPages) {
-                let base = table.regions[Int(run.region)].firstGlobal
-                for p in (last.first + last.count)..<run.first { missing.testAndSet(base + Int(p)) }
-                last.count = run.first + run.count - last.first
-                merged[merged.count - 1] = last
-            } else {
-                merged.append(run)
-            }
-        }
-        return merged
     }
 
     // MARK: Connections
