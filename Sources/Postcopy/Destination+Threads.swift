@@ -12,12 +12,18 @@ extension MigrationDestination {
     func receiveLoop(_ connection: Connection, channel: Wire.Channel) {
         if channel == .urgent { preferLowLatencyScheduling() }
         let pageSize = table.pageSize
-        let buffer = UnsafeMutableRawPointer.allocate(byteCount: Wire.maxRunPages * pageSize, alignment: pageSize)
+        // Its own mapping, so that UFFDIO_MOVE can take pages out of it.
+        guard let bufferMapping = try? RegionMemory(length: Wire.maxRunPages * pageSize) else {
+            failure.withLock { if $0 == nil { $0 = MigrationError(.system("cannot map a receive buffer")) } }
+            return
+        }
+        _ = madvise(bufferMapping.base, bufferMapping.length, MADV_NOHUGEPAGE)
+        let buffer = bufferMapping.base
         let scratch = UnsafeMutableRawPointer.allocate(byteCount: Wire.headerSize, alignment: 8)
         var histogram = Histogram<UInt64>(highestTrackableValue: 600_000_000_000, numberOfSignificantValueDigits: .three)
         var blocktime: UInt64 = 0
         defer {
-            buffer.deallocate()
+            withExtendedLifetime(bufferMapping) {}
             scratch.deallocate()
             latency.withLock { state in
                 state.0.add(histogram)
@@ -114,7 +120,10 @@ extension MigrationDestination {
             while done < length {
                 let outcome: Userfaultfd.Outcome
                 do {
-                    if let data {
+                    if let data, options.installByMove {
+                        outcome = try handle.move(to: destination + UInt64(done),
+                                                  from: UInt64(UInt(bitPattern: data + i * pageSize + done)), length: length - done)
+                    } else if let data {
                         outcome = try handle.copy(to: destination + UInt64(done), from: data + i * pageSize + done, length: length - done)
                     } else {
                         outcome = try handle.zeropage(MemoryRange(start: destination + UInt64(done), length: UInt64(length - done)))

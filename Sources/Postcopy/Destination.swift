@@ -33,6 +33,10 @@ public final class MigrationDestination: @unchecked Sendable {
         /// How long to wait for the source to reconnect after a connection drops during
         /// postcopy. Past it, pages that can never arrive are poisoned and the migration fails.
         public var recoveryTimeoutMilliseconds: Int32 = 5_000
+        /// Install arriving pages with `UFFDIO_MOVE` out of the receive buffer instead of
+        /// `UFFDIO_COPY`: no copy, but the buffer's pages are faulted in afresh by the next
+        /// receive. Needs the MOVE feature (kernel 6.8+).
+        public var installByMove = false
 
         public init(token: [UInt8]) { self.token = token }
     }
@@ -124,7 +128,7 @@ public final class MigrationDestination: @unchecked Sendable {
         regions = maps.map { MemoryRange(start: $0.start, length: UInt64($0.length)) }
         table = RegionTable(starts: regions.map(\.start), lengths: hello.regionLengths, pageSize: hello.pageSize)
         do {
-            uffd = try Userfaultfd(features: [.poison])
+            uffd = try Userfaultfd(features: options.installByMove ? [.poison, .move] : [.poison])
         } catch {
             throw MigrationError(error)
         }

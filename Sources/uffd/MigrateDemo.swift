@@ -29,6 +29,9 @@ struct MigrateDemo: ParsableCommand {
     @Option(help: "tcp (127.0.0.1) or unix.")
     var transport = "tcp"
 
+    @Flag(help: "The destination installs pages with UFFDIO_MOVE instead of UFFDIO_COPY.")
+    var installByMove = false
+
     @OptionGroup var workload: WorkloadOptions
 
     @Flag(help: "Print the results as JSON instead of a table.")
@@ -62,7 +65,7 @@ enum DemoRun {
         posix_spawn_file_actions_addclose(&actions, pipeFDs[0])
         let exe = "/proc/self/exe"
         let arguments = ["uffd", "migrate", "receive", "--listen", listen, "--workers", "\(demo.workload.workers)",
-                         "--run-after", "\(demo.runAfter)", "--json"]
+                         "--run-after", "\(demo.runAfter)", "--json"] + (demo.installByMove ? ["--install-by-move"] : [])
         var environment = ["UFFD_MIGRATE_TOKEN=\(token)"]
         var e = environ
         while let entry = e.pointee {

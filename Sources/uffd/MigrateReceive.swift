@@ -25,6 +25,9 @@ struct MigrateReceive: ParsableCommand {
     @Option(help: "Milliseconds to wait for the source to come back after a dropped connection.")
     var recoveryTimeout: Int32 = 5_000
 
+    @Flag(help: "Install pages with UFFDIO_MOVE from the receive buffer instead of UFFDIO_COPY.")
+    var installByMove = false
+
     @OptionGroup var common: MigrateCommonOptions
 
     func run() throws {
@@ -32,7 +35,7 @@ struct MigrateReceive: ParsableCommand {
             throw ValidationError("--listen '\(listen)' is not host:port, tcp:host:port or unix:/path")
         }
         let result = try ReceiveRun.run(listen: endpoint, token: common.resolvedToken(), workers: workers,
-                                        runAfter: runAfter, recoveryTimeout: recoveryTimeout)
+                                        runAfter: runAfter, recoveryTimeout: recoveryTimeout, installByMove: installByMove)
         if common.json {
             print(result.json)
         } else {
@@ -62,11 +65,12 @@ enum ReceiveRun {
     }
 
     nonisolated static func run(listen: MigrationEndpoint, token: [UInt8], workers: Int, runAfter: Double,
-                                recoveryTimeout: Int32) throws -> Result {
+                                recoveryTimeout: Int32, installByMove: Bool) throws -> Result {
         let listener = try MigrationListener(listen)
         var options = MigrationDestination.Options(token: token)
         options.recoveryTimeoutMilliseconds = recoveryTimeout
         options.handshakeTimeoutMilliseconds = 60_000
+        options.installByMove = installByMove
         let destination = try MigrationDestination.accept(on: listener, options: options)
         let regions = destination.regions
         guard regions.count == 2,

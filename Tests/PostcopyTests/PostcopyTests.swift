@@ -142,6 +142,19 @@ struct EndToEndTests {
         #expect(stats.discardedPages > 0)
     }
 
+    @Test func installingByMoveCopiesEveryByte() throws {
+        let source = try MemoryMapping.anonymous(length: 16 << 20)
+        fill(source)
+        let run = try DestinationRun(options: { $0.installByMove = true })
+        let migration = try MigrationSource(regions: [source.range], options: .init(token: token, mode: .postcopy))
+        let stats = try migration.migrate(to: run.listener.endpoint) {}
+        run.wait()
+        _ = try #require(try run.result?.get())
+        let destination = try #require(run.destination)
+        #expect(differingPages(source.range, destination.regions[0]) == 0)
+        #expect(stats.streamBytes + stats.requestBytes == (16 << 20) / 4 * 3)
+    }
+
     @Test func stopAndCopyNeedsNoFaults() throws {
         let a = try MemoryMapping.anonymous(length: 8 << 20)
         let b = try MemoryMapping.anonymous(length: 4 << 20)
