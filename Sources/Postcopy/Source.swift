@@ -175,8 +175,6 @@ public final class MigrationSource: @unchecked Sendable {
             let (resumed, _) = try stream.receiveControl(pageSize: table.pageSize)
             if resumed.type != .resumed { throw MigrationError(.malformedFrame("expected resumed, got \(resumed.type)")) }
             stats.switchoverPauseMicroseconds = Double(monotonicNanoseconds() - stopped) / 1000
-            // The workload here is stopped for good: stop tracking outside the pause.
-            tracker = nil
             stats.pausePages = pausePages.load(ordering: .relaxed)
 
             // Postcopy: stream the rest, answer requests at once.
@@ -206,6 +204,9 @@ public final class MigrationSource: @unchecked Sendable {
                 }
             }
             stats.streamSeconds = Double(streamEnd - streamStart) / 1e9
+            // Unregistering takes tens of milliseconds and holds the address space: only
+            // once the destination has every page.
+            tracker = nil
         } catch {
             phase.store(MigrationProgress.Phase.failed.rawValue, ordering: .relaxed)
             stream.sendError(error)
