@@ -169,6 +169,8 @@ public final class MigrationDestination: @unchecked Sendable {
     ///   faulting thread waits forever. Protocol errors poison the same way.
     public func run(onResume: @escaping @Sendable () -> Void) throws(MigrationError) -> MigrationStatistics {
         self.onResume = onResume
+        // The closure may well capture this destination: do not keep it past the run.
+        defer { self.onResume = nil }
         let start = monotonicNanoseconds()
         startReceivers()
         var completeSince: UInt64 = 0

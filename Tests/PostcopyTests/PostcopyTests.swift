@@ -220,6 +220,36 @@ struct EndToEndTests {
         #expect(poisoned > 0)
         #expect(poisoned <= testBytes / systemPageSize)
     }
+
+    @Test func aPageThatNeverArrivesRaisesSIGBUSInsteadOfHanging() throws {
+        let status = try runHelper("poisoned-after-failed-recovery")
+        let signalled = status & 0x7f != 0 && status & 0x7f != 0x7f
+        #expect(signalled && status & 0x7f == SIGBUS, "wait status \(status): exit code \((status >> 8) & 0xff), signal \(status & 0x7f)")
+    }
+
+    @Test func aMigrationLeavesNoDescriptorBehind() throws {
+        func openDescriptors() -> Int {
+            var n = 0
+            if let dir = opendir("/proc/self/fd") {
+                while readdir(dir) != nil { n += 1 }
+                closedir(dir)
+            }
+            return n
+        }
+        let source = try MemoryMapping.anonymous(length: 4 << 20)
+        fill(source)
+        let before = openDescriptors()
+        do {
+            let run = try DestinationRun()
+            var options = MigrationSource.Options(token: token, mode: .precopyPostcopy)
+            options.precopyRounds = 2
+            let migration = try MigrationSource(regions: [source.range], options: options)
+            _ = try migration.migrate(to: run.listener.endpoint) {}
+            run.wait()
+            _ = try #require(try run.result?.get())
+        }
+        #expect(openDescriptors() == before)
+    }
 }
 
 /// Runs the helper executable built next to the test bundle; returns its wait status.
@@ -239,13 +269,6 @@ func runHelper(_ argument: String) throws -> Int32 {
     var status: Int32 = 0
     while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
     return status
-}
-
-@Test(.timeLimit(.minutes(1)))
-func aPageThatNeverArrivesRaisesSIGBUSInsteadOfHanging() throws {
-    let status = try runHelper("poisoned-after-failed-recovery")
-    let signalled = status & 0x7f != 0 && status & 0x7f != 0x7f
-    #expect(signalled && status & 0x7f == SIGBUS, "wait status \(status): exit code \((status >> 8) & 0xff), signal \(status & 0x7f)")
 }
 
 @Suite(.serialized, .timeLimit(.minutes(1)))
