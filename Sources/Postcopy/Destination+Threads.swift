@@ -90,6 +90,9 @@ extension MigrationDestination {
         guard registered.load(ordering: .acquiring) else {
             // Precopy: the workload is not running here and the range is not registered yet.
             precopySeen.store(true, ordering: .relaxed)
+            if resumed.load(ordering: .acquiring) {
+                throw MigrationError(.malformedFrame("a page after the stop-and-copy switchover, with the workload running"))
+            }
             if channel != .stream { throw MigrationError(.malformedFrame("a page on the urgent channel before the switchover")) }
             for i in 0..<count {
                 let target = UnsafeMutableRawPointer(bitPattern: UInt(base) + UInt(i * pageSize))!
@@ -166,6 +169,7 @@ extension MigrationDestination {
             faultThread = DedicatedThread(name: "pc-faults") { [self] in faultLoop() }
             registered.store(true, ordering: .releasing)
         }
+        resumed.store(true, ordering: .releasing)
         onResume?()
         try connection.send(.resumed)
     }

@@ -67,6 +67,8 @@ public final class MigrationDestination: @unchecked Sendable {
     let localZero = Atomic<Int>(0)
     let duplicates = Atomic<Int>(0)
     let registered = Atomic<Bool>(false)
+    /// Whether the workload was let go (after which unregistered memory is never written).
+    let resumed = Atomic<Bool>(false)
     /// Whether pages arrived before the switchover.
     let precopySeen = Atomic<Bool>(false)
     let completeSeen = Atomic<Bool>(false)

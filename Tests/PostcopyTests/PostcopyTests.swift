@@ -362,6 +362,23 @@ struct HostilePeerTests {
         _ = (c, c2)
     }
 
+    @Test func aPageAfterAStopAndCopySwitchoverIsRejected() throws {
+        let run = try DestinationRun()
+        let frames = header(.init(type: .switchover, payloadLength: 8, count: 1)) + [UInt8](repeating: 0, count: 8)
+            + header(.init(type: .pages, payloadLength: UInt32(systemPageSize), count: 1, region: 0, first: 0))
+            + [UInt8](repeating: 0xCD, count: systemPageSize)
+        let c = try fakeSource(to: run.listener.endpoint, then: frames)
+        run.wait()
+        guard case .malformedFrame = failure(of: run)?.kind else {
+            Issue.record("expected malformedFrame, got \(String(describing: failure(of: run)))")
+            return
+        }
+        let destination = try #require(run.destination)
+        #expect(destination.receivedPages == 0)
+        #expect(destination.regions[0].pointer.load(as: UInt8.self) == 0)
+        _ = c
+    }
+
     @Test func aTruncatedFrameFailsCleanly() throws {
         let run = try DestinationRun()
         let frame = header(.init(type: .pages, payloadLength: UInt32(systemPageSize), count: 1, region: 0, first: 0))
