@@ -231,7 +231,7 @@ public final class MigrationListener: @unchecked Sendable {
         }
         // Small receive buffers keep the stream's backlog, which a page cannot overtake once
         // it is queued, short (accepted sockets inherit this).
-        var receiveBuffer: Int32 = 512 << 10
+        var receiveBuffer: Int32 = 256 << 10
         _ = setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &receiveBuffer, socklen_t(MemoryLayout<Int32>.size))
         if listen(fd, 16) != 0 { let e = systemError("listen"); _ = close(fd); throw e }
         return (fd, bound)

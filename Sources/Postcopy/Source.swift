@@ -32,10 +32,10 @@ public final class MigrationSource: @unchecked Sendable {
         /// The kernel send buffer of the stream connection. A page claimed by the stream waits
         /// behind everything queued before it, so a requested page that was already queued
         /// arrives no sooner than this many bytes later; smaller keeps remote faults short.
-        public var streamBufferBytes: Int = 512 << 10
+        public var streamBufferBytes: Int = 256 << 10
         /// After precopy, the most passes that have the destination forget pages dirtied
         /// again (outside the pause), so that few remain to forget during it.
-        public var discardPasses: Int = 4
+        public var discardPasses: Int = 8
         /// Whether to reconnect and resume after a connection drops during postcopy.
         public var reconnect: Bool = true
         /// How long to keep trying to reconnect.

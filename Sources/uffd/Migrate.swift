@@ -39,7 +39,7 @@ struct WorkloadOptions: ParsableArguments {
     var workers = 2
 
     @Option(help: "Kernel send buffer of the stream connection, in KiB (smaller: shorter remote faults).")
-    var streamBuffer = 512
+    var streamBuffer = 256
 
     func validate() throws {
         guard size > 0, size <= 1 << 20 else { throw ValidationError("--size must be 1...1048576 MiB, not \(size)") }
