@@ -105,9 +105,14 @@ let package = Package(
             name: "FaultEngineTests",
             dependencies: ["FaultEngine", "Userfaultfd", "_CFaultEngine"]
         ),
+        // Runs the Postcopy scenarios whose expected outcome is a signal.
+        .executableTarget(
+            name: "postcopy-test-helper",
+            dependencies: ["Postcopy", "Userfaultfd"]
+        ),
         .testTarget(
             name: "PostcopyTests",
-            dependencies: ["Postcopy", "Userfaultfd"]
+            dependencies: ["Postcopy", "Userfaultfd", "postcopy-test-helper"]
         ),
         .testTarget(
             name: "FaultManagerTests",

@@ -1,0 +1,230 @@
+import Histogram
+import Userfaultfd
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+// The destination's threads: one receive thread per channel, and the fault thread.
+extension MigrationDestination {
+    func receiveLoop(_ connection: Connection, channel: Wire.Channel) {
+        if channel == .urgent { preferLowLatencyScheduling() }
+        let pageSize = table.pageSize
+        // Its own mapping, so that UFFDIO_MOVE can take pages out of it.
+        guard let bufferMapping = try? RegionMemory(length: Wire.maxRunPages * pageSize) else {
+            failure.withLock { if $0 == nil { $0 = MigrationError(.system("cannot map a receive buffer")) } }
+            return
+        }
+        _ = madvise(bufferMapping.base, bufferMapping.length, MADV_NOHUGEPAGE)
+        let buffer = bufferMapping.base
+        let scratch = UnsafeMutableRawPointer.allocate(byteCount: Wire.headerSize, alignment: 8)
+        var histogram = Histogram<UInt64>(highestTrackableValue: 600_000_000_000, numberOfSignificantValueDigits: .three)
+        var blocktime: UInt64 = 0
+        defer {
+            withExtendedLifetime(bufferMapping) {}
+            scratch.deallocate()
+            latency.withLock { state in
+                state.0.add(histogram)
+                state.1 += blocktime
+            }
+        }
+        do throws(MigrationError) {
+            while true {
+                let header = try connection.receiveHeader(scratch: scratch, pageSize: pageSize)
+                switch header.type {
+                case .pages:
+                    let g = try table.check(region: header.region, first: header.first, count: UInt64(header.count))
+                    try connection.receive(into: buffer, Int(header.payloadLength))
+                    try install(g, count: Int(header.count), region: Int(header.region), first: header.first,
+                                data: buffer, channel: channel, histogram: &histogram, blocktime: &blocktime)
+                case .zeros:
+                    let g = try table.check(region: header.region, first: header.first, count: UInt64(header.count))
+                    try install(g, count: Int(header.count), region: Int(header.region), first: header.first,
+                                data: nil, channel: channel, histogram: &histogram, blocktime: &blocktime)
+                case .switchover where channel == .stream:
+                    let payload = UnsafeMutableRawPointer.allocate(byteCount: max(1, Int(header.payloadLength)), alignment: 8)
+                    defer { payload.deallocate() }
+                    try connection.receive(into: payload, Int(header.payloadLength))
+                    let runs = try Wire.decodeRuns([UInt8](UnsafeRawBufferPointer(start: payload, count: Int(header.payloadLength))))
+                    try switchover(invalidating: runs, final: header.count == 1, connection: connection)
+                case .discard where channel == .stream:
+                    if registered.load(ordering: .acquiring) {
+                        throw MigrationError(.malformedFrame("a discard frame after the switchover"))
+                    }
+                    let payload = UnsafeMutableRawPointer.allocate(byteCount: max(1, Int(header.payloadLength)), alignment: 8)
+                    defer { payload.deallocate() }
+                    try connection.receive(into: payload, Int(header.payloadLength))
+                    try forget(Wire.decodeRuns([UInt8](UnsafeRawBufferPointer(start: payload, count: Int(header.payloadLength)))))
+                    try connection.send(.discarded)
+                case .complete where channel == .stream:
+                    completeSeen.store(true, ordering: .releasing)
+                    return
+                case .error:
+                    let payload = UnsafeMutableRawPointer.allocate(byteCount: max(1, Int(header.payloadLength)), alignment: 8)
+                    defer { payload.deallocate() }
+                    try connection.receive(into: payload, Int(header.payloadLength))
+                    throw MigrationError.fromWire([UInt8](UnsafeRawBufferPointer(start: payload, count: Int(header.payloadLength))))
+                default:
+                    throw MigrationError(.malformedFrame("unexpected \(header.type) frame on the \(channel) channel"))
+                }
+            }
+        } catch {
+            if case .connectionLost(let why) = error.kind {
+                lostReason.withLock { if $0 == nil { $0 = "\(channel) channel: \(why)" } }
+                disconnected.store(true, ordering: .releasing)
+            } else {
+                failure.withLock { if $0 == nil { $0 = error } }
+            }
+        }
+    }
+
+    /// Installs a run of pages (`data` nil: zero pages), skipping pages already there.
+    func install(
+        _ g0: Int, count: Int, region: Int, first: UInt64, data: UnsafeRawPointer?, channel: Wire.Channel,
+        histogram: inout Histogram<UInt64>, blocktime: inout UInt64
+    ) throws(MigrationError) {
+        let pageSize = table.pageSize
+        let base = table.regions[region].start + first * UInt64(pageSize)
+        guard registered.load(ordering: .acquiring) else {
+            // Precopy: the workload is not running here and the range is not registered yet.
+            precopySeen.store(true, ordering: .relaxed)
+            if resumed.load(ordering: .acquiring) {
+                throw MigrationError(.malformedFrame("a page after the stop-and-copy switchover, with the workload running"))
+            }
+            if channel != .stream { throw MigrationError(.malformedFrame("a page on the urgent channel before the switchover")) }
+            for i in 0..<count {
+                let target = UnsafeMutableRawPointer(bitPattern: UInt(base) + UInt(i * pageSize))!
+                let wasReceived = received.testAndSet(g0 + i)
+                if !wasReceived { receivedCount.add(1, ordering: .relaxed) }
+                if let data {
+                    target.copyMemory(from: data + i * pageSize, byteCount: pageSize)
+                    zeroKnown.testAndClear(g0 + i)
+                } else {
+                    if wasReceived && !zeroKnown.test(g0 + i) { memset(target, 0, pageSize) }
+                    zeroKnown.testAndSet(g0 + i)
+                }
+            }
+            return
+        }
+        var i = 0
+        while i < count {
+            if received.testAndSet(g0 + i) {
+                duplicates.add(1, ordering: .relaxed)
+                i += 1
+                continue
+            }
+            var j = i + 1
+            while j < count && !received.testAndSet(g0 + j) { j += 1 }
+            let destination = base + UInt64(i * pageSize)
+            let length = (j - i) * pageSize
+            var done = 0
+            while done < length {
+                let outcome: Userfaultfd.Outcome
+                do {
+                    if let data, options.installByMove {
+                        outcome = try handle.move(to: destination + UInt64(done),
+                                                  from: UInt64(UInt(bitPattern: data + i * pageSize + done)), length: length - done)
+                    } else if let data {
+                        outcome = try handle.copy(to: destination + UInt64(done), from: data + i * pageSize + done, length: length - done)
+                    } else {
+                        outcome = try handle.zeropage(MemoryRange(start: destination + UInt64(done), length: UInt64(length - done)))
+                    }
+                } catch {
+                    throw MigrationError(error)
+                }
+                switch outcome {
+                case .completed: done = length
+                case .partial(let n): done += n
+                case .alreadyPresent:
+                    duplicates.add(1, ordering: .relaxed)
+                    done += pageSize
+                case .retryAfterEvents: continue
+                }
+            }
+            receivedCount.add(j - i, ordering: .releasing)
+            let now = monotonicNanoseconds()
+            for g in (g0 + i)..<(g0 + j) where requested.test(g) {
+                let waited = now &- requestTime[g]
+                _ = histogram.record(waited)
+                blocktime &+= waited
+            }
+            if j < count { duplicates.add(1, ordering: .relaxed) }
+            i = j + 1
+        }
+    }
+
+    /// Switches to postcopy (or, for stop-and-copy, just resumes): forgets pages the
+    /// source dirtied after sending them, registers the regions, starts the fault thread,
+    /// lets the workload go and tells the source.
+    func switchover(invalidating runs: [Wire.PageRun], final: Bool, connection: Connection) throws(MigrationError) {
+        try forget(runs)
+        if !final && !registered.load(ordering: .acquiring) {
+            do {
+                for r in regions { try handle.register(r, mode: .missing, requiring: [.copy, .zeropage]) }
+            } catch {
+                throw MigrationError(error)
+            }
+            faultThread = DedicatedThread(name: "pc-faults") { [self] in faultLoop() }
+            registered.store(true, ordering: .releasing)
+        }
+        resumed.store(true, ordering: .releasing)
+        onResume?()
+        try connection.send(.resumed)
+    }
+
+    /// Drops pages the source sent and then saw change: they are missing again.
+    func forget(_ runs: [Wire.PageRun]) throws(MigrationError) {
+        for run in runs {
+            let g0 = try table.check(region: run.region, first: run.first, count: run.count)
+            for g in g0..<(g0 + Int(run.count)) {
+                if received.testAndClear(g) { receivedCount.subtract(1, ordering: .relaxed) }
+                zeroKnown.testAndClear(g)
+            }
+            let start = table.regions[Int(run.region)].start + run.first * UInt64(table.pageSize)
+            _ = madvise(UnsafeMutableRawPointer(bitPattern: UInt(start)), Int(run.count) * table.pageSize, MADV_DONTNEED)
+        }
+    }
+
+    // MARK: Fault thread
+
+    func faultLoop() {
+        preferLowLatencyScheduling()
+        let buffer = Userfaultfd.EventBuffer(capacity: 64)
+        let frame = UnsafeMutableRawPointer.allocate(byteCount: Wire.headerSize, alignment: 8)
+        defer { frame.deallocate() }
+        do {
+            while true {
+                switch try handle.wait(stop: stopFaults) {
+                case .stopped, .hangUp: return
+                case .timedOut: continue
+                case .ready: break
+                }
+                try handle.readEvents(into: buffer)
+                for event in buffer.events {
+                    guard case .pageFault(let fault) = event, let (_, g) = table.locate(fault.address) else { continue }
+                    if zeroKnown.test(g) {
+                        let page = fault.address & ~UInt64(table.pageSize - 1)
+                        _ = try handle.zeropage(MemoryRange(start: page, length: UInt64(table.pageSize)))
+                        localZero.add(1, ordering: .relaxed)
+                        continue
+                    }
+                    if received.test(g) || requested.testAndSet(g) { continue }
+                    requestTime[g] = monotonicNanoseconds()
+                    faults.add(1, ordering: .relaxed)
+                    sendRequest(g, frame: frame, fd: urgentFD.load(ordering: .acquiring))
+                }
+            }
+        } catch {
+            failure.withLock { if $0 == nil { $0 = MigrationError(error) } }
+        }
+    }
+
+    /// Sends one page request; a failure is ignored (the request is repeated after a reconnect).
+    func sendRequest(_ g: Int, frame: UnsafeMutableRawPointer, fd: Int32) {
+        let (region, page) = table.split(g)
+        Wire.Header(type: .request, count: 1, region: UInt32(region), first: UInt64(page)).encode(into: frame)
+        _ = send(fd, frame, Wire.headerSize, Int32(MSG_NOSIGNAL))
+    }
+}

@@ -1,0 +1,391 @@
+import Histogram
+import Synchronization
+import Userfaultfd
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// The receiving side of a migration: maps the regions the source describes, lets a
+/// workload run on them, and pulls every page it touches before it arrives.
+///
+/// Three dedicated threads do the work: a fault thread reads the userfaultfd and sends
+/// one request per missing page (deduplicated) on the urgent channel; one receive thread
+/// per channel validates arriving frames and installs pages with `UFFDIO_COPY` or
+/// `UFFDIO_ZEROPAGE`. A page that arrives after it was installed is dropped.
+///
+/// ```swift
+/// let listener = try MigrationListener(.tcp(host: "127.0.0.1", port: 7070))
+/// let destination = try MigrationDestination.accept(on: listener, options: .init(token: token))
+/// let stats = try destination.run { startWorkload(on: destination.regions) }
+/// ```
+public final class MigrationDestination: @unchecked Sendable {
+    /// Limits and timeouts of a destination.
+    public struct Options: Sendable {
+        /// The pre-shared token the source must present.
+        public var token: [UInt8]
+        /// The most bytes the source may describe.
+        public var maxBytes: Int = 64 << 30
+        /// How long to wait for the source's two connections and handshakes.
+        public var handshakeTimeoutMilliseconds: Int32 = 10_000
+        /// How long to wait for the source to reconnect after a connection drops during
+        /// postcopy. Past it, pages that can never arrive are poisoned and the migration fails.
+        public var recoveryTimeoutMilliseconds: Int32 = 5_000
+        /// Install arriving pages with `UFFDIO_MOVE` out of the receive buffer instead of
+        /// `UFFDIO_COPY`: no copy, but the buffer's pages are faulted in afresh by the next
+        /// receive. Needs the MOVE feature (kernel 6.8+).
+        public var installByMove = false
+
+        public init(token: [UInt8]) { self.token = token }
+    }
+
+    /// The regions, mapped in this process, in the order the source described them.
+    /// They stay mapped as long as this object lives.
+    public let regions: [MemoryRange]
+    let table: RegionTable
+    let options: Options
+    let listener: MigrationListener
+    let migrationID: UInt64
+    let memory: [RegionMemory]
+    let uffd: Userfaultfd
+    var handle: Userfaultfd.Handle { uffd.handle }
+
+    var stream: Connection
+    var urgent: Connection
+    var retired: [Connection] = []
+    let urgentFD: Atomic<Int32>
+
+    let received: PageBitmap
+    let requested: PageBitmap
+    let zeroKnown: PageBitmap
+    let requestTime: UnsafeMutablePointer<UInt64>
+
+    let receivedCount = Atomic<Int>(0)
+    let faults = Atomic<Int>(0)
+    let localZero = Atomic<Int>(0)
+    let duplicates = Atomic<Int>(0)
+    let registered = Atomic<Bool>(false)
+    /// Whether the workload was let go (after which unregistered memory is never written).
+    let resumed = Atomic<Bool>(false)
+    /// Whether pages arrived before the switchover.
+    let precopySeen = Atomic<Bool>(false)
+    let completeSeen = Atomic<Bool>(false)
+    let disconnected = Atomic<Bool>(false)
+    let failure = Mutex<MigrationError?>(nil)
+    let lostReason = Mutex<String?>(nil)
+    let latency = Mutex<(Histogram<UInt64>, UInt64)>(
+        (Histogram<UInt64>(highestTrackableValue: 600_000_000_000, numberOfSignificantValueDigits: .three), 0))
+    let stopFaults: StopSignal
+    var faultThread: DedicatedThread?
+    var receivers: [DedicatedThread] = []
+    var onResume: (@Sendable () -> Void)?
+    var reconnects = 0
+
+    /// Pages installed so far (or known to be zero).
+    public var receivedPages: Int { receivedCount.load(ordering: .relaxed) }
+    /// Pages in all regions.
+    public var totalPages: Int { table.totalPages }
+
+    /// Accepts a source's two connections on `listener`, checks its handshake, and maps
+    /// the regions it describes.
+    ///
+    /// - Throws: ``MigrationError`` with kind `badToken`, `unsupportedVersion`,
+    ///   `malformedFrame` or `badRegions` (the source is told why), or `connectionLost`
+    ///   when no source arrives in time.
+    public static func accept(on listener: MigrationListener, options: Options) throws(MigrationError) -> MigrationDestination {
+        guard let (hello, stream, urgent) = try acceptPair(listener, options: options, milliseconds: options.handshakeTimeoutMilliseconds) else {
+            throw MigrationError(.connectionLost("no source connected to \(listener.endpoint) within \(options.handshakeTimeoutMilliseconds) ms"))
+        }
+        do throws(MigrationError) {
+            if hello.resume { throw MigrationError(.malformedFrame("a resume handshake for a migration this destination does not know")) }
+            if hello.pageSize != systemPageSize {
+                throw MigrationError(.badRegions("page size \(hello.pageSize) differs from this machine's \(systemPageSize)"))
+            }
+            var total: UInt64 = 0
+            for (i, length) in hello.regionLengths.enumerated() {
+                if length == 0 || length % UInt64(systemPageSize) != 0 {
+                    throw MigrationError(.badRegions("region \(i) is \(length) bytes, not a positive multiple of \(systemPageSize)"))
+                }
+                total &+= length
+                if total > UInt64(options.maxBytes) || total < length {
+                    throw MigrationError(.badRegions("the regions exceed the \(options.maxBytes)-byte limit"))
+                }
+            }
+            let d = try MigrationDestination(hello: hello, stream: stream, urgent: urgent, listener: listener, options: options)
+            try stream.send(.welcome)
+            try urgent.send(.welcome)
+            return d
+        } catch {
+            stream.sendError(error)
+            throw error
+        }
+    }
+
+    private init(hello: Wire.Hello, stream: Connection, urgent: Connection, listener: MigrationListener, options: Options) throws(MigrationError) {
+        var maps: [RegionMemory] = []
+        for length in hello.regionLengths { maps.append(try RegionMemory(length: Int(length))) }
+        memory = maps
+        regions = maps.map { MemoryRange(start: $0.start, length: UInt64($0.length)) }
+        table = RegionTable(starts: regions.map(\.start), lengths: hello.regionLengths, pageSize: hello.pageSize)
+        do {
+            uffd = try Userfaultfd(features: options.installByMove ? [.poison, .move] : [.poison])
+        } catch {
+            throw MigrationError(error)
+        }
+        stopFaults = try Self.stopSignal()
+        self.stream = stream
+        self.urgent = urgent
+        urgentFD = Atomic(urgent.fd)
+        self.listener = listener
+        self.options = options
+        migrationID = hello.migrationID
+        received = PageBitmap(count: table.totalPages)
+        requested = PageBitmap(count: table.totalPages)
+        zeroKnown = PageBitmap(count: table.totalPages)
+        requestTime = .allocate(capacity: max(1, table.totalPages))
+    }
+
+    private static func stopSignal() throws(MigrationError) -> StopSignal {
+        do { return try StopSignal() } catch { throw MigrationError(error) }
+    }
+
+    deinit {
+        stopFaults.raise()
+        faultThread?.join()
+        requestTime.deallocate()
+    }
+
+    // MARK: Running
+
+    /// Receives the migration until every page is installed.
+    ///
+    /// - Parameter onResume: called once the switchover is done and the workload may run
+    ///   on ``regions`` (faults on missing pages are served from then on). It runs on a
+    ///   receive thread and should only start the workload, not run it.
+    /// - Returns: the destination's view of the statistics.
+    /// - Throws: ``MigrationError``. If a connection dropped during postcopy and the source
+    ///   did not return within the recovery timeout, the error is `recoveryTimedOut` and
+    ///   every page that can never arrive is poisoned (touching it raises SIGBUS), so no
+    ///   faulting thread waits forever. Protocol errors poison the same way.
+    public func run(onResume: @escaping @Sendable () -> Void) throws(MigrationError) -> MigrationStatistics {
+        self.onResume = onResume
+        // The closure may well capture this destination: do not keep it past the run.
+        defer { self.onResume = nil }
+        let start = monotonicNanoseconds()
+        startReceivers()
+        var completeSince: UInt64 = 0
+        while true {
+            usleep(500)
+            if let error = failure.withLock({ $0 }) { throw fail(error) }
+            if completeSeen.load(ordering: .acquiring) {
+                if receivedCount.load(ordering: .acquiring) == table.totalPages {
+                    return finish(start: start)
+                }
+                if completeSince == 0 { completeSince = monotonicNanoseconds() }
+                if monotonicNanoseconds() - completeSince > UInt64(options.recoveryTimeoutMilliseconds) * 1_000_000 {
+                    throw fail(MigrationError(.malformedFrame(
+                        "the source declared the migration complete with \(table.totalPages - receivedPages) pages never sent")))
+                }
+            }
+            if disconnected.load(ordering: .acquiring) {
+                stopReceivers()
+                if let error = failure.withLock({ $0 }) { throw fail(error) }
+                if !registered.load(ordering: .acquiring) {
+                    let why = lostReason.withLock { $0 } ?? "no reason given"
+                    throw fail(MigrationError(.connectionLost("the source went away before the switchover (\(why))")))
+                }
+                if let error = recover() { throw error }
+                disconnected.store(false, ordering: .releasing)
+                lostReason.withLock { $0 = nil }
+                startReceivers()
+            }
+        }
+    }
+
+    func startReceivers() {
+        let s = stream, u = urgent
+        receivers = [
+            DedicatedThread(name: "pc-recv-stream") { [self] in receiveLoop(s, channel: .stream) },
+            DedicatedThread(name: "pc-recv-urgent") { [self] in receiveLoop(u, channel: .urgent) },
+        ]
+    }
+
+    func stopReceivers() {
+        stream.shutdown()
+        urgent.shutdown()
+        for t in receivers { t.join() }
+        receivers = []
+    }
+
+    func finish(start: UInt64) -> MigrationStatistics {
+        // Every page is here: the receive threads are done (the stream one left at COMPLETE)
+        // and hand in their latency figures as they exit.
+        urgent.shutdown()
+        for t in receivers { t.join() }
+        receivers = []
+        let report = makeReport()
+        try? stream.send(.done, payload: report.encode())
+        stopFaults.raise()
+        faultThread?.join()
+        faultThread = nil
+        if registered.load(ordering: .acquiring) {
+            for r in regions { try? handle.unregister(r) }
+        }
+        // The source closes both connections once it has the report.
+        _ = stream.waitReadable(milliseconds: 2_000)
+        stopReceivers()
+        var stats = MigrationStatistics()
+        stats.regionBytes = table.totalPages * table.pageSize
+        stats.totalSeconds = Double(monotonicNanoseconds() - start) / 1e9
+        stats.reconnects = reconnects
+        stats.mode = !registered.load(ordering: .relaxed) ? .stopAndCopy : precopySeen.load(ordering: .relaxed) ? .precopyPostcopy : .postcopy
+        report.apply(to: &stats)
+        return stats
+    }
+
+    func makeReport() -> DestinationReport {
+        latency.withLock { state in
+            DestinationReport(
+                faults: UInt64(faults.load(ordering: .relaxed)),
+                localZeroFaults: UInt64(localZero.load(ordering: .relaxed)),
+                p50: state.0.valueAtPercentile(50), p90: state.0.valueAtPercentile(90),
+                p99: state.0.valueAtPercentile(99), max: state.0.max,
+                blocktimeNanoseconds: state.1,
+                duplicates: UInt64(duplicates.load(ordering: .relaxed)),
+                latencyCount: state.0.totalCount)
+        }
+    }
+
+    /// Gives up: tells the source, stops receiving, poisons what can never arrive.
+    func fail(_ error: MigrationError) -> MigrationError {
+        stream.sendError(error)
+        stopReceivers()
+        let poisoned = poisonMissing()
+        stopFaults.raise()
+        faultThread?.join()
+        faultThread = nil
+        if case .recoveryTimedOut = error.kind { return MigrationError(.recoveryTimedOut(poisonedPages: poisoned)) }
+        return error
+    }
+
+    /// Poisons every page not received (zero-filling those known to be zero); returns how many were poisoned.
+    func poisonMissing() -> Int {
+        guard registered.load(ordering: .acquiring) else { return 0 }
+        var poisoned = 0
+        for run in table.runs(where: { !received.test($0) }) {
+            let base = table.regions[Int(run.region)].start
+            let g0 = table.regions[Int(run.region)].firstGlobal + Int(run.first)
+            var i = 0
+            while i < Int(run.count) {
+                let zero = zeroKnown.test(g0 + i)
+                var j = i + 1
+                while j < Int(run.count) && zeroKnown.test(g0 + j) == zero { j += 1 }
+                let range = MemoryRange(start: base + (run.first + UInt64(i)) * UInt64(table.pageSize), length: UInt64((j - i) * table.pageSize))
+                if zero {
+                    _ = try? handle.zeropage(range)
+                } else {
+                    _ = try? handle.poison(range)
+                    poisoned += j - i
+                }
+                for k in i..<j { received.testAndSet(g0 + k) }
+                i = j
+            }
+        }
+        return poisoned
+    }
+
+    /// Waits for the source to come back; nil once it has, the error otherwise.
+    func recover() -> MigrationError? {
+        let deadline = monotonicNanoseconds() + UInt64(options.recoveryTimeoutMilliseconds) * 1_000_000
+        while true {
+            let now = monotonicNanoseconds()
+            if now >= deadline { break }
+            let remaining = Int32(min(UInt64(Int32.max), (deadline - now) / 1_000_000 + 1))
+            let pair: (Wire.Hello, Connection, Connection)?
+            do { pair = try Self.acceptPair(listener, options: options, milliseconds: remaining) } catch { continue }
+            guard let (hello, s, u) = pair else { break }
+            let lengths = table.regions.map { UInt64($0.pages * table.pageSize) }
+            if !hello.resume || hello.migrationID != migrationID || hello.regionLengths != lengths {
+                s.sendError(MigrationError(.badRegions("not a resume of migration \(migrationID) with the same regions")))
+                continue
+            }
+            var bitmap: [UInt8] = []
+            for r in table.regions { bitmap += received.bytes(from: r.firstGlobal, count: r.pages) }
+            do {
+                try s.send(.welcome, payload: bitmap)
+                try u.send(.welcome)
+            } catch { continue }
+            retired += [stream, urgent]
+            stream = s
+            urgent = u
+            urgentFD.store(u.fd, ordering: .releasing)
+            // Ask again for every page a thread still waits on.
+            let frame = UnsafeMutableRawPointer.allocate(byteCount: Wire.headerSize, alignment: 8)
+            defer { frame.deallocate() }
+            var g = 0
+            while let next = requested.nextSet(from: g) {
+                if !received.test(next) { sendRequest(next, frame: frame, fd: u.fd) }
+                g = next + 1
+            }
+            reconnects += 1
+            return nil
+        }
+        return fail(MigrationError(.recoveryTimedOut(poisonedPages: 0)))
+    }
+
+    /// Accepts connections until one stream and one urgent channel of the same migration
+    /// have shaken hands. Nil on timeout.
+    static func acceptPair(_ listener: MigrationListener, options: Options, milliseconds: Int32) throws(MigrationError) -> (Wire.Hello, Connection, Connection)? {
+        let deadline = monotonicNanoseconds() + UInt64(milliseconds) * 1_000_000
+        var slots: [Wire.Channel: (Wire.Hello, Connection)] = [:]
+        while true {
+            let now = monotonicNanoseconds()
+            if now >= deadline { return nil }
+            let remaining = Int32(min(UInt64(Int32.max), (deadline - now) / 1_000_000 + 1))
+            guard let connection = try listener.accept(milliseconds: remaining) else { return nil }
+            let hello: Wire.Hello
+            do throws(MigrationError) {
+                guard connection.waitReadable(milliseconds: remaining) else {
+                    throw MigrationError(.connectionLost("the peer sent no handshake in time"))
+                }
+                let (header, payload) = try connection.receiveControl(pageSize: systemPageSize)
+                if header.type != .hello { throw MigrationError(.malformedFrame("expected a hello frame, got \(header.type)")) }
+                hello = try Wire.Hello.decode(payload)
+                if !Wire.tokensMatch(hello.token, options.token) { throw MigrationError(.badToken) }
+            } catch {
+                connection.sendError(error)
+                throw error
+            }
+            if let other = slots.first(where: { $0.key != hello.channel }), other.value.0.migrationID != hello.migrationID {
+                slots = [:]
+            }
+            slots[hello.channel] = (hello, connection)
+            if let s = slots[.stream], let u = slots[.urgent] {
+                if s.0.regionLengths != u.0.regionLengths || s.0.pageSize != u.0.pageSize {
+                    let error = MigrationError(.badRegions("the two channels describe different regions"))
+                    s.1.sendError(error)
+                    throw error
+                }
+                return (s.0, s.1, u.1)
+            }
+        }
+    }
+}
+
+/// An anonymous mapping owned by a destination.
+final class RegionMemory: @unchecked Sendable {
+    let base: UnsafeMutableRawPointer
+    let length: Int
+    var start: UInt64 { UInt64(UInt(bitPattern: base)) }
+
+    init(length: Int) throws(MigrationError) {
+        let p = mmap(nil, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        guard let p, p != MAP_FAILED else { throw systemError("mmap \(length) bytes") }
+        base = p
+        self.length = length
+    }
+
+    deinit { munmap(base, length) }
+}

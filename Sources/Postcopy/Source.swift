@@ -1,0 +1,382 @@
+import Synchronization
+import Userfaultfd
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// The sending side of a migration: owns a bitmap of the pages still missing on the
+/// destination and sends each page once.
+///
+/// The background stream sends missing pages in address order on one connection;
+/// a dedicated thread answers page requests on the other at once and makes the stream
+/// continue just after the requested page. Zero pages travel as markers.
+///
+/// ```swift
+/// let source = try MigrationSource(regions: [range], options: .init(token: token, mode: .precopyPostcopy))
+/// let stats = try source.migrate(to: .tcp(host: "127.0.0.1", port: 7070)) { workload.pause() }
+/// ```
+public final class MigrationSource: @unchecked Sendable {
+    /// How a source migrates.
+    public struct Options: Sendable {
+        /// The pre-shared token the destination expects.
+        public var token: [UInt8]
+        /// Postcopy only, precopy then postcopy, or stop-and-copy.
+        public var mode: MigrationStatistics.Mode
+        /// The most precopy rounds (the first sends every page); ignored for pure postcopy.
+        public var precopyRounds: Int = 4
+        /// Precopy ends early once a round leaves at most this many dirty pages.
+        public var convergencePages: Int = 256
+        /// The kernel send buffer of the stream connection. A page claimed by the stream waits
+        /// behind everything queued before it, so a requested page that was already queued
+        /// arrives no sooner than this many bytes later; smaller keeps remote faults short.
+        public var streamBufferBytes: Int = 256 << 10
+        /// After precopy, the most passes that have the destination forget pages dirtied
+        /// again (outside the pause), so that few remain to forget during it.
+        public var discardPasses: Int = 8
+        /// Whether to reconnect and resume after a connection drops during postcopy.
+        public var reconnect: Bool = true
+        /// How long to keep trying to reconnect.
+        public var recoveryTimeoutMilliseconds: Int32 = 5_000
+        /// For tests of recovery: shut the stream connection down once this many pages were
+        /// sent after the switchover, as a network failure would.
+        public var _dropConnectionsAfterPages: Int?
+
+        public init(token: [UInt8], mode: MigrationStatistics.Mode = .postcopy) {
+            self.token = token
+            self.mode = mode
+        }
+    }
+
+    /// The regions being migrated (memory of this process, which must stay mapped).
+    public let regions: [MemoryRange]
+    let table: RegionTable
+    let options: Options
+    private let missing: PageBitmap
+    private let sentOnce: PageBitmap
+    private let seek = Atomic<Int>(-1)
+    private let linkDown = Atomic<Bool>(false)
+    private let failure = Mutex<MigrationError?>(nil)
+    private let phase = Atomic<UInt8>(MigrationProgress.Phase.connecting.rawValue)
+    private let round = Atomic<Int>(0)
+    private let precopyBytes = Atomic<Int>(0)
+    private let pauseBytes = Atomic<Int>(0)
+    private let pausePages = Atomic<Int>(0)
+    private let streamBytes = Atomic<Int>(0)
+    private let streamZeroPages = Atomic<Int>(0)
+    private let requestBytes = Atomic<Int>(0)
+    private let zeroPages = Atomic<Int>(0)
+    private let requestedPages = Atomic<Int>(0)
+    private let postcopySent = Atomic<Int>(0)
+    private var dropDone = false
+
+    /// Prepares to migrate `regions` (page-aligned, non-empty).
+    public init(regions: [MemoryRange], options: Options) throws(MigrationError) {
+        if regions.isEmpty || regions.count > Wire.maxRegions {
+            throw MigrationError(.invalidArgument("\(regions.count) regions given (1...\(Wire.maxRegions) allowed)"))
+        }
+        for r in regions where r.length == 0 || !r.isAligned(to: UInt64(systemPageSize)) {
+            throw MigrationError(.invalidArgument("region \(r) is empty or not page-aligned"))
+        }
+        if options.token.isEmpty || options.token.count > Wire.maxTokenLength {
+            throw MigrationError(.invalidArgument("a token of 1...\(Wire.maxTokenLength) bytes is required"))
+        }
+        self.regions = regions
+        self.options = options
+        table = RegionTable(starts: regions.map(\.start), lengths: regions.map(\.length), pageSize: systemPageSize)
+        missing = PageBitmap(count: table.totalPages, set: true)
+        sentOnce = PageBitmap(count: table.totalPages)
+    }
+
+    /// How far the migration has come.
+    public var progress: MigrationProgress {
+        MigrationProgress(
+            phase: MigrationProgress.Phase(rawValue: phase.load(ordering: .relaxed)) ?? .connecting,
+            pagesSent: table.totalPages - missing.population,
+            totalPages: table.totalPages,
+            round: round.load(ordering: .relaxed))
+    }
+
+    /// Migrates the regions to the destination listening at `endpoint`.
+    ///
+    /// - Parameters:
+    ///   - endpoint: where the destination listens.
+    ///   - pause: stops the workload on this side and returns once it no longer writes
+    ///     the regions. Called once, at the switchover.
+    /// - Returns: the statistics of both sides.
+    /// - Throws: ``MigrationError``: `badToken` or `badRegions` if the destination refused,
+    ///   `connectionLost` if it could not be reached or a dropped connection could not be
+    ///   re-established.
+    public func migrate(to endpoint: MigrationEndpoint, pause: @Sendable () -> Void) throws(MigrationError) -> MigrationStatistics {
+        let start = monotonicNanoseconds()
+        var stats = MigrationStatistics()
+        stats.mode = options.mode
+        stats.regionBytes = table.totalPages * table.pageSize
+        let migrationID = UInt64.random(in: 1...UInt64.max)
+        var (stream, urgent, _) = try connectPair(endpoint, id: migrationID, resume: false)
+        let scratch = UnsafeMutableRawPointer.allocate(byteCount: Wire.headerSize, alignment: 8)
+        defer {
+            scratch.deallocate()
+        }
+        var urgentThread: DedicatedThread?
+        defer {
+            stream.shutdown()
+            urgent.shutdown()
+            urgentThread?.join()
+        }
+        do throws(MigrationError) {
+            // Precopy while the workload runs.
+            var tracker: DirtyTracker?
+            if options.mode != .postcopy && options.precopyRounds > 0 {
+                tracker = try DirtyTracker(table: table)
+                phase.store(MigrationProgress.Phase.precopy.rawValue, ordering: .relaxed)
+                for r in 1...options.precopyRounds {
+                    round.store(r, ordering: .relaxed)
+                    stats.precopyRounds = r
+                    try sendMissing(stream, scratch: scratch, phase: .precopy)
+                    let dirty = try tracker!.scan { g in missing.testAndSet(g) }
+                    if dirty <= options.convergencePages { break }
+                }
+            }
+            // Pages that keep changing would each cost the destination an madvise while the
+            // workload is stopped: have it forget them now, and pull them after the switchover.
+            if let t = tracker, options.mode == .precopyPostcopy {
+                for _ in 0..<options.discardPasses {
+                    let hot = table.runs(setInBoth: missing, sentOnce)
+                    if hot.isEmpty { break }
+                    for run in hot {
+                        let base = table.regions[Int(run.region)].firstGlobal + Int(run.first)
+                        for g in base..<(base + Int(run.count)) { sentOnce.testAndClear(g) }
+                    }
+                    try stream.send(.discard, payload: Wire.encodeRuns(hot))
+                    let (ack, _) = try stream.receiveControl(pageSize: table.pageSize)
+                    if ack.type != .discarded { throw MigrationError(.malformedFrame("expected discarded, got \(ack.type)")) }
+                    stats.discardedPages += hot.reduce(0) { $0 + Int($1.count) }
+                    if try t.scan({ g in missing.testAndSet(g) }) <= options.convergencePages { break }
+                }
+            }
+            round.store(0, ordering: .relaxed)
+
+            // Switchover.
+            pause()
+            let stopped = monotonicNanoseconds()
+            phase.store(MigrationProgress.Phase.switchover.rawValue, ordering: .relaxed)
+            if let t = tracker { try t.scan { g in missing.testAndSet(g) } }
+
+            if options.mode == .stopAndCopy {
+                try sendMissing(stream, scratch: scratch, phase: .pause)
+                try stream.send(.switchover, payload: Wire.encodeRuns([]), count: 1)
+            } else {
+                let runs = table.runs(setInBoth: missing, sentOnce)
+                try stream.send(.switchover, payload: Wire.encodeRuns(runs))
+            }
+            let (resumed, _) = try stream.receiveControl(pageSize: table.pageSize)
+            if resumed.type != .resumed { throw MigrationError(.malformedFrame("expected resumed, got \(resumed.type)")) }
+            stats.switchoverPauseMicroseconds = Double(monotonicNanoseconds() - stopped) / 1000
+            stats.pausePages = pausePages.load(ordering: .relaxed)
+
+            // Postcopy: stream the rest, answer requests at once.
+            phase.store(MigrationProgress.Phase.postcopy.rawValue, ordering: .relaxed)
+            let streamStart = monotonicNanoseconds()
+            var streamEnd = streamStart
+            urgentThread = startUrgent(urgent)
+            while true {
+                do throws(MigrationError) {
+                    try sendMissing(stream, scratch: scratch, phase: .stream)
+                    streamEnd = monotonicNanoseconds()
+                    try stream.send(.complete)
+                    let (done, payload) = try stream.receiveControl(pageSize: table.pageSize)
+                    if done.type != .done { throw MigrationError(.malformedFrame("expected done, got \(done.type)")) }
+                    try DestinationReport.decode(payload).apply(to: &stats)
+                    break
+                } catch {
+                    guard case .connectionLost = error.kind, options.reconnect else { throw error }
+                    if let f = failure.withLock({ $0 }) { throw f }
+                    stream.shutdown()
+                    urgent.shutdown()
+                    urgentThread?.join()
+                    (stream, urgent) = try reconnect(endpoint, id: migrationID)
+                    stats.reconnects += 1
+                    linkDown.store(false, ordering: .releasing)
+                    urgentThread = startUrgent(urgent)
+                }
+            }
+            stats.streamSeconds = Double(streamEnd - streamStart) / 1e9
+            // Unregistering takes tens of milliseconds and holds the address space: only
+            // once the destination has every page.
+            tracker = nil
+        } catch {
+            phase.store(MigrationProgress.Phase.failed.rawValue, ordering: .relaxed)
+            stream.sendError(error)
+            throw error
+        }
+        phase.store(MigrationProgress.Phase.finished.rawValue, ordering: .relaxed)
+        stats.totalSeconds = Double(monotonicNanoseconds() - start) / 1e9
+        stats.precopyBytes = precopyBytes.load(ordering: .relaxed)
+        stats.streamBytes = streamBytes.load(ordering: .relaxed)
+        stats.zeroPagesBytesDuringStream = streamZeroPages.load(ordering: .relaxed) * table.pageSize
+        stats.requestBytes = requestBytes.load(ordering: .relaxed)
+        stats.zeroPages = zeroPages.load(ordering: .relaxed)
+        stats.requestedPages = requestedPages.load(ordering: .relaxed)
+        return stats
+    }
+
+    // MARK: Connections
+
+    private func connectPair(_ endpoint: MigrationEndpoint, id: UInt64, resume: Bool) throws(MigrationError) -> (Connection, Connection, [UInt8]) {
+        func hello(_ channel: Wire.Channel) -> [UInt8] {
+            Wire.Hello(channel: channel, resume: resume, pageSize: table.pageSize, migrationID: id,
+                       regionLengths: regions.map(\.length), token: options.token).encode()
+        }
+        let stream = try Connection.connect(to: endpoint)
+        stream.limitSendBuffer(options.streamBufferBytes)
+        try stream.send(.hello, payload: hello(.stream))
+        let urgent = try Connection.connect(to: endpoint)
+        try urgent.send(.hello, payload: hello(.urgent))
+        let (h1, bitmap) = try stream.receiveControl(pageSize: table.pageSize)
+        let (h2, _) = try urgent.receiveControl(pageSize: table.pageSize)
+        if h1.type != .welcome || h2.type != .welcome {
+            throw MigrationError(.malformedFrame("expected welcome, got \(h1.type) and \(h2.type)"))
+        }
+        return (stream, urgent, bitmap)
+    }
+
+    /// Reconnects after a drop and rebuilds the missing bitmap from what the destination has.
+    private func reconnect(_ endpoint: MigrationEndpoint, id: UInt64) throws(MigrationError) -> (Connection, Connection) {
+        let deadline = monotonicNanoseconds() + UInt64(options.recoveryTimeoutMilliseconds) * 1_000_000
+        var last = MigrationError(.connectionLost("no attempt to reconnect was made"))
+        while monotonicNanoseconds() < deadline {
+            do throws(MigrationError) {
+                let (s, u, bitmap) = try connectPair(endpoint, id: id, resume: true)
+                let expected = table.regions.reduce(0) { $0 + ($1.pages + 7) / 8 }
+                if bitmap.count != expected {
+                    throw MigrationError(.malformedFrame("the received bitmap has \(bitmap.count) bytes, not \(expected)"))
+                }
+                var offset = 0
+                for r in table.regions {
+                    for p in 0..<r.pages {
+                        if bitmap[offset + p >> 3] & (1 << UInt8(p & 7)) != 0 {
+                            missing.testAndClear(r.firstGlobal + p)
+                        } else {
+                            missing.testAndSet(r.firstGlobal + p)
+                        }
+                    }
+                    offset += (r.pages + 7) / 8
+                }
+                return (s, u)
+            } catch {
+                switch error.kind {
+                case .connectionLost: last = error
+                default: throw error
+                }
+            }
+            usleep(20_000)
+        }
+        throw MigrationError(.connectionLost("could not resume within \(options.recoveryTimeoutMilliseconds) ms: \(last)"))
+    }
+
+    // MARK: Sending
+
+    enum SendPhase { case precopy, pause, stream, request }
+
+    /// Streams every missing page in address order, following seeks; returns when none is left.
+    private func sendMissing(_ connection: Connection, scratch: UnsafeMutableRawPointer, phase: SendPhase) throws(MigrationError) {
+        var cursor = 0
+        while true {
+            if linkDown.load(ordering: .acquiring) {
+                if let f = failure.withLock({ $0 }) { throw f }
+                throw MigrationError(.connectionLost("the urgent channel failed"))
+            }
+            let s = seek.exchange(-1, ordering: .acquiringAndReleasing)
+            if s >= 0 { cursor = s }
+            guard let g = missing.nextSet(from: cursor) ?? missing.nextSet(from: 0) else { return }
+            let (region, page) = table.split(g)
+            let regionPages = table.regions[region].pages
+            var n = 0
+            while n < Wire.maxRunPages && page + n < regionPages && missing.testAndClear(g + n) { n += 1 }
+            cursor = g + max(n, 1)
+            if n == 0 { continue }
+            try sendRun(connection, region: region, page: page, global: g, count: n, scratch: scratch, phase: phase)
+            if phase == .stream, let limit = options._dropConnectionsAfterPages, !dropDone,
+               postcopySent.add(n, ordering: .relaxed).newValue >= limit {
+                dropDone = true
+                connection.shutdown()
+            }
+        }
+    }
+
+    /// Sends `count` pages starting at `page` of `region`: zero runs as markers, the rest as data.
+    private func sendRun(_ connection: Connection, region: Int, page: Int, global g: Int, count: Int,
+                         scratch: UnsafeMutableRawPointer, phase: SendPhase) throws(MigrationError) {
+        let pageSize = table.pageSize
+        let base = UnsafeRawPointer(bitPattern: UInt(table.regions[region].start) + UInt(page * pageSize))!
+        var i = 0
+        while i < count {
+            let zero = isZeroPage(base + i * pageSize, pageSize)
+            var j = i + 1
+            while j < count && isZeroPage(base + j * pageSize, pageSize) == zero { j += 1 }
+            let n = j - i
+            let header = Wire.Header(type: zero ? .zeros : .pages, payloadLength: zero ? 0 : UInt32(n * pageSize),
+                                     count: UInt32(n), region: UInt32(region), first: UInt64(page + i))
+            try connection.send(header: header, payload: zero ? nil : base + i * pageSize, scratch: scratch)
+            for k in i..<j { sentOnce.testAndSet(g + k) }
+            if zero {
+                zeroPages.add(n, ordering: .relaxed)
+                if phase == .stream { streamZeroPages.add(n, ordering: .relaxed) }
+            } else {
+                let bytes = n * pageSize
+                switch phase {
+                case .precopy: precopyBytes.add(bytes, ordering: .relaxed)
+                case .pause: pauseBytes.add(bytes, ordering: .relaxed)
+                case .stream: streamBytes.add(bytes, ordering: .relaxed)
+                case .request: requestBytes.add(bytes, ordering: .relaxed)
+                }
+            }
+            if phase == .pause { pausePages.add(n, ordering: .relaxed) }
+            i = j
+        }
+    }
+
+    private func startUrgent(_ connection: Connection) -> DedicatedThread {
+        DedicatedThread(name: "pc-urgent") { [self] in urgentLoop(connection) }
+    }
+
+    /// Answers page requests as they come, then points the stream just past them.
+    private func urgentLoop(_ connection: Connection) {
+        preferLowLatencyScheduling()
+        let scratch = UnsafeMutableRawPointer.allocate(byteCount: Wire.headerSize, alignment: 8)
+        let sendScratch = UnsafeMutableRawPointer.allocate(byteCount: Wire.headerSize, alignment: 8)
+        defer {
+            scratch.deallocate()
+            sendScratch.deallocate()
+        }
+        do throws(MigrationError) {
+            while true {
+                let header = try connection.receiveHeader(scratch: scratch, pageSize: table.pageSize)
+                if header.type == .error {
+                    let payload = UnsafeMutableRawPointer.allocate(byteCount: max(1, Int(header.payloadLength)), alignment: 8)
+                    defer { payload.deallocate() }
+                    try connection.receive(into: payload, Int(header.payloadLength))
+                    throw MigrationError.fromWire([UInt8](UnsafeRawBufferPointer(start: payload, count: Int(header.payloadLength))))
+                }
+                if header.type != .request {
+                    throw MigrationError(.malformedFrame("unexpected \(header.type) frame on the urgent channel"))
+                }
+                let g0 = try table.check(region: header.region, first: header.first, count: UInt64(header.count))
+                for k in 0..<Int(header.count) where missing.testAndClear(g0 + k) {
+                    try sendRun(connection, region: Int(header.region), page: Int(header.first) + k, global: g0 + k,
+                                count: 1, scratch: sendScratch, phase: .request)
+                    requestedPages.add(1, ordering: .relaxed)
+                }
+                seek.store(g0 + Int(header.count), ordering: .releasing)
+            }
+        } catch {
+            if case .connectionLost = error.kind {} else {
+                failure.withLock { if $0 == nil { $0 = error } }
+            }
+            linkDown.store(true, ordering: .releasing)
+        }
+    }
+}

@@ -1,0 +1,150 @@
+/// What a migration did and how long it took, as a value and as JSON.
+public struct MigrationStatistics: Sendable, Equatable {
+    /// How memory moved.
+    public enum Mode: String, Sendable, CaseIterable {
+        /// The workload stops at once and resumes on the destination, which pulls pages on demand.
+        case postcopy
+        /// Rounds of precopy while the workload runs, then postcopy for what was dirtied last.
+        case precopyPostcopy = "precopy+postcopy"
+        /// Rounds of precopy, then everything left is copied while the workload is stopped.
+        case stopAndCopy = "stop-and-copy"
+    }
+
+    /// Remote-fault latency: from the fault being read to its page installed, in microseconds.
+    public struct Latency: Sendable, Equatable {
+        public var count: Int = 0
+        public var p50: Double = 0
+        public var p90: Double = 0
+        public var p99: Double = 0
+        public var max: Double = 0
+    }
+
+    public var mode: Mode = .postcopy
+    /// Bytes in all regions.
+    public var regionBytes: Int = 0
+    /// Connect to last page acknowledged, in seconds.
+    public var totalSeconds: Double = 0
+    /// Precopy rounds run (the first sends everything).
+    public var precopyRounds: Int = 0
+    /// Bytes of page data sent during precopy (zero pages travel as markers and count nothing).
+    public var precopyBytes: Int = 0
+    /// Pages sent during precopy that kept changing and were forgotten before the pause
+    /// (pulled again after the switchover).
+    public var discardedPages: Int = 0
+    /// Source stop to destination resume, in microseconds (includes the final dirty scan and, for
+    /// stop-and-copy, every page left).
+    public var switchoverPauseMicroseconds: Double = 0
+    /// Pages sent during the pause (stop-and-copy only).
+    public var pausePages: Int = 0
+    /// Faults served by asking the source (one request per page, deduplicated).
+    public var postcopyFaults: Int = 0
+    /// Faults on pages known to be zero, served on the destination without a request.
+    public var localZeroFaults: Int = 0
+    /// Remote-fault latency.
+    public var latency = Latency()
+    /// Total time threads spent blocked on remote faults, in microseconds (sum of latencies).
+    public var blocktimeMicroseconds: Double = 0
+    /// Page data bytes sent by the background stream after switchover.
+    public var streamBytes: Int = 0
+    /// Page data bytes sent in answer to requests.
+    public var requestBytes: Int = 0
+    /// Pages that travelled as zero markers.
+    public var zeroPages: Int = 0
+    /// Pages answered on the urgent channel.
+    public var requestedPages: Int = 0
+    /// Pages that arrived after their fault was served and were dropped.
+    public var duplicatesDropped: Int = 0
+    /// Connections re-established after a drop.
+    public var reconnects: Int = 0
+    /// Duration of the postcopy background stream, in seconds.
+    public var streamSeconds: Double = 0
+
+    public init() {}
+
+    /// Background stream throughput in bytes per second (page data and zero markers at 4 KiB each).
+    public var streamBytesPerSecond: Double {
+        streamSeconds > 0 ? Double(streamBytes + zeroPagesBytesDuringStream) / streamSeconds : 0
+    }
+    var zeroPagesBytesDuringStream = 0
+
+    /// The same figures as a JSON object.
+    public var json: String {
+        func n(_ v: Double) -> String {
+            let r = (v * 1000).rounded() / 1000
+            return r == r.rounded() ? String(Int(r)) : String(r)
+        }
+        let fields: [(String, String)] = [
+            ("mode", "\"\(mode.rawValue)\""),
+            ("regionBytes", String(regionBytes)),
+            ("totalSeconds", n(totalSeconds)),
+            ("precopyRounds", String(precopyRounds)),
+            ("precopyBytes", String(precopyBytes)),
+            ("discardedPages", String(discardedPages)),
+            ("switchoverPauseMicroseconds", n(switchoverPauseMicroseconds)),
+            ("pausePages", String(pausePages)),
+            ("postcopyFaults", String(postcopyFaults)),
+            ("localZeroFaults", String(localZeroFaults)),
+            ("latencyMicroseconds", "{\"count\":\(latency.count),\"p50\":\(n(latency.p50)),\"p90\":\(n(latency.p90)),\"p99\":\(n(latency.p99)),\"max\":\(n(latency.max))}"),
+            ("blocktimeMicroseconds", n(blocktimeMicroseconds)),
+            ("streamBytes", String(streamBytes)),
+            ("requestBytes", String(requestBytes)),
+            ("zeroPages", String(zeroPages)),
+            ("requestedPages", String(requestedPages)),
+            ("duplicatesDropped", String(duplicatesDropped)),
+            ("reconnects", String(reconnects)),
+            ("streamSeconds", n(streamSeconds)),
+            ("streamBytesPerSecond", n(streamBytesPerSecond)),
+        ]
+        return "{" + fields.map { "\"\($0.0)\":\($0.1)" }.joined(separator: ",") + "}"
+    }
+}
+
+/// The destination's share of the statistics, carried back to the source in the DONE frame.
+struct DestinationReport: Equatable {
+    var faults: UInt64 = 0
+    var localZeroFaults: UInt64 = 0
+    var p50: UInt64 = 0, p90: UInt64 = 0, p99: UInt64 = 0, max: UInt64 = 0
+    var blocktimeNanoseconds: UInt64 = 0
+    var duplicates: UInt64 = 0
+    var latencyCount: UInt64 = 0
+
+    func encode() -> [UInt8] {
+        var w = ByteWriter()
+        for v in [faults, localZeroFaults, p50, p90, p99, max, blocktimeNanoseconds, duplicates, latencyCount] { w.u64(v) }
+        return w.bytes
+    }
+
+    static func decode(_ bytes: [UInt8]) throws(MigrationError) -> DestinationReport {
+        var r = ByteReader(bytes)
+        var d = DestinationReport()
+        d.faults = try r.u64(); d.localZeroFaults = try r.u64()
+        d.p50 = try r.u64(); d.p90 = try r.u64(); d.p99 = try r.u64(); d.max = try r.u64()
+        d.blocktimeNanoseconds = try r.u64(); d.duplicates = try r.u64(); d.latencyCount = try r.u64()
+        if !r.atEnd { throw MigrationError(.malformedFrame("\(r.remaining) trailing bytes in done")) }
+        return d
+    }
+
+    func apply(to s: inout MigrationStatistics) {
+        s.postcopyFaults = Int(faults)
+        s.localZeroFaults = Int(localZeroFaults)
+        s.latency = .init(count: Int(latencyCount), p50: Double(p50) / 1000, p90: Double(p90) / 1000,
+                          p99: Double(p99) / 1000, max: Double(max) / 1000)
+        s.blocktimeMicroseconds = Double(blocktimeNanoseconds) / 1000
+        s.duplicatesDropped = Int(duplicates)
+    }
+}
+
+/// How far a migration has come, for progress displays.
+public struct MigrationProgress: Sendable, Equatable {
+    /// The phase the migration is in.
+    public enum Phase: UInt8, Sendable {
+        case connecting, precopy, switchover, postcopy, finished, failed
+    }
+    public var phase: Phase
+    /// Pages the destination no longer waits for (sent at least once, not dirtied since).
+    public var pagesSent: Int
+    /// Pages in all regions.
+    public var totalPages: Int
+    /// The current precopy round (0 outside precopy).
+    public var round: Int
+}

@@ -1,0 +1,40 @@
+import ArgumentParser
+import Postcopy
+import Userfaultfd
+
+/// `uffd migrate send`: the source. Runs the demo workload here, then migrates it,
+/// still running, to a destination started with `uffd migrate receive`.
+struct MigrateSend: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "send",
+        abstract: "Run a workload here and migrate it, while it runs, to `uffd migrate receive`.")
+
+    @Option(help: "The destination: host:port, tcp:host:port or unix:/path.")
+    var to: String
+
+    @Option(help: "postcopy, precopy+postcopy or stop-and-copy.")
+    var mode: MigrationStatistics.Mode = .precopyPostcopy
+
+    @Option(help: "The most precopy rounds (not used by pure postcopy).")
+    var precopyRounds = 4
+
+    @Option(help: "Seconds the workload runs here before the migration starts.")
+    var warmup = 1.0
+
+    @OptionGroup var workload: WorkloadOptions
+    @OptionGroup var common: MigrateCommonOptions
+
+    func run() throws {
+        guard let endpoint = MigrationEndpoint(parsing: to) else {
+            throw ValidationError("--to '\(to)' is not host:port, tcp:host:port or unix:/path")
+        }
+        let result = try SourceRun.run(to: endpoint, token: common.resolvedToken(), workload: workload, mode: mode,
+                                       precopyRounds: precopyRounds, warmupSeconds: warmup,
+                                       connectTimeoutSeconds: 0, showProgress: !common.json)
+        if common.json {
+            print(result.stats.json)
+        } else {
+            printTable("source", statisticsRows(result.stats) + [("workload ops here", "\(result.operationsOnSource)")])
+        }
+    }
+}
