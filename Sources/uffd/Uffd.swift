@@ -5,5 +5,5 @@ struct Uffd: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "uffd",
         abstract: "Paging memory from userland with Linux userfaultfd.",
-        subcommands: [])
+        subcommands: [Serve.self])
 }
