@@ -51,7 +51,10 @@ public final class Manager: Sendable {
     public init(_ configuration: ManagerConfiguration, logger: Logger) throws(UserfaultfdError) {
         self.configuration = configuration
         self.logger = logger
-        self.memorySource = try configuration.memoryFile.map { path throws(UserfaultfdError) in try FileSource(path: path) }
+        self.memorySource = try configuration.memoryFile.map { path throws(UserfaultfdError) in
+            // Mapped: faults and working-set replays copy straight from the page cache.
+            try FileSource(path: path, access: .mapped)
+        }
         if let replay = configuration.replayWorkingSet {
             _ = try WorkingSetFile.read(replay)
         }
@@ -275,16 +278,35 @@ public final class Manager: Sendable {
         // could be overtaken by the UNMAP of its old range (the range would be dropped,
         // and faults at its new address never served). With batches of one, no event waits.
         serverConfiguration.batchSize = 1
+        var preload: [UInt64] = []
         if fromMemoryFile {
-            if let replay = configuration.replayWorkingSet { serverConfiguration.prefetch = .replay(path: replay) }
+            if let replay = configuration.replayWorkingSet {
+                do {
+                    preload = try WorkingSetFile.read(replay)
+                } catch {
+                    logger.warning("working set \(replay) not replayed: \(error)")
+                }
+            }
             if let record = configuration.recordWorkingSet,
                recordClaimed.compareExchange(expected: false, desired: true, ordering: .relaxed).exchanged {
                 serverConfiguration.recordWorkingSet = record
+                // Only faults are recorded: pages that came in with a chunk or a read-ahead
+                // would be missing from the set. The recording run serves page by page.
+                serverConfiguration.strategy = .copy(chunkPages: 1)
+                serverConfiguration.prefetch = .none
             }
         }
         let probe = fcntl(descriptors[0].rawValue, F_DUPFD_CLOEXEC, 0)
         if probe < 0 { throw .serving("dup of the userfaultfd failed: errno \(errno)") }
         let uffdDescriptor = descriptors.removeFirst()
+        if !preload.isEmpty {
+            let handle = Userfaultfd.Handle(fileDescriptor: uffdDescriptor, features: features)
+            let started = Self.monotonicNanoseconds()
+            let done = WorkingSetPreload.install(preload, regions: regions, source: source, uffd: handle)
+            let early = done.stoppedEarly.map { ", stopped early: \($0)" } ?? ""
+            logger.info("pid \(peer.pid): replayed the working set: \(done.pagesInstalled) pages in \(done.copies) copies, \((Self.monotonicNanoseconds() - started) / 1000) µs\(early)",
+                        metadata: ["pid": "\(peer.pid)", "uid": "\(peer.uid)"])
+        }
         let served = regions.map { ServedRegion(range: $0.range, sourceOffset: $0.backingOffset) }
         let id = nextClient.wrappingAdd(1, ordering: .relaxed).oldValue
         do {
@@ -381,6 +403,12 @@ public final class Manager: Sendable {
         logger.info(
             "client \(report.id) ended (\(reason)): \(s.faults) faults (missing \(s.missingFaults), minor \(s.minorFaults), wp \(s.writeProtectFaults)), \(s.pagesInstalled) pages / \(report.bytesServed) bytes served, \(s.zeroPages) zero pages, p50 \(s.latencyP50) ns, p99 \(s.latencyP99) ns",
             metadata: ["client": "\(report.id)", "pid": "\(report.pid)", "uid": "\(report.uid)"])
+    }
+
+    static func monotonicNanoseconds() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
     }
 
     /// Whether `fd` is a userfaultfd (its /proc link names the anonymous inode).

@@ -11,6 +11,9 @@ public struct ManagerConfiguration: Sendable {
     /// How each client's faults are served.
     public var server: FaultServerConfiguration
     /// Write the order of first faults in the memory file here (from the first client served from it).
+    ///
+    /// That client is served page by page (no chunks, no read-ahead), so that every page
+    /// it touches faults and is recorded.
     public var recordWorkingSet: String?
     /// Prefetch the working set recorded in this file first, as soon as a client of the memory file connects.
     public var replayWorkingSet: String?
