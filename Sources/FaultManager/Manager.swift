@@ -271,6 +271,11 @@ public final class Manager: Sendable {
         }
         let regions = handshake.regions
         try ClientRegion.validate(regions, backingLength: source.length)
+        if let huge = regions.first(where: { $0.pageSize != UInt64(systemPageSize) }) {
+            // A valid description, but the engine installs base pages only: refusing is
+            // better than leaving the guest hanging on its first fault.
+            throw .serving("region \(huge.range) has \(huge.pageSize)-byte pages; only \(systemPageSize)-byte pages are served")
+        }
 
         var serverConfiguration = configuration.server
         // One message per read: the engine applies layout events drained after an EAGAIN

@@ -13,6 +13,8 @@ struct ManagerTests {
     func clientIsServedByteForByte(handshake: String) throws {
         let fixture = try Fixture()
         let client = try fixture.client(["--handshake", handshake, "--scenario", "verify"])
+        // Counted with the client's output pipe open, before its uffd can have arrived.
+        let baseline = openDescriptorCount()
         #expect(client.waitForExit() == 0, "client said: \(client.text)")
         #expect(client.text.contains("OK verify 2048 pages"))
         #expect(fixture.wait { fixture.manager.clients.first?.serving == false })
@@ -25,6 +27,8 @@ struct ManagerTests {
         #expect(report.statistics.faultsOutsideRegions == 0)
         #expect(report.endReason == "the process exited")
         #expect(fixture.log.contains("client \(report.id) ended", "2048 pages"))
+        // The uffd and everything opened to serve it are closed once the client ended.
+        #expect(fixture.wait { openDescriptorCount() == baseline }, "open: \(openDescriptorCount()), before: \(baseline)")
     }
 
     @Test func nativeClientWithItsOwnBackingFile() throws {
@@ -111,19 +115,28 @@ struct ManagerTests {
         let dir = String(cString: try #require(mkdtemp(&template)))
         let path = dir + "/ws"
         defer { unlink(path); rmdir(dir) }
+        let arguments = ["--handshake", "firecracker", "--scenario", "workingset", "--touch-percent", "15"]
+        let recorded: ClientReport
         do {
             let fixture = try Fixture { $0.recordWorkingSet = path }
-            let client = try fixture.client(["--handshake", "firecracker", "--scenario", "workingset", "--touch-percent", "15"])
+            let client = try fixture.client(arguments)
             #expect(client.waitForExit() == 0, "client said: \(client.text)")
             #expect(fixture.wait { fixture.manager.clients.first?.serving == false })
+            recorded = try #require(fixture.manager.clients.first)
         }
+        // Served page by page while recording: every touched page faulted once.
+        let touched = 2048 * 15 / 100
+        #expect(recorded.statistics.missingFaults == UInt64(touched))
         var st = stat()
-        #expect(stat(path, &st) == 0 && st.st_size > 16, "the working set was written")
+        #expect(stat(path, &st) == 0 && st.st_size == 16 + 8 * touched, "the working set holds every touched page")
+
         let fixture = try Fixture { $0.replayWorkingSet = path }
-        let client = try fixture.client(["--handshake", "firecracker", "--scenario", "workingset", "--touch-percent", "15"])
+        let client = try fixture.client(arguments)
         #expect(client.waitForExit() == 0, "client said: \(client.text)")
         #expect(fixture.wait { fixture.manager.clients.first?.serving == false })
-        let report = try #require(fixture.manager.clients.first)
-        #expect(report.statistics.pagesPrefetched > 0)
+        #expect(fixture.log.contains("replayed the working set: \(touched) pages"), "log: \(fixture.log.all)")
+        let replayed = try #require(fixture.manager.clients.first)
+        // The set was in place before the client's first touch could be served.
+        #expect(replayed.statistics.missingFaults <= 1)
     }
 }
