@@ -58,6 +58,12 @@ public final class Manager: Sendable {
         if let replay = configuration.replayWorkingSet {
             _ = try WorkingSetFile.read(replay)
         }
+        if case .memory(let address, let length)? = memorySource?.signalSafeBacking, length > 0 {
+            // Map the whole file now (MADV_POPULATE_READ), so that neither a fault nor a
+            // working-set replay takes a page fault of the daemon's own on the source.
+            let start = address & ~UInt(systemPageSize - 1)
+            _ = madvise(UnsafeMutableRawPointer(bitPattern: start), Int(length) + Int(address - start), 22)
+        }
         self.ownUID = geteuid()
         self.stopSignal = try StopSignal()
     }

@@ -29,7 +29,16 @@ public enum ServeRunner {
     ///   - manager: the manager to run.
     ///   - json: print statistics as JSON (on SIGUSR1 and on exit) instead of a table.
     ///   - output: where statistics go (a line-oriented writer, standard output by default).
-    public static func run(_ manager: Manager, json: Bool, output: @Sendable (String) -> Void = { print($0) }) throws(UserfaultfdError) {
+    public static func run(_ manager: Manager, json: Bool, output: @Sendable (String) -> Void = { line in
+        // Written at once: statistics asked for with SIGUSR1 must not sit in a buffer.
+        let bytes = Array((line + "\n").utf8)
+        var done = 0
+        while done < bytes.count {
+            let n = bytes.withUnsafeBytes { write(1, $0.baseAddress! + done, $0.count - done) }
+            if n <= 0 { break }
+            done += n
+        }
+    }) throws(UserfaultfdError) {
         var fds: [Int32] = [-1, -1]
         if pipe(&fds) != 0 { throw UserfaultfdError(operation: "pipe", errno: .init(rawValue: errno)) }
         for fd in fds {
