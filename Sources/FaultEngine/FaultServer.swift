@@ -89,7 +89,11 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
     /// Handler threads busy with a batch (the prefetcher yields to them).
     let busyHandlers = Atomic<Int>(0)
     let runningThreads = Atomic<Int>(0)
+    /// Threads that finished setting up (start() returns once all have).
+    let readyThreads = Atomic<Int>(0)
     let stopRequested = Atomic<Bool>(false)
+    /// Set by the first thread that finds the process gone (it reports it, once).
+    let processGone = Atomic<Bool>(false)
     var signalResolver: SignalResolverRegistration?
 
     private struct State {
@@ -187,6 +191,18 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
 
     deinit {
         stop()
+        // Released on one of its own threads, stop() only raised the signal: close here.
+        signalResolver?.unregister()
+        closeDescriptor()
+    }
+
+    private func closeDescriptor() {
+        let fd = ownedDescriptor.withLock { fd -> Int32 in
+            let old = fd
+            fd = -1
+            return old
+        }
+        if fd >= 0 { _ = Glibc.close(fd) }
     }
 
     /// The regions served now (after UNMAP and REMAP events).
@@ -195,6 +211,10 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
     /// Called on a handler thread for events: FORK (adopt the child's uffd), process
     /// exit, source failures, and notices of the layout changes the server handled.
     /// Set it before ``start()``; it must return quickly and never touch served memory.
+    ///
+    /// When the process that forks is this one, its `fork()` waits inside the C
+    /// library, holding the allocator's locks, until the FORK event is read: the
+    /// callback must then not allocate (keep the child's uffd, adopt it afterwards).
     public var onEvent: (@Sendable (FaultServerEvent) -> Void)? {
         get { eventCallback.withLock { $0 } }
         set { eventCallback.withLock { $0 = newValue } }
@@ -202,7 +222,9 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
 
     /// A snapshot of the statistics.
     public var statistics: FaultStatistics {
-        counters.snapshot(inThread: signalResolver?.resolvedFaults ?? 0)
+        var s = counters.snapshot(inThread: signalResolver?.resolvedFaults ?? 0)
+        s.poisonedPages += signalResolver?.poisonedPages ?? 0
+        return s
     }
 
     /// Starts the handler threads (and the prefetch thread, if any).
@@ -218,10 +240,15 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
             }
             s.started = true
         }
-        if case .sigbus(let chunk) = configuration.strategy, let backing = source.signalSafeBacking {
-            signalResolver = try SignalResolverRegistration(
-                handle: handle, regions: table.snapshot, backing: backing, chunkPages: chunk,
-                pageSize: pageSize, recorder: recorder)
+        if case .sigbus(let chunk) = configuration.strategy {
+            do {
+                signalResolver = try SignalResolverRegistration(
+                    handle: handle, regions: table.snapshot, backing: source.signalSafeBacking, chunkPages: chunk,
+                    pageSize: pageSize, recorder: recorder)
+            } catch {
+                state.withLock { $0.started = false }
+                throw error
+            }
         }
         let threadCount = configuration.handlerThreads
         let needsPrefetcher = configuration.backgroundPopulate || !replayOffsets.isEmpty
@@ -231,6 +258,7 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
             threads.append(DedicatedThread(name: "uffd-handler-\(i)") { [self] in
                 self.registerCurrentThread()
                 let loop = HandlerLoop(server: self, index: i, onEvent: callback)
+                self.readyThreads.wrappingAdd(1, ordering: .releasing)
                 loop.run()
                 self.threadFinished()
             })
@@ -239,11 +267,15 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
             threads.append(DedicatedThread(name: "uffd-prefetch") { [self] in
                 self.registerCurrentThread()
                 let loop = HandlerLoop(server: self, index: -1, onEvent: callback)
+                self.readyThreads.wrappingAdd(1, ordering: .releasing)
                 loop.prefetch(replay: self.replayOffsets, populate: self.configuration.backgroundPopulate)
                 self.threadFinished()
             })
         }
         state.withLock { $0.threads = threads }
+        // Return only once every thread has allocated what it needs: a fork() of this
+        // process holds the allocator's locks until its FORK event has been read.
+        while readyThreads.load(ordering: .acquiring) < threads.count { usleep(50) }
     }
 
     private func registerCurrentThread() {
@@ -287,12 +319,7 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
                 counters.lastError.withLock { $0 = "writing working set \(path): \(error)" }
             }
         }
-        let fd = ownedDescriptor.withLock { fd -> Int32 in
-            let old = fd
-            fd = -1
-            return old
-        }
-        if fd >= 0 { _ = Glibc.close(fd) }
+        closeDescriptor()
         finishedSignal.raise()
     }
 

@@ -122,6 +122,12 @@ public struct FileSource: PageSource, @unchecked Sendable {
         }
     }
 
+    @inline(__always)
+    public func contiguousBytes(at sourceOffset: UInt64, length: Int) -> UnsafeRawPointer? {
+        guard let mappedBase, sourceOffset <= available, UInt64(length) <= available - sourceOffset else { return nil }
+        return UnsafeRawPointer(mappedBase + Int(sourceOffset))
+    }
+
     public var signalSafeBacking: SignalSafeBacking? {
         if let mappedBase { return .memory(address: UInt(bitPattern: mappedBase), length: available) }
         return .file(descriptor: backing.fd, offset: offset, length: available)

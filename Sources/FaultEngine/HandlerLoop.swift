@@ -1,3 +1,4 @@
+import SystemPackage
 import Userfaultfd
 import _CFaultEngine
 
@@ -6,6 +7,11 @@ import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
+
+/// A small object, the size of a FORK message's, for warming the allocator cache.
+final class AllocatorWarmUp {
+    var words: (UInt64, UInt64, UInt64) = (0, 0, 0)
+}
 
 /// What installing a chunk came to.
 enum InstallResult {
@@ -48,6 +54,8 @@ final class HandlerLoop<Source: PageSource> {
     var gone = false
     var moveFromStagingWorks = true
     var moveFromSourceWorks = true
+    /// A FORK was read in this batch: refill the allocator cache after it.
+    var forkSeen = false
     /// Bytes of the run the last ``install`` got through before it returned.
     var progress = 0
     /// Adaptive read-ahead: where the last chunk ended, and the current window.
@@ -96,6 +104,17 @@ final class HandlerLoop<Source: PageSource> {
         drainBuffer = Userfaultfd.EventBuffer(capacity: configuration.batchSize)
         deferred.reserveCapacity(4 * configuration.batchSize)
         latencies = .allocate(capacity: latencyCapacity)
+        warmAllocatorCache()
+    }
+
+    /// Allocates and frees a few small objects so this thread's allocator cache holds
+    /// chunks of the size a FORK message needs: reading it must not wait for the
+    /// allocator lock that a fork() of this process holds.
+    func warmAllocatorCache() {
+        var keep: [AllocatorWarmUp] = []
+        keep.reserveCapacity(6)
+        for _ in 0..<6 { keep.append(AllocatorWarmUp()) }
+        keep.removeAll(keepingCapacity: true)
     }
 
     deinit {
@@ -118,7 +137,15 @@ final class HandlerLoop<Source: PageSource> {
         loop: while !gone {
             let waited: Userfaultfd.Handle.WaitResult
             do {
-                waited = try handle.wait(stop: server.stopSignal)
+                if let requests = server.signalResolver?.requestPipe {
+                    waited = try waitForMessagesOrRequests(requests.read)
+                    if waited == .timedOut {
+                        serveSignalRequests(requests.read)
+                        continue loop
+                    }
+                } else {
+                    waited = try handle.wait(stop: server.stopSignal)
+                }
             } catch {
                 record(failure: error, at: 0)
                 break loop
@@ -137,10 +164,12 @@ final class HandlerLoop<Source: PageSource> {
             } catch {
                 if isProcessGone(error) {
                     gone = true
-                } else {
-                    record(failure: error, at: 0)
+                    break loop
                 }
-                break loop
+                // Keep serving: a thread waiting on a fault must not be left behind.
+                record(failure: error, at: 0)
+                usleep(1000)
+                continue loop
             }
             if n == 0 { continue }
             server.busyHandlers.wrappingAdd(1, ordering: .relaxed)
@@ -151,13 +180,63 @@ final class HandlerLoop<Source: PageSource> {
             }
             serveDeferred()
             flushLatencies()
+            if forkSeen {
+                forkSeen = false
+                warmAllocatorCache()
+            }
             server.busyHandlers.wrappingSubtract(1, ordering: .relaxed)
         }
         flushLatencies()
-        if gone {
-            // Let the other handler threads finish too, then tell the owner.
-            server.stopSignal.raise()
+        if gone { reportProcessGone() }
+    }
+
+    /// Stops the other threads and tells the owner, once per server.
+    func reportProcessGone() {
+        server.stopSignal.raise()
+        if !server.processGone.exchange(true, ordering: .acquiringAndReleasing) {
             report(.processExited)
+        }
+    }
+
+    /// Polls the uffd, the stop signal and the SIGBUS request pipe. A readable pipe
+    /// is reported as `.timedOut` (the caller then serves the requests).
+    func waitForMessagesOrRequests(_ requests: Int32) throws(UserfaultfdError) -> Userfaultfd.Handle.WaitResult {
+        var fds = (
+            pollfd(fd: handle.fileDescriptor.rawValue, events: Int16(POLLIN), revents: 0),
+            pollfd(fd: server.stopSignal.fileDescriptor.rawValue, events: Int16(POLLIN), revents: 0),
+            pollfd(fd: requests, events: Int16(POLLIN), revents: 0)
+        )
+        while true {
+            let n = withUnsafeMutableBytes(of: &fds) { raw in
+                Glibc.poll(raw.baseAddress!.assumingMemoryBound(to: pollfd.self), 3, -1)
+            }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw UserfaultfdError(operation: "poll", errno: Errno(rawValue: errno))
+            }
+            if fds.1.revents != 0 { return .stopped }
+            if fds.0.revents & Int16(POLLIN) != 0 { return .ready }
+            if fds.2.revents != 0 { return .timedOut }
+            if fds.0.revents != 0 { return .hangUp }
+        }
+    }
+
+    /// Serves the addresses faulting threads wrote to the SIGBUS request pipe, then
+    /// wakes them (they wait on the resolver's generation word).
+    func serveSignalRequests(_ requests: Int32) {
+        guard let resolver = server.signalResolver else { return }
+        var addresses: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0, 0, 0, 0, 0)
+        while true {
+            let n = withUnsafeMutableBytes(of: &addresses) { Glibc.read(requests, $0.baseAddress, $0.count) }
+            if n <= 0 { break }
+            let readAt = cfe_now_ns()
+            withUnsafeBytes(of: &addresses) { raw in
+                for k in 0..<(n / 8) {
+                    let address = raw.load(fromByteOffset: k * 8, as: UInt64.self)
+                    serve(Userfaultfd.PageFault(address: address, flags: []), readAt: readAt)
+                }
+            }
+            cfe_generation_bump(resolver.generation)
         }
     }
 
@@ -193,6 +272,7 @@ final class HandlerLoop<Source: PageSource> {
         case .fork(let child):
             StatisticsCounters.add(counters.forks, 1)
             report(.fork(child))
+            forkSeen = true
         case .unknown(let code):
             report(.unknown(code: code))
         }
@@ -266,12 +346,16 @@ final class HandlerLoop<Source: PageSource> {
             var end: UInt64
             if adaptiveMax > 0 {
                 if address == lastEnd {
+                    // Sequential: read further ahead, forward from the fault.
                     window = min(window &* 2, adaptiveMax)
+                    start = page
+                    end = min(page &+ window, pages)
                 } else {
+                    // Elsewhere: back to the aligned chunk around the fault.
                     window = chunkPages
+                    start = page / chunkPages &* chunkPages
+                    end = min(start &+ chunkPages, pages)
                 }
-                start = page
-                end = min(page &+ window, pages)
                 lastEnd = entry.range.start &+ end &* ps
             } else {
                 start = page / chunkPages &* chunkPages
@@ -344,6 +428,12 @@ final class HandlerLoop<Source: PageSource> {
             let pages = source.movablePages(at: sourceOffset, length: bytes)
         {
             return moveFromSource(entry, from: i, to: j, faultPage: faultPage, pages: pages)
+        }
+        if kind == .copy && zeroed == 0, let bytesInPlace = source.contiguousBytes(at: sourceOffset, length: bytes) {
+            // The bytes are in memory already: COPY reads them in place.
+            return install(entry, from: i, to: j, faultPage: faultPage, zero: false) { (off: Int) throws(UserfaultfdError) in
+                try handle.copy(to: destination &+ UInt64(off), from: bytesInPlace + off, length: bytes - off)
+            }
         }
         do {
             try fill(staging, entry: entry, from: i, to: j, zeroed: zeroed)
@@ -482,6 +572,8 @@ final class HandlerLoop<Source: PageSource> {
             switch try handle.poison(MemoryRange(start: address, length: ps)) {
             case .completed, .partial:
                 StatisticsCounters.add(counters.poisoned, 1)
+                entry.markPoisoned(faultPage)
+                entry.markResident(faultPage, count: 1)
             case .alreadyPresent:
                 try? handle.wake(MemoryRange(start: address, length: ps))
             case .retryAfterEvents:

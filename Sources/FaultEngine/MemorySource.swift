@@ -93,6 +93,12 @@ public struct MemorySource: PageSource, @unchecked Sendable {
         return baseAddress + Int(sourceOffset)
     }
 
+    @inline(__always)
+    public func contiguousBytes(at sourceOffset: UInt64, length: Int) -> UnsafeRawPointer? {
+        guard sourceOffset <= UInt64(count), UInt64(length) <= UInt64(count) - sourceOffset else { return nil }
+        return UnsafeRawPointer(baseAddress + Int(sourceOffset))
+    }
+
     public var signalSafeBacking: SignalSafeBacking? {
         allowsMoving ? nil : .memory(address: UInt(bitPattern: baseAddress), length: UInt64(count))
     }

@@ -32,6 +32,11 @@ public protocol PageSource: Sendable {
     /// - Returns: the address of `length` bytes at `sourceOffset`, page-aligned, or nil.
     func movablePages(at sourceOffset: UInt64, length: Int) -> UnsafeMutableRawPointer?
 
+    /// The source's bytes at `sourceOffset` if they already lie in this process's
+    /// memory, so COPY can read them in place instead of through a staging buffer.
+    /// The default is nil.
+    func contiguousBytes(at sourceOffset: UInt64, length: Int) -> UnsafeRawPointer?
+
     /// Where an async-signal-safe resolver can read the bytes itself, without calling
     /// Swift: memory (a pointer) or a file (descriptor and offset). The default is nil:
     /// faults are then served by a handler thread.
@@ -40,6 +45,7 @@ public protocol PageSource: Sendable {
 
 extension PageSource {
     public func movablePages(at sourceOffset: UInt64, length: Int) -> UnsafeMutableRawPointer? { nil }
+    public func contiguousBytes(at sourceOffset: UInt64, length: Int) -> UnsafeRawPointer? { nil }
     public var signalSafeBacking: SignalSafeBacking? { nil }
 }
 

@@ -15,6 +15,7 @@ extension HandlerLoop {
     /// yields. It never reads the uffd; on `EAGAIN` it waits for the handlers to read
     /// the pending events.
     func prefetch(replay: [UInt64], populate: Bool) {
+        defer { if gone { reportProcessGone() } }
         let maxChunk = UInt64(server.configuration.maxChunkPages)
         var k = 0
         while k < replay.count && !shouldStop {
@@ -43,7 +44,9 @@ extension HandlerLoop {
         }
     }
 
-    private var shouldStop: Bool { gone || server.stopRequested.load(ordering: .relaxed) }
+    private var shouldStop: Bool {
+        gone || server.stopRequested.load(ordering: .relaxed) || server.processGone.load(ordering: .relaxed)
+    }
 
     private func yieldToHandlers() {
         while server.busyHandlers.load(ordering: .relaxed) > 0 && !shouldStop { sched_yield() }

@@ -36,6 +36,9 @@ struct RegionEntry {
     var resident: UnsafeMutablePointer<UInt64>
     /// One bit per page: released by a REMOVE, so the next fault installs zeros.
     var zeroed: UnsafeMutablePointer<UInt64>
+    /// One bit per page: poisoned because the source failed (a later fault there is
+    /// passed on as a real SIGBUS).
+    var poisoned: UnsafeMutablePointer<UInt64>
     /// The bit of `range.start` in both bitmaps.
     var firstBit: UInt64
     /// The page-cache alias of `range.start`, or 0.
@@ -45,6 +48,7 @@ struct RegionEntry {
     @inline(__always) func isZeroed(_ page: UInt64) -> Bool { cfe_bit_test(zeroed, firstBit &+ page) }
     @inline(__always) func markResident(_ page: UInt64, count: UInt64) { cfe_bits_set(resident, firstBit &+ page, count) }
     @inline(__always) func claim(_ page: UInt64) -> Bool { !cfe_bit_test_and_set(resident, firstBit &+ page) }
+    @inline(__always) func markPoisoned(_ page: UInt64) { cfe_bits_set(poisoned, firstBit &+ page, 1) }
     @inline(__always) func clearZeroed(_ page: UInt64, count: UInt64) { cfe_bits_clear(zeroed, firstBit &+ page, count) }
 }
 
@@ -65,18 +69,19 @@ final class RegionTable: @unchecked Sendable {
             let pages = region.range.length / UInt64(pageSize)
             let words = Int((pages + 63) / 64)
             let bytes = max(words * 8, 8)
-            guard let p = mmap(nil, 2 * bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0),
+            guard let p = mmap(nil, 3 * bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0),
                 p != MAP_FAILED
             else {
                 let e = Errno(rawValue: errno)
                 for (q, n) in bitmaps { munmap(q, n) }
-                throw UserfaultfdError(operation: "mmap residency bitmap (\(2 * bytes) bytes)", errno: e)
+                throw UserfaultfdError(operation: "mmap residency bitmap (\(3 * bytes) bytes)", errno: e)
             }
-            bitmaps.append((p, 2 * bytes))
+            bitmaps.append((p, 3 * bytes))
             list.append(RegionEntry(
                 range: region.range, sourceOffset: region.sourceOffset,
                 resident: p.assumingMemoryBound(to: UInt64.self),
                 zeroed: (p + bytes).assumingMemoryBound(to: UInt64.self),
+                poisoned: (p + 2 * bytes).assumingMemoryBound(to: UInt64.self),
                 firstBit: 0, alias: region.pageCacheAlias ?? 0))
             total += pages
         }
@@ -140,6 +145,7 @@ final class RegionTable: @unchecked Sendable {
                 let last = (end - e.range.start) / pageSize
                 if last > first {
                     cfe_bits_clear(e.resident, e.firstBit + first, last - first)
+                    cfe_bits_clear(e.poisoned, e.firstBit + first, last - first)
                     cfe_bits_set(e.zeroed, e.firstBit + first, last - first)
                 }
             }

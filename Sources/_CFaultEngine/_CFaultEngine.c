@@ -2,7 +2,9 @@
 
 #ifdef __linux__
 #include <pthread.h>
+#include <fcntl.h>
 #include <sched.h>
+#include <unistd.h>
 #include <sys/mman.h>
 
 uint64_t cfe_bits_count(const uint64_t *words, uint64_t first, uint64_t count) {
@@ -13,6 +15,10 @@ uint64_t cfe_bits_count(const uint64_t *words, uint64_t first, uint64_t count) {
 
 void *cfe_mremap_fixed(void *old_address, size_t size, void *new_address) {
     return mremap(old_address, size, size, MREMAP_MAYMOVE | MREMAP_FIXED, new_address);
+}
+
+int cfe_pipe_nonblocking(int fds[2]) {
+    return pipe2(fds, O_CLOEXEC | O_NONBLOCK);
 }
 
 int cfe_pin_current_thread(int cpu) {

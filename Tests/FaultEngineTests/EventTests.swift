@@ -100,5 +100,59 @@ extension FaultEngineTests {
             }
             #expect(taken)
         }
-    }
+    
+        @Test func childExitEndsTheServerOfItsUffd() throws {
+            let pages = 64
+            let memory = try MemoryMapping.anonymous(length: pages * page)
+            let log = EventLog()
+            let parent = try serve(try imageSource(pages: pages), mapping: memory,
+                                   features: [.eventFork, .eventRemove, .eventUnmap, .eventRemap], configuration: .handler4k)
+            parent.onEvent = log.callback()
+            try parent.start()
+            touch(memory.base, pages: [0])
+            let child = fork()
+            if child == 0 { _exit(0) }
+            var status: Int32 = 0
+            waitpid(child, &status, 0)
+            guard let forked = log.forks.withLock({ $0.first }) else {
+                Issue.record("no fork reported; events: \(log.all)")
+                parent.stop()
+                return
+            }
+            guard let childUffd = forked.take() else {
+                Issue.record("the child's uffd was already taken")
+                return
+            }
+            // Serve the (now gone) child: the first install finds no process.
+            var configuration = FaultServerConfiguration.handler64k
+            configuration.backgroundPopulate = true
+            let childLog = EventLog()
+            let server = try FaultServer(userfaultfd: childUffd, regions: parent.regions,
+                                         source: try imageSource(pages: pages), configuration: configuration)
+            server.onEvent = childLog.callback()
+            try server.start()
+            server.waitUntilStopped()
+            parent.stop()
+            #expect(childLog.all.contains("process exited"))
+            #expect(!server.isRunning)
+        }
+
+        @Test func writeProtectFaultIsResolvedByUnprotecting() throws {
+            let pages = 4
+            let memory = try MemoryMapping.anonymous(length: pages * page)
+            let uffd = try Userfaultfd(features: [.pagefaultFlagWP])
+            try uffd.handle.register(memory.range, mode: [.missing, .writeProtect])
+            let handle = uffd.handle   // borrowed; the server owns the fd until it stops
+            let server = try FaultServer(userfaultfd: uffd, regions: [ServedRegion(range: memory.range)],
+                                         source: try imageSource(pages: pages), configuration: .handler4k)
+            try server.start()
+            touch(memory.base, pages: [1])
+            try handle.writeProtect(MemoryRange(start: memory.range.start + UInt64(page), length: UInt64(page)), protect: true)
+            (memory.base + page).storeBytes(of: 0x77, as: UInt8.self)   // WP fault, then the write lands
+            server.stop()
+            #expect((memory.base + page).load(as: UInt8.self) == 0x77)
+            #expect(firstMismatch(memory.base + page + 1, count: page - 1, sourceOffset: page + 1) == nil)
+            #expect(server.statistics.writeProtectFaults == 1)
+        }
+}
 }

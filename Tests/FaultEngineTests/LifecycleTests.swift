@@ -73,6 +73,17 @@ extension FaultEngineTests {
             #expect(server.statistics.pagesInstalled > 0)
         }
 
+        @Test func namedConfigurationsAreReachableThroughTheServerType() {
+            let named: [FaultServerConfiguration] = [
+                FaultServer<ZeroSource>.Configuration.handler4k, .handler64k, .sigbus, .move, .minor, .adaptive,
+                .replay("/tmp/ws"), .default,
+            ]
+            #expect(named[0].strategy == .copy(chunkPages: 1) && named[0].handlerThreads == 1)
+            #expect(named[1].strategy == .copy(chunkPages: 16) && named[1].handlerThreads == 1)
+            #expect(named[6].prefetch == .replay(path: "/tmp/ws"))
+            #expect(Set(named).count == named.count - 1)   // .default is one of the others
+        }
+
         @Test func statisticsAsJSON() throws {
             let memory = try MemoryMapping.anonymous(length: 8 * page)
             let server = try serve(try imageSource(pages: 8), mapping: memory, configuration: .handler4k)

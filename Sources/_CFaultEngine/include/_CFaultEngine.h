@@ -49,6 +49,11 @@ static inline void cfe_bits_clear(uint64_t *words, uint64_t first, uint64_t coun
     }
 }
 
+/// An atomic load of a shared counter.
+static inline uint64_t cfe_atomic_load_u64(const uint64_t *p) {
+    return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+}
+
 /// The number of bits set in `first ..< first + count`.
 uint64_t cfe_bits_count(const uint64_t *words, uint64_t first, uint64_t count);
 
@@ -74,11 +79,86 @@ static inline uint64_t cfe_now_ns(void) {
 /// variadic and its flags need `_GNU_SOURCE`. Returns the new address or MAP_FAILED.
 void *cfe_mremap_fixed(void *old_address, size_t size, void *new_address);
 
+/// `pipe2(fds, O_CLOEXEC | O_NONBLOCK)` (needs `_GNU_SOURCE`). Returns 0 or -1 with errno.
+int cfe_pipe_nonblocking(int fds[2]);
+
 /// Pins the calling thread to `cpu`. Returns 0 or an errno value.
 int cfe_pin_current_thread(int cpu);
 
 /// The CPU the calling thread runs on now (-1 if unknown).
 int cfe_current_cpu(void);
+
+// MARK: - The SIGBUS resolver
+
+/// One served range as the resolver sees it (a copy of the server's entry).
+struct cfe_region {
+    uint64_t start;
+    uint64_t length;
+    uint64_t source_offset;
+    uint64_t *resident;
+    uint64_t *zeroed;
+    uint64_t *poisoned;
+    uint64_t first_bit;
+};
+
+/// Where the resolver reads page contents.
+enum cfe_backing_kind {
+    /// Bytes in this process's memory.
+    CFE_BACKING_MEMORY = 1,
+    /// A file read with pread.
+    CFE_BACKING_FILE = 2,
+    /// Neither: the resolver asks a handler thread through `request_fd` and waits.
+    CFE_BACKING_HANDLER = 3,
+};
+
+/// Everything the resolver needs for one server. Published whole and never changed:
+/// a layout change publishes a new table.
+struct cfe_table {
+    int uffd;
+    int backing_kind;
+    const uint8_t *memory;
+    uint64_t memory_length;
+    int file_fd;
+    uint64_t file_offset;
+    uint64_t file_length;
+    uint64_t chunk_pages;
+    uint64_t page_size;
+    /// Working-set record buffer (word 0 counts), or NULL.
+    uint64_t *record;
+    uint64_t record_capacity;
+    /// Faults resolved in-thread (shared counter, owned by the server).
+    uint64_t *resolved;
+    /// Pages poisoned because the backing could not be read (shared counter).
+    uint64_t *poisoned;
+    /// For CFE_BACKING_HANDLER: the write end of the request pipe, and the word the
+    /// handler thread bumps (and futex-wakes) after each page it installs.
+    int request_fd;
+    uint32_t *generation;
+    size_t count;
+    struct cfe_region regions[];
+};
+
+/// Allocates a table for `count` regions (zeroed). Free with `cfe_table_free`.
+struct cfe_table *cfe_table_allocate(size_t count);
+void cfe_table_free(struct cfe_table *table);
+
+/// The `index`th region of `table`.
+static inline struct cfe_region *cfe_table_region(struct cfe_table *table, size_t index) {
+    return &table->regions[index];
+}
+
+/// Publishes `table` in slot `slot` (replacing what was there) and installs the
+/// process-wide SIGBUS handler on first use. Returns the previous table (the caller
+/// frees it once no fault can be using it), or NULL.
+struct cfe_table *cfe_resolver_publish(int slot, struct cfe_table *table);
+
+/// Takes a free slot; -1 if all are taken.
+int cfe_resolver_claim_slot(void);
+/// Gives a slot back (after publishing NULL in it).
+void cfe_resolver_release_slot(int slot);
+
+/// Bumps `*generation` and wakes every thread waiting on it.
+void cfe_generation_bump(uint32_t *generation);
 
 #endif // __linux__
 #endif // C_FAULT_ENGINE_H

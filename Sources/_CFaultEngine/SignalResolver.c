@@ -1,0 +1,276 @@
+// The async-signal-safe SIGBUS resolver. With UFFD_FEATURE_SIGBUS, a fault on a
+// registered page that is missing raises SIGBUS (BUS_ADRERR) in the faulting thread
+// instead of queueing a message; this handler installs the page right there with
+// UFFDIO_COPY and returns, and the faulting instruction runs again.
+//
+// Only async-signal-safe calls: ioctl, pread, write, syscall(futex), sigaction.
+// No allocation, no locks: tables are published whole through atomic pointers.
+#include "_CFaultEngine.h"
+
+#ifdef __linux__
+#include <errno.h>
+#include <linux/futex.h>
+#include <linux/userfaultfd.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#ifndef _UFFDIO_POISON
+#define _UFFDIO_POISON (0x08)
+struct uffdio_poison {
+    struct uffdio_range range;
+    __u64 mode;
+    __s64 updated;
+};
+#define UFFDIO_POISON _IOWR(UFFDIO, _UFFDIO_POISON, struct uffdio_poison)
+#endif
+
+#define CFE_SLOTS 64
+/// The largest chunk read from a file on the faulting thread's stack.
+#define CFE_STACK_CHUNK (64 * 1024)
+
+static struct cfe_table *slots[CFE_SLOTS];
+static int slot_taken[CFE_SLOTS];
+static struct sigaction previous_action;
+static int handler_installed;
+
+struct cfe_table *cfe_table_allocate(size_t count) {
+    size_t size = sizeof(struct cfe_table) + count * sizeof(struct cfe_region);
+    struct cfe_table *t = calloc(1, size);
+    if (t) t->count = count;
+    return t;
+}
+
+void cfe_table_free(struct cfe_table *table) { free(table); }
+
+int cfe_resolver_claim_slot(void) {
+    for (int i = 0; i < CFE_SLOTS; i++) {
+        int expected = 0;
+        if (__atomic_compare_exchange_n(&slot_taken[i], &expected, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) return i;
+    }
+    return -1;
+}
+
+void cfe_resolver_release_slot(int slot) {
+    if (slot >= 0 && slot < CFE_SLOTS) __atomic_store_n(&slot_taken[slot], 0, __ATOMIC_RELEASE);
+}
+
+void cfe_generation_bump(uint32_t *generation) {
+    __atomic_fetch_add(generation, 1, __ATOMIC_ACQ_REL);
+    syscall(SYS_futex, generation, FUTEX_WAKE, 0x7fffffff, NULL, NULL, 0);
+}
+
+/// Passes a SIGBUS that is not ours on: to the previous handler, or to the default
+/// action (the faulting instruction runs again and the signal kills the process).
+static void chain(int sig, siginfo_t *info, void *context) {
+    if (previous_action.sa_flags & SA_SIGINFO) {
+        if (previous_action.sa_sigaction) {
+            previous_action.sa_sigaction(sig, info, context);
+            return;
+        }
+    } else if (previous_action.sa_handler != SIG_DFL && previous_action.sa_handler != SIG_IGN) {
+        previous_action.sa_handler(sig);
+        return;
+    }
+    struct sigaction dfl;
+    memset(&dfl, 0, sizeof(dfl));
+    dfl.sa_handler = SIG_DFL;
+    sigaction(SIGBUS, &dfl, NULL);
+}
+
+static int copy_run(int uffd, uint64_t dst, const void *src, uint64_t len, const struct cfe_region *r,
+                    uint64_t first_page, uint64_t page_size, uint64_t fault_page, int *fault_done) {
+    uint64_t off = 0;
+    while (off < len) {
+        struct uffdio_copy c = { .dst = dst + off, .src = (uint64_t)(uintptr_t)src + off, .len = len - off, .mode = 0, .copy = 0 };
+        long rc = ioctl(uffd, UFFDIO_COPY, &c);
+        int64_t done = rc == 0 ? (int64_t)(len - off) : c.copy;
+        if (done > 0) {
+            uint64_t p = first_page + off / page_size;
+            uint64_t n = (uint64_t)done / page_size;
+            cfe_bits_set(r->resident, r->first_bit + p, n);
+            if (fault_page >= p && fault_page < p + n) *fault_done = 1;
+            off += (uint64_t)done;
+            continue;
+        }
+        int e = rc == 0 ? 0 : errno;
+        if (e == EINTR) continue;
+        if (e == EEXIST || done == -EEXIST) {
+            uint64_t p = first_page + off / page_size;
+            cfe_bits_set(r->resident, r->first_bit + p, 1);
+            if (p == fault_page) *fault_done = 1;
+            off += page_size;
+            continue;
+        }
+        return e ? e : (int)-done;
+    }
+    return 0;
+}
+
+static int zero_run(int uffd, uint64_t dst, uint64_t len, const struct cfe_region *r, uint64_t first_page,
+                    uint64_t page_size, uint64_t fault_page, int *fault_done) {
+    uint64_t off = 0;
+    while (off < len) {
+        struct uffdio_zeropage z = { .range = { .start = dst + off, .len = len - off }, .mode = 0, .zeropage = 0 };
+        long rc = ioctl(uffd, UFFDIO_ZEROPAGE, &z);
+        int64_t done = rc == 0 ? (int64_t)(len - off) : z.zeropage;
+        if (done > 0) {
+            uint64_t p = first_page + off / page_size;
+            uint64_t n = (uint64_t)done / page_size;
+            cfe_bits_set(r->resident, r->first_bit + p, n);
+            if (fault_page >= p && fault_page < p + n) *fault_done = 1;
+            off += (uint64_t)done;
+            continue;
+        }
+        int e = rc == 0 ? 0 : errno;
+        if (e == EINTR) continue;
+        if (e == EEXIST || done == -EEXIST) {
+            uint64_t p = first_page + off / page_size;
+            if (p == fault_page) *fault_done = 1;
+            off += page_size;
+            continue;
+        }
+        return e ? e : (int)-done;
+    }
+    return 0;
+}
+
+/// Poisons the faulting page so every thread touching it gets SIGBUS, and marks it.
+static void poison_page(const struct cfe_table *t, const struct cfe_region *r, uint64_t page) {
+    struct uffdio_poison p = { .range = { .start = r->start + page * t->page_size, .len = t->page_size }, .mode = 0, .updated = 0 };
+    if (ioctl(t->uffd, UFFDIO_POISON, &p) == 0 && t->poisoned) __atomic_fetch_add(t->poisoned, 1, __ATOMIC_RELAXED);
+    cfe_bits_set(r->poisoned, r->first_bit + page, 1);
+    cfe_bits_set(r->resident, r->first_bit + page, 1);
+}
+
+/// Asks the handler thread for the page and waits until it is installed (or poisoned).
+static void ask_handler(const struct cfe_table *t, const struct cfe_region *r, uint64_t page, uint64_t address) {
+    for (;;) {
+        uint32_t seen = __atomic_load_n(t->generation, __ATOMIC_ACQUIRE);
+        if (cfe_bit_test(r->resident, r->first_bit + page)) return;
+        ssize_t n = write(t->request_fd, &address, sizeof(address));
+        if (n < 0 && errno != EINTR && errno != EAGAIN) return;
+        struct timespec timeout = { .tv_sec = 0, .tv_nsec = 20 * 1000 * 1000 };
+        if (!cfe_bit_test(r->resident, r->first_bit + page)) {
+            syscall(SYS_futex, t->generation, FUTEX_WAIT, seen, &timeout, NULL, 0);
+        }
+        if (cfe_bit_test(r->resident, r->first_bit + page)) return;
+    }
+}
+
+/// Resolves a fault at `address` in `r` of `t`. Returns 1 if the access can run
+/// again, 0 if the page is poisoned (the SIGBUS is then a real one).
+static int resolve(const struct cfe_table *t, const struct cfe_region *r, uint64_t address) {
+    uint64_t ps = t->page_size;
+    uint64_t page = (address - r->start) / ps;
+    uint64_t pages = r->length / ps;
+    if (cfe_bit_test(r->poisoned, r->first_bit + page)) return 0;
+    if (t->record && !cfe_bit_test(r->resident, r->first_bit + page)) {
+        cfe_record_append(t->record, t->record_capacity, r->source_offset + page * ps);
+    }
+    if (t->backing_kind == CFE_BACKING_HANDLER) {
+        ask_handler(t, r, page, r->start + page * ps);
+        return !cfe_bit_test(r->poisoned, r->first_bit + page);
+    }
+    uint64_t chunk = t->chunk_pages;
+    if (t->backing_kind == CFE_BACKING_FILE && chunk * ps > CFE_STACK_CHUNK) chunk = CFE_STACK_CHUNK / ps;
+    uint64_t first = page / chunk * chunk;
+    uint64_t end = first + chunk;
+    if (end > pages) end = pages;
+    int fault_done = 0;
+    uint64_t i = first;
+    while (i < end) {
+        if (i != page && cfe_bit_test(r->resident, r->first_bit + i)) { i++; continue; }
+        int zero = cfe_bit_test(r->zeroed, r->first_bit + i);
+        uint64_t j = i + 1;
+        while (j < end && (j == page || !cfe_bit_test(r->resident, r->first_bit + j))
+               && cfe_bit_test(r->zeroed, r->first_bit + j) == zero) j++;
+        uint64_t dst = r->start + i * ps;
+        uint64_t len = (j - i) * ps;
+        uint64_t src_off = r->source_offset + i * ps;
+        int rc;
+        if (zero) {
+            rc = zero_run(t->uffd, dst, len, r, i, ps, page, &fault_done);
+        } else if (t->backing_kind == CFE_BACKING_MEMORY) {
+            if (src_off + len > t->memory_length) {
+                rc = EFAULT;
+            } else {
+                rc = copy_run(t->uffd, dst, t->memory + src_off, len, r, i, ps, page, &fault_done);
+            }
+        } else {
+            uint8_t buffer[CFE_STACK_CHUNK] __attribute__((aligned(4096)));
+            uint64_t done = 0;
+            rc = 0;
+            while (done < len) {
+                ssize_t n = pread(t->file_fd, buffer + done, len - done, (off_t)(t->file_offset + src_off + done));
+                if (n > 0) { done += (uint64_t)n; continue; }
+                if (n < 0 && errno == EINTR) continue;
+                rc = n < 0 ? errno : EIO;
+                break;
+            }
+            if (rc == 0) rc = copy_run(t->uffd, dst, buffer, len, r, i, ps, page, &fault_done);
+        }
+        if (rc == EAGAIN) {
+            // A layout event is pending; the handler thread reads it. Let the access
+            // fault again (and land here again) once it has.
+            syscall(SYS_sched_yield);
+            return 1;
+        }
+        if (rc != 0) {
+            if (i <= page && page < j && !fault_done) {
+                poison_page(t, r, page);
+                return 0;
+            }
+            return 1;
+        }
+        i = j;
+    }
+    if (t->resolved) __atomic_fetch_add(t->resolved, 1, __ATOMIC_RELAXED);
+    return 1;
+}
+
+static void on_sigbus(int sig, siginfo_t *info, void *context) {
+    int saved = errno;
+    if (info->si_code == BUS_ADRERR) {
+        uint64_t address = (uint64_t)(uintptr_t)info->si_addr;
+        for (int s = 0; s < CFE_SLOTS; s++) {
+            struct cfe_table *t = __atomic_load_n(&slots[s], __ATOMIC_ACQUIRE);
+            if (!t) continue;
+            for (size_t k = 0; k < t->count; k++) {
+                const struct cfe_region *r = &t->regions[k];
+                if (address >= r->start && address - r->start < r->length) {
+                    if (resolve(t, r, address & ~(t->page_size - 1))) {
+                        errno = saved;
+                        return;
+                    }
+                    errno = saved;
+                    chain(sig, info, context);
+                    return;
+                }
+            }
+        }
+    }
+    errno = saved;
+    chain(sig, info, context);
+}
+
+struct cfe_table *cfe_resolver_publish(int slot, struct cfe_table *table) {
+    if (slot < 0 || slot >= CFE_SLOTS) return NULL;
+    if (table && !__atomic_load_n(&handler_installed, __ATOMIC_ACQUIRE)) {
+        struct sigaction action;
+        memset(&action, 0, sizeof(action));
+        action.sa_sigaction = on_sigbus;
+        action.sa_flags = SA_SIGINFO | SA_RESTART;
+        sigemptyset(&action.sa_mask);
+        int expected = 0;
+        if (__atomic_compare_exchange_n(&handler_installed, &expected, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+            sigaction(SIGBUS, &action, &previous_action);
+        }
+    }
+    return __atomic_exchange_n(&slots[slot], table, __ATOMIC_ACQ_REL);
+}
+
+#endif
