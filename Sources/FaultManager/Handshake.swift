@@ -108,10 +108,15 @@ public enum HandshakeError: Error, Sendable, Hashable, CustomStringConvertible {
 /// `page_size_kib` is deprecated: Firecracker has always put the page size in bytes
 /// there. It is tolerated, and used only when `page_size` is absent (older releases).
 public struct FirecrackerRegion: Sendable, Hashable, Codable {
+    /// The region's first address in Firecracker's address space.
     public var base_host_virt_addr: UInt64
+    /// The region's length in bytes.
     public var size: UInt64
+    /// The byte offset of the region's contents in the memory snapshot file.
     public var offset: UInt64
+    /// The page size in bytes (absent before Firecracker 1.5).
     public var page_size: UInt64?
+    /// Deprecated duplicate of `page_size` (Firecracker writes bytes here too).
     public var page_size_kib: UInt64?
 
     public init(base_host_virt_addr: UInt64, size: UInt64, offset: UInt64, page_size: UInt64?, page_size_kib: UInt64?) {
@@ -179,7 +184,9 @@ public struct NativeHandshake: Sendable, Hashable, Codable {
         case attached
     }
 
+    /// Always ``protocolName``.
     public var `protocol`: String
+    /// The handshake's version; this daemon speaks ``currentVersion``.
     public var version: Int
     /// The features the client's handshake enabled on the uffd (raw `UFFD_FEATURE_*` bits).
     public var features: UInt64
