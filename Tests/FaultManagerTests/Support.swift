@@ -145,7 +145,7 @@ final class ClientProcess {
     private var collected: [UInt8] = []
     private(set) var status: Int32?
 
-    init(_ arguments: [String]) throws {
+    init(_ arguments: [String], executable: String = testClientPath) throws {
         var fds: [Int32] = [-1, -1]
         guard pipe(&fds) == 0 else { throw UserfaultfdError(operation: "pipe", errno: .init(rawValue: errno)) }
         var actions = posix_spawn_file_actions_t()
@@ -153,14 +153,14 @@ final class ClientProcess {
         defer { posix_spawn_file_actions_destroy(&actions) }
         posix_spawn_file_actions_adddup2(&actions, fds[1], 1)
         posix_spawn_file_actions_addclose(&actions, fds[0])
-        let argv = ([testClientPath] + arguments).map { strdup($0) } + [nil]
+        let argv = ([executable] + arguments).map { strdup($0) } + [nil]
         defer { for p in argv { free(p) } }
         var child: pid_t = 0
-        let rc = posix_spawn(&child, testClientPath, &actions, nil, argv, environ)
+        let rc = posix_spawn(&child, executable, &actions, nil, argv, environ)
         close(fds[1])
         if rc != 0 {
             close(fds[0])
-            throw UserfaultfdError(operation: "posix_spawn \(testClientPath)", errno: .init(rawValue: rc))
+            throw UserfaultfdError(operation: "posix_spawn \(executable)", errno: .init(rawValue: rc))
         }
         pid = child
         output = fds[0]
