@@ -71,7 +71,9 @@ let package = Package(
             name: "FaultManager",
             dependencies: [
                 "Userfaultfd",
+                "_CUserfaultfd",
                 "FaultEngine",
+                .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -90,7 +92,11 @@ let package = Package(
         // A guest-like client of `uffd serve`, for its tests and benchmarks.
         .executableTarget(
             name: "uffd-test-client",
-            dependencies: ["Userfaultfd", "FaultManager"]
+            dependencies: [
+                "Userfaultfd",
+                "FaultManager",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
         ),
         // A process of its own for the Userfaultfd tests (for example, one without privileges).
         .executableTarget(
@@ -116,7 +122,13 @@ let package = Package(
         ),
         .testTarget(
             name: "FaultManagerTests",
-            dependencies: ["FaultManager", "Userfaultfd"]
+            dependencies: [
+                "FaultManager",
+                "Userfaultfd",
+                "FaultEngine",
+                .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
         ),
         .testTarget(
             name: "FaultBenchTests",

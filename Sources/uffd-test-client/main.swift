@@ -1,1 +1,12 @@
-print("uffd-test-client")
+// A guest-like client of `uffd serve`: creates memory, registers it on a userfaultfd,
+// hands the uffd over with either handshake, then reads, writes, forks, remaps,
+// releases and unmaps it, checking every byte against the image.
+#if canImport(Glibc)
+import Glibc
+#endif
+
+guard let options = Options.parse(CommandLine.arguments) else {
+    say(Options.usage)
+    exit(2)
+}
+runClient(options)

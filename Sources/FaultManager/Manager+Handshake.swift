@@ -1,0 +1,168 @@
+import FaultEngine
+import SystemPackage
+import Userfaultfd
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// One connection's handshake: credentials, the message, its checks, and the start of serving.
+extension Manager {
+    func handshake(on connection: FileDescriptor) {
+        let peer: DescriptorPassing.PeerCredentials
+        do {
+            peer = try DescriptorPassing.peerCredentials(of: connection)
+        } catch {
+            refuse(pid: 0, uid: UInt32.max, reason: "cannot read its credentials: \(error)", replyNative: nil)
+            return
+        }
+        UnixSocket.setTimeout(connection, seconds: configuration.handshakeTimeout)
+        let message: (body: [UInt8], descriptors: [FileDescriptor])
+        do {
+            message = try UnixSocket.receiveMessage(from: connection, maxBody: configuration.maxHandshakeBytes)
+        } catch {
+            refuse(pid: peer.pid, uid: peer.uid, reason: "\(error)", replyNative: nil)
+            return
+        }
+        var descriptors = message.descriptors
+        defer { for fd in descriptors { try? fd.close() } }
+        let looksNative = message.body.first == UInt8(ascii: "{")
+        let reply = looksNative ? connection : nil
+        if peer.uid != ownUID && !configuration.allowedUIDs.contains(peer.uid) {
+            refuse(pid: peer.pid, uid: peer.uid, reason: "\(HandshakeError.unauthorized(uid: peer.uid))", replyNative: reply)
+            return
+        }
+        do throws(HandshakeError) {
+            let handshake = try Handshake.decode(message.body)
+            let client = try accept(handshake, descriptors: &descriptors, peer: peer)
+            if looksNative {
+                UnixSocket.sendAll(NativeReply(accepted: true, client: client).encoded(), over: connection)
+            }
+        } catch {
+            refuse(pid: peer.pid, uid: peer.uid, reason: "\(error)", replyNative: reply)
+        }
+    }
+
+    func refuse(pid: Int32, uid: UInt32, reason: String, replyNative: FileDescriptor?) {
+        state.withLock { $0.refusals += 1 }
+        logger.warning("refused handshake from pid \(pid) uid \(uid): \(reason)",
+                       metadata: ["pid": "\(pid)", "uid": "\(uid)"])
+        if let replyNative {
+            UnixSocket.sendAll(NativeReply(accepted: false, reason: reason).encoded(), over: replyNative)
+        }
+    }
+
+    /// Checks a decoded handshake and starts serving it. On success the uffd descriptor
+    /// is taken out of `descriptors` (the server owns it).
+    func accept(_ handshake: Handshake, descriptors: inout [FileDescriptor],
+                        peer: DescriptorPassing.PeerCredentials) throws(HandshakeError) -> Int {
+        let expected: Int
+        let source: FileSource
+        let features: Userfaultfd.Features
+        var name: String? = nil
+        var fromMemoryFile = false
+        switch handshake {
+        case .firecracker:
+            expected = 1
+            features = []
+        case .native(let header):
+            expected = header.descriptorCount
+            features = Userfaultfd.Features(rawValue: header.features)
+            name = header.name
+        }
+        if descriptors.count != expected {
+            throw .descriptors("expected \(expected == 1 ? "exactly one descriptor (the userfaultfd)" : "two descriptors (the userfaultfd and the backing file)"), received \(descriptors.count)")
+        }
+        if !Self.isUserfaultfd(descriptors[0]) {
+            throw .descriptors("the first descriptor is not a userfaultfd")
+        }
+        if case .native(let header) = handshake, header.backing == .attached {
+            do {
+                source = try FileSource(descriptor: descriptors[1])
+            } catch {
+                throw .serving("the attached backing file cannot be read: \(error)")
+            }
+        } else {
+            guard let memorySource else {
+                throw .serving("the daemon was started without a memory file, and the client sent no backing")
+            }
+            source = memorySource
+            fromMemoryFile = true
+        }
+        let regions = handshake.regions
+        try ClientRegion.validate(regions, backingLength: source.length)
+        if let huge = regions.first(where: { $0.pageSize != UInt64(systemPageSize) }) {
+            // A valid description, but the engine installs base pages only: refusing is
+            // better than leaving the guest hanging on its first fault.
+            throw .serving("region \(huge.range) has \(huge.pageSize)-byte pages; only \(systemPageSize)-byte pages are served")
+        }
+
+        var serverConfiguration = configuration.server
+        // One message per read: the engine applies layout events drained after an EAGAIN
+        // before the events still waiting in its current batch, so a REMAP read in a batch
+        // could be overtaken by the UNMAP of its old range (the range would be dropped,
+        // and faults at its new address never served). With batches of one, no event waits.
+        serverConfiguration.batchSize = 1
+        var preload: [UInt64] = []
+        if fromMemoryFile {
+            if let replay = configuration.replayWorkingSet {
+                do {
+                    preload = try WorkingSetFile.read(replay)
+                } catch {
+                    logger.warning("working set \(replay) not replayed: \(error)")
+                }
+            }
+            if let record = configuration.recordWorkingSet,
+               recordClaimed.compareExchange(expected: false, desired: true, ordering: .relaxed).exchanged {
+                serverConfiguration.recordWorkingSet = record
+                // Only faults are recorded: pages that came in with a chunk or a read-ahead
+                // would be missing from the set. The recording run serves page by page.
+                serverConfiguration.strategy = .copy(chunkPages: 1)
+                serverConfiguration.prefetch = .none
+            }
+        }
+        let probe = fcntl(descriptors[0].rawValue, F_DUPFD_CLOEXEC, 0)
+        if probe < 0 { throw .serving("dup of the userfaultfd failed: errno \(errno)") }
+        let uffdDescriptor = descriptors.removeFirst()
+        if !preload.isEmpty {
+            let handle = Userfaultfd.Handle(fileDescriptor: uffdDescriptor, features: features)
+            let started = Self.monotonicNanoseconds()
+            let done = WorkingSetPreload.install(preload, regions: regions, source: source, uffd: handle)
+            let early = done.stoppedEarly.map { ", stopped early: \($0)" } ?? ""
+            logger.info("pid \(peer.pid): replayed the working set: \(done.pagesInstalled) pages in \(done.copies) copies, \((Self.monotonicNanoseconds() - started) / 1000) µs\(early)",
+                        metadata: ["pid": "\(peer.pid)", "uid": "\(peer.uid)"])
+        }
+        let served = regions.map { ServedRegion(range: $0.range, sourceOffset: $0.backingOffset) }
+        let id = nextClient.wrappingAdd(1, ordering: .relaxed).oldValue
+        do {
+            try startSession(
+                id: id, parent: nil, pid: peer.pid, uid: peer.uid, handshake: handshake.kind, name: name,
+                regions: regions, uffd: Userfaultfd(adopting: uffdDescriptor, features: features),
+                served: served, source: source, configuration: serverConfiguration, probe: probe)
+        } catch {
+            _ = Glibc.close(probe)
+            throw .serving("\(error)")
+        }
+        let bytes = regions.reduce(0) { $0 + $1.length }
+        logger.info("client \(id) accepted: pid \(peer.pid) uid \(peer.uid), \(handshake.kind) handshake, \(regions.count) region(s), \(bytes) bytes",
+                    metadata: ["client": "\(id)", "pid": "\(peer.pid)", "uid": "\(peer.uid)"])
+        return id
+    }
+
+    static func monotonicNanoseconds() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+    }
+
+    /// Whether `fd` is a userfaultfd (its /proc link names the anonymous inode).
+    static func isUserfaultfd(_ fd: FileDescriptor) -> Bool {
+        var buffer = [CChar](repeating: 0, count: 64)
+        let n = readlink("/proc/self/fd/\(fd.rawValue)", &buffer, buffer.count - 1)
+        if n <= 0 { return false }
+        let target = String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        return target == "anon_inode:[userfaultfd]"
+    }
+}

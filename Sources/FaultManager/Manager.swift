@@ -1,0 +1,277 @@
+import FaultEngine
+import FoundationEssentials
+import Logging
+import Synchronization
+import SystemPackage
+import Userfaultfd
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// The non-cooperative manager daemon: receives userfaultfds from other processes over
+/// a unix socket and serves their faults, each client isolated on its own fault server.
+///
+/// ```swift
+/// let manager = try Manager(ManagerConfiguration(socketPath: "/run/uffd.sock", memoryFile: "mem.snap"),
+///                           logger: Logger(label: "uffd.serve"))
+/// try manager.start()
+/// // ... clients hand over their uffds ...
+/// manager.stop()
+/// print(manager.statisticsJSON())
+/// ```
+public final class Manager: Sendable {
+    /// The configuration the manager runs with.
+    public let configuration: ManagerConfiguration
+    let logger: Logger
+    let memorySource: FileSource?
+    let ownUID: UInt32
+    private let stopSignal: StopSignal
+    let state = Mutex(State())
+    let nextClient = Atomic<Int>(1)
+    let recordClaimed = Atomic<Bool>(false)
+
+    struct State {
+        var listener: FileDescriptor?
+        var acceptThread: DedicatedThread?
+        var handshakes: [Int: DedicatedThread] = [:]
+        var pendingSockets: [Int: FileDescriptor] = [:]
+        var nextHandshake = 0
+        var sessions: [Int: ClientSession] = [:]
+        var ended: [Int: ClientReport] = [:]
+        var stopping = false
+        var refusals = 0
+    }
+
+    /// Prepares a manager: opens the memory file and checks the working-set file.
+    ///
+    /// - Throws: `UserfaultfdError` naming the file that cannot be used.
+    public init(_ configuration: ManagerConfiguration, logger: Logger) throws(UserfaultfdError) {
+        self.configuration = configuration
+        self.logger = logger
+        self.memorySource = try configuration.memoryFile.map { path throws(UserfaultfdError) in
+            // Mapped: faults and working-set replays copy straight from the page cache.
+            try FileSource(path: path, access: .mapped)
+        }
+        if let replay = configuration.replayWorkingSet {
+            _ = try WorkingSetFile.read(replay)
+        }
+        if case .memory(let address, let length)? = memorySource?.signalSafeBacking, length > 0 {
+            // Map the whole file now (MADV_POPULATE_READ), so that neither a fault nor a
+            // working-set replay takes a page fault of the daemon's own on the source.
+            let start = address & ~UInt(systemPageSize - 1)
+            _ = madvise(UnsafeMutableRawPointer(bitPattern: start), Int(length) + Int(address - start), 22)
+        }
+        self.ownUID = geteuid()
+        self.stopSignal = try StopSignal()
+    }
+
+    deinit { stop() }
+
+    /// Binds the socket and starts accepting clients.
+    public func start() throws(UserfaultfdError) {
+        let listener = try UnixSocket.listen(at: configuration.socketPath)
+        let thread = DedicatedThread(name: "uffd-accept") { [self] in self.acceptLoop(listener) }
+        state.withLock {
+            $0.listener = listener
+            $0.acceptThread = thread
+        }
+        logger.info("listening", metadata: [
+            "socket": "\(configuration.socketPath)",
+            "memoryFile": "\(configuration.memoryFile ?? "none")",
+            "allowedUIDs": "\(([ownUID] + configuration.allowedUIDs.sorted()).map(String.init).joined(separator: ","))",
+        ])
+    }
+
+    /// Stops accepting, stops serving every client, joins every thread and removes the socket.
+    ///
+    /// Clients still faulting are woken by the kernel when their uffd closes. Idempotent.
+    public func stop() {
+        let (listener, accept, pending) = state.withLock { s -> (FileDescriptor?, DedicatedThread?, [FileDescriptor]) in
+            if s.stopping { return (nil, nil, []) }
+            s.stopping = true
+            let l = s.listener
+            s.listener = nil
+            return (l, s.acceptThread, Array(s.pendingSockets.values))
+        }
+        guard listener != nil || accept != nil else { return }
+        stopSignal.raise()
+        accept?.join()
+        // Wake handshakes waiting for a slow peer.
+        for socket in pending { _ = shutdown(socket.rawValue, Int32(SHUT_RDWR)) }
+        let handshakes = state.withLock { Array($0.handshakes.values) }
+        for t in handshakes { t.join() }
+        if let listener {
+            try? listener.close()
+            unlink(configuration.socketPath)
+        }
+        // Sessions may add forked children while earlier ones stop: repeat until none is left.
+        while true {
+            let sessions = state.withLock { Array($0.sessions.values) }
+            if sessions.isEmpty { break }
+            for session in sessions { session.stopAndJoin() }
+        }
+        logger.info("stopped", metadata: ["clients": "\(clients.count)"])
+    }
+
+    /// Every client served so far, live and ended, by client number.
+    public var clients: [ClientReport] {
+        let (live, ended) = state.withLock { (Array($0.sessions.values), Array($0.ended.values)) }
+        return (ended + live.map(\.report)).sorted { $0.id < $1.id }
+    }
+
+    /// Handshakes refused so far.
+    public var refusedCount: Int { state.withLock { $0.refusals } }
+
+    /// The statistics of every client as a JSON document.
+    public func statisticsJSON() -> String {
+        struct Document: Encodable {
+            var socket: String
+            var memoryFile: String?
+            var refusedHandshakes: Int
+            var clients: [ClientReport]
+        }
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .prettyPrinted]
+        let doc = Document(socket: configuration.socketPath, memoryFile: configuration.memoryFile,
+                           refusedHandshakes: refusedCount, clients: clients)
+        return (try? encoder.encode(doc)).map { String(decoding: $0, as: UTF8.self) } ?? "{}"
+    }
+
+    // MARK: - Accepting
+
+    private func acceptLoop(_ listener: FileDescriptor) {
+        var fds = (
+            pollfd(fd: listener.rawValue, events: Int16(POLLIN), revents: 0),
+            pollfd(fd: stopSignal.fileDescriptor.rawValue, events: Int16(POLLIN), revents: 0)
+        )
+        while true {
+            let n = withUnsafeMutableBytes(of: &fds) { raw in
+                Glibc.poll(raw.baseAddress!.assumingMemoryBound(to: pollfd.self), 2, -1)
+            }
+            if n < 0 {
+                if errno == EINTR { continue }
+                logger.error("poll on the listening socket failed: errno \(errno)")
+                return
+            }
+            if fds.1.revents != 0 { return }
+            let connection: FileDescriptor?
+            do {
+                connection = try UnixSocket.accept(listener)
+            } catch {
+                logger.error("\(error)")
+                // EMFILE and the like: back off instead of spinning.
+                usleep(100_000)
+                continue
+            }
+            guard let connection else { continue }
+            startHandshake(on: connection)
+        }
+    }
+
+    /// Runs one connection's handshake on its own short-lived thread, so that a slow or
+    /// silent peer never holds up the others.
+    private func startHandshake(on connection: FileDescriptor) {
+        let key = state.withLock { s -> Int in
+            s.nextHandshake += 1
+            s.pendingSockets[s.nextHandshake] = connection
+            return s.nextHandshake
+        }
+        let thread = DedicatedThread(name: "uffd-handshake") { [self] in
+            self.handshake(on: connection)
+            try? connection.close()
+            // A finished handshake thread detaches itself by leaving the table.
+            self.state.withLock { s in
+                s.pendingSockets[key] = nil
+                s.handshakes[key] = nil
+            }
+        }
+        state.withLock { s in
+            // Unless it already finished (then it removed nothing and must not be added).
+            if s.pendingSockets[key] != nil { s.handshakes[key] = thread }
+        }
+    }
+
+    /// Creates, registers and starts one client's server and watcher.
+    func startSession(
+        id: Int, parent: Int?, pid: Int32, uid: UInt32, handshake: String, name: String?,
+        regions: [ClientRegion], uffd: consuming Userfaultfd, served: [ServedRegion],
+        source: FileSource, configuration serverConfiguration: FaultServerConfiguration, probe: Int32
+    ) throws(UserfaultfdError) {
+        if state.withLock({ $0.stopping }) {
+            throw UserfaultfdError(operation: "serve", kind: .invalidArgument("the daemon is stopping"))
+        }
+        let server = try FaultServer(userfaultfd: uffd, regions: served, source: source, configuration: serverConfiguration)
+        let session = try ClientSession(id: id, parent: parent, pid: pid, uid: uid, handshake: handshake, name: name,
+                                        regions: regions, server: server, probeDescriptor: probe)
+        server.onEvent = { [weak self] event in self?.handle(event, from: id, source: source) }
+        state.withLock { $0.sessions[id] = session }
+        do {
+            try server.start()
+        } catch {
+            state.withLock { $0.sessions[id] = nil }
+            server.stop()
+            throw error
+        }
+        session.startWatching(pollMilliseconds: configuration.livenessPollMilliseconds) { [weak self] session, reason in
+            self?.ended(session, reason: reason)
+        }
+    }
+
+    /// Called on a client's handler thread for the events its server does not handle itself.
+    private func handle(_ event: FaultServerEvent, from id: Int, source: FileSource) {
+        switch event {
+        case .fork(let child):
+            adoptFork(child, parentID: id, source: source)
+        case .processExited:
+            logger.debug("client \(id): the process is gone", metadata: ["client": "\(id)"])
+        case .sourceFailed, .resolutionFailed, .faultOutsideRegions, .unknown:
+            logger.warning("client \(id): \(event)", metadata: ["client": "\(id)"])
+        case .removed, .unmapped, .remapped:
+            logger.debug("client \(id): \(event)", metadata: ["client": "\(id)"])
+        }
+    }
+
+    /// Serves a forked child's uffd with a new server over a copy of the parent's ranges.
+    private func adoptFork(_ child: Userfaultfd.ForkedUserfaultfd, parentID: Int, source: FileSource) {
+        guard let parent = state.withLock({ $0.sessions[parentID] }), let uffd = child.take() else { return }
+        let served = parent.server.regions
+        if served.isEmpty { return }
+        let probe = fcntl(uffd.fileDescriptor.rawValue, F_DUPFD_CLOEXEC, 0)
+        if probe < 0 {
+            logger.error("client \(parentID): cannot adopt its forked child: dup failed, errno \(errno)")
+            return
+        }
+        let regions = served.map { ClientRegion(start: $0.range.start, length: $0.range.length, backingOffset: $0.sourceOffset) }
+        var childConfiguration = parent.server.configuration
+        childConfiguration.recordWorkingSet = nil
+        childConfiguration.prefetch = configuration.server.prefetch
+        if case .replay = childConfiguration.prefetch { childConfiguration.prefetch = .none }
+        let id = nextClient.wrappingAdd(1, ordering: .relaxed).oldValue
+        do {
+            try startSession(id: id, parent: parentID, pid: parent.pid, uid: parent.uid, handshake: "fork", name: parent.name,
+                             regions: regions, uffd: uffd, served: served, source: source,
+                             configuration: childConfiguration, probe: probe)
+            logger.info("client \(id) accepted: forked child of client \(parentID), \(regions.count) region(s)",
+                        metadata: ["client": "\(id)", "parent": "\(parentID)"])
+        } catch {
+            _ = Glibc.close(probe)
+            logger.error("client \(parentID): cannot serve its forked child: \(error)")
+        }
+    }
+
+    /// Called on a session's watcher thread once it stopped serving.
+    private func ended(_ session: ClientSession, reason: String) {
+        let report = session.report
+        state.withLock {
+            $0.sessions[session.id] = nil
+            $0.ended[session.id] = report
+        }
+        let s = report.statistics
+        logger.info(
+            "client \(report.id) ended (\(reason)): \(s.faults) faults (missing \(s.missingFaults), minor \(s.minorFaults), wp \(s.writeProtectFaults)), \(s.pagesInstalled) pages / \(report.bytesServed) bytes served, \(s.zeroPages) zero pages, p50 \(s.latencyP50) ns, p99 \(s.latencyP99) ns",
+            metadata: ["client": "\(report.id)", "pid": "\(report.pid)", "uid": "\(report.uid)"])
+    }
+}

@@ -1,0 +1,105 @@
+import FaultEngine
+import Userfaultfd
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// Installs a recorded working set into a client's memory before its faults are served
+/// (REAP-style): the whole set, in recorded order, in runs of consecutive pages.
+///
+/// The engine's own replay runs beside the handler threads and yields to them, so a
+/// client that faults at full speed starves it. Done here, before the fault server
+/// starts, the client's first faults simply wait for the set, which arrives at
+/// `UFFDIO_COPY` speed instead of one fault round trip per page.
+enum WorkingSetPreload {
+    /// What a preload did.
+    struct Result: Sendable, Equatable {
+        var pagesInstalled = 0
+        var pagesAlreadyPresent = 0
+        var copies = 0
+        /// Why it stopped early, if it did (the rest is left to the fault server).
+        var stoppedEarly: String?
+    }
+
+    /// Installs the pages at `offsets` (source offsets, in order) that `regions` map.
+    ///
+    /// Offsets outside every region are skipped. Stops early, leaving the rest to the
+    /// fault server, when the address space is changing (`EAGAIN`), the process is
+    /// gone, or the source fails.
+    static func install<Source: PageSource>(
+        _ offsets: [UInt64], regions: [ClientRegion], source: Source, uffd: Userfaultfd.Handle,
+        maxRunPages: Int = 256
+    ) -> Result {
+        let page = UInt64(systemPageSize)
+        let sorted = regions.sorted { $0.backingOffset < $1.backingOffset }
+        func address(of offset: UInt64) -> UInt64? {
+            for r in sorted where offset >= r.backingOffset && offset - r.backingOffset < r.length {
+                return r.start + (offset - r.backingOffset)
+            }
+            return nil
+        }
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: maxRunPages * Int(page), alignment: Int(page))
+        defer { buffer.deallocate() }
+        var result = Result()
+        var i = 0
+        while i < offsets.count {
+            let first = offsets[i] & ~(page - 1)
+            guard let start = address(of: first) else {
+                i += 1
+                continue
+            }
+            // Extend the run while the next recorded page follows in both file and memory.
+            var pages = 1
+            while i + pages < offsets.count && pages < maxRunPages {
+                let next = offsets[i + pages] & ~(page - 1)
+                guard next == first + UInt64(pages) * page, address(of: next) == start + UInt64(pages) * page else { break }
+                pages += 1
+            }
+            i += pages
+            let bytes = pages * Int(page)
+            let from: UnsafeRawPointer
+            if case .memory(let base, let length)? = source.signalSafeBacking, first + UInt64(bytes) <= length {
+                // The source's bytes are mapped here: copy from them without staging.
+                from = UnsafeRawPointer(bitPattern: base)! + Int(first)
+            } else {
+                do {
+                    try source.fill(UnsafeMutableRawBufferPointer(start: buffer, count: bytes), at: first)
+                } catch {
+                    result.stoppedEarly = "\(error)"
+                    return result
+                }
+                from = UnsafeRawPointer(buffer)
+            }
+            var done = 0
+            while done < bytes {
+                result.copies += 1
+                let outcome: Userfaultfd.Outcome
+                do {
+                    outcome = try uffd.copy(to: start + UInt64(done), from: from + done, length: bytes - done)
+                } catch {
+                    result.stoppedEarly = "\(error)"
+                    return result
+                }
+                switch outcome {
+                case .completed(let n):
+                    result.pagesInstalled += n / Int(page)
+                    done = bytes
+                case .partial(let n):
+                    result.pagesInstalled += n / Int(page)
+                    done += n
+                case .alreadyPresent:
+                    // Somewhere in the run a page is present: install the rest page by page.
+                    result.pagesAlreadyPresent += 1
+                    done += Int(page)
+                case .retryAfterEvents:
+                    result.stoppedEarly = "the address space is changing"
+                    return result
+                }
+            }
+        }
+        return result
+    }
+}

@@ -1,0 +1,68 @@
+import ArgumentParser
+import FaultEngine
+import FaultManager
+
+/// `uffd serve`: the manager daemon.
+struct Serve: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Serve the page faults of other processes that hand over their userfaultfd (Firecracker-compatible).",
+        discussion: """
+            Listens on a unix socket. A client connects and sends its uffd with a description of \
+            its regions: Firecracker's JSON array (served from --memory-file), or the native \
+            handshake of FaultManager.ManagerClient. Only the daemon's own uid may hand over a uffd \
+            unless --allow-uid widens it. SIGUSR1 prints statistics; SIGINT/SIGTERM stop.
+            """)
+
+    @Option(name: .long, help: "The unix socket to listen on.")
+    var socket: String
+
+    @Option(name: .long, help: "The memory snapshot file Firecracker clients are served from.")
+    var memoryFile: String?
+
+    @Option(name: .customLong("allow-uid"), help: "Also accept clients of this uid (repeatable).")
+    var allowUIDs: [UInt32] = []
+
+    @Option(name: .long, help: "Write the order of first faults in the memory file to this file.")
+    var record: String?
+
+    @Option(name: .long, help: "Prefetch the working set recorded in this file first, in order, when a client connects.")
+    var replay: String?
+
+    @Option(name: .long, help: "Pages per fault (UFFDIO_COPY chunk).")
+    var chunkPages: Int = 16
+
+    @Option(name: .long, help: "Adaptive read-ahead up to this many pages (0: none).")
+    var readAhead: Int = 256
+
+    @Option(name: .long, help: "Handler threads per client.")
+    var handlerThreads: Int = 1
+
+    @Option(name: .long, help: "Seconds a connection may take to send its handshake.")
+    var handshakeTimeout: Double = 5
+
+    @Flag(name: .long, help: "Print statistics as JSON (on SIGUSR1 and on exit).")
+    var json = false
+
+    @Flag(name: .long, help: "Log every layout event (debug level).")
+    var verbose = false
+
+    func validate() throws {
+        if memoryFile == nil && (record != nil || replay != nil) {
+            throw ValidationError("--record and --replay need --memory-file: the working set is per memory file")
+        }
+        if chunkPages < 1 { throw ValidationError("--chunk-pages must be at least 1") }
+        if readAhead != 0 && readAhead < chunkPages { throw ValidationError("--read-ahead must be 0 or at least --chunk-pages") }
+    }
+
+    func run() throws {
+        let server = FaultServerConfiguration(
+            strategy: .copy(chunkPages: chunkPages),
+            prefetch: readAhead == 0 ? .none : .adaptive(maxPages: readAhead),
+            handlerThreads: handlerThreads)
+        let configuration = ManagerConfiguration(
+            socketPath: socket, memoryFile: memoryFile, allowedUIDs: Set(allowUIDs), server: server,
+            recordWorkingSet: record, replayWorkingSet: replay, handshakeTimeout: handshakeTimeout)
+        let manager = try Manager(configuration, logger: ServeRunner.standardErrorLogger(level: verbose ? .debug : .info))
+        try ServeRunner.run(manager, json: json)
+    }
+}
