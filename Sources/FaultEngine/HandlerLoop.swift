@@ -48,6 +48,10 @@ final class HandlerLoop<Source: PageSource> {
     let drainBuffer: Userfaultfd.EventBuffer
     /// Faults read while draining events, served after the batch.
     var deferred: [(fault: Userfaultfd.PageFault, readAt: UInt64)] = []
+    /// The next message of the current batch to dispatch, and the batch's size: a
+    /// drain after EAGAIN applies the rest of the batch first, in kernel order.
+    var batchNext = 0
+    var batchCount = 0
     let latencies: UnsafeMutablePointer<UInt64>
     let latencyCapacity = 1024
     var latencyCount = 0
@@ -174,10 +178,14 @@ final class HandlerLoop<Source: PageSource> {
             if n == 0 { continue }
             server.busyHandlers.wrappingAdd(1, ordering: .relaxed)
             let readAt = cfe_now_ns()
-            for i in 0..<n {
+            batchNext = 0
+            batchCount = n
+            while batchNext < batchCount && !gone {
+                let i = batchNext
+                batchNext += 1
                 dispatch(buffer.events[i], readAt: readAt)
-                if gone { break }
             }
+            batchCount = 0
             serveDeferred()
             flushLatencies()
             if forkSeen {
@@ -291,6 +299,14 @@ final class HandlerLoop<Source: PageSource> {
     /// faults are kept for after the batch. Returns false if serving must end.
     func drainEvents() -> Bool {
         StatisticsCounters.add(counters.retries, 1)
+        // Messages still waiting in the current batch came first: apply their layout
+        // changes (and defer their faults) before the newer ones, or an UNMAP could
+        // overtake the REMAP it follows.
+        while batchNext < batchCount {
+            let i = batchNext
+            batchNext += 1
+            handleLayoutEvent(buffer.events[i])
+        }
         let n: Int
         do {
             n = try handle.readEvents(into: drainBuffer)

@@ -100,11 +100,6 @@ extension Manager {
         }
 
         var serverConfiguration = configuration.server
-        // One message per read: the engine applies layout events drained after an EAGAIN
-        // before the events still waiting in its current batch, so a REMAP read in a batch
-        // could be overtaken by the UNMAP of its old range (the range would be dropped,
-        // and faults at its new address never served). With batches of one, no event waits.
-        serverConfiguration.batchSize = 1
         var preload: [UInt64] = []
         if fromMemoryFile {
             if let replay = configuration.replayWorkingSet {
