@@ -14,7 +14,7 @@ struct ManagerTests {
         let fixture = try Fixture()
         let client = try fixture.client(["--handshake", handshake, "--scenario", "verify"])
         // Counted with the client's output pipe open, before its uffd can have arrived.
-        let baseline = openDescriptorCount()
+        let baseline = openDescriptors()
         #expect(client.waitForExit() == 0, "client said: \(client.text)")
         #expect(client.text.contains("OK verify 2048 pages"))
         #expect(fixture.wait { fixture.manager.clients.first?.serving == false })
@@ -28,7 +28,7 @@ struct ManagerTests {
         #expect(report.endReason == "the process exited")
         #expect(fixture.log.contains("client \(report.id) ended", "2048 pages"))
         // The uffd and everything opened to serve it are closed once the client ended.
-        #expect(fixture.wait { openDescriptorCount() == baseline }, "open: \(openDescriptorCount()), before: \(baseline)")
+        #expect(fixture.wait { openedSince(baseline).isEmpty }, "still open: \(openedSince(baseline).sorted())")
     }
 
     @Test func nativeClientWithItsOwnBackingFile() throws {

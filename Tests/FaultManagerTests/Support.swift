@@ -114,13 +114,31 @@ func monotonicSeconds() -> Double {
     return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
 }
 
-/// The number of descriptors this process has open.
-func openDescriptorCount() -> Int {
-    guard let dir = opendir("/proc/self/fd") else { return -1 }
+/// The descriptors this process has open, as "number target" (so a number reused
+/// for another file counts as new).
+///
+/// Suites of other modules run in parallel and open descriptors of their own: a
+/// test checks that every descriptor opened since its baseline is closed again
+/// (`openedSince(baseline).isEmpty` within a wait), not that the count is equal.
+func openDescriptors() -> Set<String> {
+    guard let dir = opendir("/proc/self/fd") else { return [] }
     defer { closedir(dir) }
-    var n = 0
-    while readdir(dir) != nil { n += 1 }
-    return n - 3 // ".", ".." and the directory's own descriptor
+    var open: Set<String> = []
+    while let entry = readdir(dir) {
+        let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        if name == "." || name == ".." { continue }
+        var target = [CChar](repeating: 0, count: 256)
+        let n = readlink("/proc/self/fd/" + name, &target, target.count - 1)
+        let link = n > 0 ? String(decoding: target[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : "?"
+        open.insert(name + " " + link)
+    }
+    return open
+}
+
+/// Descriptors open now that were not open at `baseline` (the listing's own
+/// directory descriptor excluded).
+func openedSince(_ baseline: Set<String>) -> Set<String> {
+    openDescriptors().subtracting(baseline).filter { !$0.hasSuffix("/fd") }
 }
 
 /// The `uffd-test-client` executable, built next to the test bundle.
