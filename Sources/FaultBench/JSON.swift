@@ -1,3 +1,4 @@
+import FaultEngine
 // The `--json` form of a bench report, written without Foundation.
 
 extension BenchReport {
@@ -54,23 +55,4 @@ func number(_ value: Double, _ decimals: Int) -> String {
 }
 
 /// A JSON string literal.
-func quoted(_ text: String) -> String {
-    var out = "\""
-    for scalar in text.unicodeScalars {
-        switch scalar {
-        case "\"": out += "\\\""
-        case "\\": out += "\\\\"
-        case "\n": out += "\\n"
-        case "\r": out += "\\r"
-        case "\t": out += "\\t"
-        default:
-            if scalar.value < 0x20 {
-                let hex = String(scalar.value, radix: 16)
-                out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
-            } else {
-                out.unicodeScalars.append(scalar)
-            }
-        }
-    }
-    return out + "\""
-}
+func quoted(_ text: String) -> String { jsonQuoted(text) }

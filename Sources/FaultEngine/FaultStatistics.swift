@@ -74,8 +74,8 @@ public struct FaultStatistics: Sendable, Codable, Hashable {
     }
 }
 
-/// `s` as a JSON string literal.
-func jsonQuoted(_ s: String) -> String {
+/// `s` as a JSON string literal (quotes, backslashes and control characters escaped).
+public func jsonQuoted(_ s: String) -> String {
     var out = "\""
     for u in s.unicodeScalars {
         switch u {
