@@ -81,13 +81,25 @@ static void chain(int sig, siginfo_t *info, void *context) {
     sigaction(SIGBUS, &dfl, NULL);
 }
 
-static int copy_run(int uffd, uint64_t dst, const void *src, uint64_t len, const struct cfe_region *r,
-                    uint64_t first_page, uint64_t page_size, uint64_t fault_page, int *fault_done) {
+/// Installs `len` bytes at `dst` with UFFDIO_COPY from `src`, or with UFFDIO_ZEROPAGE
+/// when `src` is NULL, marking what was installed (or already there) resident.
+/// Returns 0 or the errno that stopped it.
+static int install_run(int uffd, uint64_t dst, const void *src, uint64_t len, const struct cfe_region *r,
+                       uint64_t first_page, uint64_t page_size, uint64_t fault_page, int *fault_done) {
     uint64_t off = 0;
     while (off < len) {
-        struct uffdio_copy c = { .dst = dst + off, .src = (uint64_t)(uintptr_t)src + off, .len = len - off, .mode = 0, .copy = 0 };
-        long rc = ioctl(uffd, UFFDIO_COPY, &c);
-        int64_t done = rc == 0 ? (int64_t)(len - off) : c.copy;
+        long rc;
+        int64_t field;
+        if (src) {
+            struct uffdio_copy c = { .dst = dst + off, .src = (uint64_t)(uintptr_t)src + off, .len = len - off, .mode = 0, .copy = 0 };
+            rc = ioctl(uffd, UFFDIO_COPY, &c);
+            field = c.copy;
+        } else {
+            struct uffdio_zeropage z = { .range = { .start = dst + off, .len = len - off }, .mode = 0, .zeropage = 0 };
+            rc = ioctl(uffd, UFFDIO_ZEROPAGE, &z);
+            field = z.zeropage;
+        }
+        int64_t done = rc == 0 ? (int64_t)(len - off) : field;
         if (done > 0) {
             uint64_t p = first_page + off / page_size;
             uint64_t n = (uint64_t)done / page_size;
@@ -101,34 +113,6 @@ static int copy_run(int uffd, uint64_t dst, const void *src, uint64_t len, const
         if (e == EEXIST || done == -EEXIST) {
             uint64_t p = first_page + off / page_size;
             cfe_bits_set(r->resident, r->first_bit + p, 1);
-            if (p == fault_page) *fault_done = 1;
-            off += page_size;
-            continue;
-        }
-        return e ? e : (int)-done;
-    }
-    return 0;
-}
-
-static int zero_run(int uffd, uint64_t dst, uint64_t len, const struct cfe_region *r, uint64_t first_page,
-                    uint64_t page_size, uint64_t fault_page, int *fault_done) {
-    uint64_t off = 0;
-    while (off < len) {
-        struct uffdio_zeropage z = { .range = { .start = dst + off, .len = len - off }, .mode = 0, .zeropage = 0 };
-        long rc = ioctl(uffd, UFFDIO_ZEROPAGE, &z);
-        int64_t done = rc == 0 ? (int64_t)(len - off) : z.zeropage;
-        if (done > 0) {
-            uint64_t p = first_page + off / page_size;
-            uint64_t n = (uint64_t)done / page_size;
-            cfe_bits_set(r->resident, r->first_bit + p, n);
-            if (fault_page >= p && fault_page < p + n) *fault_done = 1;
-            off += (uint64_t)done;
-            continue;
-        }
-        int e = rc == 0 ? 0 : errno;
-        if (e == EINTR) continue;
-        if (e == EEXIST || done == -EEXIST) {
-            uint64_t p = first_page + off / page_size;
             if (p == fault_page) *fault_done = 1;
             off += page_size;
             continue;
@@ -193,12 +177,12 @@ static int resolve(const struct cfe_table *t, const struct cfe_region *r, uint64
         uint64_t src_off = r->source_offset + i * ps;
         int rc;
         if (zero) {
-            rc = zero_run(t->uffd, dst, len, r, i, ps, page, &fault_done);
+            rc = install_run(t->uffd, dst, NULL, len, r, i, ps, page, &fault_done);
         } else if (t->backing_kind == CFE_BACKING_MEMORY) {
             if (src_off + len > t->memory_length) {
                 rc = EFAULT;
             } else {
-                rc = copy_run(t->uffd, dst, t->memory + src_off, len, r, i, ps, page, &fault_done);
+                rc = install_run(t->uffd, dst, t->memory + src_off, len, r, i, ps, page, &fault_done);
             }
         } else {
             uint8_t buffer[CFE_STACK_CHUNK] __attribute__((aligned(4096)));
@@ -211,7 +195,7 @@ static int resolve(const struct cfe_table *t, const struct cfe_region *r, uint64
                 rc = n < 0 ? errno : EIO;
                 break;
             }
-            if (rc == 0) rc = copy_run(t->uffd, dst, buffer, len, r, i, ps, page, &fault_done);
+            if (rc == 0) rc = install_run(t->uffd, dst, buffer, len, r, i, ps, page, &fault_done);
         }
         if (rc == EBADF) {
             // The server closed the uffd while this ran: the kernel serves the range now.
