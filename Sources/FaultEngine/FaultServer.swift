@@ -198,6 +198,26 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
         signalResolver?.unregister()
     }
 
+    /// Releases the uffd but keeps its number taken by `/dev/null` (atomically, with
+    /// `dup2`). Returns the number, which the caller closes later; -1 if none was open.
+    private func retireDescriptor() -> Int32 {
+        let fd = ownedDescriptor.withLock { fd -> Int32 in
+            let old = fd
+            fd = -1
+            return old
+        }
+        guard fd >= 0 else { return -1 }
+        let null = Glibc.open("/dev/null", O_RDONLY | O_CLOEXEC)
+        if null < 0 || dup2(null, fd) < 0 {
+            // Without a placeholder, close it outright (the resolver sees EBADF).
+            _ = Glibc.close(fd)
+            if null >= 0 { _ = Glibc.close(null) }
+            return -1
+        }
+        _ = Glibc.close(null)
+        return fd
+    }
+
     private func closeDescriptor() {
         let fd = ownedDescriptor.withLock { fd -> Int32 in
             let old = fd
@@ -322,8 +342,16 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
         }
         // Close the uffd before leaving the SIGBUS resolver: from then on the kernel
         // serves the ranges itself, so no SIGBUS can arrive that nobody resolves.
-        closeDescriptor()
-        signalResolver?.unregister()
+        // A resolver still running on a faulting thread holds the descriptor's number:
+        // while it may, the number stays taken (by /dev/null, ioctls there fail with
+        // ENOTTY) so that no file opened meanwhile receives its ioctls.
+        if let signalResolver {
+            let placeholder = retireDescriptor()
+            signalResolver.unregister()
+            if placeholder >= 0 { _ = Glibc.close(placeholder) }
+        } else {
+            closeDescriptor()
+        }
         finishedSignal.raise()
     }
 

@@ -197,8 +197,9 @@ static int resolve(const struct cfe_table *t, const struct cfe_region *r, uint64
             }
             if (rc == 0) rc = install_run(t->uffd, dst, buffer, len, r, i, ps, page, &fault_done);
         }
-        if (rc == EBADF) {
-            // The server closed the uffd while this ran: the kernel serves the range now.
+        if (rc == EBADF || rc == ENOTTY) {
+            // The server closed the uffd while this ran (its number may now name
+            // /dev/null until the resolver is withdrawn): the kernel serves the range now.
             return 1;
         }
         if (rc == EAGAIN) {
