@@ -69,6 +69,13 @@ extension Userfaultfd {
         }
 
         /// Unregisters `range`; faults there are handled by the kernel again.
+        ///
+        /// The kernel wakes the threads waiting on faults in `range` before it changes
+        /// the mapping, and a fault taken under the per-VMA lock can queue itself in
+        /// between: its message is read later and that thread is not woken by anyone.
+        /// A resolver that gets `ENOENT` for a fault (the range is no longer registered)
+        /// must therefore ``wake(_:)`` the page.
+        ///
         /// The corresponding C call is `ioctl(fd, UFFDIO_UNREGISTER, &uffdio_range)`.
         public func unregister(_ range: MemoryRange) throws(UserfaultfdError) {
             var arg = uffdio_range(start: range.start, len: range.length)
