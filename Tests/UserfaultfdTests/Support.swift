@@ -383,10 +383,26 @@ func waitChild(_ pid: pid_t, seconds: Int = 30) -> ChildEnd? {
         }
         usleep(10_000)
     }
+    let where_ = ["stack", "syscall", "wchan", "status"].map { "\($0): \(readProcFile("/proc/\(pid)/\($0)"))" }.joined(separator: "\n")
     kill(pid, SIGKILL)
     _ = waitpid(pid, &status, 0)
-    Issue.record("child \(pid) did not finish within \(seconds) s and was killed")
+    Issue.record("child \(pid) did not finish within \(seconds) s and was killed; it was in\n\(where_)")
     return nil
+}
+
+/// The text of a small /proc file, or a note saying it could not be read.
+func readProcFile(_ path: String) -> String {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    if fd < 0 { return "(cannot open: errno \(errno))" }
+    defer { close(fd) }
+    var bytes: [UInt8] = []
+    var chunk = [UInt8](repeating: 0, count: 4096)
+    while true {
+        let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        if n <= 0 { break }
+        bytes += chunk.prefix(n)
+    }
+    return String(decoding: bytes, as: UTF8.self)
 }
 
 private func decodeStatus(_ status: Int32) -> ChildEnd {
