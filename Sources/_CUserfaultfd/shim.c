@@ -66,6 +66,17 @@ ssize_t cuffd_recv_fds(int sock, void *buf, size_t len, int *fds, int maxfds, in
         }
     }
     if (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) *truncated = 1;
+    // A stream socket has no message boundary and never sets MSG_TRUNC: a full buffer
+    // with more bytes already waiting means the sender's message did not fit.
+    if (!*truncated && n > 0 && (size_t)n == len) {
+        int type = 0;
+        socklen_t size = sizeof(type);
+        char next;
+        if (getsockopt(sock, SOL_SOCKET, SO_TYPE, &type, &size) == 0 && type == SOCK_STREAM
+            && recv(sock, &next, 1, MSG_PEEK | MSG_DONTWAIT) > 0) {
+            *truncated = 1;
+        }
+    }
     return n;
 }
 

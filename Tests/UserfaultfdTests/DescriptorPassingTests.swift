@@ -51,6 +51,30 @@ extension Matrix {
             #expect(allWriteEndsClosed(pipe.readEnd), "a received descriptor was left open")
         }
 
+        @Test("a stream message longer than the payload buffer is refused as truncated")
+        func streamTruncated() throws {
+            let (a, b) = try DescriptorPassing.socketPair()
+            defer { try? a.close(); try? b.close() }
+            var type: Int32 = 0
+            var size = socklen_t(MemoryLayout<Int32>.size)
+            #expect(getsockopt(b.rawValue, SOL_SOCKET, SO_TYPE, &type, &size) == 0 && type == Int32(SOCK_STREAM.rawValue))
+            let pipe = try nonblockingPipe()
+            defer { try? pipe.readEnd.close() }
+            try DescriptorPassing.send(descriptors: [pipe.writeEnd], payload: Array(repeating: 0xEE, count: 64), over: a)
+            try pipe.writeEnd.close()
+            expectMalformed(try DescriptorPassing.receive(from: b, maxPayload: 8), "truncated")
+            #expect(allWriteEndsClosed(pipe.readEnd), "a received descriptor was left open")
+            // Exactly as long as the buffer, with nothing after it: accepted.
+            let uffd = try Userfaultfd(features: [])
+            try DescriptorPassing.send(uffd.fileDescriptor, payload: Array(repeating: 7, count: 8), over: a)
+            // The 56 bytes left from the refused message are still queued: drain them first.
+            var rest = [UInt8](repeating: 0, count: 56)
+            #expect(read(b.rawValue, &rest, 56) == 56)
+            let (payload, fd) = try DescriptorPassing.receive(from: b, maxPayload: 8)
+            try fd.close()
+            #expect(payload == Array(repeating: 7, count: 8))
+        }
+
         @Test("garbage: a truncated message, an empty payload, a closed peer")
         func garbage() throws {
             // Message boundaries need a datagram-like socket.

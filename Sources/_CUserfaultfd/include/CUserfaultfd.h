@@ -198,7 +198,8 @@ ssize_t cuffd_send_fds(int sock, const void *buf, size_t len, const int *fds, in
 /// `recvmsg` of up to `len` bytes with `MSG_CMSG_CLOEXEC`. Every descriptor that
 /// arrived (up to `maxfds`) is stored in `fds` and counted in `*nfds`; descriptors
 /// beyond `maxfds`, if the kernel passed them, are closed here and counted too.
-/// `*truncated` is set when the payload or the control data were cut.
+/// `*truncated` is set when the payload or the control data were cut (on a stream
+/// socket: when the buffer was filled and more bytes are already waiting).
 /// Returns the bytes received (0 at end of stream) or -1 with errno.
 ssize_t cuffd_recv_fds(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds, int *truncated);
 
