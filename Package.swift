@@ -87,6 +87,7 @@ let package = Package(
                 "Postcopy",
                 "FaultManager",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
             ]
         ),
         // A guest-like client of `uffd serve`, for its tests and benchmarks.

@@ -54,11 +54,16 @@ struct Serve: ParsableCommand {
         if readAhead != 0 && readAhead < chunkPages { throw ValidationError("--read-ahead must be 0 or at least --chunk-pages") }
     }
 
-    func run() throws {
-        let server = FaultServerConfiguration(
+    /// How each client's faults are served; `uffd serve-bench` uses the same defaults.
+    static func serverConfiguration(chunkPages: Int = 16, readAhead: Int = 256, handlerThreads: Int = 1) -> FaultServerConfiguration {
+        FaultServerConfiguration(
             strategy: .copy(chunkPages: chunkPages),
             prefetch: readAhead == 0 ? .none : .adaptive(maxPages: readAhead),
             handlerThreads: handlerThreads)
+    }
+
+    func run() throws {
+        let server = Self.serverConfiguration(chunkPages: chunkPages, readAhead: readAhead, handlerThreads: handlerThreads)
         let configuration = ManagerConfiguration(
             socketPath: socket, memoryFile: memoryFile, allowedUIDs: Set(allowUIDs), server: server,
             recordWorkingSet: record, replayWorkingSet: replay, handshakeTimeout: handshakeTimeout)
