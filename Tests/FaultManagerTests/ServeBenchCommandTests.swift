@@ -1,0 +1,55 @@
+import FaultManager
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension ManagerTests {
+    @Test(.enabled(if: access(ManagerTests.uffdPath, X_OK) == 0, "the uffd executable is built next to the tests"))
+    func serveBenchReportsEveryRunOfBothMeasurements() throws {
+        let fixture = try Fixture()
+        let bench = try ClientProcess(["serve-bench", "--image-mib", "8", "--client-mib", "4", "--repetitions", "2",
+                                       "--clients", "3", "--directory", fixture.directory, "--json"],
+                                      executable: Self.uffdPath)
+        #expect(bench.waitForExit(seconds: 120) == 0, "serve-bench said: \(bench.text)")
+        let json = bench.text
+        func numbers(_ key: String) -> [UInt64] {
+            guard let start = json.firstRange(of: "\"\(key)\": [") else { return [] }
+            let rest = json[start.upperBound...].prefix { $0 != "]" }
+            return rest.split(separator: ",").compactMap { UInt64($0.filter { $0 != " " }) }
+        }
+        // Two restores of each kind, three runs alone, one p99 per concurrent client; all measured.
+        #expect(numbers("coldNanoseconds").count == 2)
+        #expect(numbers("replayNanoseconds").count == 2)
+        #expect(numbers("aloneP99Nanoseconds").count == 3)
+        #expect(numbers("concurrentP99Nanoseconds").count == 3)
+        #expect((numbers("coldNanoseconds") + numbers("replayNanoseconds") + numbers("concurrentP99Nanoseconds")).allSatisfy { $0 > 0 })
+        #expect(json.contains("\"speedup\": "))
+        // Its temporary directory is gone.
+        var entries = 0
+        if let d = opendir(fixture.directory) {
+            while let e = readdir(d) {
+                let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+                if name.hasPrefix("uffd-serve-bench") { entries += 1 }
+            }
+            closedir(d)
+        }
+        #expect(entries == 0, "the benchmark's directory was left behind")
+    }
+
+    @Test(.enabled(if: access(ManagerTests.uffdPath, X_OK) == 0, "the uffd executable is built next to the tests"))
+    func serveBenchRefusesBadOptions() throws {
+        // Usage errors exit with 64 (EX_USAGE); a directory that cannot be made, with 1.
+        let cases: [([String], Int32)] = [
+            (["--touch-percent", "0"], 64), (["--clients", "0"], 64), (["--client-mib", "16"], 64),
+            (["--client-executable", "/nonexistent/client"], 64), (["--directory", "/nonexistent/dir"], 1),
+        ]
+        for (arguments, expected) in cases {
+            let bench = try ClientProcess(["serve-bench", "--image-mib", "8", "--client-mib", "4", "--repetitions", "1"] + arguments,
+                                          executable: Self.uffdPath)
+            #expect(bench.waitForExit(seconds: 60) == expected, "\(arguments)")
+            #expect(!bench.text.contains("speed"), "\(arguments) ran the benchmark")
+        }
+    }
+}
