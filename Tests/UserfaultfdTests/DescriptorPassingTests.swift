@@ -58,12 +58,7 @@ extension Matrix {
             var type: Int32 = 0
             var size = socklen_t(MemoryLayout<Int32>.size)
             #expect(getsockopt(b.rawValue, SOL_SOCKET, SO_TYPE, &type, &size) == 0 && type == Int32(SOCK_STREAM.rawValue))
-            let pipe = try nonblockingPipe()
-            defer { try? pipe.readEnd.close() }
-            try DescriptorPassing.send(descriptors: [pipe.writeEnd], payload: Array(repeating: 0xEE, count: 64), over: a)
-            try pipe.writeEnd.close()
-            expectMalformed(try DescriptorPassing.receive(from: b, maxPayload: 8), "truncated")
-            #expect(allWriteEndsClosed(pipe.readEnd), "a received descriptor was left open")
+            try expectTruncatedRefusal(from: a, to: b)
             // Exactly as long as the buffer, with nothing after it: accepted.
             let uffd = try Userfaultfd(features: [])
             try DescriptorPassing.send(uffd.fileDescriptor, payload: Array(repeating: 7, count: 8), over: a)
@@ -82,13 +77,7 @@ extension Matrix {
             #expect(socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &fds) == 0)
             let a = FileDescriptor(rawValue: fds[0]), b = FileDescriptor(rawValue: fds[1])
             defer { try? b.close() }
-            let pipe = try nonblockingPipe()
-            defer { try? pipe.readEnd.close() }
-            // 64 bytes with a descriptor, read into 8: truncated, and the descriptor is closed.
-            try DescriptorPassing.send(descriptors: [pipe.writeEnd], payload: Array(repeating: 0xEE, count: 64), over: a)
-            try pipe.writeEnd.close()
-            expectMalformed(try DescriptorPassing.receive(from: b, maxPayload: 8), "truncated")
-            #expect(allWriteEndsClosed(pipe.readEnd), "a received descriptor was left open")
+            try expectTruncatedRefusal(from: a, to: b)
             // Nothing to send with a descriptor.
             let e = error { try DescriptorPassing.send(descriptors: [b], payload: [], over: a) }
             guard case .invalidArgument? = e?.kind else {
@@ -99,6 +88,17 @@ extension Matrix {
             expectMalformed(try DescriptorPassing.receive(from: b), "closed the connection")
         }
     }
+}
+
+/// Sends 64 bytes with a descriptor from `a` and receives them at `b` into 8 bytes:
+/// refused as truncated, and the descriptor received is closed.
+func expectTruncatedRefusal(from a: FileDescriptor, to b: FileDescriptor, sourceLocation: SourceLocation = #_sourceLocation) throws {
+    let pipe = try nonblockingPipe()
+    defer { try? pipe.readEnd.close() }
+    try DescriptorPassing.send(descriptors: [pipe.writeEnd], payload: Array(repeating: 0xEE, count: 64), over: a)
+    try pipe.writeEnd.close()
+    expectMalformed(try DescriptorPassing.receive(from: b, maxPayload: 8), "truncated", sourceLocation: sourceLocation)
+    #expect(allWriteEndsClosed(pipe.readEnd), "a received descriptor was left open", sourceLocation: sourceLocation)
 }
 
 func expectMalformed<T>(_ body: @autoclosure () throws -> T, _ words: String, sourceLocation: SourceLocation = #_sourceLocation) {
