@@ -23,95 +23,97 @@ extension Trait where Self == ConditionTrait {
     }
 }
 
-/// Clients whose guest memory is hugetlb (2 MiB pages), as Firecracker maps it with
-/// `"page_size": 2097152`.
-@Suite(.serialized, .timeLimit(.minutes(1)))
-struct HugePageServingTests {
-    static let hugePage = UInt64(HugePages.size)
+extension ManagerTests {
+    /// Clients whose guest memory is hugetlb (2 MiB pages), as Firecracker maps it with
+    /// `"page_size": 2097152`.
+    @Suite(.serialized, .timeLimit(.minutes(1)))
+    struct HugePageServingTests {
+        static let hugePage = UInt64(HugePages.size)
 
-    @Test(.needsFreeHugePages, arguments: ["firecracker", "native"])
-    func hugetlbClientIsServedByteForByte(handshake: String) throws {
-        // 8 MiB: two regions of two huge pages each.
-        let fixture = try Fixture(imageLength: 8 << 20)
-        let client = try fixture.client(["--handshake", handshake, "--memory", "hugetlb", "--scenario", "verify"])
-        #expect(client.waitForExit() == 0, "client said: \(client.text)")
-        #expect(client.text.contains("OK verify 4 pages"))
-        #expect(fixture.wait { fixture.manager.clients.first?.serving == false })
-        let report = try #require(fixture.manager.clients.first)
-        #expect(report.handshake == handshake)
-        #expect(report.regions.count == 2)
-        #expect(report.regions.allSatisfy { $0.pageSize == Self.hugePage })
-        #expect(report.statistics.missingFaults == 4)
-        #expect(report.statistics.pagesInstalled == 4)
-        #expect(report.bytesServed == UInt64(fixture.imageLength))
-        #expect(report.statistics.faultsOutsideRegions == 0)
-        #expect(report.statistics.lastError == nil)
-        #expect(report.endReason == "the process exited")
-    }
+        @Test(.needsFreeHugePages, arguments: ["firecracker", "native"])
+        func hugetlbClientIsServedByteForByte(handshake: String) throws {
+            // 8 MiB: two regions of two huge pages each.
+            let fixture = try Fixture(imageLength: 8 << 20)
+            let client = try fixture.client(["--handshake", handshake, "--memory", "hugetlb", "--scenario", "verify"])
+            #expect(client.waitForExit() == 0, "client said: \(client.text)")
+            #expect(client.text.contains("OK verify 4 pages"))
+            #expect(fixture.wait { fixture.manager.clients.first?.serving == false })
+            let report = try #require(fixture.manager.clients.first)
+            #expect(report.handshake == handshake)
+            #expect(report.regions.count == 2)
+            #expect(report.regions.allSatisfy { $0.pageSize == Self.hugePage })
+            #expect(report.statistics.missingFaults == 4)
+            #expect(report.statistics.pagesInstalled == 4)
+            #expect(report.bytesServed == UInt64(fixture.imageLength))
+            #expect(report.statistics.faultsOutsideRegions == 0)
+            #expect(report.statistics.lastError == nil)
+            #expect(report.endReason == "the process exited")
+        }
 
-    @Test(.needsFreeHugePages)
-    func releasedHugePagesReadZerosAfterwards() throws {
-        let fixture = try Fixture(imageLength: 8 << 20)
-        let client = try fixture.client(["--handshake", "firecracker", "--memory", "hugetlb", "--scenario", "remove"])
-        #expect(client.waitForExit() == 0, "client said: \(client.text)")
-        #expect(client.text.contains("OK remove"))
-        #expect(fixture.wait { fixture.manager.clients.first?.serving == false })
-        let report = try #require(fixture.manager.clients.first)
-        #expect(report.statistics.removeEvents >= 1)
-        #expect(report.statistics.zeroPages == 1)
-        #expect(report.statistics.lastError == nil)
-    }
+        @Test(.needsFreeHugePages)
+        func releasedHugePagesReadZerosAfterwards() throws {
+            let fixture = try Fixture(imageLength: 8 << 20)
+            let client = try fixture.client(["--handshake", "firecracker", "--memory", "hugetlb", "--scenario", "remove"])
+            #expect(client.waitForExit() == 0, "client said: \(client.text)")
+            #expect(client.text.contains("OK remove"))
+            #expect(fixture.wait { fixture.manager.clients.first?.serving == false })
+            let report = try #require(fixture.manager.clients.first)
+            #expect(report.statistics.removeEvents >= 1)
+            #expect(report.statistics.zeroPages == 1)
+            #expect(report.statistics.lastError == nil)
+        }
 
-    @Test(.needsFreeHugePages)
-    func workingSetOfHugePagesIsRecordedAndReplayed() throws {
-        var template = Array("/tmp/uffd-ws-XXXXXX".utf8CString)
-        let dir = String(cString: try #require(mkdtemp(&template)))
-        let path = dir + "/ws"
-        defer { unlink(path); rmdir(dir) }
-        // Half of the four huge pages.
-        let arguments = ["--handshake", "firecracker", "--memory", "hugetlb", "--scenario", "workingset", "--touch-percent", "50"]
-        do {
-            let fixture = try Fixture(imageLength: 8 << 20) { $0.recordWorkingSet = path }
+        @Test(.needsFreeHugePages)
+        func workingSetOfHugePagesIsRecordedAndReplayed() throws {
+            var template = Array("/tmp/uffd-ws-XXXXXX".utf8CString)
+            let dir = String(cString: try #require(mkdtemp(&template)))
+            let path = dir + "/ws"
+            defer { unlink(path); rmdir(dir) }
+            // Half of the four huge pages.
+            let arguments = ["--handshake", "firecracker", "--memory", "hugetlb", "--scenario", "workingset", "--touch-percent", "50"]
+            do {
+                let fixture = try Fixture(imageLength: 8 << 20) { $0.recordWorkingSet = path }
+                let client = try fixture.client(arguments)
+                #expect(client.waitForExit() == 0, "client said: \(client.text)")
+                #expect(fixture.wait { fixture.manager.clients.first?.serving == false })
+                let recorded = try #require(fixture.manager.clients.first)
+                #expect(recorded.statistics.missingFaults == 2)
+                #expect(recorded.statistics.pagesInstalled == 2)
+            }
+            let offsets = try WorkingSetFile.read(path)
+            #expect(offsets.count == 2)
+            #expect(offsets.allSatisfy { $0 % Self.hugePage == 0 && $0 < 8 << 20 })
+
+            let fixture = try Fixture(imageLength: 8 << 20) { $0.replayWorkingSet = path }
             let client = try fixture.client(arguments)
             #expect(client.waitForExit() == 0, "client said: \(client.text)")
             #expect(fixture.wait { fixture.manager.clients.first?.serving == false })
-            let recorded = try #require(fixture.manager.clients.first)
-            #expect(recorded.statistics.missingFaults == 2)
-            #expect(recorded.statistics.pagesInstalled == 2)
+            #expect(fixture.log.contains("replayed the working set: 2 pages"), "log: \(fixture.log.all)")
+            let replayed = try #require(fixture.manager.clients.first)
+            #expect(replayed.statistics.missingFaults <= 1)
         }
-        let offsets = try WorkingSetFile.read(path)
-        #expect(offsets.count == 2)
-        #expect(offsets.allSatisfy { $0 % Self.hugePage == 0 && $0 < 8 << 20 })
 
-        let fixture = try Fixture(imageLength: 8 << 20) { $0.replayWorkingSet = path }
-        let client = try fixture.client(arguments)
-        #expect(client.waitForExit() == 0, "client said: \(client.text)")
-        #expect(fixture.wait { fixture.manager.clients.first?.serving == false })
-        #expect(fixture.log.contains("replayed the working set: 2 pages"), "log: \(fixture.log.all)")
-        let replayed = try #require(fixture.manager.clients.first)
-        #expect(replayed.statistics.missingFaults <= 1)
-    }
-
-    @Test func mixedPageSizesAreRefusedWithTheReason() throws {
-        let fixture = try Fixture(imageLength: 8 << 20)
-        // Refused before anything is registered or served: the addresses need not exist.
-        let uffd = try Userfaultfd(features: [])
-        let regions = [
-            ClientRegion(start: 0x4000_0000, length: 4096, backingOffset: 0, pageSize: 4096),
-            ClientRegion(start: 0x4020_0000, length: Self.hugePage, backingOffset: Self.hugePage, pageSize: Self.hugePage),
-        ]
-        do {
-            try ManagerClient.handOver(uffd, regions: regions, to: fixture.socketPath)
-            Issue.record("a client with 4 KiB and 2 MiB regions was accepted")
-        } catch {
-            guard case .refused(let why) = error else {
-                Issue.record("not refused: \(error)")
-                return
+        @Test func mixedPageSizesAreRefusedWithTheReason() throws {
+            let fixture = try Fixture(imageLength: 8 << 20)
+            // Refused before anything is registered or served: the addresses need not exist.
+            let uffd = try Userfaultfd(features: [])
+            let regions = [
+                ClientRegion(start: 0x4000_0000, length: 4096, backingOffset: 0, pageSize: 4096),
+                ClientRegion(start: 0x4020_0000, length: Self.hugePage, backingOffset: Self.hugePage, pageSize: Self.hugePage),
+            ]
+            do {
+                try ManagerClient.handOver(uffd, regions: regions, to: fixture.socketPath)
+                Issue.record("a client with 4 KiB and 2 MiB regions was accepted")
+            } catch {
+                guard case .refused(let why) = error else {
+                    Issue.record("not refused: \(error)")
+                    return
+                }
+                #expect(why.contains("mixed page sizes"), "\(why)")
             }
-            #expect(why.contains("mixed page sizes"), "\(why)")
+            #expect(fixture.manager.clients.isEmpty)
+            #expect(fixture.manager.refusedCount == 1)
+            #expect(fixture.log.contains("refused handshake", "mixed page sizes"))
         }
-        #expect(fixture.manager.clients.isEmpty)
-        #expect(fixture.manager.refusedCount == 1)
-        #expect(fixture.log.contains("refused handshake", "mixed page sizes"))
     }
 }
