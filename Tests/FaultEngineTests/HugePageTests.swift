@@ -163,6 +163,45 @@ extension FaultEngineTests {
             #expect(firstMismatch(memory.base + 3 * hugePage, count: hugePage, sourceOffset: 3 * hugePage) == nil)
         }
 
+        @Test(.needsFreeHugePages)
+        func adaptiveReadAheadGrowsInWholeHugePages() throws {
+            let pages = Self.pages
+            let memory = try MemoryMapping(kind: .hugetlb, length: pages * hugePage)
+            // Chunk 16 base pages (one huge page), read-ahead up to 1024 (two huge pages).
+            let server = try serveHuge(try imageSource(pages: pages * hugePage / page), mapping: memory,
+                                       configuration: hugeConfiguration(chunkPages: 16, prefetch: .adaptive(maxPages: 1024)))
+            try server.start()
+            // 0: one page; 1 (sequential): pages 1 and 2; 2: present; 3: page 3 (clipped).
+            touchHuge(memory.base, pages: [0, 1, 2, 3], within: 0)
+            server.stop()
+            #expect(firstMismatch(memory.base, count: pages * hugePage) == nil)
+            let stats = server.statistics
+            #expect(stats.missingFaults == 3)
+            #expect(stats.pagesInstalled == UInt64(pages))
+            #expect(stats.pagesPrefetched == 1)
+        }
+
+        @Test(.needsFreeHugePages)
+        func backgroundPopulateInstallsEveryHugePageWithoutFaults() throws {
+            let pages = Self.pages
+            let memory = try MemoryMapping(kind: .hugetlb, length: pages * hugePage)
+            var c = hugeConfiguration(chunkPages: 16)
+            c.backgroundPopulate = true
+            let server = try serveHuge(try imageSource(pages: pages * hugePage / page), mapping: memory, configuration: c)
+            try server.start()
+            var waited = 0
+            while server.statistics.pagesInstalled < UInt64(pages) && waited < 5000 {
+                usleep(1000)
+                waited += 1
+            }
+            touchHuge(memory.base, pages: [3, 2, 1, 0])
+            let stats = server.statistics
+            server.stop()
+            #expect(stats.pagesInstalled == UInt64(pages))
+            #expect(stats.missingFaults == 0)
+            #expect(firstMismatch(memory.base, count: pages * hugePage) == nil)
+        }
+
         @Test func strategiesHugePagesCannotUseAreRefusedByName() throws {
             // Three huge pages of address space: a 2 MiB-aligned region lies inside.
             let memory = try MemoryMapping.anonymous(length: 3 * hugePage)
