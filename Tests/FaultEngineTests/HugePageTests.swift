@@ -202,6 +202,36 @@ extension FaultEngineTests {
             #expect(firstMismatch(memory.base, count: pages * hugePage) == nil)
         }
 
+        @Test(.needsFreeHugePages)
+        func failingSourceGivesSIGBUSOnAHugePage() async {
+            await #expect(processExitsWith: .signal(SIGBUS)) {
+                let memory = try MemoryMapping(kind: .hugetlb, length: 2 * hugePage)
+                let source = ClosureSource(length: UInt64(2 * hugePage)) { (buffer, offset) throws(PageSourceError) in
+                    throw PageSourceError(.failed("no bytes"), sourceOffset: offset, length: buffer.count)
+                }
+                let server = try serveHuge(source, mapping: memory, configuration: hugeConfiguration())
+                try server.start()
+                _ = (memory.base + hugePage + 4096).load(as: UInt8.self)   // SIGBUS here
+                server.stop()
+            }
+        }
+
+        @Test(.needsFreeHugePages)
+        func hugePageOutsideTheServedRegionGivesSIGBUS() async {
+            await #expect(processExitsWith: .signal(SIGBUS)) {
+                let memory = try MemoryMapping(kind: .hugetlb, length: 2 * hugePage)
+                let uffd = try Userfaultfd(features: [.missingHugetlbfs])
+                try uffd.handle.register(memory.range, mode: .missing)
+                // Both huge pages registered, only the first served.
+                let served = ServedRegion(range: MemoryRange(memory.base, length: hugePage))
+                let server = try FaultServer(userfaultfd: uffd, regions: [served], source: try imageSource(pages: hugePage / page),
+                                             configuration: hugeConfiguration())
+                try server.start()
+                _ = (memory.base + hugePage).load(as: UInt8.self)   // SIGBUS here
+                server.stop()
+            }
+        }
+
         @Test func strategiesHugePagesCannotUseAreRefusedByName() throws {
             // Three huge pages of address space: a 2 MiB-aligned region lies inside.
             let memory = try MemoryMapping.anonymous(length: 3 * hugePage)
