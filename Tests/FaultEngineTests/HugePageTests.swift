@@ -1,6 +1,7 @@
 import FaultEngine
 import Testing
 import Userfaultfd
+import _CFaultEngine
 
 #if canImport(Glibc)
 import Glibc
@@ -262,6 +263,67 @@ extension FaultEngineTests {
             let misaligned = ServedRegion(range: MemoryRange(start: aligned + UInt64(page), length: UInt64(hugePage)))
             #expect(refusal(hugeConfiguration(), region: misaligned)?.contains("not page-aligned (2097152-byte pages)") == true)
             #expect(refusal(hugeConfiguration(), region: region) == nil)
+        }
+    }
+}
+
+extension FaultEngineTests {
+    /// A quick look at serving 16 MiB as 2 MiB pages against 4 KiB pages and the
+    /// kernel's own hugetlb fault (not a benchmark). Runs only with
+    /// `FAULT_ENGINE_MEASURE_HUGE=<rounds>`; contenders alternate within each round.
+    @Suite(.serialized, .timeLimit(.minutes(5)),
+           .enabled(if: getenv("FAULT_ENGINE_MEASURE_HUGE") != nil, "set FAULT_ENGINE_MEASURE_HUGE=<rounds> to measure"))
+    struct HugePageMeasureTests {
+        @Test(.needsFreeHugePages)
+        func hugeVersusBasePages() throws {
+            let rounds = getenv("FAULT_ENGINE_MEASURE_HUGE").flatMap { Int(String(cString: $0)) } ?? 5
+            let bytes = 16 << 20
+            #expect(HugePages.ensureFree(bytes / hugePage), "8 free huge pages are needed")
+            let source = try imageSource(pages: bytes / page)
+            // name, memory kind, configuration (nil: no uffd, the kernel fills zeros)
+            let contenders: [(String, MemoryMapping.Kind, FaultServerConfiguration?)] = [
+                ("kernel-hugetlb", .hugetlb, nil),
+                ("uffd-hugetlb-2m", .hugetlb, hugeConfiguration()),
+                ("uffd-anon-4k", .anonymous, .handler4k),
+                ("uffd-anon-64k", .anonymous, .handler64k),
+            ]
+            var perMiB: [String: [Double]] = [:]
+            var faultRate: [String: [Double]] = [:]
+            for _ in 0..<rounds {
+                for (name, kind, configuration) in contenders {
+                    let memory = try MemoryMapping(kind: kind, length: bytes)
+                    let step = kind == .hugetlb ? hugePage : page
+                    var server: FaultServer<MemorySource>? = nil
+                    if let configuration {
+                        let uffd = try Userfaultfd(features: [.eventRemove, .eventUnmap, .eventRemap])
+                        try uffd.handle.register(memory.range, mode: .missing)
+                        server = try FaultServer(userfaultfd: uffd, regions: [ServedRegion(range: memory.range)],
+                                                 source: source, configuration: configuration)
+                        try server?.start()
+                    }
+                    let t0 = cfe_now_ns()
+                    var sum: UInt8 = 0
+                    for offset in stride(from: 0, to: bytes, by: step) { sum &+= (memory.base + offset).load(as: UInt8.self) }
+                    let t1 = cfe_now_ns()
+                    touchSink &+= sum
+                    server?.stop()
+                    if server != nil {
+                        #expect(memcmp(memory.base, source.baseAddress, bytes) == 0, "\(name) corrupted memory")
+                    }
+                    let faults = Double(server.map { $0.statistics.faults } ?? UInt64(bytes / step))
+                    let seconds = Double(t1 - t0) / 1e9
+                    perMiB[name, default: []].append(seconds * 1e6 / Double(bytes >> 20))
+                    faultRate[name, default: []].append(faults / seconds)
+                }
+            }
+            func median(_ v: [Double]) -> Double { v.sorted()[v.count / 2] }
+            let kernel = median(perMiB["kernel-hugetlb"]!)
+            print("measure-huge contender          us/MiB   faults/s   x kernel-hugetlb  (median of \(rounds), 16 MiB)")
+            for (name, _, _) in contenders {
+                let us = median(perMiB[name]!)
+                let padded = name + String(repeating: " ", count: max(0, 18 - name.count))
+                print("measure-huge \(padded) \(Int(us))  \(Int(median(faultRate[name]!)))  \(Double(Int(us / kernel * 100)) / 100)")
+            }
         }
     }
 }
