@@ -63,6 +63,26 @@ extension ManagerTests {
             #expect(report.statistics.lastError == nil)
         }
 
+        // (The "layout" scenario needs eight pages per region: sixteen huge pages, too many here.)
+        @Test(.needsFreeHugePages, arguments: ["fork", "remap", "unmap"])
+        func layoutChangesOnHugePages(scenario: String) throws {
+            let fixture = try Fixture(imageLength: 8 << 20)
+            for handshake in ["firecracker", "native"] {
+                let client = try fixture.client(["--handshake", handshake, "--memory", "hugetlb", "--scenario", scenario])
+                #expect(client.waitForExit() == 0, "\(handshake) \(scenario): \(client.text)")
+                #expect(client.text.contains("OK \(scenario)"))
+            }
+            #expect(fixture.wait { fixture.manager.clients.allSatisfy { !$0.serving } })
+            let clients = fixture.manager.clients
+            #expect(clients.allSatisfy { $0.statistics.faultsOutsideRegions == 0 && $0.statistics.lastError == nil },
+                    "\(clients.map(\.statistics))")
+            if scenario == "fork" {
+                // Each client's forked child was adopted with the parent's page size.
+                #expect(clients.filter { $0.handshake == "fork" }.count == 2)
+                #expect(clients.allSatisfy { $0.regions.allSatisfy { $0.pageSize == Self.hugePage } })
+            }
+        }
+
         @Test(.needsFreeHugePages)
         func workingSetOfHugePagesIsRecordedAndReplayed() throws {
             var template = Array("/tmp/uffd-ws-XXXXXX".utf8CString)
