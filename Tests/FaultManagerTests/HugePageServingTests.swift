@@ -113,6 +113,17 @@ extension ManagerTests {
             #expect(replayed.statistics.missingFaults <= 1)
         }
 
+        @Test(.needsFreeHugePages)
+        func daemonConfiguredForAnotherStrategyServesHugePagesWithCopy() throws {
+            let fixture = try Fixture(imageLength: 8 << 20) { $0.server.strategy = .move(chunkPages: 16) }
+            let client = try fixture.client(["--handshake", "native", "--memory", "hugetlb", "--scenario", "verify"])
+            #expect(client.waitForExit() == 0, "client said: \(client.text)")
+            #expect(fixture.wait { fixture.manager.clients.first?.serving == false })
+            let report = try #require(fixture.manager.clients.first)
+            #expect(report.statistics.pagesInstalled == 4)
+            #expect(fixture.log.contains("2097152-byte pages are served with the copy strategy, not move"), "log: \(fixture.log.all)")
+        }
+
         @Test func mixedPageSizesAreRefusedWithTheReason() throws {
             let fixture = try Fixture(imageLength: 8 << 20)
             // Refused before anything is registered or served: the addresses need not exist.
