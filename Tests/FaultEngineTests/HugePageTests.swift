@@ -30,8 +30,8 @@ func hugeConfiguration(chunkPages: Int = 1, prefetch: FaultServerConfiguration.P
     FaultServerConfiguration(strategy: .copy(chunkPages: chunkPages), prefetch: prefetch, pageSize: hugePage)
 }
 
-/// Maps `count` huge pages of hugetlb memory (a memfd), registered MISSING on a new uffd
-/// with the layout events, and returns a server for all of it over `source`.
+/// Registers `mapping` (hugetlb memory) MISSING on a new uffd with the layout events,
+/// and returns a server of 2 MiB pages for all of it over `source`.
 func serveHuge<S: PageSource>(
     _ source: S, mapping: borrowing MemoryMapping, configuration: FaultServerConfiguration
 ) throws -> FaultServer<S> {
