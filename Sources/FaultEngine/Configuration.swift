@@ -4,11 +4,20 @@ import Userfaultfd
 ///
 /// Also reachable as `FaultServer<Source>.Configuration`. The named configurations
 /// are the ones `uffd bench` measures.
+///
+/// Chunk sizes (`chunkPages`, adaptive `maxPages`) count base pages of
+/// `systemPageSize` bytes. With a larger ``pageSize`` (2 MiB hugetlb memory) a chunk
+/// keeps its size in bytes, rounded up to whole pages of that size: 16 base pages
+/// become one 2 MiB page.
 public struct FaultServerConfiguration: Sendable, Hashable {
     /// How pages are installed.
     public enum Strategy: Sendable, Hashable {
         /// `UFFDIO_COPY` of an aligned chunk of `chunkPages` pages around the fault
         /// (1: the faulting page alone), skipping pages already present.
+        ///
+        /// The only strategy for huge pages (``FaultServerConfiguration/pageSize`` above
+        /// the base page): zeros after a REMOVE are copied from a zeroed page, since
+        /// hugetlb memory has no `UFFDIO_ZEROPAGE`.
         case copy(chunkPages: Int)
         /// Fill a staging area (or take the source's own pages) and `UFFDIO_MOVE` them
         /// into place: zero-copy when the source allows moving, which consumes it.
@@ -55,6 +64,14 @@ public struct FaultServerConfiguration: Sendable, Hashable {
     public var batchSize: Int
     /// CPUs to pin handler thread `i` to (`handlerCPUs[i % count]`); empty: no pinning.
     public var handlerCPUs: [Int]
+    /// The size of the pages served, in bytes: `systemPageSize` (the default), or
+    /// `HugePages.size` (2 MiB) for hugetlb memory.
+    ///
+    /// Every region served must be aligned to it, faults are resolved a whole page of
+    /// this size at a time, and statistics count pages of this size. Huge pages are
+    /// served with the ``Strategy/copy(chunkPages:)`` strategy only: hugetlb memory has
+    /// no `UFFDIO_MOVE`, and the MINOR and SIGBUS strategies are not supported there.
+    public var pageSize: Int
 
     public init(
         strategy: Strategy = .copy(chunkPages: 16),
@@ -63,7 +80,8 @@ public struct FaultServerConfiguration: Sendable, Hashable {
         backgroundPopulate: Bool = false,
         recordWorkingSet: String? = nil,
         batchSize: Int = 64,
-        handlerCPUs: [Int] = []
+        handlerCPUs: [Int] = [],
+        pageSize: Int = systemPageSize
     ) {
         self.strategy = strategy
         self.prefetch = prefetch
@@ -72,6 +90,7 @@ public struct FaultServerConfiguration: Sendable, Hashable {
         self.recordWorkingSet = recordWorkingSet
         self.batchSize = batchSize
         self.handlerCPUs = handlerCPUs
+        self.pageSize = pageSize
     }
 
     /// One handler thread, `UFFDIO_COPY` of the faulting 4 KiB page: the plain C loop.
@@ -108,11 +127,36 @@ public struct FaultServerConfiguration: Sendable, Hashable {
         if case .replay(let path) = prefetch, path.isEmpty { throw bad("replay path is empty") }
         if let path = recordWorkingSet, path.isEmpty { throw bad("recordWorkingSet path is empty") }
         if handlerCPUs.contains(where: { $0 < 0 || $0 >= 1024 }) { throw bad("handlerCPUs \(handlerCPUs) must lie in 0..<1024") }
+        if pageSize != systemPageSize && pageSize != HugePages.size {
+            throw bad("pageSize \(pageSize) must be \(systemPageSize) (base pages) or \(HugePages.size) (2 MiB huge pages)")
+        }
+        if pageSize != systemPageSize {
+            switch strategy {
+            case .copy: break
+            case .move:
+                throw bad("the move strategy is not supported with \(pageSize)-byte pages: hugetlb memory has no UFFDIO_MOVE; use copy")
+            case .minor:
+                throw bad("the minor strategy is not supported with \(pageSize)-byte pages; use copy")
+            case .sigbus:
+                throw bad("the sigbus strategy is not supported with \(pageSize)-byte pages; use copy")
+            }
+        }
     }
 
-    /// The largest chunk a handler installs at once, in pages.
-    var maxChunkPages: Int {
-        if case .adaptive(let maxPages) = prefetch { return max(maxPages, strategy.chunkPages) }
-        return strategy.chunkPages
+    /// `basePages` pages of `systemPageSize` bytes as whole pages of ``pageSize`` (at least one).
+    func pages(fromBasePages basePages: Int) -> Int {
+        max(1, (basePages * systemPageSize + pageSize - 1) / pageSize)
     }
+
+    /// The strategy's chunk, in pages of ``pageSize``.
+    var chunkPages: Int { pages(fromBasePages: strategy.chunkPages) }
+
+    /// The adaptive read-ahead's largest window, in pages of ``pageSize`` (0: no read-ahead).
+    var adaptiveMaxPages: Int {
+        if case .adaptive(let maxPages) = prefetch { return pages(fromBasePages: maxPages) }
+        return 0
+    }
+
+    /// The largest chunk a handler installs at once, in pages of ``pageSize``.
+    var maxChunkPages: Int { max(adaptiveMaxPages, chunkPages) }
 }

@@ -85,7 +85,8 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
     let counters: StatisticsCounters
     let stopSignal: StopSignal
     let finishedSignal: StopSignal
-    let pageSize: Int
+    /// The size of the pages the server installs, in bytes (``FaultServerConfiguration/pageSize``).
+    public let pageSize: Int
     let recorder: WorkingSetRecorder?
     let replayOffsets: [UInt64]
     /// Handler threads busy with a batch (the prefetcher yields to them).
@@ -112,12 +113,14 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
     /// - Parameters:
     ///   - userfaultfd: the uffd, handshaken, with `regions` registered on it. The server
     ///     owns it from now on and closes it when it stops.
-    ///   - regions: the ranges to serve: page-aligned, non-empty, not overlapping, each
-    ///     within the source's length, with a page-aligned source offset.
+    ///   - regions: the ranges to serve: aligned to the configuration's page size,
+    ///     non-empty, not overlapping, each within the source's length, with a source
+    ///     offset aligned to the page size.
     ///   - source: where page contents come from.
     ///   - configuration: strategy, prefetch and threads.
     /// - Throws: `UserfaultfdError` (``UserfaultfdError/Kind/invalidArgument(_:)``) naming
-    ///   the region or setting that is wrong, or the feature the strategy needs.
+    ///   the region or setting that is wrong, the feature the strategy needs, or the
+    ///   strategy that huge pages do not support.
     public init(
         userfaultfd: consuming Userfaultfd,
         regions: [ServedRegion],
@@ -125,7 +128,7 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
         configuration: Configuration = .default
     ) throws(UserfaultfdError) {
         try configuration.validate()
-        let page = systemPageSize
+        let page = configuration.pageSize
         try Self.validate(regions, source: source, configuration: configuration, pageSize: page)
         let handle = userfaultfd.handle
         switch configuration.strategy {
@@ -173,9 +176,9 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
         if regions.isEmpty { throw bad("no region to serve") }
         let ps = UInt64(pageSize)
         for r in regions {
-            if r.range.length == 0 || !r.range.isAligned(to: ps) { throw bad("region \(r.range) is empty or not page-aligned") }
+            if r.range.length == 0 || !r.range.isAligned(to: ps) { throw bad("region \(r.range) is empty or not page-aligned (\(pageSize)-byte pages)") }
             if r.range.end < r.range.start { throw bad("region \(r.range) wraps around the address space") }
-            if r.sourceOffset % ps != 0 { throw bad("source offset \(r.sourceOffset) of region \(r.range) is not page-aligned") }
+            if r.sourceOffset % ps != 0 { throw bad("source offset \(r.sourceOffset) of region \(r.range) is not page-aligned (\(pageSize)-byte pages)") }
             if let length = source.length, r.sourceOffset > length || r.range.length > length - r.sourceOffset {
                 throw bad("region \(r.range) at source offset \(r.sourceOffset) reaches beyond the source's \(length) bytes")
             }

@@ -42,6 +42,10 @@ final class HandlerLoop<Source: PageSource> {
     /// Page-aligned private anonymous memory: where pages are filled before COPY or MOVE.
     let staging: UnsafeMutableRawPointer
     let stagingBytes: Int
+    /// One zeroed page of the server's page size, for pages larger than the base page:
+    /// hugetlb memory has no `UFFDIO_ZEROPAGE`, so zeros are copied from here. Nil for
+    /// base pages.
+    let zeroPage: UnsafeMutableRawPointer?
     /// `mincore` answers for the MINOR strategy.
     let residency: UnsafeMutablePointer<UInt8>
     let buffer: Userfaultfd.EventBuffer
@@ -79,12 +83,8 @@ final class HandlerLoop<Source: PageSource> {
         self.index = index
         self.ps = UInt64(server.pageSize)
         let configuration = server.configuration
-        self.chunkPages = UInt64(configuration.strategy.chunkPages)
-        if case .adaptive(let maxPages) = configuration.prefetch {
-            adaptiveMax = UInt64(maxPages)
-        } else {
-            adaptiveMax = 0
-        }
+        self.chunkPages = UInt64(configuration.chunkPages)
+        self.adaptiveMax = UInt64(configuration.adaptiveMaxPages)
         switch configuration.strategy {
         case .copy, .sigbus: kind = .copy
         case .move: kind = .move
@@ -103,6 +103,7 @@ final class HandlerLoop<Source: PageSource> {
         _ = madvise(staging, stagingBytes, MADV_NOHUGEPAGE)
         // Touch the staging pages once so the first faults do not pay for them.
         memset(staging, 0, stagingBytes)
+        zeroPage = server.pageSize > systemPageSize ? Self.mapZeroPage(server.pageSize) : nil
         residency = .allocate(capacity: maxPages)
         buffer = Userfaultfd.EventBuffer(capacity: configuration.batchSize)
         drainBuffer = Userfaultfd.EventBuffer(capacity: configuration.batchSize)
@@ -121,7 +122,15 @@ final class HandlerLoop<Source: PageSource> {
         keep.removeAll(keepingCapacity: true)
     }
 
+    /// `bytes` of zeros, written once so that copying from them never faults.
+    private static func mapZeroPage(_ bytes: Int) -> UnsafeMutableRawPointer {
+        let p = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: systemPageSize)
+        memset(p, 0, bytes)
+        return p
+    }
+
     deinit {
+        zeroPage?.deallocate()
         munmap(staging, stagingBytes)
         residency.deallocate()
         latencies.deallocate()

@@ -128,6 +128,13 @@ extension HandlerLoop {
         if kind == .minor {
             return installMinor(entry, from: i, to: j, faultPage: faultPage, minorFault: minorFault, zeroed: zeroed)
         }
+        if zeroed == count, let zeros = zeroPage {
+            // Huge pages: no ZEROPAGE on hugetlb, so copy zeros, one page per call.
+            let page = Int(ps)
+            return install(entry, from: i, to: j, faultPage: faultPage, zero: true) { (off: Int) throws(UserfaultfdError) in
+                try handle.copy(to: destination &+ UInt64(off), from: zeros, length: page)
+            }
+        }
         if zeroed == count {
             return install(entry, from: i, to: j, faultPage: faultPage, zero: true) { (off: Int) throws(UserfaultfdError) in
                 try handle.zeropage(MemoryRange(start: destination &+ UInt64(off), length: UInt64(bytes - off)))

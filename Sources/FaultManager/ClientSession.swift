@@ -32,7 +32,7 @@ public struct ClientReport: Sendable, Codable, Hashable {
     public var endReason: String?
     /// Fault counts by kind, latency, pages installed (final once the client ended).
     public var statistics: FaultStatistics
-    /// Bytes installed into the client's memory.
+    /// Bytes installed into the client's memory (pages installed times their size).
     public var bytesServed: UInt64
 }
 
@@ -71,7 +71,7 @@ final class ClientSession: Sendable {
         self.regions = regions
         self.server = server
         self.probeDescriptor = Mutex(probeDescriptor)
-        self.probeRange = MemoryRange(start: regions[0].start, length: UInt64(systemPageSize))
+        self.probeRange = MemoryRange(start: regions[0].start, length: regions[0].pageSize)
         self.stopSignal = try StopSignal()
     }
 
@@ -153,6 +153,6 @@ final class ClientSession: Sendable {
         return ClientReport(
             id: id, parent: parent, pid: pid, uid: uid, handshake: handshake, name: name, regions: regions,
             serving: reason == nil, endReason: reason, statistics: stats,
-            bytesServed: stats.pagesInstalled &* UInt64(systemPageSize))
+            bytesServed: stats.pagesInstalled &* UInt64(server.pageSize))
     }
 }

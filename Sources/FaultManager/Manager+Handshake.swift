@@ -93,13 +93,24 @@ extension Manager {
         }
         let regions = handshake.regions
         try ClientRegion.validate(regions, backingLength: source.length)
-        if let huge = regions.first(where: { $0.pageSize != UInt64(systemPageSize) }) {
-            // A valid description, but the engine installs base pages only: refusing is
-            // better than leaving the guest hanging on its first fault.
-            throw .serving("region \(huge.range) has \(huge.pageSize)-byte pages; only \(systemPageSize)-byte pages are served")
+        // One page size per client (Firecracker backs all guest memory alike): a fault
+        // server installs pages of one size.
+        let pageSize = regions[0].pageSize
+        if let other = regions.first(where: { $0.pageSize != pageSize }) {
+            throw .serving("mixed page sizes: region \(regions[0].range) has \(pageSize)-byte pages, region \(other.range) "
+                + "\(other.pageSize)-byte pages; one page size per client is served")
         }
 
         var serverConfiguration = configuration.server
+        serverConfiguration.pageSize = Int(pageSize)
+        let strategy = serverConfiguration.strategy
+        if Int(pageSize) != systemPageSize, strategy != .copy(chunkPages: strategy.chunkPages) {
+            // Huge pages are installed with COPY only (hugetlb has no MOVE; MINOR and
+            // SIGBUS are not served there): same chunk, other strategy.
+            serverConfiguration.strategy = .copy(chunkPages: strategy.chunkPages)
+            logger.info("pid \(peer.pid): \(pageSize)-byte pages are served with the copy strategy, not \(strategy)",
+                        metadata: ["pid": "\(peer.pid)", "uid": "\(peer.uid)"])
+        }
         var preload: [UInt64] = []
         if fromMemoryFile {
             if let replay = configuration.replayWorkingSet {
@@ -124,7 +135,7 @@ extension Manager {
         if !preload.isEmpty {
             let handle = Userfaultfd.Handle(fileDescriptor: uffdDescriptor, features: features)
             let started = Self.monotonicNanoseconds()
-            let done = WorkingSetPreload.install(preload, regions: regions, source: source, uffd: handle)
+            let done = WorkingSetPreload.install(preload, regions: regions, source: source, uffd: handle, pageSize: pageSize)
             let early = done.stoppedEarly.map { ", stopped early: \($0)" } ?? ""
             logger.info("pid \(peer.pid): replayed the working set: \(done.pagesInstalled) pages in \(done.copies) copies, \((Self.monotonicNanoseconds() - started) / 1000) µs\(early)",
                         metadata: ["pid": "\(peer.pid)", "uid": "\(peer.uid)"])

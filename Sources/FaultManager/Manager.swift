@@ -244,7 +244,10 @@ public final class Manager: Sendable {
             logger.error("client \(parentID): cannot adopt its forked child: dup failed, errno \(errno)")
             return
         }
-        let regions = served.map { ClientRegion(start: $0.range.start, length: $0.range.length, backingOffset: $0.sourceOffset) }
+        let pageSize = UInt64(parent.server.pageSize)
+        let regions = served.map {
+            ClientRegion(start: $0.range.start, length: $0.range.length, backingOffset: $0.sourceOffset, pageSize: pageSize)
+        }
         var childConfiguration = parent.server.configuration
         childConfiguration.recordWorkingSet = nil
         childConfiguration.prefetch = configuration.server.prefetch

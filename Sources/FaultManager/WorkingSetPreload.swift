@@ -29,11 +29,18 @@ enum WorkingSetPreload {
     /// Offsets outside every region are skipped. Stops early, leaving the rest to the
     /// fault server, when the address space is changing (`EAGAIN`), the process is
     /// gone, or the source fails.
+    ///
+    /// - Parameters:
+    ///   - pageSize: the regions' page size; offsets are aligned down to it and runs
+    ///     are made of whole pages of this size.
+    ///   - maxRunPages: the longest run copied at once, in base pages (at least one
+    ///     page of `pageSize`).
     static func install<Source: PageSource>(
         _ offsets: [UInt64], regions: [ClientRegion], source: Source, uffd: Userfaultfd.Handle,
-        maxRunPages: Int = 256
+        pageSize: UInt64 = UInt64(systemPageSize), maxRunPages basePages: Int = 256
     ) -> Result {
-        let page = UInt64(systemPageSize)
+        let page = pageSize
+        let maxRunPages = max(1, basePages * systemPageSize / Int(page))
         let sorted = regions.sorted { $0.backingOffset < $1.backingOffset }
         func address(of offset: UInt64) -> UInt64? {
             for r in sorted where offset >= r.backingOffset && offset - r.backingOffset < r.length {

@@ -8,7 +8,15 @@ import Glibc
 import Musl
 #endif
 
-let page = systemPageSize
+/// The guest's page size: the base page, or 2 MiB with `--memory hugetlb`. Set once,
+/// before the guest is made and any thread started.
+nonisolated(unsafe) var page = systemPageSize
+
+/// The `mmap` flags of guest memory: private anonymous, with 2 MiB huge pages
+/// (`MAP_HUGETLB`, reserved at `mmap`) when `hugetlb`, the way Firecracker maps it.
+func guestMappingFlags(hugetlb: Bool) -> Int32 {
+    hugetlb ? MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB : MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE
+}
 
 /// `mremap` with a fixed destination. Glibc declares it variadic, which Swift cannot
 /// call, but implements it as a plain five-argument system call stub.
@@ -26,16 +34,19 @@ struct GuestRegion: @unchecked Sendable {
     var address: UInt64 { UInt64(UInt(bitPattern: base)) }
 }
 
-/// Guest-like memory: two anonymous mappings, registered on one uffd, holding the
-/// image's two halves swapped (so backing offsets are exercised).
+/// Guest-like memory: two anonymous mappings (of base or 2 MiB huge pages), registered
+/// on one uffd, holding the image's two halves swapped (so backing offsets are exercised).
 final class Guest: @unchecked Sendable {
     let image: Int32
     let imageLength: Int
     var regions: [GuestRegion]
+    /// Whether the memory is hugetlb (2 MiB pages).
+    let hugetlb: Bool
     /// A page of scratch space for the expected bytes, allocated once (usable after fork).
     let scratch = UnsafeMutableRawPointer.allocate(byteCount: page, alignment: page)
 
-    init(imagePath: String, length: Int?) {
+    init(imagePath: String, length: Int?, hugetlb: Bool) {
+        self.hugetlb = hugetlb
         image = open(imagePath, O_RDONLY | O_CLOEXEC)
         if image < 0 { fail(2, "cannot open \(imagePath): errno \(errno)") }
         var st = stat()
@@ -46,7 +57,11 @@ final class Guest: @unchecked Sendable {
         let half = usable / 2
         regions = []
         for imageOffset in [half, 0] {
-            guard let p = mmap(nil, half, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0), p != MAP_FAILED else {
+            guard let p = mmap(nil, half, PROT_READ | PROT_WRITE, guestMappingFlags(hugetlb: hugetlb), -1, 0), p != MAP_FAILED else {
+                if hugetlb {
+                    fail(2, "mmap \(half) bytes of hugetlb memory: errno \(errno) (\(half / page) free 2 MiB huge pages needed, "
+                         + "\(HugePages.available) available; reserve them with `echo N > /proc/sys/vm/nr_hugepages`)")
+                }
                 fail(2, "mmap \(half) bytes: errno \(errno)")
             }
             regions.append(GuestRegion(base: p, length: half, imageOffset: imageOffset))
@@ -54,7 +69,9 @@ final class Guest: @unchecked Sendable {
     }
 
     var clientRegions: [ClientRegion] {
-        regions.map { ClientRegion(start: $0.address, length: UInt64($0.length), backingOffset: UInt64($0.imageOffset)) }
+        regions.map {
+            ClientRegion(start: $0.address, length: UInt64($0.length), backingOffset: UInt64($0.imageOffset), pageSize: UInt64(page))
+        }
     }
 
     /// Compares `count` pages of region `r` from page `first` with the image; returns
@@ -88,7 +105,9 @@ final class Guest: @unchecked Sendable {
     /// Moves region `r` to a new address with `mremap`.
     func remap(_ r: Int) {
         let region = regions[r]
-        guard let target = mmap(nil, region.length, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0), target != MAP_FAILED else {
+        // A hugetlb target (not reserved) is huge-page aligned, as mremap of hugetlb needs.
+        let flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | (hugetlb ? MAP_HUGETLB : 0)
+        guard let target = mmap(nil, region.length, PROT_NONE, flags, -1, 0), target != MAP_FAILED else {
             fail(2, "mmap remap target: errno \(errno)")
         }
         guard let moved = mremapFixed(region.base, region.length, region.length, 1 | 2 /* MREMAP_MAYMOVE | MREMAP_FIXED */, target),

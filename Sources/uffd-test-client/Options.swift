@@ -8,11 +8,14 @@ import Musl
 struct Options {
     enum HandshakeKind: String { case firecracker, native }
     enum BackingKind: String { case memory, attached }
+    enum MemoryKind: String { case anonymous, hugetlb }
 
     var socket = ""
     var image = ""
     var handshake = HandshakeKind.native
     var backing = BackingKind.memory
+    /// Guest memory: base pages, or 2 MiB hugetlb pages.
+    var memory = MemoryKind.anonymous
     var scenario = "verify"
     /// Bytes of the image to map (default: all of it, rounded down to pages).
     var length: Int?
@@ -26,6 +29,7 @@ struct Options {
         usage: uffd-test-client --socket PATH --image FILE [--handshake firecracker|native]
                                 [--backing memory|attached] [--scenario NAME] [--length BYTES]
                                 [--as-user USER] [--touch-percent P] [--seed N] [--name NAME]
+                                [--memory anonymous|hugetlb]
         scenarios: verify, fork, remap, remove, unmap, layout, slow, workingset, handover-only
         exit status: 0 every byte matched, 1 a byte did not, 2 setup failed, 3 the daemon refused
         """
@@ -51,6 +55,7 @@ struct Options {
             case "--touch-percent": guard let n = Int(v), (1...100).contains(n) else { return nil }; o.touchPercent = n
             case "--seed": guard let n = UInt64(v) else { return nil }; o.seed = n
             case "--name": o.name = v
+            case "--memory": guard let m = MemoryKind(rawValue: v) else { return nil }; o.memory = m
             default: return nil
             }
             i += 1

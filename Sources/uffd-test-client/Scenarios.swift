@@ -12,7 +12,8 @@ import Musl
 /// Creates the guest, registers it, hands it over and runs the scenario.
 func runClient(_ options: Options) -> Never {
     if let user = options.asUser { become(user) }
-    let guest = Guest(imagePath: options.image, length: options.length)
+    if options.memory == .hugetlb { page = HugePages.size }
+    let guest = Guest(imagePath: options.image, length: options.length, hugetlb: options.memory == .hugetlb)
     let privileged = geteuid() == 0
     var features: Userfaultfd.Features = [.eventRemap, .eventRemove, .eventUnmap]
     if privileged { features.insert(.eventFork) }

@@ -28,10 +28,10 @@ struct Serve: ParsableCommand {
     @Option(name: .long, help: "Prefetch the working set recorded in this file first, in order, when a client connects.")
     var replay: String?
 
-    @Option(name: .long, help: "Pages per fault (UFFDIO_COPY chunk).")
+    @Option(name: .long, help: "Pages per fault (UFFDIO_COPY chunk), in 4 KiB pages; clients with 2 MiB pages get whole huge pages.")
     var chunkPages: Int = 16
 
-    @Option(name: .long, help: "Adaptive read-ahead up to this many pages (0: none).")
+    @Option(name: .long, help: "Adaptive read-ahead up to this many 4 KiB pages (0: none).")
     var readAhead: Int = 256
 
     @Option(name: .long, help: "Handler threads per client.")

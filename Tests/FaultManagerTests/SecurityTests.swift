@@ -25,7 +25,7 @@ extension ManagerTests {
         Malformed(name: "overlapping regions", body: "[" + regionObject(1 << 30, 1 << 16, 0) + "," + regionObject((1 << 30) + 4096, 4096, 0) + "]", attach: ["uffd"], reason: "overlap"),
         Malformed(name: "beyond the memory file", body: region(0, 16 << 20), attach: ["uffd"], reason: "reaches beyond the memory file's 8388608 bytes"),
         Malformed(name: "page size 64 KiB", body: region(0, 1 << 20, pageSize: 65536), attach: ["uffd"], reason: "page size 65536"),
-        Malformed(name: "2 MiB pages (valid, not served)", body: region(0, 2 << 20, pageSize: 2 << 20), attach: ["uffd"], reason: "only 4096-byte pages are served"),
+        Malformed(name: "2 MiB pages at a 4 KiB offset", body: region(4096, 2 << 20, pageSize: 2 << 20), attach: ["uffd"], reason: "backing offset 4096, not a multiple of its page size 2097152"),
         Malformed(name: "not a userfaultfd", body: region(0, 4096), attach: ["file"], reason: "not a userfaultfd"),
         Malformed(name: "native version 9", body: #"{"protocol":"swift-userfaultfd-manager","version":9}"#, attach: ["uffd"], reason: "unsupported native handshake version 9"),
     ]

@@ -1,0 +1,150 @@
+import FaultEngine
+import FaultManager
+import Testing
+import Userfaultfd
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// Whether four free 2 MiB huge pages can be had here (reserved on first use, as root).
+enum HugePageProbe {
+    static let available: Bool = HugePages.ensureFree(4)
+}
+
+extension Trait where Self == ConditionTrait {
+    /// Runs the test only where four 2 MiB huge pages are free or can be reserved.
+    static var needsFreeHugePages: Self {
+        .enabled(
+            if: HugePageProbe.available,
+            "four free 2 MiB huge pages are needed: as root, `echo 16 > /proc/sys/vm/nr_hugepages`")
+    }
+}
+
+extension ManagerTests {
+    /// Clients whose guest memory is hugetlb (2 MiB pages), as Firecracker maps it with
+    /// `"page_size": 2097152`.
+    @Suite(.serialized, .timeLimit(.minutes(1)))
+    struct HugePageServingTests {
+        static let hugePage = UInt64(HugePages.size)
+
+        @Test(.needsFreeHugePages, arguments: ["firecracker", "native"])
+        func hugetlbClientIsServedByteForByte(handshake: String) throws {
+            // 8 MiB: two regions of two huge pages each.
+            let fixture = try Fixture(imageLength: 8 << 20)
+            let client = try fixture.client(["--handshake", handshake, "--memory", "hugetlb", "--scenario", "verify"])
+            #expect(client.waitForExit() == 0, "client said: \(client.text)")
+            #expect(client.text.contains("OK verify 4 pages"))
+            #expect(fixture.wait { fixture.manager.clients.first?.serving == false })
+            let report = try #require(fixture.manager.clients.first)
+            #expect(report.handshake == handshake)
+            #expect(report.regions.count == 2)
+            #expect(report.regions.allSatisfy { $0.pageSize == Self.hugePage })
+            #expect(report.statistics.missingFaults == 4)
+            #expect(report.statistics.pagesInstalled == 4)
+            #expect(report.bytesServed == UInt64(fixture.imageLength))
+            #expect(report.statistics.faultsOutsideRegions == 0)
+            #expect(report.statistics.lastError == nil)
+            #expect(report.endReason == "the process exited")
+        }
+
+        @Test(.needsFreeHugePages)
+        func releasedHugePagesReadZerosAfterwards() throws {
+            let fixture = try Fixture(imageLength: 8 << 20)
+            let client = try fixture.client(["--handshake", "firecracker", "--memory", "hugetlb", "--scenario", "remove"])
+            #expect(client.waitForExit() == 0, "client said: \(client.text)")
+            #expect(client.text.contains("OK remove"))
+            #expect(fixture.wait { fixture.manager.clients.first?.serving == false })
+            let report = try #require(fixture.manager.clients.first)
+            #expect(report.statistics.removeEvents >= 1)
+            #expect(report.statistics.zeroPages == 1)
+            #expect(report.statistics.lastError == nil)
+        }
+
+        // (The "layout" scenario needs eight pages per region: sixteen huge pages, too many here.)
+        @Test(.needsFreeHugePages, arguments: ["fork", "remap", "unmap"])
+        func layoutChangesOnHugePages(scenario: String) throws {
+            let fixture = try Fixture(imageLength: 8 << 20)
+            for handshake in ["firecracker", "native"] {
+                let client = try fixture.client(["--handshake", handshake, "--memory", "hugetlb", "--scenario", scenario])
+                #expect(client.waitForExit() == 0, "\(handshake) \(scenario): \(client.text)")
+                #expect(client.text.contains("OK \(scenario)"))
+            }
+            #expect(fixture.wait { fixture.manager.clients.allSatisfy { !$0.serving } })
+            let clients = fixture.manager.clients
+            #expect(clients.allSatisfy { $0.statistics.faultsOutsideRegions == 0 && $0.statistics.lastError == nil },
+                    "\(clients.map(\.statistics))")
+            if scenario == "fork" {
+                // Each client's forked child was adopted with the parent's page size.
+                #expect(clients.filter { $0.handshake == "fork" }.count == 2)
+                #expect(clients.allSatisfy { $0.regions.allSatisfy { $0.pageSize == Self.hugePage } })
+            }
+        }
+
+        @Test(.needsFreeHugePages)
+        func workingSetOfHugePagesIsRecordedAndReplayed() throws {
+            var template = Array("/tmp/uffd-ws-XXXXXX".utf8CString)
+            let dir = String(cString: try #require(mkdtemp(&template)))
+            let path = dir + "/ws"
+            defer { unlink(path); rmdir(dir) }
+            // Half of the four huge pages.
+            let arguments = ["--handshake", "firecracker", "--memory", "hugetlb", "--scenario", "workingset", "--touch-percent", "50"]
+            do {
+                let fixture = try Fixture(imageLength: 8 << 20) { $0.recordWorkingSet = path }
+                let client = try fixture.client(arguments)
+                #expect(client.waitForExit() == 0, "client said: \(client.text)")
+                #expect(fixture.wait { fixture.manager.clients.first?.serving == false })
+                let recorded = try #require(fixture.manager.clients.first)
+                #expect(recorded.statistics.missingFaults == 2)
+                #expect(recorded.statistics.pagesInstalled == 2)
+            }
+            let offsets = try WorkingSetFile.read(path)
+            #expect(offsets.count == 2)
+            #expect(offsets.allSatisfy { $0 % Self.hugePage == 0 && $0 < 8 << 20 })
+
+            let fixture = try Fixture(imageLength: 8 << 20) { $0.replayWorkingSet = path }
+            let client = try fixture.client(arguments)
+            #expect(client.waitForExit() == 0, "client said: \(client.text)")
+            #expect(fixture.wait { fixture.manager.clients.first?.serving == false })
+            #expect(fixture.log.contains("replayed the working set: 2 pages"), "log: \(fixture.log.all)")
+            let replayed = try #require(fixture.manager.clients.first)
+            #expect(replayed.statistics.missingFaults <= 1)
+        }
+
+        @Test(.needsFreeHugePages)
+        func daemonConfiguredForAnotherStrategyServesHugePagesWithCopy() throws {
+            let fixture = try Fixture(imageLength: 8 << 20) { $0.server.strategy = .move(chunkPages: 16) }
+            let client = try fixture.client(["--handshake", "native", "--memory", "hugetlb", "--scenario", "verify"])
+            #expect(client.waitForExit() == 0, "client said: \(client.text)")
+            #expect(fixture.wait { fixture.manager.clients.first?.serving == false })
+            let report = try #require(fixture.manager.clients.first)
+            #expect(report.statistics.pagesInstalled == 4)
+            #expect(fixture.log.contains("2097152-byte pages are served with the copy strategy, not move"), "log: \(fixture.log.all)")
+        }
+
+        @Test func mixedPageSizesAreRefusedWithTheReason() throws {
+            let fixture = try Fixture(imageLength: 8 << 20)
+            // Refused before anything is registered or served: the addresses need not exist.
+            let uffd = try Userfaultfd(features: [])
+            let regions = [
+                ClientRegion(start: 0x4000_0000, length: 4096, backingOffset: 0, pageSize: 4096),
+                ClientRegion(start: 0x4020_0000, length: Self.hugePage, backingOffset: Self.hugePage, pageSize: Self.hugePage),
+            ]
+            do {
+                try ManagerClient.handOver(uffd, regions: regions, to: fixture.socketPath)
+                Issue.record("a client with 4 KiB and 2 MiB regions was accepted")
+            } catch {
+                guard case .refused(let why) = error else {
+                    Issue.record("not refused: \(error)")
+                    return
+                }
+                #expect(why.contains("mixed page sizes"), "\(why)")
+            }
+            #expect(fixture.manager.clients.isEmpty)
+            #expect(fixture.manager.refusedCount == 1)
+            #expect(fixture.log.contains("refused handshake", "mixed page sizes"))
+        }
+    }
+}
