@@ -347,9 +347,14 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
         // serves the ranges itself, so no SIGBUS can arrive that nobody resolves.
         // A resolver still running on a faulting thread holds the descriptor's number:
         // while it may, the number stays taken (by /dev/null, ioctls there fail with
-        // ENOTTY) so that no file opened meanwhile receives its ioctls.
+        // ENOTTY) so that no file opened meanwhile receives its ioctls. An ioctl in
+        // flight keeps the uffd open past the dup2, and its ranges keep raising SIGBUS:
+        // the resolver stays until every thread inside it is out (then the last
+        // reference is gone, the kernel has unregistered the ranges) and only then
+        // leaves.
         if let signalResolver {
             let placeholder = retireDescriptor()
+            signalResolver.drain()
             signalResolver.unregister()
             if placeholder >= 0 { _ = Glibc.close(placeholder) }
         } else {

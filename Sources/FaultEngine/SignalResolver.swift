@@ -111,17 +111,26 @@ final class SignalResolverRegistration: @unchecked Sendable {
         }
     }
 
+    /// Makes faulting threads stop waiting for the handler thread, and waits until none
+    /// is inside the resolver: after that, none still uses the uffd it had read from
+    /// the table (a server retires its uffd first, then calls this).
+    func drain() {
+        cfe_resolver_begin_closing(slot)
+        cfe_resolver_quiesce(slot)
+    }
+
     /// Withdraws the regions from the resolver and frees the tables.
     func unregister() {
         guard registered.exchange(false, ordering: .acquiringAndReleasing) else { return }
         let tables = published.withLock { list -> [UInt] in
+            cfe_resolver_retire(slot)
             _ = cfe_resolver_publish(slot, nil)
             let all = list
             list = []
             return all
         }
-        // A resolver still running on another thread finishes within this time.
-        usleep(1000)
+        // No faulting thread can reach the tables any more once those inside are out.
+        cfe_resolver_quiesce(slot)
         for t in tables { cfe_table_free(UnsafeMutablePointer(bitPattern: t)) }
         cfe_resolver_release_slot(slot)
         if let requestPipe {

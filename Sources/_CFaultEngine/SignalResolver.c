@@ -16,6 +16,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #ifndef _UFFDIO_POISON
@@ -34,6 +35,25 @@ struct uffdio_poison {
 
 static struct cfe_table *slots[CFE_SLOTS];
 static int slot_taken[CFE_SLOTS];
+/// Faulting threads inside the resolver for each slot: counted from before they read
+/// the slot's table until they are done with it (and with its uffd number).
+static int slot_active[CFE_SLOTS];
+/// Set while the slot's server stops: threads waiting for its handler give up.
+static int slot_closing[CFE_SLOTS];
+
+/// Ranges of stopped servers. A SIGBUS the kernel raised while their uffd was still
+/// open can reach its thread after the server has left: such an access only needs
+/// to run again (the kernel serves the range now). Each entry allows a bounded number
+/// of retries, so an address that faults for another reason still gets its SIGBUS.
+#define CFE_RETIRED 256
+#define CFE_RETIRED_RETRIES 1024
+struct cfe_retired {
+    uint64_t start;
+    uint64_t length;
+    int retries_left;
+};
+static struct cfe_retired retired[CFE_RETIRED];
+static unsigned retired_next;
 static struct sigaction previous_action;
 static int handler_installed;
 
@@ -55,7 +75,44 @@ int cfe_resolver_claim_slot(void) {
 }
 
 void cfe_resolver_release_slot(int slot) {
-    if (slot >= 0 && slot < CFE_SLOTS) __atomic_store_n(&slot_taken[slot], 0, __ATOMIC_RELEASE);
+    if (slot < 0 || slot >= CFE_SLOTS) return;
+    __atomic_store_n(&slot_closing[slot], 0, __ATOMIC_RELEASE);
+    __atomic_store_n(&slot_taken[slot], 0, __ATOMIC_RELEASE);
+}
+
+void cfe_resolver_begin_closing(int slot) {
+    if (slot >= 0 && slot < CFE_SLOTS) __atomic_store_n(&slot_closing[slot], 1, __ATOMIC_SEQ_CST);
+}
+
+void cfe_resolver_retire(int slot) {
+    if (slot < 0 || slot >= CFE_SLOTS) return;
+    struct cfe_table *t = __atomic_load_n(&slots[slot], __ATOMIC_SEQ_CST);
+    if (!t) return;
+    for (size_t k = 0; k < t->count; k++) {
+        struct cfe_retired *e = &retired[__atomic_fetch_add(&retired_next, 1, __ATOMIC_RELAXED) % CFE_RETIRED];
+        __atomic_store_n(&e->length, 0, __ATOMIC_SEQ_CST);
+        __atomic_store_n(&e->start, t->regions[k].start, __ATOMIC_SEQ_CST);
+        __atomic_store_n(&e->retries_left, CFE_RETIRED_RETRIES, __ATOMIC_SEQ_CST);
+        __atomic_store_n(&e->length, t->regions[k].length, __ATOMIC_SEQ_CST);
+    }
+}
+
+/// Whether `address` lies in a retired range that may still be retried (and uses one retry).
+static int retry_retired(uint64_t address) {
+    for (int i = 0; i < CFE_RETIRED; i++) {
+        struct cfe_retired *e = &retired[i];
+        uint64_t length = __atomic_load_n(&e->length, __ATOMIC_SEQ_CST);
+        uint64_t start = __atomic_load_n(&e->start, __ATOMIC_SEQ_CST);
+        if (length == 0 || address < start || address - start >= length) continue;
+        if (__atomic_sub_fetch(&e->retries_left, 1, __ATOMIC_SEQ_CST) >= 0) return 1;
+    }
+    return 0;
+}
+
+void cfe_resolver_quiesce(int slot) {
+    if (slot < 0 || slot >= CFE_SLOTS) return;
+    struct timespec pause = { .tv_sec = 0, .tv_nsec = 20 * 1000 };
+    while (__atomic_load_n(&slot_active[slot], __ATOMIC_SEQ_CST) != 0) nanosleep(&pause, NULL);
 }
 
 void cfe_generation_bump(uint32_t *generation) {
@@ -131,8 +188,9 @@ static void poison_page(const struct cfe_table *t, const struct cfe_region *r, u
 }
 
 /// Asks the handler thread for the page and waits until it is installed (or poisoned).
-static void ask_handler(const struct cfe_table *t, const struct cfe_region *r, uint64_t page, uint64_t address) {
+static void ask_handler(int slot, const struct cfe_table *t, const struct cfe_region *r, uint64_t page, uint64_t address) {
     for (;;) {
+        if (__atomic_load_n(&slot_closing[slot], __ATOMIC_SEQ_CST)) return;
         uint32_t seen = __atomic_load_n(t->generation, __ATOMIC_ACQUIRE);
         if (cfe_bit_test(r->resident, r->first_bit + page)) return;
         ssize_t n = write(t->request_fd, &address, sizeof(address));
@@ -147,7 +205,7 @@ static void ask_handler(const struct cfe_table *t, const struct cfe_region *r, u
 
 /// Resolves a fault at `address` in `r` of `t`. Returns 1 if the access can run
 /// again, 0 if the page is poisoned (the SIGBUS is then a real one).
-static int resolve(const struct cfe_table *t, const struct cfe_region *r, uint64_t address) {
+static int resolve(int slot, const struct cfe_table *t, const struct cfe_region *r, uint64_t address) {
     uint64_t ps = t->page_size;
     uint64_t page = (address - r->start) / ps;
     uint64_t pages = r->length / ps;
@@ -156,7 +214,7 @@ static int resolve(const struct cfe_table *t, const struct cfe_region *r, uint64
         cfe_record_append(t->record, t->record_capacity, r->source_offset + page * ps);
     }
     if (t->backing_kind == CFE_BACKING_HANDLER) {
-        ask_handler(t, r, page, r->start + page * ps);
+        ask_handler(slot, t, r, page, r->start + page * ps);
         return !cfe_bit_test(r->poisoned, r->first_bit + page);
     }
     uint64_t chunk = t->chunk_pages;
@@ -226,20 +284,33 @@ static void on_sigbus(int sig, siginfo_t *info, void *context) {
     if (info->si_code == BUS_ADRERR) {
         uint64_t address = (uint64_t)(uintptr_t)info->si_addr;
         for (int s = 0; s < CFE_SLOTS; s++) {
-            struct cfe_table *t = __atomic_load_n(&slots[s], __ATOMIC_ACQUIRE);
-            if (!t) continue;
-            for (size_t k = 0; k < t->count; k++) {
-                const struct cfe_region *r = &t->regions[k];
-                if (address >= r->start && address - r->start < r->length) {
-                    if (resolve(t, r, address & ~(t->page_size - 1))) {
-                        errno = saved;
-                        return;
+            // Counted before the table is read, so that a stopping server waits for
+            // this thread before it frees the table or lets the uffd go.
+            __atomic_add_fetch(&slot_active[s], 1, __ATOMIC_SEQ_CST);
+            struct cfe_table *t = __atomic_load_n(&slots[s], __ATOMIC_SEQ_CST);
+            const struct cfe_region *hit = NULL;
+            if (t) {
+                for (size_t k = 0; k < t->count; k++) {
+                    const struct cfe_region *r = &t->regions[k];
+                    if (address >= r->start && address - r->start < r->length) {
+                        hit = r;
+                        break;
                     }
-                    errno = saved;
-                    chain(sig, info, context);
-                    return;
                 }
             }
+            if (!hit) {
+                __atomic_sub_fetch(&slot_active[s], 1, __ATOMIC_SEQ_CST);
+                continue;
+            }
+            int again = resolve(s, t, hit, address & ~(t->page_size - 1));
+            __atomic_sub_fetch(&slot_active[s], 1, __ATOMIC_SEQ_CST);
+            errno = saved;
+            if (!again) chain(sig, info, context);
+            return;
+        }
+        if (retry_retired(address)) {
+            errno = saved;
+            return;
         }
     }
     errno = saved;

@@ -157,6 +157,22 @@ int cfe_resolver_claim_slot(void);
 /// Gives a slot back (after publishing NULL in it).
 void cfe_resolver_release_slot(int slot);
 
+/// Marks slot `slot` as closing: a faulting thread waiting there for the handler
+/// thread (which is gone or going) stops waiting and lets its access fault again.
+void cfe_resolver_begin_closing(int slot);
+
+/// Remembers the ranges published in slot `slot` as those of a stopped server: a
+/// SIGBUS raised there before the server's uffd was released, and delivered after
+/// the slot was emptied, lets the access run again (a bounded number of times)
+/// instead of killing the process. Call it before publishing NULL in the slot.
+void cfe_resolver_retire(int slot);
+
+/// Waits until no faulting thread is inside the resolver for slot `slot`: every
+/// resolver that had read the slot's table (or its uffd number) before this call has
+/// returned. Call it after changing what the slot's threads could reach (the uffd
+/// number, or the table published there) and before freeing what they used.
+void cfe_resolver_quiesce(int slot);
+
 /// Bumps `*generation` and wakes every thread waiting on it.
 void cfe_generation_bump(uint32_t *generation);
 
