@@ -72,6 +72,16 @@ public struct FaultServerConfiguration: Sendable, Hashable {
     /// served with the ``Strategy/copy(chunkPages:)`` strategy only: hugetlb memory has
     /// no `UFFDIO_MOVE`, and the MINOR and SIGBUS strategies are not supported there.
     public var pageSize: Int
+    /// The real-time priority of the handler threads (`SCHED_FIFO`, 1...99), or 0 to
+    /// leave them time-shared (the default).
+    ///
+    /// A handler thread spends almost all its time blocked; when a fault wakes it on a
+    /// machine whose CPUs are busy, a time-shared thread waits for a time slice, and
+    /// that wait dominates the fault's latency. A real-time handler runs at once. The
+    /// prefetch thread stays time-shared. Setting the policy needs CAP_SYS_NICE (or an
+    /// RLIMIT_RTPRIO that allows it); without it the handlers stay time-shared and
+    /// ``FaultStatistics/lastError`` says so.
+    public var handlerPriority: Int
 
     public init(
         strategy: Strategy = .copy(chunkPages: 16),
@@ -81,7 +91,8 @@ public struct FaultServerConfiguration: Sendable, Hashable {
         recordWorkingSet: String? = nil,
         batchSize: Int = 64,
         handlerCPUs: [Int] = [],
-        pageSize: Int = systemPageSize
+        pageSize: Int = systemPageSize,
+        handlerPriority: Int = 0
     ) {
         self.strategy = strategy
         self.prefetch = prefetch
@@ -91,6 +102,7 @@ public struct FaultServerConfiguration: Sendable, Hashable {
         self.batchSize = batchSize
         self.handlerCPUs = handlerCPUs
         self.pageSize = pageSize
+        self.handlerPriority = handlerPriority
     }
 
     /// One handler thread, `UFFDIO_COPY` of the faulting 4 KiB page: the plain C loop.
@@ -127,6 +139,7 @@ public struct FaultServerConfiguration: Sendable, Hashable {
         if case .replay(let path) = prefetch, path.isEmpty { throw bad("replay path is empty") }
         if let path = recordWorkingSet, path.isEmpty { throw bad("recordWorkingSet path is empty") }
         if handlerCPUs.contains(where: { $0 < 0 || $0 >= 1024 }) { throw bad("handlerCPUs \(handlerCPUs) must lie in 0..<1024") }
+        if !(0...99).contains(handlerPriority) { throw bad("handlerPriority \(handlerPriority) must be 0 (time-shared) or a SCHED_FIFO priority in 1...99") }
         if pageSize != systemPageSize && pageSize != HugePages.size {
             throw bad("pageSize \(pageSize) must be \(systemPageSize) (base pages) or \(HugePages.size) (2 MiB huge pages)")
         }

@@ -147,6 +147,15 @@ final class HandlerLoop<Source: PageSource> {
     func run() {
         let cpus = server.configuration.handlerCPUs
         if !cpus.isEmpty { _ = cfe_pin_current_thread(Int32(cpus[index % cpus.count])) }
+        let priority = server.configuration.handlerPriority
+        if priority > 0 {
+            let rc = cfe_set_current_thread_fifo(Int32(priority))
+            if rc != 0 {
+                counters.lastError.withLock {
+                    $0 = "handler threads stay time-shared: SCHED_FIFO priority \(priority) was refused (\(Errno(rawValue: rc)))"
+                }
+            }
+        }
         loop: while !gone {
             let waited: Userfaultfd.Handle.WaitResult
             do {
@@ -324,9 +333,12 @@ final class HandlerLoop<Source: PageSource> {
             return false
         }
         if n == 0 {
-            // Another handler thread holds the event; let it finish.
+            // Another handler thread holds the event, or the kernel has not queued it yet
+            // (a fork copies the whole address space first); let it finish. A real-time
+            // handler sleeps briefly instead of yielding: yielding would not let a
+            // time-shared thread (the forking one) run on this CPU.
             if server.stopRequested.load(ordering: .relaxed) { return false }
-            sched_yield()
+            if server.configuration.handlerPriority > 0 { usleep(20) } else { sched_yield() }
             return true
         }
         for i in 0..<n {
