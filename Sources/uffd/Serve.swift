@@ -37,6 +37,11 @@ struct Serve: ParsableCommand {
     @Option(name: .long, help: "Handler threads per client.")
     var handlerThreads: Int = 1
 
+    @Option(name: .long, help: ArgumentHelp(
+        "SCHED_FIFO priority of the handler threads (0: time-shared).",
+        discussion: "A real-time handler serves a fault at once even when every CPU is busy; without CAP_SYS_NICE the handlers stay time-shared and the statistics' lastError says so."))
+    var handlerPriority: Int = 1
+
     @Option(name: .long, help: "Seconds a connection may take to send its handshake.")
     var handshakeTimeout: Double = 5
 
@@ -51,19 +56,23 @@ struct Serve: ParsableCommand {
             throw ValidationError("--record and --replay need --memory-file: the working set is per memory file")
         }
         if chunkPages < 1 { throw ValidationError("--chunk-pages must be at least 1") }
+        if !(0...99).contains(handlerPriority) { throw ValidationError("--handler-priority must be 0 (time-shared) or a SCHED_FIFO priority in 1...99") }
         if readAhead != 0 && readAhead < chunkPages { throw ValidationError("--read-ahead must be 0 or at least --chunk-pages") }
     }
 
     /// How each client's faults are served; `uffd serve-bench` uses the same defaults.
-    static func serverConfiguration(chunkPages: Int = 16, readAhead: Int = 256, handlerThreads: Int = 1) -> FaultServerConfiguration {
+    static func serverConfiguration(chunkPages: Int = 16, readAhead: Int = 256, handlerThreads: Int = 1,
+                                    handlerPriority: Int = 1) -> FaultServerConfiguration {
         FaultServerConfiguration(
             strategy: .copy(chunkPages: chunkPages),
             prefetch: readAhead == 0 ? .none : .adaptive(maxPages: readAhead),
-            handlerThreads: handlerThreads)
+            handlerThreads: handlerThreads,
+            handlerPriority: handlerPriority)
     }
 
     func run() throws {
-        let server = Self.serverConfiguration(chunkPages: chunkPages, readAhead: readAhead, handlerThreads: handlerThreads)
+        let server = Self.serverConfiguration(chunkPages: chunkPages, readAhead: readAhead, handlerThreads: handlerThreads,
+                                              handlerPriority: handlerPriority)
         let configuration = ManagerConfiguration(
             socketPath: socket, memoryFile: memoryFile, allowedUIDs: Set(allowUIDs), server: server,
             recordWorkingSet: record, replayWorkingSet: replay, handshakeTimeout: handshakeTimeout)

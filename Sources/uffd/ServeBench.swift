@@ -17,7 +17,8 @@ import Musl
 /// - restore with and without `--replay`: the time from the hand-over to the end of the
 ///   first pass over a working set, medians of alternating runs, and their ratio;
 /// - isolation: per-client p99 fault latency of N concurrent clients against the p99
-///   of one client alone on the same image.
+///   of one client alone on the same image, with time-shared handler threads and with
+///   the daemon's real-time ones.
 /// Every client checks every byte it touched against the image; a client that finds
 /// a wrong byte fails the benchmark.
 struct ServeBench: ParsableCommand {
@@ -45,6 +46,9 @@ struct ServeBench: ParsableCommand {
     @Option(name: .long, help: "Memory of each client in the isolation measurement, in MiB.")
     var clientMib: Int = 64
 
+    @Option(name: .long, help: "SCHED_FIFO priority of the handler threads, as `uffd serve` (0: time-shared only).")
+    var handlerPriority: Int = 1
+
     @Option(name: .long, help: "Where to create the image and sockets (a fresh directory is made inside).")
     var directory: String = "/tmp"
 
@@ -59,6 +63,7 @@ struct ServeBench: ParsableCommand {
         if !(1...100).contains(touchPercent) { throw ValidationError("--touch-percent must be between 1 and 100") }
         if repetitions < 1 { throw ValidationError("--repetitions must be at least 1") }
         if !(1...256).contains(clients) { throw ValidationError("--clients must be between 1 and 256") }
+        if !(0...99).contains(handlerPriority) { throw ValidationError("--handler-priority must be 0 (time-shared) or a SCHED_FIFO priority in 1...99") }
         if clientMib < 4 || clientMib > imageMib { throw ValidationError("--client-mib must be at least 4 and at most --image-mib") }
     }
 
@@ -80,13 +85,14 @@ struct ServeBench: ParsableCommand {
         let clientArguments = ["--image", image, "--handshake", "firecracker", "--scenario", "workingset",
                                "--touch-percent", "\(touchPercent)"]
         note("recording the working set")
-        _ = try bench.serve(record: workingSet, replay: nil, clients: [clientArguments])
+        _ = try bench.serve(record: workingSet, replay: nil, clients: [clientArguments], handlerPriority: handlerPriority)
         var cold: [UInt64] = []
         var warm: [UInt64] = []
         for r in 0..<repetitions {
             note("restore \(r + 1) of \(repetitions)")
             for replay in [false, true] {
-                let outcome = try bench.serve(record: nil, replay: replay ? workingSet : nil, clients: [clientArguments])
+                let outcome = try bench.serve(record: nil, replay: replay ? workingSet : nil, clients: [clientArguments],
+                                              handlerPriority: handlerPriority)
                 guard let t = outcome.outputs[0].value(after: "TIME_NS ") else {
                     throw ServeBenchError("the workingset client printed no time: \(outcome.outputs[0])")
                 }
@@ -94,22 +100,31 @@ struct ServeBench: ParsableCommand {
             }
         }
 
-        // Isolation: one client alone, then N at once, on the first clientMib of the image.
+        // Isolation: one client alone, then N at once, on the first clientMib of the image;
+        // with time-shared handlers, then with the daemon's real-time ones.
         let verify = ["--image", image, "--scenario", "verify", "--length", "\(clientMib << 20)"]
-        var alone: [UInt64] = []
-        for r in 0..<3 {
-            note("one client alone, run \(r + 1) of 3")
-            alone.append(try bench.serve(record: nil, replay: nil, clients: [verify + ["--handshake", "native"]]).reports[0].statistics.latencyP99)
+        var isolation: [IsolationResult] = []
+        for priority in handlerPriority == 0 ? [0] : [0, handlerPriority] {
+            let policy = priority == 0 ? "time-shared handlers" : "SCHED_FIFO \(priority) handlers"
+            var alone: [UInt64] = []
+            for r in 0..<3 {
+                note("one client alone, \(policy), run \(r + 1) of 3")
+                let outcome = try bench.serve(record: nil, replay: nil, clients: [verify + ["--handshake", "native"]], handlerPriority: priority)
+                alone.append(outcome.reports[0].statistics.latencyP99)
+            }
+            note("\(clients) concurrent clients, \(policy)")
+            let many = (0..<clients).map { verify + ["--handshake", $0 % 2 == 0 ? "native" : "firecracker"] }
+            let outcome = try bench.serve(record: nil, replay: nil, clients: many, handlerPriority: priority)
+            let refused = outcome.reports.compactMap(\.statistics.lastError).first { $0.contains("SCHED_FIFO") }
+            isolation.append(IsolationResult(handlerPriority: priority, realTimeRefused: refused,
+                                             aloneP99Nanoseconds: alone, concurrentP99Nanoseconds: outcome.reports.map(\.statistics.latencyP99)))
         }
-        note("\(clients) concurrent clients")
-        let many = (0..<clients).map { verify + ["--handshake", $0 % 2 == 0 ? "native" : "firecracker"] }
-        let concurrent = try bench.serve(record: nil, replay: nil, clients: many).reports.map(\.statistics.latencyP99)
 
         let result = ServeBenchResult(
             imageMiB: imageMib, touchPercent: touchPercent, repetitions: repetitions,
             coldNanoseconds: cold, replayNanoseconds: warm,
             clients: clients, clientMiB: clientMib, cpus: Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))),
-            aloneP99Nanoseconds: alone, concurrentP99Nanoseconds: concurrent)
+            isolation: isolation)
         print(json ? result.json : result.table)
     }
 
@@ -125,6 +140,21 @@ struct ServeBenchError: Error, CustomStringConvertible {
     init(_ description: String) { self.description = description }
 }
 
+/// One isolation measurement: a client alone, then many at once.
+struct IsolationResult {
+    var handlerPriority: Int
+    /// Why real-time scheduling did not take effect, if it did not.
+    var realTimeRefused: String?
+    var aloneP99Nanoseconds: [UInt64]
+    var concurrentP99Nanoseconds: [UInt64]
+
+    var aloneMedian: UInt64 { median(aloneP99Nanoseconds) }
+    var concurrentMedian: UInt64 { median(concurrentP99Nanoseconds) }
+    var concurrentWorst: UInt64 { concurrentP99Nanoseconds.max() ?? 0 }
+    var worstOverAlone: Double { Double(concurrentWorst) / Double(max(aloneMedian, 1)) }
+    var policy: String { handlerPriority == 0 ? "time-shared handlers" : "SCHED_FIFO \(handlerPriority) handlers" }
+}
+
 /// What `uffd serve-bench` measured.
 struct ServeBenchResult {
     var imageMiB: Int
@@ -135,43 +165,49 @@ struct ServeBenchResult {
     var clients: Int
     var clientMiB: Int
     var cpus: Int
-    var aloneP99Nanoseconds: [UInt64]
-    var concurrentP99Nanoseconds: [UInt64]
+    var isolation: [IsolationResult]
 
     var coldMedian: UInt64 { median(coldNanoseconds) }
     var replayMedian: UInt64 { median(replayNanoseconds) }
     var replaySpeedup: Double { Double(coldMedian) / Double(max(replayMedian, 1)) }
-    var aloneMedian: UInt64 { median(aloneP99Nanoseconds) }
-    var concurrentMedian: UInt64 { median(concurrentP99Nanoseconds) }
-    var concurrentWorst: UInt64 { concurrentP99Nanoseconds.max() ?? 0 }
 
     var table: String {
         func ms(_ ns: UInt64) -> String { formatted(Double(ns) / 1e6, 2) + " ms" }
         func us(_ ns: UInt64) -> String { formatted(Double(ns) / 1e3, 0) + " µs" }
-        let sorted = concurrentP99Nanoseconds.sorted()
-        return """
-            replay (\(imageMiB) MiB image, \(touchPercent) % working set, medians of \(repetitions)):
-              first pass without --replay  \(ms(coldMedian))   runs: \(coldNanoseconds.map(ms).joined(separator: ", "))
-              first pass with --replay     \(ms(replayMedian))   runs: \(replayNanoseconds.map(ms).joined(separator: ", "))
-              speed-up                     \(formatted(replaySpeedup, 2))x (target >= 3)
-            isolation (\(clients) clients of \(clientMiB) MiB at once, \(cpus) CPUs):
-              p99 of one client alone      \(us(aloneMedian))   runs: \(aloneP99Nanoseconds.map(us).joined(separator: ", "))
-              per-client p99, concurrent   median \(us(concurrentMedian)), worst \(us(concurrentWorst))
-                                           \(sorted.map(us).joined(separator: ", "))
-              worst concurrent / alone     \(formatted(Double(concurrentWorst) / Double(max(aloneMedian, 1)), 1))x
-            """
+        var lines = [
+            "replay (\(imageMiB) MiB image, \(touchPercent) % working set, medians of \(repetitions)):",
+            "  first pass without --replay  \(ms(coldMedian))   runs: \(coldNanoseconds.map(ms).joined(separator: ", "))",
+            "  first pass with --replay     \(ms(replayMedian))   runs: \(replayNanoseconds.map(ms).joined(separator: ", "))",
+            "  speed-up                     \(formatted(replaySpeedup, 2))x (target >= 3)",
+        ]
+        for i in isolation {
+            lines += [
+                "isolation (\(clients) clients of \(clientMiB) MiB at once, \(cpus) CPUs, \(i.policy)):",
+                "  p99 of one client alone      \(us(i.aloneMedian))   runs: \(i.aloneP99Nanoseconds.map(us).joined(separator: ", "))",
+                "  per-client p99, concurrent   median \(us(i.concurrentMedian)), worst \(us(i.concurrentWorst))",
+                "                               \(i.concurrentP99Nanoseconds.sorted().map(us).joined(separator: ", "))",
+                "  worst concurrent / alone     \(formatted(i.worstOverAlone, 1))x",
+            ]
+            if let why = i.realTimeRefused { lines.append("  note: \(why)") }
+        }
+        return lines.joined(separator: "\n")
     }
 
     var json: String {
         func list(_ v: [UInt64]) -> String { "[" + v.map(String.init).joined(separator: ", ") + "]" }
+        let runs = isolation.map { i in
+            "{\"handlerPriority\": \(i.handlerPriority), \"realTimeRefused\": \(i.realTimeRefused.map(jsonQuoted) ?? "null"), "
+                + "\"aloneP99Nanoseconds\": \(list(i.aloneP99Nanoseconds)), \"concurrentP99Nanoseconds\": \(list(i.concurrentP99Nanoseconds)), "
+                + "\"aloneMedian\": \(i.aloneMedian), \"concurrentMedian\": \(i.concurrentMedian), \"concurrentWorst\": \(i.concurrentWorst)}"
+        }
         return """
             {
               "replay": {"imageMiB": \(imageMiB), "touchPercent": \(touchPercent), "coldNanoseconds": \(list(coldNanoseconds)), \
             "replayNanoseconds": \(list(replayNanoseconds)), "coldMedian": \(coldMedian), "replayMedian": \(replayMedian), \
             "speedup": \(formatted(replaySpeedup, 3))},
-              "isolation": {"clients": \(clients), "clientMiB": \(clientMiB), "cpus": \(cpus), \
-            "aloneP99Nanoseconds": \(list(aloneP99Nanoseconds)), "concurrentP99Nanoseconds": \(list(concurrentP99Nanoseconds)), \
-            "aloneMedian": \(aloneMedian), "concurrentMedian": \(concurrentMedian), "concurrentWorst": \(concurrentWorst)}
+              "isolation": {"clients": \(clients), "clientMiB": \(clientMiB), "cpus": \(cpus), "runs": [
+                \(runs.joined(separator: ",\n    "))
+              ]}
             }
             """
     }
@@ -205,12 +241,12 @@ struct ServeBenchRun {
 
     /// Starts a manager as `uffd serve` would (same defaults), runs the clients at once,
     /// waits for all of them, and returns what they printed and the manager's reports.
-    func serve(record: String?, replay: String?, clients arguments: [[String]]) throws -> Outcome {
+    func serve(record: String?, replay: String?, clients arguments: [[String]], handlerPriority: Int) throws -> Outcome {
         let socket = work.path + "/serve.sock"
         unlink(socket)
         let configuration = ManagerConfiguration(
             socketPath: socket, memoryFile: image,
-            server: Serve.serverConfiguration(),
+            server: Serve.serverConfiguration(handlerPriority: handlerPriority),
             recordWorkingSet: record, replayWorkingSet: replay)
         let manager = try Manager(configuration, logger: logger)
         try manager.start()

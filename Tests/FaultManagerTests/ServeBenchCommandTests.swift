@@ -26,6 +26,8 @@ extension ManagerTests {
         #expect(numbers("concurrentP99Nanoseconds").count == 3)
         #expect((numbers("coldNanoseconds") + numbers("replayNanoseconds") + numbers("concurrentP99Nanoseconds")).allSatisfy { $0 > 0 })
         #expect(json.contains("\"speedup\": "))
+        // Isolation with time-shared handlers, then with the daemon's real-time ones.
+        #expect(json.split(separator: "\"handlerPriority\": ").dropFirst().map { $0.prefix(1) } == ["0", "1"])
         // Its temporary directory is gone.
         var entries = 0
         if let d = opendir(fixture.directory) {
@@ -43,7 +45,7 @@ extension ManagerTests {
         // Usage errors exit with 64 (EX_USAGE); a directory that cannot be made, with 1.
         let cases: [([String], Int32)] = [
             (["--touch-percent", "0"], 64), (["--clients", "0"], 64), (["--client-mib", "16"], 64),
-            (["--client-executable", "/nonexistent/client"], 64), (["--directory", "/nonexistent/dir"], 1),
+            (["--client-executable", "/nonexistent/client"], 64), (["--handler-priority", "100"], 64), (["--directory", "/nonexistent/dir"], 1),
         ]
         for (arguments, expected) in cases {
             let bench = try ClientProcess(["serve-bench", "--image-mib", "8", "--client-mib", "4", "--repetitions", "1"] + arguments,
