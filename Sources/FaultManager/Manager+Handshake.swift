@@ -100,6 +100,7 @@ extension Manager {
             throw .serving("mixed page sizes: region \(regions[0].range) has \(pageSize)-byte pages, region \(other.range) "
                 + "\(other.pageSize)-byte pages; one page size per client is served")
         }
+        try ClientRegion.checkPageSizes(regions, pid: peer.pid)
 
         var serverConfiguration = configuration.server
         serverConfiguration.pageSize = Int(pageSize)
