@@ -136,7 +136,7 @@ extension Manager {
         if !preload.isEmpty {
             let handle = Userfaultfd.Handle(fileDescriptor: uffdDescriptor, features: features)
             let started = Self.monotonicNanoseconds()
-            let done = WorkingSetPreload.install(preload, regions: regions, source: source, uffd: handle, pageSize: pageSize)
+            let done = WorkingSetPreload.install(preload, regions: regions, source: source, uffd: handle, pageSize: pageSize, threads: Self.preloadThreads)
             let early = done.stoppedEarly.map { ", stopped early: \($0)" } ?? ""
             logger.info("pid \(peer.pid): replayed the working set: \(done.pagesInstalled) pages in \(done.copies) copies, \((Self.monotonicNanoseconds() - started) / 1000) µs\(early)",
                         metadata: ["pid": "\(peer.pid)", "uid": "\(peer.uid)"])
@@ -157,6 +157,9 @@ extension Manager {
                     metadata: ["client": "\(id)", "pid": "\(peer.pid)", "uid": "\(peer.uid)"])
         return id
     }
+
+    /// Threads that install a replayed working set: one per CPU, at most four.
+    static let preloadThreads = max(1, min(4, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))))
 
     static func monotonicNanoseconds() -> UInt64 {
         var ts = timespec()

@@ -1,4 +1,5 @@
 import FaultEngine
+import Synchronization
 import Userfaultfd
 
 #if canImport(Glibc)
@@ -35,9 +36,43 @@ enum WorkingSetPreload {
     ///     are made of whole pages of this size.
     ///   - maxRunPages: the longest run copied at once, in base pages (at least one
     ///     page of `pageSize`).
+    ///   - threads: how many threads copy at once, each a contiguous share of `offsets`
+    ///     (a share keeps the recorded order). Copies into one address space run in
+    ///     parallel in the kernel; the client waits for all of them.
     static func install<Source: PageSource>(
         _ offsets: [UInt64], regions: [ClientRegion], source: Source, uffd: Userfaultfd.Handle,
-        pageSize: UInt64 = UInt64(systemPageSize), maxRunPages basePages: Int = 256
+        pageSize: UInt64 = UInt64(systemPageSize), maxRunPages basePages: Int = 256, threads: Int = 1
+    ) -> Result {
+        // Below a few thousand pages a thread costs more than it saves.
+        let count = max(1, min(threads, offsets.count / 2048))
+        if count == 1 {
+            return installShare(offsets[...], regions: regions, source: source, uffd: uffd, pageSize: pageSize, maxRunPages: basePages)
+        }
+        let share = (offsets.count + count - 1) / count
+        let results = Mutex<[Result]>([])
+        let helpers = (1..<count).map { k in
+            let slice = offsets[(k * share)..<min(offsets.count, (k + 1) * share)]
+            return DedicatedThread(name: "uffd-preload-\(k)") {
+                let r = installShare(slice, regions: regions, source: source, uffd: uffd, pageSize: pageSize, maxRunPages: basePages)
+                results.withLock { $0.append(r) }
+            }
+        }
+        var total = installShare(offsets[0..<min(offsets.count, share)], regions: regions, source: source, uffd: uffd,
+                                 pageSize: pageSize, maxRunPages: basePages)
+        for h in helpers { h.join() }
+        for r in results.withLock({ $0 }) {
+            total.pagesInstalled += r.pagesInstalled
+            total.pagesAlreadyPresent += r.pagesAlreadyPresent
+            total.copies += r.copies
+            total.stoppedEarly = total.stoppedEarly ?? r.stoppedEarly
+        }
+        return total
+    }
+
+    /// Installs one share of the offsets, in order, on the calling thread.
+    private static func installShare<Source: PageSource>(
+        _ offsets: ArraySlice<UInt64>, regions: [ClientRegion], source: Source, uffd: Userfaultfd.Handle,
+        pageSize: UInt64, maxRunPages basePages: Int
     ) -> Result {
         let page = pageSize
         let maxRunPages = max(1, basePages * systemPageSize / Int(page))
@@ -51,8 +86,8 @@ enum WorkingSetPreload {
         let buffer = UnsafeMutableRawPointer.allocate(byteCount: maxRunPages * Int(page), alignment: Int(page))
         defer { buffer.deallocate() }
         var result = Result()
-        var i = 0
-        while i < offsets.count {
+        var i = offsets.startIndex
+        while i < offsets.endIndex {
             let first = offsets[i] & ~(page - 1)
             guard let start = address(of: first) else {
                 i += 1
@@ -60,7 +95,7 @@ enum WorkingSetPreload {
             }
             // Extend the run while the next recorded page follows in both file and memory.
             var pages = 1
-            while i + pages < offsets.count && pages < maxRunPages {
+            while i + pages < offsets.endIndex && pages < maxRunPages {
                 let next = offsets[i + pages] & ~(page - 1)
                 guard next == first + UInt64(pages) * page, address(of: next) == start + UInt64(pages) * page else { break }
                 pages += 1

@@ -110,7 +110,9 @@ struct ManagerTests {
         #expect(json.contains("\"refusedHandshakes\" : 0"))
     }
 
-    @Test func recordThenReplayTheWorkingSet() throws {
+    /// 128 MiB: a working set of 4915 pages, installed by two threads on this machine.
+    @Test(arguments: [8 << 20, 128 << 20])
+    func recordThenReplayTheWorkingSet(imageLength: Int) throws {
         var template = Array("/tmp/uffd-ws-XXXXXX".utf8CString)
         let dir = String(cString: try #require(mkdtemp(&template)))
         let path = dir + "/ws"
@@ -118,19 +120,19 @@ struct ManagerTests {
         let arguments = ["--handshake", "firecracker", "--scenario", "workingset", "--touch-percent", "15"]
         let recorded: ClientReport
         do {
-            let fixture = try Fixture { $0.recordWorkingSet = path }
+            let fixture = try Fixture(imageLength: imageLength) { $0.recordWorkingSet = path }
             let client = try fixture.client(arguments)
             #expect(client.waitForExit() == 0, "client said: \(client.text)")
             #expect(fixture.wait { fixture.manager.clients.first?.serving == false })
             recorded = try #require(fixture.manager.clients.first)
         }
         // Served page by page while recording: every touched page faulted once.
-        let touched = 2048 * 15 / 100
+        let touched = imageLength / 4096 * 15 / 100
         #expect(recorded.statistics.missingFaults == UInt64(touched))
         var st = stat()
         #expect(stat(path, &st) == 0 && st.st_size == 16 + 8 * touched, "the working set holds every touched page")
 
-        let fixture = try Fixture { $0.replayWorkingSet = path }
+        let fixture = try Fixture(imageLength: imageLength) { $0.replayWorkingSet = path }
         let client = try fixture.client(arguments)
         #expect(client.waitForExit() == 0, "client said: \(client.text)")
         #expect(fixture.wait { fixture.manager.clients.first?.serving == false })
