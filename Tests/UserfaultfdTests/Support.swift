@@ -363,15 +363,20 @@ func forkChild(_ child: () -> Int32) -> pid_t {
 enum ChildEnd: Equatable, CustomStringConvertible {
     case exited(Int32)
     case signalled(Int32)
+    /// Still running after the time allowed (then killed): where it was, from /proc.
+    case timedOut(seconds: Int, where: String)
     var description: String {
         switch self {
         case .exited(let code): "exited with \(code)"
         case .signalled(let signal): "killed by signal \(signal)"
+        case .timedOut(let seconds, let place): "still running after \(seconds) s, killed; it was in\n\(place)"
         }
     }
 }
 
-/// Waits at most `seconds` for the child; kills it after that and records an issue.
+/// Waits at most `seconds` for the child; kills it after that and returns
+/// ``ChildEnd/timedOut(seconds:where:)`` with its kernel stack, system call and status,
+/// which the caller's expectation on the end then shows under the test's name.
 func waitChild(_ pid: pid_t, seconds: Int = 30) -> ChildEnd? {
     var status: Int32 = 0
     for _ in 0..<(seconds * 100) {
@@ -383,11 +388,11 @@ func waitChild(_ pid: pid_t, seconds: Int = 30) -> ChildEnd? {
         }
         usleep(10_000)
     }
-    let where_ = ["stack", "syscall", "wchan", "status"].map { "\($0): \(readProcFile("/proc/\(pid)/\($0)"))" }.joined(separator: "\n")
+    let state = readProcFile("/proc/\(pid)/status").split(separator: "\n").filter { $0.hasPrefix("State:") }.joined()
+    let place = ["stack", "syscall", "wchan"].map { "\($0): \(readProcFile("/proc/\(pid)/\($0)"))" }.joined(separator: "\n") + "\n" + state
     kill(pid, SIGKILL)
     _ = waitpid(pid, &status, 0)
-    Issue.record("child \(pid) did not finish within \(seconds) s and was killed; it was in\n\(where_)")
-    return nil
+    return .timedOut(seconds: seconds, where: place)
 }
 
 /// The text of a small /proc file, or a note saying it could not be read.
