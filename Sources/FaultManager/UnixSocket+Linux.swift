@@ -1,6 +1,5 @@
 import SystemPackage
 import Userfaultfd
-import _CUserfaultfd
 
 #if canImport(Glibc)
 import Glibc
@@ -102,28 +101,24 @@ enum UnixSocket {
     /// - Throws: ``HandshakeError`` if nothing arrived, the read failed or timed out,
     ///   or the message was truncated (then every descriptor received is closed).
     static func receiveMessage(from socket: FileDescriptor, maxBody: Int) throws(HandshakeError) -> (body: [UInt8], descriptors: [FileDescriptor]) {
-        var body = [UInt8](repeating: 0, count: maxBody)
-        var fds = [Int32](repeating: -1, count: 16)
-        var count: Int32 = 0
-        var truncated: Int32 = 0
-        let n = body.withUnsafeMutableBytes { bytes in
-            fds.withUnsafeMutableBufferPointer {
-                cuffd_recv_fds(socket.rawValue, bytes.baseAddress, bytes.count, $0.baseAddress, Int32($0.count), &count, &truncated)
-            }
+        let message: DescriptorPassing.ReceivedMessage
+        do {
+            message = try DescriptorPassing.receiveMessage(from: socket, maxPayload: maxBody)
+        } catch {
+            throw handshakeError(receiving: error, maxBody: maxBody)
         }
-        if n < 0 {
-            let e = Errno(rawValue: errno)
-            if e == .resourceTemporarilyUnavailable { throw .connection("no handshake arrived in time") }
-            throw .connection("recvmsg failed: \(e)")
+        if message.payload.isEmpty && message.descriptors.isEmpty { throw .connection("the peer closed the connection without sending a handshake") }
+        return (message.payload, message.descriptors)
+    }
+
+    /// What a failed receive of a handshake means for the client.
+    private static func handshakeError(receiving error: UserfaultfdError, maxBody: Int) -> HandshakeError {
+        if case .malformed = error.kind {
+            return .invalidMessage("the message was truncated (longer than \(maxBody) bytes, or more than \(DescriptorPassing.maxDescriptors) descriptors)")
         }
-        let received = fds.prefix(Int(min(count, Int32(fds.count)))).map { FileDescriptor(rawValue: $0) }
-        if truncated != 0 {
-            for fd in received { try? fd.close() }
-            throw .invalidMessage("the message was truncated (longer than \(maxBody) bytes, or more than \(fds.count) descriptors)")
-        }
-        if n == 0 && received.isEmpty { throw .connection("the peer closed the connection without sending a handshake") }
-        body.removeSubrange(n...)
-        return (body, received)
+        guard let errno = error.errno else { return .connection("recvmsg failed: \(error)") }
+        if errno == .resourceTemporarilyUnavailable { return .connection("no handshake arrived in time") }
+        return .connection("recvmsg failed: \(errno)")
     }
 
     /// Sends all of `bytes`; failures are ignored (the peer may be gone).

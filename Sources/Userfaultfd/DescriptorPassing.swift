@@ -40,15 +40,31 @@ public enum DescriptorPassing {
         }
     }
 
-    /// Receives one message of at most `maxPayload` bytes that must carry exactly one descriptor.
+    /// One message received with the descriptors attached to it.
+    public struct ReceivedMessage {
+        /// The payload; empty if the peer closed the connection without sending anything.
+        public var payload: [UInt8]
+        /// The descriptors received (close-on-exec); the caller owns them.
+        public var descriptors: [FileDescriptor]
+        /// How many descriptors the message carried: more than `descriptors.count` when
+        /// it carried more than the receiver takes (those were closed on arrival).
+        public var descriptorCount: Int
+    }
+
+    /// The most descriptors ``receiveMessage(from:maxPayload:)`` keeps from one message.
+    public static let maxDescriptors = 16
+
+    /// Receives one message of at most `maxPayload` bytes with every descriptor attached.
     ///
-    /// Descriptors arrive close-on-exec (`MSG_CMSG_CLOEXEC`). If the message carries
-    /// no descriptor, several, or was truncated, every descriptor received is closed
-    /// and the call throws ``UserfaultfdError/Kind/malformed(_:)`` saying which.
-    /// - Returns: the payload and the descriptor, which the caller now owns.
-    public static func receive(from socket: FileDescriptor, maxPayload: Int = 65536) throws(UserfaultfdError) -> (payload: [UInt8], descriptor: FileDescriptor) {
+    /// Descriptors arrive close-on-exec (`MSG_CMSG_CLOEXEC`); beyond
+    /// ``maxDescriptors`` they are closed on arrival and only counted. A message
+    /// longer than `maxPayload` (on a stream socket: one that fills the buffer with
+    /// more bytes already waiting) is refused and every descriptor received is closed.
+    /// - Throws: the errno of `recvmsg` (`EAGAIN` when a receive timeout expired), or
+    ///   ``UserfaultfdError/Kind/malformed(_:)`` for a truncated message.
+    public static func receiveMessage(from socket: FileDescriptor, maxPayload: Int = 65536) throws(UserfaultfdError) -> ReceivedMessage {
         var payload = [UInt8](repeating: 0, count: max(1, maxPayload))
-        var fds = [Int32](repeating: -1, count: 16)
+        var fds = [Int32](repeating: -1, count: maxDescriptors)
         var count: Int32 = 0
         var truncated: Int32 = 0
         let n = payload.withUnsafeMutableBytes { bytes in
@@ -57,21 +73,32 @@ public enum DescriptorPassing {
             }
         }
         if n < 0 { throw UserfaultfdError(operation: "recvmsg SCM_RIGHTS", errno: currentErrno()) }
-        let received = Array(fds.prefix(min(Int(count), fds.count)))
-        func closeAll() { for fd in received { _ = Glibc.close(fd) } }
-        if n == 0 && count == 0 {
-            throw UserfaultfdError(operation: "recvmsg SCM_RIGHTS", kind: .malformed("the peer closed the connection without sending anything"))
-        }
+        let received = fds.prefix(min(Int(count), fds.count)).map { FileDescriptor(rawValue: $0) }
         if truncated != 0 {
-            closeAll()
-            throw UserfaultfdError(operation: "recvmsg SCM_RIGHTS", kind: .malformed("the message was truncated (more than \(maxPayload) bytes or too many descriptors)"))
-        }
-        if count != 1 {
-            closeAll()
-            throw UserfaultfdError(operation: "recvmsg SCM_RIGHTS", kind: .malformed("expected exactly one descriptor, received \(count)"))
+            for fd in received { try? fd.close() }
+            throw UserfaultfdError(operation: "recvmsg SCM_RIGHTS", kind: .malformed(
+                "the message was truncated (more than \(maxPayload) bytes or more than \(maxDescriptors) descriptors)"))
         }
         payload.removeSubrange(n...)
-        return (payload, FileDescriptor(rawValue: received[0]))
+        return ReceivedMessage(payload: payload, descriptors: received, descriptorCount: Int(count))
+    }
+
+    /// Receives one message of at most `maxPayload` bytes that must carry exactly one descriptor.
+    ///
+    /// Descriptors arrive close-on-exec (`MSG_CMSG_CLOEXEC`). If the message carries
+    /// no descriptor, several, or was truncated, every descriptor received is closed
+    /// and the call throws ``UserfaultfdError/Kind/malformed(_:)`` saying which.
+    /// - Returns: the payload and the descriptor, which the caller now owns.
+    public static func receive(from socket: FileDescriptor, maxPayload: Int = 65536) throws(UserfaultfdError) -> (payload: [UInt8], descriptor: FileDescriptor) {
+        let message = try receiveMessage(from: socket, maxPayload: maxPayload)
+        if message.payload.isEmpty && message.descriptorCount == 0 {
+            throw UserfaultfdError(operation: "recvmsg SCM_RIGHTS", kind: .malformed("the peer closed the connection without sending anything"))
+        }
+        if message.descriptorCount != 1 {
+            for fd in message.descriptors { try? fd.close() }
+            throw UserfaultfdError(operation: "recvmsg SCM_RIGHTS", kind: .malformed("expected exactly one descriptor, received \(message.descriptorCount)"))
+        }
+        return (message.payload, message.descriptors[0])
     }
 
     /// The credentials of the process at the other end of a connected unix socket.
