@@ -83,6 +83,9 @@ public struct FaultServerConfiguration: Sendable, Hashable {
     /// ``FaultStatistics/lastError`` says so.
     public var handlerPriority: Int
 
+    /// The values ``handlerPriority`` may take: 0 (time-shared) or a `SCHED_FIFO` priority.
+    public static let handlerPriorities: ClosedRange<Int> = 0...99
+
     public init(
         strategy: Strategy = .copy(chunkPages: 16),
         prefetch: Prefetch = .none,
@@ -139,7 +142,7 @@ public struct FaultServerConfiguration: Sendable, Hashable {
         if case .replay(let path) = prefetch, path.isEmpty { throw bad("replay path is empty") }
         if let path = recordWorkingSet, path.isEmpty { throw bad("recordWorkingSet path is empty") }
         if handlerCPUs.contains(where: { $0 < 0 || $0 >= 1024 }) { throw bad("handlerCPUs \(handlerCPUs) must lie in 0..<1024") }
-        if !(0...99).contains(handlerPriority) { throw bad("handlerPriority \(handlerPriority) must be 0 (time-shared) or a SCHED_FIFO priority in 1...99") }
+        if !Self.handlerPriorities.contains(handlerPriority) { throw bad("handlerPriority \(handlerPriority) must be 0 (time-shared) or a SCHED_FIFO priority in 1...99") }
         if pageSize != systemPageSize && pageSize != HugePages.size {
             throw bad("pageSize \(pageSize) must be \(systemPageSize) (base pages) or \(HugePages.size) (2 MiB huge pages)")
         }

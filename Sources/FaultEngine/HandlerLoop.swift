@@ -103,7 +103,7 @@ final class HandlerLoop<Source: PageSource> {
         _ = madvise(staging, stagingBytes, MADV_NOHUGEPAGE)
         // Touch the staging pages once so the first faults do not pay for them.
         memset(staging, 0, stagingBytes)
-        zeroPage = server.pageSize > systemPageSize ? Self.mapZeroPage(server.pageSize) : nil
+        zeroPage = server.pageSize > systemPageSize ? Self.allocateZeroPage(server.pageSize) : nil
         residency = .allocate(capacity: maxPages)
         buffer = Userfaultfd.EventBuffer(capacity: configuration.batchSize)
         drainBuffer = Userfaultfd.EventBuffer(capacity: configuration.batchSize)
@@ -123,7 +123,7 @@ final class HandlerLoop<Source: PageSource> {
     }
 
     /// `bytes` of zeros, written once so that copying from them never faults.
-    private static func mapZeroPage(_ bytes: Int) -> UnsafeMutableRawPointer {
+    private static func allocateZeroPage(_ bytes: Int) -> UnsafeMutableRawPointer {
         let p = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: systemPageSize)
         memset(p, 0, bytes)
         return p
@@ -149,10 +149,9 @@ final class HandlerLoop<Source: PageSource> {
         if !cpus.isEmpty { _ = cfe_pin_current_thread(Int32(cpus[index % cpus.count])) }
         let priority = server.configuration.handlerPriority
         if priority > 0 {
-            let rc = cfe_set_current_thread_fifo(Int32(priority))
-            if rc != 0 {
+            if let refused = DedicatedThread.makeCurrentThreadRealTime(priority: Int32(priority)) {
                 counters.lastError.withLock {
-                    $0 = "handler threads stay time-shared: SCHED_FIFO priority \(priority) was refused (\(Errno(rawValue: rc)))"
+                    $0 = "handler threads stay time-shared: SCHED_FIFO priority \(priority) was refused (\(refused))"
                 }
             }
         }

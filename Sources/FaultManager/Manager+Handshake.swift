@@ -135,10 +135,10 @@ extension Manager {
         let uffdDescriptor = descriptors.removeFirst()
         if !preload.isEmpty {
             let handle = Userfaultfd.Handle(fileDescriptor: uffdDescriptor, features: features)
-            let started = Self.monotonicNanoseconds()
+            let started = ContinuousClock.now
             let done = WorkingSetPreload.install(preload, regions: regions, source: source, uffd: handle, pageSize: pageSize, threads: Self.preloadThreads)
             let early = done.stoppedEarly.map { ", stopped early: \($0)" } ?? ""
-            logger.info("pid \(peer.pid): replayed the working set: \(done.pagesInstalled) pages in \(done.copies) copies, \((Self.monotonicNanoseconds() - started) / 1000) µs\(early)",
+            logger.info("pid \(peer.pid): replayed the working set: \(done.pagesInstalled) pages in \(done.copies) copies, \(Self.microseconds(ContinuousClock.now - started)) µs\(early)",
                         metadata: ["pid": "\(peer.pid)", "uid": "\(peer.uid)"])
         }
         let served = regions.map { ServedRegion(range: $0.range, sourceOffset: $0.backingOffset) }
@@ -161,10 +161,8 @@ extension Manager {
     /// Threads that install a replayed working set: one per CPU, at most four.
     static let preloadThreads = max(1, min(4, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))))
 
-    static func monotonicNanoseconds() -> UInt64 {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+    static func microseconds(_ d: Duration) -> Int64 {
+        d.components.seconds * 1_000_000 + d.components.attoseconds / 1_000_000_000_000
     }
 
     /// Whether `fd` is a userfaultfd (its /proc link names the anonymous inode).

@@ -1,3 +1,5 @@
+import Userfaultfd
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -302,7 +304,5 @@ func monotonicNanoseconds() -> UInt64 {
 /// stream, waiting for a time slice would otherwise dominate the fault latency.
 /// Without the privilege to do so, nothing changes.
 func preferLowLatencyScheduling() {
-    var parameters = sched_param()
-    parameters.sched_priority = 1
-    _ = pthread_setschedparam(pthread_self(), SCHED_FIFO, &parameters)
+    DedicatedThread.makeCurrentThreadRealTime(priority: 1)
 }

@@ -1,3 +1,4 @@
+import SystemPackage
 import _CUserfaultfd
 
 #if canImport(Glibc)
@@ -42,5 +43,21 @@ public final class DedicatedThread: @unchecked Sendable {
 
     deinit {
         if !joined { pthread_detach(thread) }
+    }
+
+    /// Makes the calling thread real-time: `SCHED_FIFO` at `priority` (1...99).
+    ///
+    /// For threads that block almost all the time and must run as soon as they wake
+    /// (fault handlers, a fault's network path): a time-shared thread woken on a busy
+    /// machine waits for a time slice first.
+    ///
+    /// - Returns: nil, or why the policy was refused (`EPERM` without CAP_SYS_NICE or
+    ///   an RLIMIT_RTPRIO that allows it); the thread then stays time-shared.
+    @discardableResult
+    public static func makeCurrentThreadRealTime(priority: Int32) -> Errno? {
+        var parameters = sched_param()
+        parameters.sched_priority = priority
+        let rc = pthread_setschedparam(pthread_self(), SCHED_FIFO, &parameters)
+        return rc == 0 ? nil : Errno(rawValue: rc)
     }
 }

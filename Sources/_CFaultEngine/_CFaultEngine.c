@@ -4,7 +4,6 @@
 #include <pthread.h>
 #include <fcntl.h>
 #include <sched.h>
-#include <string.h>
 #include <unistd.h>
 #include <sys/mman.h>
 
@@ -27,13 +26,6 @@ int cfe_pin_current_thread(int cpu) {
     CPU_ZERO(&set);
     CPU_SET(cpu, &set);
     return pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
-}
-
-int cfe_set_current_thread_fifo(int priority) {
-    struct sched_param parameters;
-    memset(&parameters, 0, sizeof(parameters));
-    parameters.sched_priority = priority;
-    return pthread_setschedparam(pthread_self(), SCHED_FIFO, &parameters);
 }
 
 int cfe_current_cpu(void) {

@@ -56,8 +56,15 @@ struct Serve: ParsableCommand {
             throw ValidationError("--record and --replay need --memory-file: the working set is per memory file")
         }
         if chunkPages < 1 { throw ValidationError("--chunk-pages must be at least 1") }
-        if !(0...99).contains(handlerPriority) { throw ValidationError("--handler-priority must be 0 (time-shared) or a SCHED_FIFO priority in 1...99") }
+        try Self.validate(handlerPriority: handlerPriority)
         if readAhead != 0 && readAhead < chunkPages { throw ValidationError("--read-ahead must be 0 or at least --chunk-pages") }
+    }
+
+    /// Refuses a `--handler-priority` the engine would not take (`uffd serve-bench` has the option too).
+    static func validate(handlerPriority: Int) throws {
+        if !FaultServerConfiguration.handlerPriorities.contains(handlerPriority) {
+            throw ValidationError("--handler-priority must be 0 (time-shared) or a SCHED_FIFO priority in 1...99")
+        }
     }
 
     /// How each client's faults are served; `uffd serve-bench` uses the same defaults.

@@ -63,7 +63,7 @@ struct ServeBench: ParsableCommand {
         if !(1...100).contains(touchPercent) { throw ValidationError("--touch-percent must be between 1 and 100") }
         if repetitions < 1 { throw ValidationError("--repetitions must be at least 1") }
         if !(1...256).contains(clients) { throw ValidationError("--clients must be between 1 and 256") }
-        if !(0...99).contains(handlerPriority) { throw ValidationError("--handler-priority must be 0 (time-shared) or a SCHED_FIFO priority in 1...99") }
+        try Serve.validate(handlerPriority: handlerPriority)
         if clientMib < 4 || clientMib > imageMib { throw ValidationError("--client-mib must be at least 4 and at most --image-mib") }
     }
 
@@ -105,7 +105,7 @@ struct ServeBench: ParsableCommand {
         let verify = ["--image", image, "--scenario", "verify", "--length", "\(clientMib << 20)"]
         var isolation: [IsolationResult] = []
         for priority in handlerPriority == 0 ? [0] : [0, handlerPriority] {
-            let policy = priority == 0 ? "time-shared handlers" : "SCHED_FIFO \(priority) handlers"
+            let policy = IsolationResult.policy(priority)
             var alone: [UInt64] = []
             for r in 0..<3 {
                 note("one client alone, \(policy), run \(r + 1) of 3")
@@ -152,7 +152,8 @@ struct IsolationResult {
     var concurrentMedian: UInt64 { median(concurrentP99Nanoseconds) }
     var concurrentWorst: UInt64 { concurrentP99Nanoseconds.max() ?? 0 }
     var worstOverAlone: Double { Double(concurrentWorst) / Double(max(aloneMedian, 1)) }
-    var policy: String { handlerPriority == 0 ? "time-shared handlers" : "SCHED_FIFO \(handlerPriority) handlers" }
+    var policy: String { Self.policy(handlerPriority) }
+    static func policy(_ priority: Int) -> String { priority == 0 ? "time-shared handlers" : "SCHED_FIFO \(priority) handlers" }
 }
 
 /// What `uffd serve-bench` measured.

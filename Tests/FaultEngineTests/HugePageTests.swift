@@ -35,10 +35,8 @@ func hugeConfiguration(chunkPages: Int = 1, prefetch: FaultServerConfiguration.P
 func serveHuge<S: PageSource>(
     _ source: S, mapping: borrowing MemoryMapping, configuration: FaultServerConfiguration
 ) throws -> FaultServer<S> {
-    let uffd = try Userfaultfd(features: [.eventRemove, .eventUnmap, .eventRemap, .missingHugetlbfs])
-    try uffd.handle.register(mapping.range, mode: .missing)
-    return try FaultServer(userfaultfd: uffd, regions: [ServedRegion(range: mapping.range)],
-                           source: source, configuration: configuration)
+    try serve(source, mapping: mapping, features: [.eventRemove, .eventUnmap, .eventRemap, .missingHugetlbfs],
+              configuration: configuration)
 }
 
 /// Reads one byte of each huge page in `order`, at an offset inside the page (the

@@ -84,8 +84,6 @@ int cfe_pipe_nonblocking(int fds[2]);
 
 /// Pins the calling thread to `cpu`. Returns 0 or an errno value.
 int cfe_pin_current_thread(int cpu);
-/// Makes the calling thread SCHED_FIFO at `priority`; 0 or an errno (EPERM without the privilege).
-int cfe_set_current_thread_fifo(int priority);
 
 /// The CPU the calling thread runs on now (-1 if unknown).
 int cfe_current_cpu(void);
