@@ -104,13 +104,18 @@ let package = Package(
             name: "uffd-test-helper",
             dependencies: ["Userfaultfd"]
         ),
+        // What the test targets share: the process gate every suite carries, fixtures.
+        .target(
+            name: "TestSupport",
+            path: "Tests/TestSupport"
+        ),
         .testTarget(
             name: "UserfaultfdTests",
-            dependencies: ["Userfaultfd", "_CUserfaultfd", "uffd-test-helper"]
+            dependencies: ["Userfaultfd", "_CUserfaultfd", "uffd-test-helper", "TestSupport"]
         ),
         .testTarget(
             name: "FaultEngineTests",
-            dependencies: ["FaultEngine", "Userfaultfd", "_CFaultEngine"]
+            dependencies: ["FaultEngine", "Userfaultfd", "_CFaultEngine", "TestSupport"]
         ),
         // Runs the Postcopy scenarios whose expected outcome is a signal.
         .executableTarget(
@@ -119,7 +124,7 @@ let package = Package(
         ),
         .testTarget(
             name: "PostcopyTests",
-            dependencies: ["Postcopy", "Userfaultfd", "postcopy-test-helper"]
+            dependencies: ["Postcopy", "Userfaultfd", "postcopy-test-helper", "TestSupport"]
         ),
         .testTarget(
             name: "FaultManagerTests",
@@ -129,11 +134,12 @@ let package = Package(
                 "FaultEngine",
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Logging", package: "swift-log"),
+                "TestSupport",
             ]
         ),
         .testTarget(
             name: "FaultBenchTests",
-            dependencies: ["FaultBench", "Userfaultfd"]
+            dependencies: ["FaultBench", "Userfaultfd", "TestSupport"]
         ),
     ]
 )

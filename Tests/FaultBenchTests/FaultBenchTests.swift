@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import Testing
 import Userfaultfd
 @testable import FaultBench
@@ -8,7 +9,7 @@ let baselineContenders: [Contender] = Contender.allCases.filter { !$0.usesEngine
 /// Those of them that install bytes from the source (all but kernel-first-touch).
 let sourceContenders: [Contender] = baselineContenders.filter { $0 != .kernelFirstTouch }
 
-@Suite("uffd bench", .serialized, .timeLimit(.minutes(1)))
+@Suite("uffd bench", .serialized, .sharesProcess, .timeLimit(.minutes(1)))
 struct FaultBenchTests {
     @Test("A quick run of every C and kernel contender verifies, on both patterns")
     func quickBaselineRunVerifies() throws {
@@ -70,6 +71,7 @@ struct FaultBenchTests {
     }
 
     @Test("The SIGSEGV scheme is reported as failed when the process runs out of VMAs",
+          .ownsProcess,  // while its VMAs are used up, no other test can map a thread stack
           .enabled(if: maxMapCount().map { $0 <= 200_000 } ?? false,
                    "needs vm.max_map_count ≤ 200000 to exhaust it in a short test"))
     func sigsegvRunsOutOfVMAs() throws {

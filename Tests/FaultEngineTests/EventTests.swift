@@ -1,5 +1,6 @@
 import FaultEngine
 import Synchronization
+import TestSupport
 import Testing
 import Userfaultfd
 import _CFaultEngine
@@ -74,7 +75,7 @@ extension FaultEngineTests {
             _ = mmap(memory.base + 8 * page, 8 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0)
         }
 
-        @Test func forkIsReportedWithTheChildsUffd() throws {
+        @Test(.ownsProcess) func forkIsReportedWithTheChildsUffd() throws {
             let pages = 8
             let memory = try MemoryMapping.anonymous(length: pages * page)
             let log = EventLog()
@@ -101,7 +102,7 @@ extension FaultEngineTests {
             #expect(taken)
         }
     
-        @Test func childExitEndsTheServerOfItsUffd() throws {
+        @Test(.ownsProcess) func childExitEndsTheServerOfItsUffd() throws {
             let pages = 64
             let memory = try MemoryMapping.anonymous(length: pages * page)
             let log = EventLog()

@@ -1,5 +1,6 @@
 import FaultEngine
 import Synchronization
+import TestSupport
 import Testing
 import Userfaultfd
 
@@ -12,7 +13,7 @@ import Musl
 extension FaultEngineTests {
     @Suite(.serialized, .timeLimit(.minutes(1)))
     struct LifecycleTests {
-        @Test func stopIsIdempotentAndLeaksNoDescriptor() throws {
+        @Test(.ownsProcess) func stopIsIdempotentAndLeaksNoDescriptor() throws {
             let before = openDescriptorCount()
             do {
                 let memory = try MemoryMapping.anonymous(length: 16 * page)
@@ -32,7 +33,7 @@ extension FaultEngineTests {
             #expect(openDescriptorCount() == before)
         }
 
-        @Test func serverNeverStartedReleasesEverything() throws {
+        @Test(.ownsProcess) func serverNeverStartedReleasesEverything() throws {
             let before = openDescriptorCount()
             do {
                 let memory = try MemoryMapping.anonymous(length: 4 * page)

@@ -1,5 +1,6 @@
 import FaultEngine
 import Synchronization
+import TestSupport
 import Testing
 import Userfaultfd
 
@@ -12,7 +13,7 @@ import Musl
 /// Every suite that faults runs inside this one, one test at a time: tests also
 /// count the process's descriptors and threads, which parallel tests would disturb.
 /// Each nested suite carries its own time limit (one minute; the long stress form more).
-@Suite(.serialized)
+@Suite(.serialized, .sharesProcess)
 struct FaultEngineTests {}
 
 let page = systemPageSize

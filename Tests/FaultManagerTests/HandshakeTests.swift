@@ -1,8 +1,9 @@
 import FaultManager
+import TestSupport
 import Testing
 
 /// Decoding the two handshakes, without a daemon.
-@Suite struct HandshakeDecodingTests {
+@Suite(.sharesProcess) struct HandshakeDecodingTests {
     /// Firecracker's message exactly as `serde_json::to_string(&Vec<GuestRegionUffdMapping>)` writes it.
     static let firecrackerBytes = Array(
         #"[{"base_host_virt_addr":140180235575296,"size":134217728,"offset":0,"page_size":4096,"page_size_kib":4096},{"base_host_virt_addr":140180369793024,"size":1048576,"offset":134217728,"page_size":4096,"page_size_kib":4096}]"#.utf8)

@@ -1,5 +1,6 @@
 import FaultEngine
 import FaultManager
+import TestSupport
 import Testing
 import Userfaultfd
 
@@ -26,7 +27,7 @@ extension Trait where Self == ConditionTrait {
 extension ManagerTests {
     /// Clients whose guest memory is hugetlb (2 MiB pages), as Firecracker maps it with
     /// `"page_size": 2097152`.
-    @Suite(.serialized, .timeLimit(.minutes(1)))
+    @Suite(.serialized, .usesHugePages, .timeLimit(.minutes(1)))
     struct HugePageServingTests {
         static let hugePage = UInt64(HugePages.size)
 

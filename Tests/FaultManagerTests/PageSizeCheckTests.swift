@@ -1,4 +1,5 @@
 import FaultManager
+import TestSupport
 import Testing
 import Userfaultfd
 
@@ -32,7 +33,7 @@ extension ManagerTests {
             return nil
         }
 
-        @Test(.needsFreeHugePages)
+        @Test(.needsFreeHugePages, .usesHugePages)
         func hugetlbMemoryDeclaredAsBasePagesIsRefused() throws {
             let memory = try MemoryMapping(kind: .hugetlb, length: Self.hugePage)
             let why = try #require(try refusal(memory.range, declaring: systemPageSize), "accepted")

@@ -1,5 +1,6 @@
 import FaultManager
 import SystemPackage
+import TestSupport
 import Testing
 import Userfaultfd
 
@@ -38,7 +39,7 @@ extension ManagerTests {
         "[" + regionObject(1 << 30, size, offset, pageSize: pageSize) + "]"
     }
 
-    @Test(arguments: malformed)
+    @Test(.ownsProcess, arguments: malformed)
     func malformedHandshakeIsRefusedAndLogged(_ bad: Malformed) throws {
         let fixture = try Fixture()
         let baseline = openDescriptors()

@@ -1,4 +1,5 @@
 import FaultManager
+import TestSupport
 import Testing
 import Userfaultfd
 
@@ -7,9 +8,9 @@ import Glibc
 #endif
 
 /// Every test here runs real client processes against an in-process manager.
-@Suite(.serialized, .timeLimit(.minutes(1)))
+@Suite(.serialized, .sharesProcess, .timeLimit(.minutes(1)))
 struct ManagerTests {
-    @Test(arguments: ["firecracker", "native"])
+    @Test(.ownsProcess, arguments: ["firecracker", "native"])
     func clientIsServedByteForByte(handshake: String) throws {
         let fixture = try Fixture()
         let client = try fixture.client(["--handshake", handshake, "--scenario", "verify"])

@@ -1,4 +1,5 @@
 import Synchronization
+import TestSupport
 import Testing
 import Userfaultfd
 @testable import Postcopy
@@ -61,7 +62,7 @@ final class DestinationRun: @unchecked Sendable {
     func wait() { thread?.join() }
 }
 
-@Suite(.serialized, .timeLimit(.minutes(1)))
+@Suite(.serialized, .sharesProcess, .timeLimit(.minutes(1)))
 struct EndToEndTests {
     @Test func postcopyOnlyCopiesEveryByteAndServesFaults() throws {
         let source = try MemoryMapping.anonymous(length: testBytes)
@@ -227,7 +228,7 @@ struct EndToEndTests {
         #expect(signalled && status & 0x7f == SIGBUS, "wait status \(status): exit code \((status >> 8) & 0xff), signal \(status & 0x7f)")
     }
 
-    @Test func aMigrationLeavesNoDescriptorBehind() throws {
+    @Test(.ownsProcess) func aMigrationLeavesNoDescriptorBehind() throws {
         // Other suites run in parallel and open descriptors of their own, so the check
         // is: every descriptor opened since `before` is closed again within a few
         // seconds. A leaked one stays open and fails it.
@@ -285,7 +286,7 @@ func runHelper(_ argument: String) throws -> Int32 {
     return status
 }
 
-@Suite(.serialized, .timeLimit(.minutes(1)))
+@Suite(.serialized, .sharesProcess, .timeLimit(.minutes(1)))
 struct HostilePeerTests {
     /// A fake source that shakes hands (optionally wrongly) and then sends `bytes` on the stream channel.
     func fakeSource(to endpoint: MigrationEndpoint, token: [UInt8] = token, version: UInt8 = Wire.version,
@@ -450,7 +451,7 @@ func decodeHeader(_ bytes: [UInt8], pageSize: Int) throws(MigrationError) -> Wir
     return try Wire.Header.decode(p, pageSize: pageSize)
 }
 
-@Suite struct WireTests {
+@Suite(.sharesProcess) struct WireTests {
     @Test func headersRoundTrip() throws {
         let h = Wire.Header(type: .pages, payloadLength: UInt32(3 * systemPageSize), count: 3, region: 2, first: 0x1234_5678_9A)
         var bytes = [UInt8](repeating: 0, count: Wire.headerSize)

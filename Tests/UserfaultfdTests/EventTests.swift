@@ -1,5 +1,6 @@
 import Glibc
 import Synchronization
+import TestSupport
 import Testing
 import Userfaultfd
 import _CUserfaultfd
@@ -7,7 +8,8 @@ import _CUserfaultfd
 extension Matrix {
     /// `events`, `events-wp`: a forked child faults, mremaps and releases its memory
     /// while the parent serves it through the FORK event's userfaultfd.
-    @Suite("events") struct Events {
+    // They fork this process (see `.ownsProcess`).
+    @Suite("events", .ownsProcess) struct Events {
         @Test("FORK, REMAP and REMOVE reach the manager; released memory reads zero", arguments: [MemoryKind.shmem])
         func events(_ kind: MemoryKind) throws { try checkEvents(kind, writeProtect: false) }
 

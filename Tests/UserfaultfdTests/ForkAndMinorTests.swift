@@ -1,10 +1,12 @@
 import Glibc
+import TestSupport
 import Testing
 import Userfaultfd
 
 extension Matrix {
     /// `wp-fork`, `wp-fork-with-event`: does a child inherit the write protection?
-    @Suite("wp-fork") struct WriteProtectFork {
+    // They fork this process (see `.ownsProcess`).
+    @Suite("wp-fork", .ownsProcess) struct WriteProtectFork {
         @Test("without EVENT_FORK the child's pages lose the WP bit", arguments: MemoryKind.ordinary)
         func withoutEvent(_ kind: MemoryKind) throws { try checkWriteProtectFork(kind, withEvent: false) }
 
