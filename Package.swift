@@ -77,6 +77,16 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // `uffd serve-bench`: the manager daemon measured against baselines of the same run.
+        .target(
+            name: "ManagerBench",
+            dependencies: [
+                "Userfaultfd",
+                "FaultEngine",
+                "FaultManager",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         // The command-line tool.
         .executableTarget(
             name: "uffd",
@@ -86,6 +96,7 @@ let package = Package(
                 "FaultBench",
                 "Postcopy",
                 "FaultManager",
+                "ManagerBench",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -135,6 +146,7 @@ let package = Package(
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Logging", package: "swift-log"),
                 "TestSupport",
+                "ManagerBench",
             ]
         ),
         .testTarget(

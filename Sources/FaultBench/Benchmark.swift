@@ -1,3 +1,4 @@
+import FaultEngine
 import Userfaultfd
 
 /// What to measure.
@@ -85,6 +86,26 @@ public enum Benchmark {
         try configuration.validate()
         let workload = try Workload(sizeMiB: configuration.sizeMiB, corruption: configuration.corruption)
         let plan = configuration.contenders.flatMap { c in c.patterns.map { (c, $0) } }
+        let outcomes = runInterleaved(plan, workload, configuration, progress: progress)
+        var results: [BenchResult] = []
+        var notMeasured: [NotMeasured] = []
+        for (index, (contender, pattern)) in plan.enumerated() {
+            switch summarize(contender, pattern, outcomes[index]) {
+            case .measured(let result): results.append(result)
+            case .notMeasured(let missing): notMeasured.append(missing)
+            }
+        }
+        return BenchReport(sizeMiB: configuration.sizeMiB, pageSize: workload.pageSize,
+                           repetitions: configuration.repetitions, scaleTouches: configuration.scaleTouches,
+                           results: results, notMeasured: notMeasured)
+    }
+
+    /// Runs every entry of `plan` once per repetition, alternating (A, B, C, … then
+    /// again); returns the outcomes of each entry in repetition order.
+    static func runInterleaved(
+        _ plan: [(Contender, AccessPattern)], _ workload: Workload, _ configuration: BenchConfiguration,
+        progress: (BenchProgress) -> Void
+    ) -> [[RunOutcome]] {
         var outcomes: [[RunOutcome]] = Array(repeating: [], count: plan.count)
         let total = plan.count * configuration.repetitions
         var completed = 0
@@ -93,62 +114,64 @@ public enum Benchmark {
                 let outcome = runOnce(contender, pattern, workload, configuration)
                 outcomes[index].append(outcome)
                 completed += 1
-                var report = BenchProgress(completed: completed, total: total, contender: contender, pattern: pattern,
-                                           repetition: repetition, usPerPage: outcome.microsecondsPerPage,
-                                           verified: false, note: nil)
+                var step = BenchProgress(completed: completed, total: total, contender: contender, pattern: pattern,
+                                         repetition: repetition, usPerPage: outcome.microsecondsPerPage,
+                                         verified: false, note: nil)
                 switch outcome {
                 case .measured(let run):
-                    report.verified = run.verified
-                    report.note = [run.failure, run.mismatch].compactMap { $0 }.first
+                    step.verified = run.verified
+                    step.note = [run.failure, run.mismatch].compactMap { $0 }.first
                 case .notMeasured(let reason):
-                    report.note = reason
+                    step.note = reason
                 }
-                progress(report)
+                progress(step)
             }
         }
-        var results: [BenchResult] = []
-        var notMeasured: [NotMeasured] = []
-        for (index, (contender, pattern)) in plan.enumerated() {
-            let runs = outcomes[index]
-            let samples = runs.compactMap(\.microsecondsPerPage)
-            // The first note of each kind, with how many repetitions had one if not all did.
-            var kinds: [(first: String, count: Int)] = []
-            func note(_ kind: Int, _ text: String?) {
-                guard let text else { return }
-                while kinds.count <= kind { kinds.append(("", 0)) }
-                if kinds[kind].count == 0 { kinds[kind].first = text }
-                kinds[kind].count += 1
-            }
-            var verified = true
-            var wrongBytes = false
-            for outcome in runs {
-                switch outcome {
-                case .measured(let run):
-                    verified = verified && run.verified
-                    wrongBytes = wrongBytes || run.mismatch != nil
-                    note(0, run.failure)
-                    note(1, run.mismatch)
-                case .notMeasured(let reason):
-                    verified = false
-                    note(2, reason)
-                }
-            }
-            let notes = kinds.filter { $0.count > 0 }.map { kind in
-                kind.count == runs.count ? kind.first
-                    : "\(kind.first) (in \(kind.count) of \(runs.count) repetitions)"
-            }
-            if samples.isEmpty {
-                notMeasured.append(NotMeasured(contender: contender, pattern: pattern, reason: notes.joined(separator: "; ")))
-                continue
-            }
-            results.append(BenchResult(contender: contender, pattern: pattern, usPerPage: median(samples),
-                                       verified: verified, samples: samples,
-                                       note: notes.isEmpty ? nil : notes.joined(separator: "; "),
-                                       remark: EngineContenders.remark(contender), foundWrongBytes: wrongBytes))
+        return outcomes
+    }
+
+    /// A contender's figure on one pattern, or why it has none.
+    enum Summary {
+        case measured(BenchResult)
+        case notMeasured(NotMeasured)
+    }
+
+    /// The median of the repetitions of one contender on one pattern, or why there is
+    /// none. Notes keep the first text of each kind, with how many repetitions had one
+    /// when not all did.
+    static func summarize(_ contender: Contender, _ pattern: AccessPattern,
+                          _ runs: [RunOutcome]) -> Summary {
+        var kinds: [(first: String, count: Int)] = Array(repeating: ("", 0), count: 3)
+        func note(_ kind: Int, _ text: String?) {
+            guard let text else { return }
+            if kinds[kind].count == 0 { kinds[kind].first = text }
+            kinds[kind].count += 1
         }
-        return BenchReport(sizeMiB: configuration.sizeMiB, pageSize: workload.pageSize,
-                           repetitions: configuration.repetitions, scaleTouches: configuration.scaleTouches,
-                           results: results, notMeasured: notMeasured)
+        var verified = true
+        var wrongBytes = false
+        for outcome in runs {
+            switch outcome {
+            case .measured(let run):
+                verified = verified && run.verified
+                wrongBytes = wrongBytes || run.mismatch != nil
+                note(0, run.failure)
+                note(1, run.mismatch)
+            case .notMeasured(let reason):
+                verified = false
+                note(2, reason)
+            }
+        }
+        let notes = kinds.filter { $0.count > 0 }.map { kind in
+            kind.count == runs.count ? kind.first : "\(kind.first) (in \(kind.count) of \(runs.count) repetitions)"
+        }
+        let samples = runs.compactMap(\.microsecondsPerPage)
+        guard let median = Reporting.median(samples) else {
+            return .notMeasured(NotMeasured(contender: contender, pattern: pattern, reason: notes.joined(separator: "; ")))
+        }
+        return .measured(BenchResult(contender: contender, pattern: pattern, usPerPage: median,
+                                    verified: verified, samples: samples,
+                                    note: notes.isEmpty ? nil : notes.joined(separator: "; "),
+                                    remark: EngineContenders.remark(contender), foundWrongBytes: wrongBytes))
     }
 
     /// The region pages of the scale runs.

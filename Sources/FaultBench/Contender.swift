@@ -72,32 +72,6 @@ public enum Contender: String, CaseIterable, Sendable, CustomStringConvertible {
         default: return nil
         }
     }
-
-    /// Parses a comma-separated list of contender names (as `--only` takes them).
-    ///
-    /// - Throws: ``BenchError`` naming the unknown names and listing the known ones.
-    public static func parseList(_ text: String) throws(BenchError) -> [Contender] {
-        var chosen: [Contender] = []
-        var unknown: [String] = []
-        for part in text.split(separator: ",") {
-            let name = part.trimmingSpaces()
-            if name.isEmpty { continue }
-            if let contender = Contender(rawValue: name) {
-                if !chosen.contains(contender) { chosen.append(contender) }
-            } else {
-                unknown.append(name)
-            }
-        }
-        if !unknown.isEmpty {
-            throw BenchError("unknown contender name(s) \(unknown.joined(separator: ", ")); known names: "
-                + Contender.allCases.map(\.rawValue).joined(separator: ", "))
-        }
-        if chosen.isEmpty {
-            throw BenchError("no contender named in '\(text)'; known names: "
-                + Contender.allCases.map(\.rawValue).joined(separator: ", "))
-        }
-        return chosen
-    }
 }
 
 /// The order in which a contender touches the pages of its region.
@@ -118,13 +92,4 @@ public struct BenchError: Error, Sendable, CustomStringConvertible, Equatable {
     public init(_ message: String) { self.message = message }
 
     public var description: String { message }
-}
-
-extension Substring {
-    func trimmingSpaces() -> String {
-        var s = self
-        while let c = s.first, c == " " || c == "\t" { s.removeFirst() }
-        while let c = s.last, c == " " || c == "\t" { s.removeLast() }
-        return String(s)
-    }
 }

@@ -64,11 +64,3 @@ public struct NotMeasured: Sendable, Equatable {
     /// Why, for example `not available: FaultEngine has no MOVE strategy`.
     public var reason: String
 }
-
-/// The median of `values` (the mean of the middle two for an even count).
-func median(_ values: [Double]) -> Double {
-    precondition(!values.isEmpty, "median of no values")
-    let sorted = values.sorted()
-    let mid = sorted.count / 2
-    return sorted.count % 2 == 1 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2
-}

@@ -1,3 +1,5 @@
+import FaultEngine
+
 /// The outcome of a bench run: medians, ratios, targets.
 public struct BenchReport: Sendable, Equatable {
     /// The region size in MiB.
@@ -34,7 +36,7 @@ public struct BenchReport: Sendable, Equatable {
             // only right bytes still gives a per-page cost for the pages it did.
             let partial = !b.verified && !b.foundWrongBytes && b.contender == .sigsegvMprotect
             checks.append(TargetCheck(
-                summary: "\(contender) ≥ \(fixed(required, 2))× \(baseline) pages/s", pattern: pattern,
+                summary: "\(contender) ≥ \(Reporting.fixed(required, 2))× \(baseline) pages/s", pattern: pattern,
                 value: value, required: required, atLeast: true, comparable: a.verified && (b.verified || partial),
                 caveat: partial ? "against the figure \(baseline) reached before it stopped" : nil))
         }
@@ -75,107 +77,4 @@ public struct TargetCheck: Sendable, Equatable {
 
     /// Whether the target is met by verified figures.
     public var met: Bool { comparable && (atLeast ? value >= required : value <= required) }
-}
-
-// MARK: - Table
-
-extension BenchReport {
-    /// A readable table: µs per page, pages/s, ratios (of pages/s) to the C twin, to
-    /// `kernel-first-touch` and to `memcpy` on the same pattern, verification, then
-    /// the notes and the targets.
-    public func table() -> String {
-        var rows: [[String]] = [["contender", "pattern", "µs/page", "pages/s", "vs C twin", "vs kernel", "vs memcpy", "verified"]]
-        var notes: [String] = []
-        func mark(_ text: String) -> String {
-            if let index = notes.firstIndex(of: text) { return " [\(index + 1)]" }
-            notes.append(text)
-            return " [\(notes.count)]"
-        }
-        func ratioText(_ value: Double?) -> String { value.map { fixed($0, 2) + "×" } ?? "-" }
-        var order: [(Contender, AccessPattern)] = []
-        for c in Contender.allCases {
-            for p in c.patterns where result(c, p) != nil || notMeasured.contains(where: { $0.contender == c && $0.pattern == p }) {
-                order.append((c, p))
-            }
-        }
-        for (c, p) in order {
-            if let r = result(c, p) {
-                let twin = c.cTwin.flatMap { ratio(c, to: $0, p) }
-                let kernel = c.isScaleRun || c == .kernelFirstTouch ? nil : ratio(c, to: .kernelFirstTouch, p)
-                let limit = c.isScaleRun || c == .memcpy ? nil : ratio(c, to: .memcpy, p)
-                var verified = r.verified ? "yes" : "NO"
-                if let note = r.note { verified += mark("\(c) \(p): \(note)") }
-                if let remark = r.remark { verified += mark("\(c): \(remark)") }
-                rows.append([c.rawValue, p.rawValue, fixed(r.usPerPage, 2), grouped(r.pagesPerSecond),
-                             ratioText(twin), ratioText(kernel), ratioText(limit), verified])
-            } else if let missing = notMeasured.first(where: { $0.contender == c && $0.pattern == p }) {
-                rows.append([c.rawValue, p.rawValue, "-", "-", "-", "-", "-", "no figure" + mark("\(c): \(missing.reason)")])
-            }
-        }
-        var text = "uffd bench: \(sizeMiB) MiB regions (\(sizeMiB << 20 / pageSize) pages of \(pageSize) bytes), "
-            + "scale runs touch \(scaleTouches) pages; medians of \(repetitions) repetition(s); ratios are of pages/s\n"
-        text += layout(rows, rightAligned: [2, 3, 4, 5, 6])
-        if !notes.isEmpty {
-            text += "\nnotes:\n"
-            for (i, note) in notes.enumerated() { text += "  [\(i + 1)] \(note)\n" }
-        }
-        let checks = targets
-        if !checks.isEmpty {
-            text += "\ntargets:\n"
-            for check in checks {
-                let status = !check.comparable ? "not comparable (a figure is unverified)" : check.met ? "met" : "NOT met"
-                let caveat = check.caveat.map { " (\($0))" } ?? ""
-                text += "  \(check.summary) (\(check.pattern)): \(fixed(check.value, 3))× — \(status)\(caveat)\n"
-            }
-        }
-        return text
-    }
-}
-
-/// Lays out rows as columns separated by two spaces.
-func layout(_ rows: [[String]], rightAligned: Set<Int>) -> String {
-    guard let width = rows.map(\.count).max() else { return "" }
-    var widths = Array(repeating: 0, count: width)
-    for row in rows {
-        for (i, cell) in row.enumerated() { widths[i] = max(widths[i], cell.count) }
-    }
-    var text = ""
-    for row in rows {
-        var line = ""
-        for (i, cell) in row.enumerated() {
-            let pad = String(repeating: " ", count: widths[i] - cell.count)
-            line += i == 0 ? "" : "  "
-            line += rightAligned.contains(i) ? pad + cell : cell + (i == row.count - 1 ? "" : pad)
-        }
-        text += line + "\n"
-    }
-    return text
-}
-
-/// `value` with exactly `decimals` decimals (no Foundation).
-func fixed(_ value: Double, _ decimals: Int) -> String {
-    guard value.isFinite else { return value.isNaN ? "nan" : (value < 0 ? "-inf" : "inf") }
-    var scale = 1.0
-    for _ in 0..<decimals { scale *= 10 }
-    let negative = value < 0
-    let scaled = Int64((abs(value) * scale).rounded())
-    let whole = scaled / Int64(scale)
-    var text = (negative && scaled != 0 ? "-" : "") + String(whole)
-    if decimals > 0 {
-        let fraction = String(scaled % Int64(scale))
-        text += "." + String(repeating: "0", count: decimals - fraction.count) + fraction
-    }
-    return text
-}
-
-/// A whole number with thin groups of three digits: `1 234 567`.
-func grouped(_ value: Double) -> String {
-    guard value.isFinite else { return fixed(value, 0) }
-    let digits = Array(String(Int64(value.rounded())))
-    var text = ""
-    for (i, d) in digits.enumerated() {
-        if i > 0 && (digits.count - i) % 3 == 0 { text.append(" ") }
-        text.append(d)
-    }
-    return text
 }

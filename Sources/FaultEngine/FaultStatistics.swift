@@ -54,46 +54,9 @@ public struct FaultStatistics: Sendable, Codable, Hashable {
     /// Faults read from the uffd plus those resolved in-thread.
     public var faults: UInt64 { missingFaults + writeProtectFaults + minorFaults + inThreadFaults }
 
-    /// The statistics as a JSON object.
-    public func jsonString() -> String {
-        var fields: [(String, String)] = [
-            ("missingFaults", "\(missingFaults)"), ("writeProtectFaults", "\(writeProtectFaults)"),
-            ("minorFaults", "\(minorFaults)"), ("inThreadFaults", "\(inThreadFaults)"),
-            ("pagesInstalled", "\(pagesInstalled)"), ("pagesPrefetched", "\(pagesPrefetched)"),
-            ("zeroPages", "\(zeroPages)"), ("alreadyPresent", "\(alreadyPresent)"),
-            ("retriesAfterEvents", "\(retriesAfterEvents)"), ("poisonedPages", "\(poisonedPages)"),
-            ("sourceErrors", "\(sourceErrors)"), ("faultsOutsideRegions", "\(faultsOutsideRegions)"),
-            ("removeEvents", "\(removeEvents)"), ("unmapEvents", "\(unmapEvents)"),
-            ("remapEvents", "\(remapEvents)"), ("forkEvents", "\(forkEvents)"),
-            ("latencyCount", "\(latencyCount)"), ("latencyP50", "\(latencyP50)"),
-            ("latencyP90", "\(latencyP90)"), ("latencyP99", "\(latencyP99)"),
-            ("latencyMax", "\(latencyMax)"), ("blockTimeNanoseconds", "\(blockTimeNanoseconds)"),
-        ]
-        fields.append(("lastError", lastError.map(jsonQuoted) ?? "null"))
-        return "{" + fields.map { "\"\($0.0)\":\($0.1)" }.joined(separator: ",") + "}"
-    }
-}
-
-/// `s` as a JSON string literal (quotes, backslashes and control characters escaped).
-public func jsonQuoted(_ s: String) -> String {
-    var out = "\""
-    for u in s.unicodeScalars {
-        switch u {
-        case "\"": out += "\\\""
-        case "\\": out += "\\\\"
-        case "\n": out += "\\n"
-        case "\r": out += "\\r"
-        case "\t": out += "\\t"
-        default:
-            if u.value < 0x20 {
-                let hex = String(u.value, radix: 16)
-                out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
-            } else {
-                out.unicodeScalars.append(u)
-            }
-        }
-    }
-    return out + "\""
+    /// The statistics as JSON, encoded as every report of the package is
+    /// (``Reporting/json(_:)``): the same shape wherever statistics appear.
+    public func jsonString() -> String { Reporting.json(self) }
 }
 
 /// Counters the handler threads update without locks, and the latency histograms.

@@ -1,5 +1,6 @@
 import ArgumentParser
 import FaultBench
+import FaultEngine
 
 #if canImport(Glibc)
 import Glibc
@@ -25,8 +26,8 @@ struct Bench: ParsableCommand {
     @Option(help: "Runs per contender and pattern; figures are medians (default 3; 1 with --quick).")
     var repetitions: Int?
 
-    @Option(help: ArgumentHelp("Run only these contenders (comma-separated names).", valueName: "name,..."))
-    var only: String?
+    @Option(parsing: .upToNextOption, help: ArgumentHelp("Run only these contenders.", valueName: "contender"))
+    var only: [Contender] = []
 
     @Flag(help: "A smoke test: 4 MiB, one repetition, unless --size-mib or --repetitions say otherwise.")
     var quick = false
@@ -44,20 +45,17 @@ struct Bench: ParsableCommand {
         if let repetitions, repetitions < 1 || repetitions > 100 {
             throw ValidationError("--repetitions \(repetitions) is out of range: give 1 to 100")
         }
-        if let only {
-            do { _ = try Contender.parseList(only) } catch { throw ValidationError("--only: \(error)") }
-        }
     }
 
     func run() throws {
         var configuration = quick ? BenchConfiguration.quick : BenchConfiguration()
         if let sizeMiB { configuration.sizeMiB = sizeMiB }
         if let repetitions { configuration.repetitions = repetitions }
-        if let only { configuration.contenders = try Contender.parseList(only) }
+        if !only.isEmpty { configuration.contenders = only.reduce(into: []) { if !$0.contains($1) { $0.append($1) } } }
         let showProgress = !quiet
         let report = try Benchmark.run(configuration) { step in
             guard showProgress else { return }
-            let figure = step.usPerPage.map { formatMicroseconds($0) + " µs/page" } ?? "no figure"
+            let figure = step.usPerPage.map { Reporting.fixed($0, 2) + " µs/page" } ?? "no figure"
             let state = step.usPerPage == nil ? "" : step.verified ? " verified" : " NOT VERIFIED"
             let note = step.note.map { " (\($0))" } ?? ""
             printError("[\(step.completed)/\(step.total)] repetition \(step.repetition): \(step.contender) \(step.pattern): \(figure)\(state)\(note)")
@@ -70,13 +68,12 @@ struct Bench: ParsableCommand {
     }
 }
 
-private func formatMicroseconds(_ value: Double) -> String {
-    let hundredths = Int((value * 100).rounded())
-    let fraction = hundredths % 100
-    return "\(hundredths / 100).\(fraction < 10 ? "0" : "")\(fraction)"
-}
-
 private func printError(_ text: String) {
     var line = text + "\n"
     line.withUTF8 { bytes in _ = write(2, bytes.baseAddress, bytes.count) }
 }
+
+/// A contender named on the command line by its ``Contender/rawValue``; ArgumentParser
+/// lists the names in its help and in the error for an unknown one.
+extension Contender: ExpressibleByArgument {}
+

@@ -1,4 +1,6 @@
 import FaultManager
+import Foundation
+import ManagerBench
 import Testing
 
 #if canImport(Glibc)
@@ -13,21 +15,21 @@ extension ManagerTests {
                                        "--clients", "3", "--directory", fixture.directory, "--json"],
                                       executable: Self.uffdPath)
         #expect(bench.waitForExit(seconds: 120) == 0, "serve-bench said: \(bench.text)")
-        let json = bench.text
-        func numbers(_ key: String) -> [UInt64] {
-            guard let start = json.firstRange(of: "\"\(key)\": [") else { return [] }
-            let rest = json[start.upperBound...].prefix { $0 != "]" }
-            return rest.split(separator: ",").compactMap { UInt64($0.filter { $0 != " " }) }
-        }
+        let result = try JSONDecoder().decode(ServeBenchResult.self, from: Data(bench.text.utf8))
         // Two restores of each kind, three runs alone, one p99 per concurrent client; all measured.
-        #expect(numbers("coldNanoseconds").count == 2)
-        #expect(numbers("replayNanoseconds").count == 2)
-        #expect(numbers("aloneP99Nanoseconds").count == 3)
-        #expect(numbers("concurrentP99Nanoseconds").count == 3)
-        #expect((numbers("coldNanoseconds") + numbers("replayNanoseconds") + numbers("concurrentP99Nanoseconds")).allSatisfy { $0 > 0 })
-        #expect(json.contains("\"speedup\": "))
+        #expect(result.replay.coldNanoseconds.count == 2)
+        #expect(result.replay.replayNanoseconds.count == 2)
+        #expect((result.replay.coldNanoseconds + result.replay.replayNanoseconds).allSatisfy { $0 > 0 })
+        #expect(result.replay.speedup == Double(result.replay.coldMedian) / Double(result.replay.replayMedian))
         // Isolation with time-shared handlers, then with the daemon's real-time ones.
-        #expect(json.split(separator: "\"handlerPriority\": ").dropFirst().map { $0.prefix(1) } == ["0", "1"])
+        #expect(result.isolation.runs.map(\.handlerPriority) == [0, 1])
+        for run in result.isolation.runs {
+            #expect(run.aloneP99Nanoseconds.count == 3)
+            #expect(run.concurrentP99Nanoseconds.count == 3)
+            #expect(run.concurrentP99Nanoseconds.allSatisfy { $0 > 0 })
+            // The ratio the table shows is in the JSON.
+            #expect(run.worstOverAlone == Double(run.concurrentWorst) / Double(run.aloneMedian))
+        }
         // Its temporary directory is gone.
         var entries = 0
         if let d = opendir(fixture.directory) {

@@ -1,0 +1,120 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// Seconds on the monotonic clock, for test deadlines.
+public func monotonicSeconds() -> Double {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+}
+
+/// The path of `name` in the directory of the test bundle (or one above it), where
+/// `swift build` puts the package's executables; nil if there is none.
+public func builtExecutable(_ name: String) -> String? {
+    var buffer = [CChar](repeating: 0, count: 4096)
+    let n = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+    guard n > 0 else { return nil }
+    var directory = String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    while let slash = directory.lastIndex(of: "/") {
+        directory = String(directory[..<slash])
+        let candidate = directory + "/" + name
+        if access(candidate, X_OK) == 0 { return candidate }
+        if directory.isEmpty { break }
+    }
+    return nil
+}
+
+/// An executable run by a test, its standard output and error collected through one pipe.
+/// A process still running when this value goes away is killed and reaped.
+public final class ChildProcess {
+    /// The child's process id.
+    public let pid: pid_t
+    private let output: Int32
+    private var collected: [UInt8] = []
+    private var status: Int32?
+
+    /// Starts `executable` with `arguments`.
+    ///
+    /// - Parameters:
+    ///   - executable: the path of the program.
+    ///   - arguments: its arguments (without the program name).
+    /// - Throws: ``SpawnError`` if the pipe or the process cannot be made.
+    public init(_ executable: String, _ arguments: [String]) throws {
+        var fds: [Int32] = [-1, -1]
+        guard pipe(&fds) == 0 else { throw SpawnError(operation: "pipe", code: errno) }
+        // Neither end may leak into other children (a read would never see EOF).
+        for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_adddup2(&actions, fds[1], 1)
+        posix_spawn_file_actions_adddup2(&actions, fds[1], 2)
+        let argv = ([executable] + arguments).map { strdup($0) } + [nil]
+        defer { for p in argv { free(p) } }
+        var child: pid_t = 0
+        let rc = posix_spawn(&child, executable, &actions, nil, argv, environ)
+        close(fds[1])
+        if rc != 0 {
+            close(fds[0])
+            throw SpawnError(operation: "posix_spawn \(executable)", code: rc)
+        }
+        pid = child
+        output = fds[0]
+        _ = fcntl(output, F_SETFL, O_NONBLOCK)
+    }
+
+    deinit {
+        if status == nil {
+            kill(pid, SIGKILL)
+            _ = waitForExit(seconds: 5)
+        }
+        close(output)
+    }
+
+    /// Everything the child printed so far.
+    public var text: String {
+        drain()
+        return String(decoding: collected, as: UTF8.self)
+    }
+
+    /// Waits for the child to exit.
+    ///
+    /// - Parameter seconds: how long to wait.
+    /// - Returns: its exit status (128 + the signal if a signal ended it), or nil if it
+    ///   was still running when the time was up.
+    public func waitForExit(seconds: Double = 60) -> Int32? {
+        let deadline = monotonicSeconds() + seconds
+        while status == nil {
+            var st: Int32 = 0
+            if waitpid(pid, &st, WNOHANG) == pid {
+                status = st
+                break
+            }
+            if monotonicSeconds() > deadline { return nil }
+            drain()
+            usleep(5_000)
+        }
+        drain()
+        guard let st = status else { return nil }
+        return st & 0x7f == 0 ? (st >> 8) & 0xff : 128 + (st & 0x7f)
+    }
+
+    private func drain() {
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = chunk.withUnsafeMutableBytes { read(output, $0.baseAddress, $0.count) }
+            if n <= 0 { return }
+            collected.append(contentsOf: chunk[0..<n])
+        }
+    }
+}
+
+/// A child process that could not be started.
+public struct SpawnError: Error, CustomStringConvertible {
+    public var operation: String
+    public var code: Int32
+    public var description: String { "\(operation) failed: \(String(cString: strerror(code)))" }
+}
