@@ -79,10 +79,26 @@ extension FaultEngineTests {
         }
 
         @Test func adaptiveReadAheadResetsOnRandomFaults() throws {
-            let pages = 512
+            let pages = 2048
             let memory = try MemoryMapping.anonymous(length: pages * page)
             let server = try serve(try imageSource(pages: pages), mapping: memory, configuration: .adaptive)
             try server.start()
+            // Sequential faults grow the window to its maximum: [0,16) [16,48) [48,112)
+            // [112,240) [240,496) [496,752).
+            touch(memory.base, pages: Array(0..<512))
+            #expect(server.statistics.missingFaults == 6)
+            var resident = residentPages(memory.base, pages: pages)
+            #expect(resident[751] && !resident[752], "the window did not reach 256 pages")
+            // A fault elsewhere installs only the aligned 16-page chunk around it...
+            touch(memory.base, pages: [1500])
+            resident = residentPages(memory.base, pages: pages)
+            #expect(resident[1488] && resident[1503] && !resident[1487] && !resident[1504])
+            // ...and the window starts again from there: the next sequential fault doubles 16, not 256.
+            touch(memory.base, pages: [1504])
+            resident = residentPages(memory.base, pages: pages)
+            #expect(resident[1535] && !resident[1536], "the window was not reset by the random fault")
+            #expect(server.statistics.missingFaults == 8)
+            // Random faults over the rest still install every page exactly once, right.
             touch(memory.base, pages: permutation(pages, seed: 11))
             server.stop()
             #expect(firstMismatch(memory.base, count: pages * page) == nil)

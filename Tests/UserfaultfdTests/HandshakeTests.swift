@@ -5,8 +5,13 @@ import Userfaultfd
 extension Matrix {
     /// `api`: the UFFDIO_API handshake, through the syscall and through the device.
     @Suite("api") struct Handshake {
-        @Test("bad api value, unknown bit 63 refused, second handshake fails", arguments: [Userfaultfd.CreationMethod.syscall, .device])
-        func api(_ method: Userfaultfd.CreationMethod) throws {
+        @Test("bad api value, unknown bit 63 refused, second handshake fails")
+        func api() throws { try checkAPI(.syscall) }
+
+        @Test("the same through /dev/userfaultfd", .needsDevice)
+        func apiThroughTheDevice() throws { try checkAPI(.device) }
+
+        func checkAPI(_ method: Userfaultfd.CreationMethod) throws {
             var uffd = try Userfaultfd.open(method: method)
 
             let badAPI = error { try uffd.handshake(features: [], api: 0xab) }
@@ -22,7 +27,11 @@ extension Matrix {
 
             let offered = try uffd.handshake(features: [])
             #expect(offered.contains(.pagefaultFlagWP))
-            #expect(uffd.fileDescriptor.rawValue >= 0)
+            // The descriptor is a userfaultfd, non-blocking (poll on a blocking one fails
+            // at once) and closed on exec.
+            #expect(linkTarget(uffd.fileDescriptor.rawValue) == "anon_inode:[userfaultfd]")
+            #expect(fcntl(uffd.fileDescriptor.rawValue, F_GETFL) & O_NONBLOCK != 0)
+            #expect(fcntl(uffd.fileDescriptor.rawValue, F_GETFD) & FD_CLOEXEC != 0)
             #expect(uffd.handle.fdIoctls.isSuperset(of: [.api, .register, .unregister]))
 
             let second = error { try uffd.handshake(features: .pagefaultFlagWP) }

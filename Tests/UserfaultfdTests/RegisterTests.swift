@@ -39,10 +39,14 @@ extension Matrix {
     }
 }
 
-/// What the kernel offers for a range of `kind` registered with `mode` (6.18: hugetlb has
-/// neither ZEROPAGE nor MOVE; WRITEPROTECT and CONTINUE come with their modes).
+/// What the kernel offers for a range of `kind` registered with `mode`: hugetlb has
+/// neither ZEROPAGE nor MOVE; MOVE and POISON where the kernel offers their features
+/// (6.7 on); WRITEPROTECT and CONTINUE come with their modes.
 func expectedIoctls(_ kind: MemoryKind, _ mode: Userfaultfd.RegisterMode) -> Userfaultfd.Ioctls {
-    var ioctls: Userfaultfd.Ioctls = kind == .hugetlb ? [.wake, .copy, .poison] : [.wake, .copy, .zeropage, .move, .poison]
+    var ioctls: Userfaultfd.Ioctls = [.wake, .copy]
+    if kind != .hugetlb { ioctls.insert(.zeropage) }
+    if kind != .hugetlb && kernelFeatures.contains(.move) { ioctls.insert(.move) }
+    if kernelFeatures.contains(.poison) { ioctls.insert(.poison) }
     if mode.contains(.writeProtect) { ioctls.insert(.writeProtect) }
     if mode.contains(.minor) { ioctls.insert(.continue) }
     return ioctls

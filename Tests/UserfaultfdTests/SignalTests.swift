@@ -16,7 +16,7 @@ extension Matrix {
     }
 
     /// `poison`: UFFDIO_POISON on every other page; each poisoned page raises one SIGBUS.
-    @Suite("poison") struct Poison {
+    @Suite("poison", .needsKernel(.poison)) struct Poison {
         @Test("exactly half the pages poisoned give exactly that many SIGBUS", arguments: MemoryKind.ordinary)
         func poison(_ kind: MemoryKind) async { await expectPoisonCase(kind) }
 

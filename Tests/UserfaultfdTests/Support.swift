@@ -41,6 +41,22 @@ enum MemoryKind: String, Codable, Sendable, CaseIterable, CustomTestStringConver
     }
 }
 
+/// The features the running kernel offers (none if it cannot be asked).
+let kernelFeatures: Userfaultfd.Features = (try? Userfaultfd.probe().features) ?? []
+
+extension Trait where Self == ConditionTrait {
+    /// Runs the test only where the running kernel offers `features`.
+    static func needsKernel(_ features: Userfaultfd.Features) -> Self {
+        .enabled(if: kernelFeatures.isSuperset(of: features),
+                 "the running kernel does not offer \(features.subtracting(kernelFeatures))")
+    }
+
+    /// Runs the test only where this process may open /dev/userfaultfd (mode 0600 root).
+    static var needsDevice: Self {
+        .enabled(if: access("/dev/userfaultfd", R_OK | W_OK) == 0, "/dev/userfaultfd cannot be opened by this user")
+    }
+}
+
 /// Whether 2 MiB huge pages can be had here (reserved on first use, as root).
 enum HugePageReservation {
     static let available: Bool = HugePages.ensureFree(8)
