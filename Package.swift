@@ -62,7 +62,6 @@ let package = Package(
             name: "Postcopy",
             dependencies: [
                 "Userfaultfd",
-                "FaultEngine",
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ]
         ),
@@ -71,7 +70,6 @@ let package = Package(
             name: "FaultManager",
             dependencies: [
                 "Userfaultfd",
-                "_CUserfaultfd",
                 "FaultEngine",
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Logging", package: "swift-log"),
@@ -98,7 +96,6 @@ let package = Package(
                 "FaultManager",
                 "ManagerBench",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
-                .product(name: "Logging", package: "swift-log"),
             ]
         ),
         // A guest-like client of `uffd serve`, for its tests and benchmarks.
