@@ -69,14 +69,8 @@ func touch(_ base: UnsafeMutableRawPointer, pages order: [Int]) {
 
 /// A deterministic permutation of `0..<count`.
 func permutation(_ count: Int, seed: UInt64) -> [Int] {
-    var order = Array(0..<count)
-    var state = seed | 1
-    for i in stride(from: count - 1, to: 0, by: -1) {
-        state = state &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
-        let j = Int((state >> 33) % UInt64(i + 1))
-        order.swapAt(i, j)
-    }
-    return order
+    var generator = SplitMix64(seed: seed)
+    return Array(0..<count).shuffled(using: &generator)
 }
 
 /// Which pages of `range` are resident (mincore).
