@@ -1,6 +1,7 @@
 import FaultManager
 import Logging
 import Synchronization
+import TestSupport
 import Testing
 import Userfaultfd
 
@@ -108,136 +109,16 @@ final class Fixture {
     }
 }
 
-func monotonicSeconds() -> Double {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
-}
-
-/// The descriptors this process has open, as "number target" (so a number reused
-/// for another file counts as new).
-///
-/// Suites of other modules run in parallel and open descriptors of their own: a
-/// test checks that every descriptor opened since its baseline is closed again
-/// (`openedSince(baseline).isEmpty` within a wait), not that the count is equal.
-func openDescriptors() -> Set<String> {
-    guard let dir = opendir("/proc/self/fd") else { return [] }
-    defer { closedir(dir) }
-    var open: Set<String> = []
-    while let entry = readdir(dir) {
-        let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-        if name == "." || name == ".." { continue }
-        var target = [CChar](repeating: 0, count: 256)
-        let n = readlink("/proc/self/fd/" + name, &target, target.count - 1)
-        let link = n > 0 ? String(decoding: target[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : "?"
-        open.insert(name + " " + link)
-    }
-    return open
-}
-
-/// Descriptors open now that were not open at `baseline` (the listing's own
-/// directory descriptor excluded).
-func openedSince(_ baseline: Set<String>) -> Set<String> {
-    openDescriptors().subtracting(baseline).filter { !$0.hasSuffix("/fd") }
-}
 
 /// The `uffd-test-client` executable, built next to the test bundle.
-let testClientPath: String = {
-    var buffer = [CChar](repeating: 0, count: 4096)
-    let n = readlink("/proc/self/exe", &buffer, buffer.count - 1)
-    let exe = String(decoding: buffer[0..<max(n, 0)].map { UInt8(bitPattern: $0) }, as: UTF8.self)
-    var directory = exe
-    while let slash = directory.lastIndex(of: "/") {
-        directory = String(directory[..<slash])
-        let candidate = directory + "/uffd-test-client"
-        if access(candidate, X_OK) == 0 { return candidate }
-        if directory.isEmpty { break }
-    }
-    return "uffd-test-client"
-}()
+let testClientPath: String = builtExecutable("uffd-test-client") ?? "uffd-test-client"
 
-/// A running `uffd-test-client`, its output collected through a pipe.
-final class ClientProcess {
-    let pid: pid_t
-    private let output: Int32
-    private var collected: [UInt8] = []
-    private(set) var status: Int32?
+/// A running `uffd-test-client` (or, with `executable`, another program), its standard
+/// output collected through a pipe.
+typealias ClientProcess = ChildProcess
 
-    init(_ arguments: [String], executable: String = testClientPath) throws {
-        var fds: [Int32] = [-1, -1]
-        guard pipe(&fds) == 0 else { throw UserfaultfdError(operation: "pipe", errno: .init(rawValue: errno)) }
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_adddup2(&actions, fds[1], 1)
-        posix_spawn_file_actions_addclose(&actions, fds[0])
-        let argv = ([executable] + arguments).map { strdup($0) } + [nil]
-        defer { for p in argv { free(p) } }
-        var child: pid_t = 0
-        let rc = posix_spawn(&child, executable, &actions, nil, argv, environ)
-        close(fds[1])
-        if rc != 0 {
-            close(fds[0])
-            throw UserfaultfdError(operation: "posix_spawn \(executable)", errno: .init(rawValue: rc))
-        }
-        pid = child
-        output = fds[0]
-        _ = fcntl(output, F_SETFL, O_NONBLOCK)
-    }
-
-    deinit {
-        if status == nil {
-            kill(pid, SIGKILL)
-            _ = waitForExit(seconds: 5)
-        }
-        close(output)
-    }
-
-    private func drain() {
-        var chunk = [UInt8](repeating: 0, count: 4096)
-        while true {
-            let n = chunk.withUnsafeMutableBytes { read(output, $0.baseAddress, $0.count) }
-            if n <= 0 { return }
-            collected.append(contentsOf: chunk[0..<n])
-        }
-    }
-
-    /// Everything the client printed so far.
-    var text: String {
-        drain()
-        return String(decoding: collected, as: UTF8.self)
-    }
-
-    /// Waits until the client printed `line`, up to `seconds`.
-    func waitForOutput(_ line: String, seconds: Double = 20) -> Bool {
-        let deadline = monotonicSeconds() + seconds
-        while monotonicSeconds() < deadline {
-            if text.contains(line) { return true }
-            if status != nil || exited() { return text.contains(line) }
-            usleep(10_000)
-        }
-        return false
-    }
-
-    private func exited() -> Bool {
-        var st: Int32 = 0
-        let r = waitpid(pid, &st, WNOHANG)
-        if r == pid { status = st }
-        return r == pid
-    }
-
-    /// Waits for the client to exit; returns its exit status (or 128 + signal), nil on timeout.
-    func waitForExit(seconds: Double = 60) -> Int32? {
-        let deadline = monotonicSeconds() + seconds
-        while status == nil {
-            if exited() { break }
-            if monotonicSeconds() > deadline { return nil }
-            drain()
-            usleep(5_000)
-        }
-        drain()
-        guard let st = status else { return nil }
-        if st & 0x7f == 0 { return (st >> 8) & 0xff }
-        return 128 + (st & 0x7f)
+extension ChildProcess {
+    convenience init(_ arguments: [String], executable: String = testClientPath) throws {
+        try self.init(executable, arguments, standardError: false)
     }
 }

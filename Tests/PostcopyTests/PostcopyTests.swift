@@ -229,23 +229,8 @@ struct EndToEndTests {
     }
 
     @Test(.ownsProcess) func aMigrationLeavesNoDescriptorBehind() throws {
-        // Other suites run in parallel and open descriptors of their own, so the check
-        // is: every descriptor opened since `before` is closed again within a few
-        // seconds. A leaked one stays open and fails it.
-        func openDescriptors() -> Set<String> {
-            var open: Set<String> = []
-            if let dir = opendir("/proc/self/fd") {
-                while let entry = readdir(dir) {
-                    let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-                    var target = [CChar](repeating: 0, count: 256)
-                    let n = readlink("/proc/self/fd/" + name, &target, target.count - 1)
-                    let link = n > 0 ? String(decoding: target[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : "?"
-                    open.insert(name + " " + link)
-                }
-                closedir(dir)
-            }
-            return open
-        }
+        // The test owns the process: every descriptor opened since `before` must be
+        // closed again within a few seconds (the destination's threads close theirs).
         let source = try MemoryMapping.anonymous(length: 4 << 20)
         fill(source)
         let before = openDescriptors()
@@ -258,10 +243,10 @@ struct EndToEndTests {
             run.wait()
             _ = try #require(try run.result?.get())
         }
-        var leftOpen = openDescriptors().subtracting(before)
+        var leftOpen = openedSince(before)
         for _ in 0..<300 where !leftOpen.isEmpty {
             usleep(10_000)
-            leftOpen = openDescriptors().subtracting(before)
+            leftOpen = openedSince(before)
         }
         #expect(leftOpen.isEmpty, "descriptors still open: \(leftOpen.sorted())")
     }

@@ -41,8 +41,10 @@ public final class ChildProcess {
     /// - Parameters:
     ///   - executable: the path of the program.
     ///   - arguments: its arguments (without the program name).
+    ///   - standardError: whether its standard error is collected too (otherwise it is
+    ///     the test's own).
     /// - Throws: ``SpawnError`` if the pipe or the process cannot be made.
-    public init(_ executable: String, _ arguments: [String]) throws {
+    public init(_ executable: String, _ arguments: [String], standardError: Bool = true) throws {
         var fds: [Int32] = [-1, -1]
         guard pipe(&fds) == 0 else { throw SpawnError(operation: "pipe", code: errno) }
         // Neither end may leak into other children (a read would never see EOF).
@@ -51,7 +53,7 @@ public final class ChildProcess {
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
         posix_spawn_file_actions_adddup2(&actions, fds[1], 1)
-        posix_spawn_file_actions_adddup2(&actions, fds[1], 2)
+        if standardError { posix_spawn_file_actions_adddup2(&actions, fds[1], 2) }
         let argv = ([executable] + arguments).map { strdup($0) } + [nil]
         defer { for p in argv { free(p) } }
         var child: pid_t = 0
@@ -80,6 +82,20 @@ public final class ChildProcess {
         return String(decoding: collected, as: UTF8.self)
     }
 
+    /// Waits until the child printed `line`.
+    ///
+    /// - Parameter seconds: how long to wait.
+    /// - Returns: whether it did (false if it exited or the time ran out first).
+    public func waitForOutput(_ line: String, seconds: Double = 20) -> Bool {
+        let deadline = monotonicSeconds() + seconds
+        while monotonicSeconds() < deadline {
+            if text.contains(line) { return true }
+            if status != nil || reaped() { return text.contains(line) }
+            usleep(10_000)
+        }
+        return false
+    }
+
     /// Waits for the child to exit.
     ///
     /// - Parameter seconds: how long to wait.
@@ -88,11 +104,7 @@ public final class ChildProcess {
     public func waitForExit(seconds: Double = 60) -> Int32? {
         let deadline = monotonicSeconds() + seconds
         while status == nil {
-            var st: Int32 = 0
-            if waitpid(pid, &st, WNOHANG) == pid {
-                status = st
-                break
-            }
+            if reaped() { break }
             if monotonicSeconds() > deadline { return nil }
             drain()
             usleep(5_000)
@@ -100,6 +112,14 @@ public final class ChildProcess {
         drain()
         guard let st = status else { return nil }
         return st & 0x7f == 0 ? (st >> 8) & 0xff : 128 + (st & 0x7f)
+    }
+
+    /// Whether the child has exited (and is reaped now).
+    private func reaped() -> Bool {
+        var st: Int32 = 0
+        guard waitpid(pid, &st, WNOHANG) == pid else { return false }
+        status = st
+        return true
     }
 
     private func drain() {
