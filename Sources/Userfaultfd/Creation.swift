@@ -152,18 +152,13 @@ public struct CreationDiagnosis: Sendable, Equatable {
 }
 
 /// Reads a small text file (procfs, sysfs) in one go; nil if it cannot be read.
-internal func readSmallFile(_ path: String) -> String? {
-    let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
-    if fd < 0 { return nil }
-    defer { _ = Glibc.close(fd) }
+func readSmallFile(_ path: String) -> String? {
+    guard let fd = try? FileDescriptor.open(FilePath(path), .readOnly, options: .closeOnExec) else { return nil }
+    defer { try? fd.close() }
     var bytes: [UInt8] = []
     var chunk = [UInt8](repeating: 0, count: 4096)
     while true {
-        let n = chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
-        if n < 0 {
-            if errno == EINTR { continue }
-            return nil
-        }
+        guard let n = try? chunk.withUnsafeMutableBytes({ try fd.read(into: $0) }) else { return nil }
         if n == 0 { break }
         bytes.append(contentsOf: chunk[0..<n])
     }
@@ -171,6 +166,7 @@ internal func readSmallFile(_ path: String) -> String? {
 }
 
 extension StringProtocol {
+    /// This text without the characters of `set` at either end.
     func trimmingCharacters(in set: String) -> String {
         let chars = Set(set)
         var s = Substring(self)

@@ -47,7 +47,7 @@ extension Userfaultfd.Handle {
             _ = thread
         }
         var readiness = pollfd(fd: ready.fileDescriptor.rawValue, events: Int16(POLLIN), revents: 0)
-        while Glibc.poll(&readiness, 1, -1) < 0 && errno == EINTR {}
+        _ = retryOnInterrupt { Glibc.poll(&readiness, 1, -1) }
         return stream
     }
 }

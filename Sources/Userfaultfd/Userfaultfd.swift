@@ -7,41 +7,96 @@ import Glibc
 import Musl
 #endif
 
-/// An owned userfaultfd: closed when this value goes away.
+/// An owned userfaultfd: closed when this value goes away, or by ``close()``.
 ///
 /// Create one with ``init(features:method:userModeOnly:)`` (create and handshake in
 /// one step), with ``init(_:)`` (requirements checked first), or with
 /// ``open(method:userModeOnly:)`` followed by ``handshake(features:api:)``.
 /// Everything that works on the fd lives on ``Handle``, a plain copyable value that
-/// handler threads share; ``handle`` lends it out. A handle must not outlive its owner.
+/// handler threads share; ``handle`` lends it out.
+///
+/// ## Lifetimes
+/// A handle does not keep its owner alive: stop every thread that uses a handle
+/// before the owner goes away (the engine's `FaultServer` joins its threads first).
+/// What the owner does guarantee is that a handle used *after* it closed the
+/// descriptor fails with `EBADF` and a hint instead of reaching whatever file the
+/// same descriptor number names by then (see ``Handle/isOpen``). Addresses are
+/// plain `UInt64`: a stale address is harmless to the kernel's ioctls, which act
+/// only on ranges registered with this userfaultfd.
 public struct Userfaultfd: ~Copyable {
+    // Stored properties stay trivially destroyed so that `release()` and `close()` can
+    // `discard self`; the lifetime token is therefore held through `Unmanaged`.
+    private let descriptor: FileDescriptor
+    private var negotiated: Features
+    private var ioctlsOfFD: Ioctls
+    private let lifetime: Unmanaged<Handle.Lifetime>
+
     /// The borrowed, copyable view of this userfaultfd that every operation goes through.
-    public private(set) var handle: Handle
+    ///
+    /// Copies of it work until this value closes the descriptor; after that every
+    /// call on them throws `EBADF` (``Handle/isOpen`` is false).
+    public var handle: Handle {
+        Handle(fileDescriptor: descriptor, features: negotiated, fdIoctls: ioctlsOfFD, lifetime: lifetime.takeUnretainedValue())
+    }
 
     /// The file descriptor. Owned by this value.
-    public var fileDescriptor: FileDescriptor { handle.fileDescriptor }
+    public var fileDescriptor: FileDescriptor { descriptor }
     /// Features enabled on this fd by the handshake (empty before it).
-    public var features: Features { handle.features }
+    public var features: Features { negotiated }
 
     /// Takes ownership of an existing userfaultfd descriptor.
     ///
     /// - Parameters:
-    ///   - fileDescriptor: an open userfaultfd; it is closed when this value goes away.
-    ///   - features: the features already negotiated on it (a forked child's uffd has
+    ///   - fileDescriptor: An open userfaultfd; it is closed when this value goes away.
+    ///   - features: The features already negotiated on it (a forked child's uffd has
     ///     its parent's), or empty if the handshake is still to come.
+    ///     ``DescriptorPassing/receiveUserfaultfd(from:)`` receives a uffd with its features.
     public init(adopting fileDescriptor: FileDescriptor, features: Features = []) {
-        self.handle = Handle(fileDescriptor: fileDescriptor, features: features)
+        self.descriptor = fileDescriptor
+        self.negotiated = features
+        self.ioctlsOfFD = []
+        self.lifetime = Unmanaged.passRetained(Handle.Lifetime())
     }
 
     deinit {
-        try? handle.fileDescriptor.close()
+        lifetime.takeUnretainedValue().markClosed()
+        lifetime.release()
+        try? descriptor.close()
     }
 
     /// Gives up ownership without closing: the caller now owns the descriptor.
+    ///
+    /// Handles taken before keep working: the descriptor stays open.
+    ///
+    /// - Returns: The descriptor, which the caller must close.
     public consuming func release() -> FileDescriptor {
-        let fd = handle.fileDescriptor
+        let fd = descriptor
+        let token = lifetime
         discard self
+        token.release()
         return fd
+    }
+
+    /// Closes the userfaultfd now, reporting an error that going out of scope would drop.
+    ///
+    /// Every handle taken from this value stops working first: their calls throw
+    /// `EBADF`. Threads blocked in ``Handle/wait(stop:timeoutMilliseconds:)`` are not
+    /// woken by a close: raise their ``StopSignal`` and join them before closing.
+    ///
+    /// - Throws: `UserfaultfdError` for `close`; the descriptor is released either way.
+    ///
+    /// The corresponding C function is `close`.
+    public consuming func close() throws(UserfaultfdError) {
+        let fd = descriptor
+        let token = lifetime
+        discard self
+        token.takeUnretainedValue().markClosed()
+        token.release()
+        do {
+            try fd.close()
+        } catch {
+            throw UserfaultfdError(operation: "close", errno: error as? Errno ?? .ioError)
+        }
     }
 
     /// Creates a userfaultfd and completes the `UFFDIO_API` handshake.
@@ -92,7 +147,7 @@ public struct Userfaultfd: ~Copyable {
     @discardableResult
     public mutating func handshake(features: Features, api: UInt64 = cuffd_UFFD_API) throws(UserfaultfdError) -> Features {
         var arg = uffdio_api(api: api, features: features.rawValue, ioctls: 0)
-        let fd = handle.fileDescriptor.rawValue
+        let fd = descriptor.rawValue
         do {
             _ = try retryOnInterrupt("UFFDIO_API") { cuffd_api(fd, &arg) }
         } catch {
@@ -105,8 +160,8 @@ public struct Userfaultfd: ~Copyable {
         }
         var enabled = features
         if enabled.contains(.wpAsync) { enabled.insert(.wpUnpopulated) }
-        handle.features = enabled
-        handle.fdIoctls = Ioctls(rawValue: arg.ioctls)
+        negotiated = enabled
+        ioctlsOfFD = Ioctls(rawValue: arg.ioctls)
         return Features(rawValue: arg.features)
     }
 }
@@ -181,11 +236,10 @@ extension Userfaultfd {
     ///
     /// `UFFDIO_API` works once per fd, so this creates one, asks, and closes it.
     public static func probe(method: CreationMethod = .automatic, userModeOnly: Bool = false) throws(UserfaultfdError) -> Support {
-        var probe = try open(method: method, userModeOnly: userModeOnly)
+        let probe = try open(method: method, userModeOnly: userModeOnly)
         var arg = uffdio_api(api: cuffd_UFFD_API, features: 0, ioctls: 0)
         let fd = probe.fileDescriptor.rawValue
         _ = try retryOnInterrupt("UFFDIO_API") { cuffd_api(fd, &arg) }
-        probe.handle.features = []
         return Support(features: Features(rawValue: arg.features), ioctls: Ioctls(rawValue: arg.ioctls))
     }
 }

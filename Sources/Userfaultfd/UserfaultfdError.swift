@@ -70,16 +70,21 @@ public struct UserfaultfdError: Error, Equatable, Sendable, CustomStringConverti
 
 /// The current thread's `errno` as an `Errno`.
 @inline(__always)
-internal func currentErrno() -> Errno {
+package func currentErrno() -> Errno {
     Errno(rawValue: errno)
 }
 
 /// Runs `body` until it returns something other than -1 with `EINTR`.
 ///
-/// - Returns: the result of `body` when it is not -1.
+/// The one place of this package that retries a system call interrupted by a signal.
+///
+/// - Parameters:
+///   - operation: What `body` does, for the error (for example `"UFFDIO_REGISTER"`).
+///   - body: A system call wrapper that returns -1 and sets `errno` on failure.
+/// - Returns: The result of `body` when it is not -1.
 /// - Throws: `UserfaultfdError` naming `operation` with the `errno` of the failure.
 @inline(__always)
-internal func retryOnInterrupt<R: FixedWidthInteger>(
+package func retryOnInterrupt<R: FixedWidthInteger>(
     _ operation: String,
     _ body: () -> R
 ) throws(UserfaultfdError) -> R {
@@ -89,5 +94,21 @@ internal func retryOnInterrupt<R: FixedWidthInteger>(
         let e = currentErrno()
         if e == .interrupted { continue }
         throw UserfaultfdError(operation: operation, errno: e)
+    }
+}
+
+/// Runs `body` until it returns something other than -1 with `EINTR`, for callers
+/// that read `errno` themselves.
+///
+/// - Parameter body: A system call wrapper that returns -1 (or any negative value)
+///   and sets `errno` on failure.
+/// - Returns: The first result of `body` that is not a failure with `EINTR`; on any
+///   other failure `errno` still holds its error.
+@inline(__always)
+package func retryOnInterrupt<R: FixedWidthInteger>(_ body: () -> R) -> R {
+    while true {
+        let result = body()
+        if result < 0 && errno == EINTR { continue }
+        return result
     }
 }

@@ -1,6 +1,7 @@
 import FaultEngine
 import Testing
 import Userfaultfd
+import UserfaultfdDiagnostics
 import _CFaultEngine
 
 #if canImport(Glibc)

@@ -2,6 +2,7 @@ import FaultEngine
 import FaultManager
 import Testing
 import Userfaultfd
+import UserfaultfdDiagnostics
 
 #if canImport(Glibc)
 import Glibc
