@@ -144,6 +144,19 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // Holds every swift example of the documentation, so that each one compiles.
+        .testTarget(
+            name: "DocumentationTests",
+            dependencies: [
+                "Userfaultfd",
+                "UserfaultfdDiagnostics",
+                "FaultEngine",
+                "Postcopy",
+                "FaultManager",
+                .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         .testTarget(
             name: "FaultBenchTests",
             dependencies: ["FaultBench", "Userfaultfd"]

@@ -14,10 +14,14 @@ extension Userfaultfd {
     /// Creates a userfaultfd without the handshake: always non-blocking and close-on-exec.
     ///
     /// - Parameters:
-    ///   - method: the syscall, the device, or the syscall then the device.
-    ///   - userModeOnly: pass `UFFD_USER_MODE_ONLY`.
+    ///   - method: The syscall, the device, or the syscall then the device.
+    ///   - userModeOnly: Pass `UFFD_USER_MODE_ONLY`: trap only faults from user mode.
+    /// - Returns: The new userfaultfd; call ``handshake(features:api:)`` before using it.
     /// - Throws: `UserfaultfdError` whose hint says why creation was refused here
     ///   (the `vm.unprivileged_userfaultfd` value, device permissions, CAP_SYS_PTRACE) and what to do.
+    ///
+    /// The corresponding C calls are `syscall(SYS_userfaultfd, flags)` and
+    /// `ioctl(open("/dev/userfaultfd"), USERFAULTFD_IOC_NEW, flags)`.
     public static func open(method: CreationMethod = .automatic, userModeOnly: Bool = false) throws(UserfaultfdError) -> Userfaultfd {
         let flags = O_CLOEXEC | O_NONBLOCK | (userModeOnly ? Int32(UFFD_USER_MODE_ONLY) : 0)
         switch method {
@@ -92,6 +96,7 @@ public struct CreationDiagnosis: Sendable, Equatable {
     /// Whether user-mode-only was asked for.
     public var userModeOnly: Bool
 
+    /// Whether two diagnoses describe the same state.
     public static func == (a: Self, b: Self) -> Bool {
         a.unprivilegedSysctl == b.unprivilegedSysctl && a.hasPtraceCapability == b.hasPtraceCapability
             && a.effectiveUID == b.effectiveUID && a.deviceExists == b.deviceExists
@@ -101,6 +106,9 @@ public struct CreationDiagnosis: Sendable, Equatable {
     }
 
     /// Reads the current state of the system for this process.
+    ///
+    /// - Parameter userModeOnly: Whether the creation in question asks for user-mode-only faults.
+    /// - Returns: The sysctl, capability, uid and device state read now.
     public static func current(userModeOnly: Bool = false) -> CreationDiagnosis {
         let sysctl = readSmallFile("/proc/sys/vm/unprivileged_userfaultfd").flatMap {
             Int($0.trimmingCharacters(in: " \n"))

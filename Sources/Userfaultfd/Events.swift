@@ -27,6 +27,7 @@ extension Userfaultfd {
         /// A message this library does not know, kept with its code.
         case unknown(code: UInt8)
 
+        /// The event in one line, addresses in hex.
         public var description: String {
             switch self {
             case .pageFault(let f): return "pagefault \(f)"
@@ -62,11 +63,16 @@ extension Userfaultfd {
         public struct Flags: OptionSet, Hashable, Sendable {
             public var rawValue: UInt64
             public init(rawValue: UInt64) { self.rawValue = rawValue }
-            /// A write access. The corresponding C constant is `UFFD_PAGEFAULT_FLAG_WRITE`.
+            /// A write access.
+            ///
+            /// The corresponding C constant is `UFFD_PAGEFAULT_FLAG_WRITE`.
             public static let write = Flags(rawValue: UInt64(UFFD_PAGEFAULT_FLAG_WRITE))
-            /// A write to a write-protected page. The corresponding C constant is `UFFD_PAGEFAULT_FLAG_WP`.
+            /// A write to a write-protected page.
+            ///
+            /// The corresponding C constant is `UFFD_PAGEFAULT_FLAG_WP`.
             public static let writeProtect = Flags(rawValue: UInt64(UFFD_PAGEFAULT_FLAG_WP))
             /// A minor fault: the page is in the page cache but not mapped.
+            ///
             /// The corresponding C constant is `UFFD_PAGEFAULT_FLAG_MINOR`.
             public static let minor = Flags(rawValue: UInt64(UFFD_PAGEFAULT_FLAG_MINOR))
         }
@@ -78,12 +84,19 @@ extension Userfaultfd {
         /// The faulting thread's id, with the THREAD_ID feature.
         public var threadID: Int32?
 
+        /// A page fault as the kernel reports it.
+        ///
+        /// - Parameters:
+        ///   - address: The faulting address.
+        ///   - flags: Why it faulted.
+        ///   - threadID: The faulting thread's id, where THREAD_ID was negotiated.
         public init(address: UInt64, flags: Flags, threadID: Int32? = nil) {
             self.address = address
             self.flags = flags
             self.threadID = threadID
         }
 
+        /// `missing write at 0x… by tid …` and the like.
         public var description: String {
             var kind = flags.contains(.minor) ? "minor" : flags.contains(.writeProtect) ? "wp" : "missing"
             if flags.contains(.write) { kind += " write" }
@@ -108,7 +121,9 @@ extension Userfaultfd {
             self.rawDescriptor = descriptor
         }
 
-        /// Takes ownership of the child's userfaultfd. Returns nil if already taken.
+        /// Takes ownership of the child's userfaultfd.
+        ///
+        /// - Returns: The child's userfaultfd with the parent's features, or nil if already taken.
         public func take() -> Userfaultfd? {
             let fd = descriptor.withLock { fd -> Int32 in
                 let taken = fd
@@ -140,6 +155,8 @@ extension Userfaultfd {
         public private(set) var events: [Event]
 
         /// A buffer for up to `capacity` messages per read.
+        ///
+        /// - Parameter capacity: The most messages one read returns; at least 1.
         public init(capacity: Int = 64) {
             precondition(capacity > 0, "EventBuffer needs room for at least one message")
             self.capacity = capacity

@@ -277,7 +277,7 @@ extension Userfaultfd {
         ///
         /// ```swift
         /// try handle.writeProtect(range, mode: .writeProtect)   // protect
-        /// try handle.writeProtect(range, mode: [])              // unprotect and wake
+        /// try handle.writeProtect(range, mode: [])              // unprotect and wake the writers
         /// ```
         ///
         /// - Parameters:

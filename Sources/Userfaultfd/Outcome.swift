@@ -35,9 +35,11 @@ extension Userfaultfd {
         public var rawValue: UInt64
         public init(rawValue: UInt64) { self.rawValue = rawValue }
         /// Do not wake the faulting threads; call ``Handle/wake(_:)`` later.
+        ///
         /// The corresponding C constant is `UFFDIO_COPY_MODE_DONTWAKE`.
         public static let dontWake = CopyMode(rawValue: UInt64(UFFDIO_COPY_MODE_DONTWAKE))
         /// Install the pages write-protected.
+        ///
         /// The corresponding C constant is `UFFDIO_COPY_MODE_WP`.
         public static let writeProtect = CopyMode(rawValue: UInt64(UFFDIO_COPY_MODE_WP))
     }
@@ -46,6 +48,8 @@ extension Userfaultfd {
     public struct ZeropageMode: OptionSet, Hashable, Sendable {
         public var rawValue: UInt64
         public init(rawValue: UInt64) { self.rawValue = rawValue }
+        /// Do not wake the waiting threads; call ``Handle/wake(_:)`` later.
+        ///
         /// The corresponding C constant is `UFFDIO_ZEROPAGE_MODE_DONTWAKE`.
         public static let dontWake = ZeropageMode(rawValue: UInt64(UFFDIO_ZEROPAGE_MODE_DONTWAKE))
     }
@@ -54,9 +58,12 @@ extension Userfaultfd {
     public struct ContinueMode: OptionSet, Hashable, Sendable {
         public var rawValue: UInt64
         public init(rawValue: UInt64) { self.rawValue = rawValue }
+        /// Do not wake the waiting threads; call ``Handle/wake(_:)`` later.
+        ///
         /// The corresponding C constant is `UFFDIO_CONTINUE_MODE_DONTWAKE`.
         public static let dontWake = ContinueMode(rawValue: UInt64(UFFDIO_CONTINUE_MODE_DONTWAKE))
         /// Map the pages write-protected.
+        ///
         /// The corresponding C constant is `UFFDIO_CONTINUE_MODE_WP`.
         public static let writeProtect = ContinueMode(rawValue: UInt64(UFFDIO_CONTINUE_MODE_WP))
     }
@@ -65,9 +72,12 @@ extension Userfaultfd {
     public struct MoveMode: OptionSet, Hashable, Sendable {
         public var rawValue: UInt64
         public init(rawValue: UInt64) { self.rawValue = rawValue }
+        /// Do not wake the waiting threads; call ``Handle/wake(_:)`` later.
+        ///
         /// The corresponding C constant is `UFFDIO_MOVE_MODE_DONTWAKE`.
         public static let dontWake = MoveMode(rawValue: UInt64(UFFDIO_MOVE_MODE_DONTWAKE))
         /// Skip holes in the source instead of failing with `ENOENT`.
+        ///
         /// The corresponding C constant is `UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES`.
         public static let allowSourceHoles = MoveMode(rawValue: UInt64(UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES))
     }
@@ -90,6 +100,8 @@ extension Userfaultfd {
     public struct PoisonMode: OptionSet, Hashable, Sendable {
         public var rawValue: UInt64
         public init(rawValue: UInt64) { self.rawValue = rawValue }
+        /// Do not wake the waiting threads; call ``Handle/wake(_:)`` later.
+        ///
         /// The corresponding C constant is `UFFDIO_POISON_MODE_DONTWAKE`.
         public static let dontWake = PoisonMode(rawValue: UInt64(UFFDIO_POISON_MODE_DONTWAKE))
     }

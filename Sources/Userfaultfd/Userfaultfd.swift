@@ -102,10 +102,12 @@ public struct Userfaultfd: ~Copyable {
     /// Creates a userfaultfd and completes the `UFFDIO_API` handshake.
     ///
     /// - Parameters:
-    ///   - features: the features to enable; the kernel refuses the handshake if it lacks any.
-    ///   - method: how to create the fd (``CreationMethod/automatic`` tries the syscall, then the device).
-    ///   - userModeOnly: trap only faults from user mode (`UFFD_USER_MODE_ONLY`); lets any user create it.
+    ///   - features: The features to enable; the kernel refuses the handshake if it lacks any.
+    ///   - method: How to create the fd (``CreationMethod/automatic`` tries the syscall, then the device).
+    ///   - userModeOnly: Trap only faults from user mode (`UFFD_USER_MODE_ONLY`); lets any user create it.
     /// - Throws: `UserfaultfdError` naming the step that failed, with a hint on permissions.
+    ///
+    /// The corresponding C calls are `syscall(SYS_userfaultfd, flags)` and `ioctl(fd, UFFDIO_API, &uffdio_api)`.
     public init(
         features: Features = [],
         method: CreationMethod = .automatic,
@@ -120,6 +122,10 @@ public struct Userfaultfd: ~Copyable {
     ///
     /// Required features the kernel lacks fail with ``UserfaultfdError/Kind/unsupportedFeatures(_:)``
     /// before any fd is created; preferred features are enabled only where supported.
+    ///
+    /// - Parameter options: The required and preferred features and how to create the fd.
+    /// - Throws: `UserfaultfdError`: ``UserfaultfdError/Kind/unsupportedFeatures(_:)`` for
+    ///   required features the kernel lacks, else the step of creation that failed.
     public init(_ options: Options) throws(UserfaultfdError) {
         var wanted = options.requiredFeatures
         if !options.preferredFeatures.isEmpty || !options.requiredFeatures.isEmpty {
@@ -138,11 +144,12 @@ public struct Userfaultfd: ~Copyable {
     /// Performs the `UFFDIO_API` handshake. It succeeds at most once per fd.
     ///
     /// - Parameters:
-    ///   - features: the features to enable. Unknown bits are passed to the kernel as they are.
-    ///   - api: the API version; only `UFFD_API` (0xAA) is valid. Other values exist for tests.
-    /// - Returns: every feature the kernel supports (its answer), which may exceed `features`.
+    ///   - features: The features to enable. Unknown bits are passed to the kernel as they are.
+    ///   - api: The API version; only `UFFD_API` (0xAA) is valid. Other values exist for tests.
+    /// - Returns: Every feature the kernel supports (its answer), which may exceed `features`.
     /// - Throws: `UserfaultfdError` for `UFFDIO_API` (`EINVAL`: bad api or unsupported
     ///   feature; `EPERM`: features need privileges; a second handshake fails too).
+    ///
     /// The corresponding C call is `ioctl(fd, UFFDIO_API, &uffdio_api)`.
     @discardableResult
     public mutating func handshake(features: Features, api: UInt64 = cuffd_UFFD_API) throws(UserfaultfdError) -> Features {
@@ -193,9 +200,13 @@ extension Userfaultfd {
         /// Trap only user-mode faults (`UFFD_USER_MODE_ONLY`).
         public var userModeOnly = false
 
+        /// No features required or preferred, created the automatic way.
         public init() {}
 
         /// These options, also requiring `features`.
+        ///
+        /// - Parameter features: Features creation must fail without.
+        /// - Returns: A copy with `features` added to ``requiredFeatures``.
         public func requiring(_ features: Features) -> Options {
             var copy = self
             copy.requiredFeatures.formUnion(features)
@@ -203,6 +214,9 @@ extension Userfaultfd {
         }
 
         /// These options, also preferring `features`.
+        ///
+        /// - Parameter features: Features to enable where the kernel offers them.
+        /// - Returns: A copy with `features` added to ``preferredFeatures``.
         public func preferring(_ features: Features) -> Options {
             var copy = self
             copy.preferredFeatures.formUnion(features)
@@ -210,6 +224,9 @@ extension Userfaultfd {
         }
 
         /// These options, creating the fd with `method`.
+        ///
+        /// - Parameter method: The syscall, the device, or both in turn.
+        /// - Returns: A copy with ``method`` set.
         public func created(by method: CreationMethod) -> Options {
             var copy = self
             copy.method = method
@@ -217,6 +234,9 @@ extension Userfaultfd {
         }
 
         /// These options, trapping user-mode faults only.
+        ///
+        /// - Parameter value: Whether to pass `UFFD_USER_MODE_ONLY`.
+        /// - Returns: A copy with ``userModeOnly`` set.
         public func userModeOnly(_ value: Bool = true) -> Options {
             var copy = self
             copy.userModeOnly = value
@@ -235,6 +255,14 @@ extension Userfaultfd {
     /// Asks the running kernel what it supports, on a throwaway fd.
     ///
     /// `UFFDIO_API` works once per fd, so this creates one, asks, and closes it.
+    ///
+    /// - Parameters:
+    ///   - method: How to create the throwaway fd.
+    ///   - userModeOnly: Create it user-mode-only (any user can).
+    /// - Returns: Every feature the kernel offers and the ioctls of the fd itself.
+    /// - Throws: `UserfaultfdError` for creation or `UFFDIO_API`.
+    ///
+    /// The corresponding C call is `ioctl(fd, UFFDIO_API, &uffdio_api)` with no features asked for.
     public static func probe(method: CreationMethod = .automatic, userModeOnly: Bool = false) throws(UserfaultfdError) -> Support {
         let probe = try open(method: method, userModeOnly: userModeOnly)
         var arg = uffdio_api(api: cuffd_UFFD_API, features: 0, ioctls: 0)

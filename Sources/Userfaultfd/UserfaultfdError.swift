@@ -32,6 +32,12 @@ public struct UserfaultfdError: Error, Equatable, Sendable, CustomStringConverti
     /// Extra guidance for the user: why it failed and what to do about it.
     public var hint: String?
 
+    /// An error for `operation` failing as `kind` says.
+    ///
+    /// - Parameters:
+    ///   - operation: What failed, for example `"UFFDIO_COPY"`.
+    ///   - kind: What went wrong.
+    ///   - hint: Why, and what to do about it.
     public init(operation: String, kind: Kind, hint: String? = nil) {
         self.operation = operation
         self.kind = kind
@@ -39,6 +45,11 @@ public struct UserfaultfdError: Error, Equatable, Sendable, CustomStringConverti
     }
 
     /// An error for `operation` failing with `errno`.
+    ///
+    /// - Parameters:
+    ///   - operation: What failed, for example `"UFFDIO_COPY"`.
+    ///   - errno: The error the system call returned.
+    ///   - hint: Why, and what to do about it.
     public init(operation: String, errno: Errno, hint: String? = nil) {
         self.init(operation: operation, kind: .system(errno), hint: hint)
     }
@@ -49,6 +60,7 @@ public struct UserfaultfdError: Error, Equatable, Sendable, CustomStringConverti
         return nil
     }
 
+    /// `OPERATION failed: …`, followed by the hint.
     public var description: String {
         var text: String
         switch kind {

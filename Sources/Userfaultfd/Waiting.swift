@@ -107,6 +107,7 @@ extension Userfaultfd.Handle {
     /// - Parameters:
     ///   - stop: A signal another thread raises to end the wait, or nil.
     ///   - others: Up to ``maxWatched`` descriptors to watch for `POLLIN`.
+    ///   - timeoutMilliseconds: How long to wait; -1 waits forever.
     /// - Returns: What is ready; ``Readiness/timedOut`` when nothing was.
     /// - Throws: ``UserfaultfdError/Kind/invalidArgument(_:)`` for more than
     ///   ``maxWatched`` descriptors, else `UserfaultfdError` for `poll`.
