@@ -97,6 +97,11 @@ public struct CreationDiagnosis: Sendable, Equatable {
     public var userModeOnly: Bool
 
     /// Whether two diagnoses describe the same state.
+    ///
+    /// - Parameters:
+    ///   - a: A diagnosis.
+    ///   - b: Another diagnosis.
+    /// - Returns: Whether every field, the device's mode included, is equal.
     public static func == (a: Self, b: Self) -> Bool {
         a.unprivilegedSysctl == b.unprivilegedSysctl && a.hasPtraceCapability == b.hasPtraceCapability
             && a.effectiveUID == b.effectiveUID && a.deviceExists == b.deviceExists

@@ -52,6 +52,7 @@ public final class DedicatedThread: @unchecked Sendable {
     /// (fault handlers, a fault's network path): a time-shared thread woken on a busy
     /// machine waits for a time slice first.
     ///
+    /// - Parameter priority: The real-time priority, 1 (lowest) to 99.
     /// - Returns: nil, or why the policy was refused (`EPERM` without CAP_SYS_NICE or
     ///   an RLIMIT_RTPRIO that allows it); the thread then stays time-shared.
     @discardableResult

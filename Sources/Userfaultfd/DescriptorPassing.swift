@@ -53,7 +53,9 @@ public enum DescriptorPassing {
         }
         let fds = descriptors.map(\.rawValue)
         let n = payload.withUnsafeBytes { bytes in
-            fds.withUnsafeBufferPointer { cuffd_send_fds(socket.rawValue, bytes.baseAddress, bytes.count, $0.baseAddress, Int32($0.count)) }
+            fds.withUnsafeBufferPointer { list in
+                retryOnInterrupt { cuffd_send_fds(socket.rawValue, bytes.baseAddress, bytes.count, list.baseAddress, Int32(list.count)) }
+            }
         }
         if n < 0 { throw UserfaultfdError(operation: "sendmsg SCM_RIGHTS", errno: currentErrno()) }
         if n != payload.count {

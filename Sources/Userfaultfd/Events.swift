@@ -61,7 +61,11 @@ extension Userfaultfd {
     public struct PageFault: Sendable, Equatable, CustomStringConvertible {
         /// Why the thread faulted.
         public struct Flags: OptionSet, Hashable, Sendable {
+            /// The bits as the kernel reads and writes them.
             public var rawValue: UInt64
+            /// The set with these bits; bits without a name here are kept.
+            ///
+            /// - Parameter rawValue: The bits as the kernel reads and writes them.
             public init(rawValue: UInt64) { self.rawValue = rawValue }
             /// A write access.
             ///

@@ -5,7 +5,11 @@ extension Userfaultfd {
     ///
     /// Bits this library has no name for are kept as they came from the kernel.
     public struct Features: OptionSet, Hashable, Sendable, CustomStringConvertible {
+        /// The bits as the kernel reads and writes them.
         public var rawValue: UInt64
+        /// The set with these bits; bits without a name here are kept.
+        ///
+        /// - Parameter rawValue: The bits as the kernel reads and writes them.
         public init(rawValue: UInt64) { self.rawValue = rawValue }
 
         /// Page faults on write-protected ranges are reported with the WP flag.
@@ -96,7 +100,11 @@ extension Userfaultfd {
 
     /// Modes of `UFFDIO_REGISTER`: which kinds of faults a range reports.
     public struct RegisterMode: OptionSet, Hashable, Sendable, CustomStringConvertible {
+        /// The bits as the kernel reads and writes them.
         public var rawValue: UInt64
+        /// The set with these bits; bits without a name here are kept.
+        ///
+        /// - Parameter rawValue: The bits as the kernel reads and writes them.
         public init(rawValue: UInt64) { self.rawValue = rawValue }
 
         /// Report faults on pages that are not present.
@@ -120,7 +128,11 @@ extension Userfaultfd {
 
     /// A set of userfaultfd ioctls, as the kernel reports them (bit n = ioctl number n).
     public struct Ioctls: OptionSet, Hashable, Sendable, CustomStringConvertible {
+        /// The bits as the kernel reads and writes them.
         public var rawValue: UInt64
+        /// The set with these bits; bits without a name here are kept.
+        ///
+        /// - Parameter rawValue: The bits as the kernel reads and writes them.
         public init(rawValue: UInt64) { self.rawValue = rawValue }
 
         /// `UFFDIO_REGISTER`: register a range.

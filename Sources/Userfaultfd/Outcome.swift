@@ -32,7 +32,11 @@ extension Userfaultfd {
 
     /// Modes of `UFFDIO_COPY`.
     public struct CopyMode: OptionSet, Hashable, Sendable {
+        /// The bits as the kernel reads and writes them.
         public var rawValue: UInt64
+        /// The set with these bits; bits without a name here are kept.
+        ///
+        /// - Parameter rawValue: The bits as the kernel reads and writes them.
         public init(rawValue: UInt64) { self.rawValue = rawValue }
         /// Do not wake the faulting threads; call ``Handle/wake(_:)`` later.
         ///
@@ -46,7 +50,11 @@ extension Userfaultfd {
 
     /// Modes of `UFFDIO_ZEROPAGE`.
     public struct ZeropageMode: OptionSet, Hashable, Sendable {
+        /// The bits as the kernel reads and writes them.
         public var rawValue: UInt64
+        /// The set with these bits; bits without a name here are kept.
+        ///
+        /// - Parameter rawValue: The bits as the kernel reads and writes them.
         public init(rawValue: UInt64) { self.rawValue = rawValue }
         /// Do not wake the waiting threads; call ``Handle/wake(_:)`` later.
         ///
@@ -56,7 +64,11 @@ extension Userfaultfd {
 
     /// Modes of `UFFDIO_CONTINUE`.
     public struct ContinueMode: OptionSet, Hashable, Sendable {
+        /// The bits as the kernel reads and writes them.
         public var rawValue: UInt64
+        /// The set with these bits; bits without a name here are kept.
+        ///
+        /// - Parameter rawValue: The bits as the kernel reads and writes them.
         public init(rawValue: UInt64) { self.rawValue = rawValue }
         /// Do not wake the waiting threads; call ``Handle/wake(_:)`` later.
         ///
@@ -70,7 +82,11 @@ extension Userfaultfd {
 
     /// Modes of `UFFDIO_MOVE`.
     public struct MoveMode: OptionSet, Hashable, Sendable {
+        /// The bits as the kernel reads and writes them.
         public var rawValue: UInt64
+        /// The set with these bits; bits without a name here are kept.
+        ///
+        /// - Parameter rawValue: The bits as the kernel reads and writes them.
         public init(rawValue: UInt64) { self.rawValue = rawValue }
         /// Do not wake the waiting threads; call ``Handle/wake(_:)`` later.
         ///
@@ -84,7 +100,11 @@ extension Userfaultfd {
 
     /// Modes of `UFFDIO_WRITEPROTECT`.
     public struct WriteProtectMode: OptionSet, Hashable, Sendable {
+        /// The bits as the kernel reads and writes them.
         public var rawValue: UInt64
+        /// The set with these bits; bits without a name here are kept.
+        ///
+        /// - Parameter rawValue: The bits as the kernel reads and writes them.
         public init(rawValue: UInt64) { self.rawValue = rawValue }
         /// Set write protection; without it the call clears write protection.
         ///
@@ -98,7 +118,11 @@ extension Userfaultfd {
 
     /// Modes of `UFFDIO_POISON`.
     public struct PoisonMode: OptionSet, Hashable, Sendable {
+        /// The bits as the kernel reads and writes them.
         public var rawValue: UInt64
+        /// The set with these bits; bits without a name here are kept.
+        ///
+        /// - Parameter rawValue: The bits as the kernel reads and writes them.
         public init(rawValue: UInt64) { self.rawValue = rawValue }
         /// Do not wake the waiting threads; call ``Handle/wake(_:)`` later.
         ///

@@ -18,7 +18,11 @@ import Musl
 public final class PagemapScanner: @unchecked Sendable {
     /// Page categories, as `PAGEMAP_SCAN` reports and matches them.
     public struct Categories: OptionSet, Hashable, Sendable {
+        /// The bits as the kernel reads and writes them.
         public var rawValue: UInt64
+        /// The set with these bits; bits without a name here are kept.
+        ///
+        /// - Parameter rawValue: The bits as the kernel reads and writes them.
         public init(rawValue: UInt64) { self.rawValue = rawValue }
         /// Registered with userfaultfd WP (async).
         ///
@@ -60,7 +64,11 @@ public final class PagemapScanner: @unchecked Sendable {
 
     /// Flags of one scan.
     public struct Flags: OptionSet, Hashable, Sendable {
+        /// The bits as the kernel reads and writes them.
         public var rawValue: UInt64
+        /// The set with these bits; bits without a name here are kept.
+        ///
+        /// - Parameter rawValue: The bits as the kernel reads and writes them.
         public init(rawValue: UInt64) { self.rawValue = rawValue }
         /// Write-protect the matched pages.
         ///

@@ -73,12 +73,16 @@ extension Userfaultfd.Handle {
         /// Whether no descriptor is in the set.
         public var isEmpty: Bool { bits == 0 }
         /// The indexes in the set, in increasing order.
+        ///
+        /// - Returns: An iterator over the indexes.
         public func makeIterator() -> Iterator { Iterator(rest: bits) }
 
         /// Iterates over the indexes of a ``WatchedSet``.
         public struct Iterator: IteratorProtocol {
             var rest: UInt64
-            /// The next index, or nil after the last.
+            /// The next index.
+            ///
+            /// - Returns: The next index, or nil after the last.
             public mutating func next() -> Int? {
                 if rest == 0 { return nil }
                 let index = rest.trailingZeroBitCount
