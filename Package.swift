@@ -5,6 +5,7 @@ let package = Package(
     name: "swift-userfaultfd",
     products: [
         .library(name: "Userfaultfd", targets: ["Userfaultfd"]),
+        .library(name: "UserfaultfdDiagnostics", targets: ["UserfaultfdDiagnostics"]),
         .library(name: "FaultEngine", targets: ["FaultEngine"]),
         .library(name: "Postcopy", targets: ["Postcopy"]),
         .library(name: "FaultManager", targets: ["FaultManager"]),
@@ -15,6 +16,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
+        // `swift package generate-documentation` (Scripts/docs.sh); no target depends on it.
+        .package(url: "https://github.com/swiftlang/swift-docc-plugin", from: "1.5.0"),
     ],
     targets: [
         // C shim: kernel constants, structs and non-variadic ioctl/syscall wrappers. No logic.
@@ -27,6 +30,14 @@ let package = Package(
             name: "Userfaultfd",
             dependencies: [
                 "_CUserfaultfd",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
+        // What the machine offers (`uffd probe`) and huge-page administration, above the typed API.
+        .target(
+            name: "UserfaultfdDiagnostics",
+            dependencies: [
+                "Userfaultfd",
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
@@ -90,6 +101,7 @@ let package = Package(
             name: "uffd",
             dependencies: [
                 "Userfaultfd",
+                "UserfaultfdDiagnostics",
                 "FaultEngine",
                 "FaultBench",
                 "Postcopy",
@@ -119,11 +131,11 @@ let package = Package(
         ),
         .testTarget(
             name: "UserfaultfdTests",
-            dependencies: ["Userfaultfd", "_CUserfaultfd", "uffd-test-helper", "TestSupport"]
+            dependencies: ["Userfaultfd", "UserfaultfdDiagnostics", "_CUserfaultfd", "uffd-test-helper", "TestSupport"]
         ),
         .testTarget(
             name: "FaultEngineTests",
-            dependencies: ["FaultEngine", "Userfaultfd", "_CFaultEngine", "TestSupport"]
+            dependencies: ["FaultEngine", "Userfaultfd", "UserfaultfdDiagnostics", "_CFaultEngine", "TestSupport"]
         ),
         // Runs the Postcopy scenarios whose expected outcome is a signal.
         .executableTarget(
@@ -139,11 +151,25 @@ let package = Package(
             dependencies: [
                 "FaultManager",
                 "Userfaultfd",
+                "UserfaultfdDiagnostics",
                 "FaultEngine",
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Logging", package: "swift-log"),
                 "TestSupport",
                 "ManagerBench",
+            ]
+        ),
+        // Holds every swift example of the documentation, so that each one compiles.
+        .testTarget(
+            name: "DocumentationTests",
+            dependencies: [
+                "Userfaultfd",
+                "UserfaultfdDiagnostics",
+                "FaultEngine",
+                "Postcopy",
+                "FaultManager",
+                .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Logging", package: "swift-log"),
             ]
         ),
         .testTarget(

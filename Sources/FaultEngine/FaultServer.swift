@@ -12,7 +12,7 @@ import Musl
 /// What a ``FaultServer`` reports through ``FaultServer/onEvent``.
 public enum FaultServerEvent: Sendable, CustomStringConvertible {
     /// The process forked: its child's ranges report to this new uffd. Take it
-    /// (``Userfaultfd/ForkedUserfaultfd/take()``) and serve it with a new server over a
+    /// (`Userfaultfd.ForkedUserfaultfd.take()`) and serve it with a new server over a
     /// copy of ``FaultServer/regions``; if nobody takes it, it is closed.
     case fork(Userfaultfd.ForkedUserfaultfd)
     /// The faulting process is gone (`ESRCH`/`ENOSPC`, or the uffd hung up): the
@@ -118,7 +118,7 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
     ///     offset aligned to the page size.
     ///   - source: where page contents come from.
     ///   - configuration: strategy, prefetch and threads.
-    /// - Throws: `UserfaultfdError` (``UserfaultfdError/Kind/invalidArgument(_:)``) naming
+    /// - Throws: `UserfaultfdError` (`.invalidArgument`) naming
     ///   the region or setting that is wrong, the feature the strategy needs, or the
     ///   strategy that huge pages do not support.
     public init(

@@ -288,11 +288,11 @@ final class HandlerLoop<Source: PageSource> {
             table.unmap(range)
             server.signalResolver?.update(table.snapshot)
             report(.unmapped(range))
-        case .remap(let from, let to, let length):
+        case .remap(let from, let to):
             StatisticsCounters.add(counters.remaps, 1)
-            table.remap(from: from, to: to, length: length)
+            table.remap(from: from.start, to: to.start, length: from.length)
             server.signalResolver?.update(table.snapshot)
-            report(.remapped(from: from, to: to, length: length))
+            report(.remapped(from: from.start, to: to.start, length: from.length))
         case .fork(let child):
             StatisticsCounters.add(counters.forks, 1)
             report(.fork(child))

@@ -14,10 +14,14 @@ extension Userfaultfd {
     /// Creates a userfaultfd without the handshake: always non-blocking and close-on-exec.
     ///
     /// - Parameters:
-    ///   - method: the syscall, the device, or the syscall then the device.
-    ///   - userModeOnly: pass `UFFD_USER_MODE_ONLY`.
+    ///   - method: The syscall, the device, or the syscall then the device.
+    ///   - userModeOnly: Pass `UFFD_USER_MODE_ONLY`: trap only faults from user mode.
+    /// - Returns: The new userfaultfd; call ``handshake(features:api:)`` before using it.
     /// - Throws: `UserfaultfdError` whose hint says why creation was refused here
     ///   (the `vm.unprivileged_userfaultfd` value, device permissions, CAP_SYS_PTRACE) and what to do.
+    ///
+    /// The corresponding C calls are `syscall(SYS_userfaultfd, flags)` and
+    /// `ioctl(open("/dev/userfaultfd"), USERFAULTFD_IOC_NEW, flags)`.
     public static func open(method: CreationMethod = .automatic, userModeOnly: Bool = false) throws(UserfaultfdError) -> Userfaultfd {
         let flags = O_CLOEXEC | O_NONBLOCK | (userModeOnly ? Int32(UFFD_USER_MODE_ONLY) : 0)
         switch method {
@@ -92,6 +96,12 @@ public struct CreationDiagnosis: Sendable, Equatable {
     /// Whether user-mode-only was asked for.
     public var userModeOnly: Bool
 
+    /// Whether two diagnoses describe the same state.
+    ///
+    /// - Parameters:
+    ///   - a: A diagnosis.
+    ///   - b: Another diagnosis.
+    /// - Returns: Whether every field, the device's mode included, is equal.
     public static func == (a: Self, b: Self) -> Bool {
         a.unprivilegedSysctl == b.unprivilegedSysctl && a.hasPtraceCapability == b.hasPtraceCapability
             && a.effectiveUID == b.effectiveUID && a.deviceExists == b.deviceExists
@@ -101,6 +111,9 @@ public struct CreationDiagnosis: Sendable, Equatable {
     }
 
     /// Reads the current state of the system for this process.
+    ///
+    /// - Parameter userModeOnly: Whether the creation in question asks for user-mode-only faults.
+    /// - Returns: The sysctl, capability, uid and device state read now.
     public static func current(userModeOnly: Bool = false) -> CreationDiagnosis {
         let sysctl = readSmallFile("/proc/sys/vm/unprivileged_userfaultfd").flatMap {
             Int($0.trimmingCharacters(in: " \n"))
@@ -152,18 +165,13 @@ public struct CreationDiagnosis: Sendable, Equatable {
 }
 
 /// Reads a small text file (procfs, sysfs) in one go; nil if it cannot be read.
-internal func readSmallFile(_ path: String) -> String? {
-    let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
-    if fd < 0 { return nil }
-    defer { _ = Glibc.close(fd) }
+func readSmallFile(_ path: String) -> String? {
+    guard let fd = try? FileDescriptor.open(FilePath(path), .readOnly, options: .closeOnExec) else { return nil }
+    defer { try? fd.close() }
     var bytes: [UInt8] = []
     var chunk = [UInt8](repeating: 0, count: 4096)
     while true {
-        let n = chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
-        if n < 0 {
-            if errno == EINTR { continue }
-            return nil
-        }
+        guard let n = try? chunk.withUnsafeMutableBytes({ try fd.read(into: $0) }) else { return nil }
         if n == 0 { break }
         bytes.append(contentsOf: chunk[0..<n])
     }
@@ -171,6 +179,7 @@ internal func readSmallFile(_ path: String) -> String? {
 }
 
 extension StringProtocol {
+    /// This text without the characters of `set` at either end.
     func trimmingCharacters(in set: String) -> String {
         let chars = Set(set)
         var s = Substring(self)

@@ -1,3 +1,4 @@
+import Synchronization
 import SystemPackage
 import _CUserfaultfd
 
@@ -13,7 +14,7 @@ import Musl
 /// the very tasks that wait on its faults.
 public final class DedicatedThread: @unchecked Sendable {
     private var thread: pthread_t
-    private var joined = false
+    private let joined = Atomic<Bool>(false)
 
     /// Starts `body` on a new thread.
     ///
@@ -34,15 +35,15 @@ public final class DedicatedThread: @unchecked Sendable {
         thread = t
     }
 
-    /// Waits for the thread to finish. Calling it again does nothing.
+    /// Waits for the thread to finish. Calling it again, from any thread, does nothing.
     public func join() {
-        if joined { return }
-        joined = true
+        // Exactly one caller wins the exchange and joins; a pthread is joined at most once.
+        guard joined.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged else { return }
         pthread_join(thread, nil)
     }
 
     deinit {
-        if !joined { pthread_detach(thread) }
+        if !joined.load(ordering: .acquiring) { pthread_detach(thread) }
     }
 
     /// Makes the calling thread real-time: `SCHED_FIFO` at `priority` (1...99).
@@ -51,6 +52,7 @@ public final class DedicatedThread: @unchecked Sendable {
     /// (fault handlers, a fault's network path): a time-shared thread woken on a busy
     /// machine waits for a time slice first.
     ///
+    /// - Parameter priority: The real-time priority, 1 (lowest) to 99.
     /// - Returns: nil, or why the policy was refused (`EPERM` without CAP_SYS_NICE or
     ///   an RLIMIT_RTPRIO that allows it); the thread then stays time-shared.
     @discardableResult

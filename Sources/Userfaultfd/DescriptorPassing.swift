@@ -11,28 +11,51 @@ import Musl
 public enum DescriptorPassing {
     /// The process at the other end of a unix socket, from `SO_PEERCRED`.
     public struct PeerCredentials: Hashable, Sendable, CustomStringConvertible {
+        /// The peer's process id.
         public var pid: Int32
+        /// The peer's user id.
         public var uid: UInt32
+        /// The peer's group id.
         public var gid: UInt32
+        /// `pid P uid U gid G`.
         public var description: String { "pid \(pid) uid \(uid) gid \(gid)" }
     }
 
     /// Sends `payload` with exactly one descriptor attached (`SCM_RIGHTS`), in one `sendmsg`.
     ///
+    /// To hand over a userfaultfd with its features, use ``send(_:over:)``.
+    ///
+    /// - Parameters:
+    ///   - descriptor: The descriptor to pass; the sender keeps its own.
+    ///   - payload: At least one byte to travel with it.
+    ///   - socket: A connected unix socket.
     /// - Throws: `UserfaultfdError` for `sendmsg`, or if the payload is empty (a
     ///   descriptor needs at least one byte of data to travel with).
+    ///
+    /// The corresponding C call is `sendmsg(socket, &msg, MSG_NOSIGNAL)` with an `SCM_RIGHTS` control message.
     public static func send(_ descriptor: FileDescriptor, payload: [UInt8], over socket: FileDescriptor) throws(UserfaultfdError) {
         try send(descriptors: [descriptor], payload: payload, over: socket)
     }
 
     /// Sends `payload` with `descriptors` attached (0 to 16 of them), in one `sendmsg`.
+    ///
+    /// - Parameters:
+    ///   - descriptors: The descriptors to pass; the sender keeps its own.
+    ///   - payload: At least one byte to travel with them.
+    ///   - socket: A connected unix socket.
+    /// - Throws: `UserfaultfdError` for `sendmsg` (`EINVAL` for more than 16
+    ///   descriptors), or if the payload is empty.
+    ///
+    /// The corresponding C call is `sendmsg(socket, &msg, MSG_NOSIGNAL)` with an `SCM_RIGHTS` control message.
     public static func send(descriptors: [FileDescriptor], payload: [UInt8], over socket: FileDescriptor) throws(UserfaultfdError) {
         if payload.isEmpty {
             throw UserfaultfdError(operation: "sendmsg SCM_RIGHTS", kind: .invalidArgument("the payload is empty"))
         }
         let fds = descriptors.map(\.rawValue)
         let n = payload.withUnsafeBytes { bytes in
-            fds.withUnsafeBufferPointer { cuffd_send_fds(socket.rawValue, bytes.baseAddress, bytes.count, $0.baseAddress, Int32($0.count)) }
+            fds.withUnsafeBufferPointer { list in
+                retryOnInterrupt { cuffd_send_fds(socket.rawValue, bytes.baseAddress, bytes.count, list.baseAddress, Int32(list.count)) }
+            }
         }
         if n < 0 { throw UserfaultfdError(operation: "sendmsg SCM_RIGHTS", errno: currentErrno()) }
         if n != payload.count {
@@ -60,8 +83,15 @@ public enum DescriptorPassing {
     /// ``maxDescriptors`` they are closed on arrival and only counted. A message
     /// longer than `maxPayload` (on a stream socket: one that fills the buffer with
     /// more bytes already waiting) is refused and every descriptor received is closed.
-    /// - Throws: the errno of `recvmsg` (`EAGAIN` when a receive timeout expired), or
+    ///
+    /// - Parameters:
+    ///   - socket: A connected unix socket.
+    ///   - maxPayload: The longest message accepted, in bytes.
+    /// - Returns: The payload (empty at end of stream) and the descriptors, which the caller owns.
+    /// - Throws: The errno of `recvmsg` (`EAGAIN` when a receive timeout expired), or
     ///   ``UserfaultfdError/Kind/malformed(_:)`` for a truncated message.
+    ///
+    /// The corresponding C call is `recvmsg(socket, &msg, MSG_CMSG_CLOEXEC)`.
     public static func receiveMessage(from socket: FileDescriptor, maxPayload: Int = 65536) throws(UserfaultfdError) -> ReceivedMessage {
         var payload = [UInt8](repeating: 0, count: max(1, maxPayload))
         var fds = [Int32](repeating: -1, count: maxDescriptors)
@@ -88,7 +118,14 @@ public enum DescriptorPassing {
     /// Descriptors arrive close-on-exec (`MSG_CMSG_CLOEXEC`). If the message carries
     /// no descriptor, several, or was truncated, every descriptor received is closed
     /// and the call throws ``UserfaultfdError/Kind/malformed(_:)`` saying which.
-    /// - Returns: the payload and the descriptor, which the caller now owns.
+    ///
+    /// - Parameters:
+    ///   - socket: A connected unix socket.
+    ///   - maxPayload: The longest message accepted, in bytes.
+    /// - Returns: The payload and the descriptor, which the caller now owns.
+    /// - Throws: The errno of `recvmsg`, or ``UserfaultfdError/Kind/malformed(_:)``.
+    ///
+    /// The corresponding C call is `recvmsg(socket, &msg, MSG_CMSG_CLOEXEC)`.
     public static func receive(from socket: FileDescriptor, maxPayload: Int = 65536) throws(UserfaultfdError) -> (payload: [UInt8], descriptor: FileDescriptor) {
         let message = try receiveMessage(from: socket, maxPayload: maxPayload)
         if message.payload.isEmpty && message.descriptorCount == 0 {
@@ -102,6 +139,12 @@ public enum DescriptorPassing {
     }
 
     /// The credentials of the process at the other end of a connected unix socket.
+    ///
+    /// - Parameter socket: A connected unix socket.
+    /// - Returns: The peer's pid, uid and gid as the kernel recorded them at connection time.
+    /// - Throws: `UserfaultfdError` for `getsockopt`.
+    ///
+    /// The corresponding C call is `getsockopt(socket, SOL_SOCKET, SO_PEERCRED, &ucred, &size)`.
     public static func peerCredentials(of socket: FileDescriptor) throws(UserfaultfdError) -> PeerCredentials {
         var pid: Int32 = 0
         var uid: UInt32 = 0
@@ -114,6 +157,11 @@ public enum DescriptorPassing {
 
     /// A connected pair of unix stream sockets (close-on-exec), for tests and for
     /// handing a uffd to a child process.
+    ///
+    /// - Returns: The two ends; the caller owns both.
+    /// - Throws: `UserfaultfdError` for `socketpair`.
+    ///
+    /// The corresponding C call is `socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds)`.
     public static func socketPair() throws(UserfaultfdError) -> (FileDescriptor, FileDescriptor) {
         var fds: [Int32] = [-1, -1]
         if socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &fds) != 0 {

@@ -16,6 +16,10 @@ extension Userfaultfd.Handle {
     /// The call returns once the thread is ready to read: a `fork()` with EVENT_FORK
     /// holds the C allocator's locks until its FORK message is read, so a reader that
     /// still had to allocate its buffer then would deadlock with it.
+    ///
+    /// - Parameter batchSize: The most messages one `read` takes.
+    /// - Returns: A stream of every message, in the order the kernel delivered them.
+    /// - Throws: `UserfaultfdError` for `eventfd` (the thread's stop and readiness signals).
     public func events(batchSize: Int = 64) throws(UserfaultfdError) -> AsyncThrowingStream<Userfaultfd.Event, any Error> {
         let stop = try StopSignal()
         let ready = try StopSignal()
@@ -47,7 +51,7 @@ extension Userfaultfd.Handle {
             _ = thread
         }
         var readiness = pollfd(fd: ready.fileDescriptor.rawValue, events: Int16(POLLIN), revents: 0)
-        while Glibc.poll(&readiness, 1, -1) < 0 && errno == EINTR {}
+        _ = retryOnInterrupt { Glibc.poll(&readiness, 1, -1) }
         return stream
     }
 }

@@ -15,8 +15,11 @@ extension Userfaultfd {
         case pageFault(PageFault)
         /// The process forked; the child's ranges report to this new userfaultfd.
         case fork(ForkedUserfaultfd)
-        /// A registered range moved with `mremap`.
-        case remap(from: UInt64, to: UInt64, length: UInt64)
+        /// A registered range moved with `mremap`: the pages of `from` are now at `to`.
+        ///
+        /// Both ranges have the length the kernel reports (the old length); the
+        /// registration moved with the pages.
+        case remap(from: MemoryRange, to: MemoryRange)
         /// Pages were released with `madvise(MADV_DONTNEED/REMOVE)`; the range stays registered.
         case remove(MemoryRange)
         /// A registered range was unmapped.
@@ -24,30 +27,56 @@ extension Userfaultfd {
         /// A message this library does not know, kept with its code.
         case unknown(code: UInt8)
 
+        /// The event in one line, addresses in hex.
         public var description: String {
             switch self {
             case .pageFault(let f): return "pagefault \(f)"
             case .fork(let child): return "fork (uffd \(child.rawDescriptor))"
-            case .remap(let from, let to, let length):
-                return "remap 0x\(String(from, radix: 16)) -> 0x\(String(to, radix: 16)) (\(length) bytes)"
+            case .remap(let from, let to):
+                return "remap 0x\(String(from.start, radix: 16)) -> 0x\(String(to.start, radix: 16)) (\(from.length) bytes)"
             case .remove(let r): return "remove \(r)"
             case .unmap(let r): return "unmap \(r)"
             case .unknown(let code): return "unknown event 0x\(String(code, radix: 16))"
             }
         }
     }
+}
 
+extension Userfaultfd.Event {
+    /// The REMAP event from raw addresses.
+    ///
+    /// - Parameters:
+    ///   - from: The old start address.
+    ///   - to: The new start address.
+    ///   - length: The length of the moved range.
+    /// - Returns: ``remap(from:to:)`` with the two ranges.
+    @available(*, deprecated, message: "build remap(from:to:) with MemoryRange values")
+    public static func remap(from: UInt64, to: UInt64, length: UInt64) -> Self {
+        .remap(from: MemoryRange(start: from, length: length), to: MemoryRange(start: to, length: length))
+    }
+}
+
+extension Userfaultfd {
     /// A page fault message.
     public struct PageFault: Sendable, Equatable, CustomStringConvertible {
         /// Why the thread faulted.
         public struct Flags: OptionSet, Hashable, Sendable {
+            /// The bits as the kernel reads and writes them.
             public var rawValue: UInt64
+            /// The set with these bits; bits without a name here are kept.
+            ///
+            /// - Parameter rawValue: The bits as the kernel reads and writes them.
             public init(rawValue: UInt64) { self.rawValue = rawValue }
-            /// A write access. The corresponding C constant is `UFFD_PAGEFAULT_FLAG_WRITE`.
+            /// A write access.
+            ///
+            /// The corresponding C constant is `UFFD_PAGEFAULT_FLAG_WRITE`.
             public static let write = Flags(rawValue: UInt64(UFFD_PAGEFAULT_FLAG_WRITE))
-            /// A write to a write-protected page. The corresponding C constant is `UFFD_PAGEFAULT_FLAG_WP`.
+            /// A write to a write-protected page.
+            ///
+            /// The corresponding C constant is `UFFD_PAGEFAULT_FLAG_WP`.
             public static let writeProtect = Flags(rawValue: UInt64(UFFD_PAGEFAULT_FLAG_WP))
             /// A minor fault: the page is in the page cache but not mapped.
+            ///
             /// The corresponding C constant is `UFFD_PAGEFAULT_FLAG_MINOR`.
             public static let minor = Flags(rawValue: UInt64(UFFD_PAGEFAULT_FLAG_MINOR))
         }
@@ -59,12 +88,19 @@ extension Userfaultfd {
         /// The faulting thread's id, with the THREAD_ID feature.
         public var threadID: Int32?
 
+        /// A page fault as the kernel reports it.
+        ///
+        /// - Parameters:
+        ///   - address: The faulting address.
+        ///   - flags: Why it faulted.
+        ///   - threadID: The faulting thread's id, where THREAD_ID was negotiated.
         public init(address: UInt64, flags: Flags, threadID: Int32? = nil) {
             self.address = address
             self.flags = flags
             self.threadID = threadID
         }
 
+        /// `missing write at 0x… by tid …` and the like.
         public var description: String {
             var kind = flags.contains(.minor) ? "minor" : flags.contains(.writeProtect) ? "wp" : "missing"
             if flags.contains(.write) { kind += " write" }
@@ -89,7 +125,9 @@ extension Userfaultfd {
             self.rawDescriptor = descriptor
         }
 
-        /// Takes ownership of the child's userfaultfd. Returns nil if already taken.
+        /// Takes ownership of the child's userfaultfd.
+        ///
+        /// - Returns: The child's userfaultfd with the parent's features, or nil if already taken.
         public func take() -> Userfaultfd? {
             let fd = descriptor.withLock { fd -> Int32 in
                 let taken = fd
@@ -121,6 +159,8 @@ extension Userfaultfd {
         public private(set) var events: [Event]
 
         /// A buffer for up to `capacity` messages per read.
+        ///
+        /// - Parameter capacity: The most messages one read returns; at least 1.
         public init(capacity: Int = 64) {
             precondition(capacity > 0, "EventBuffer needs room for at least one message")
             self.capacity = capacity
@@ -152,7 +192,7 @@ extension Userfaultfd {
             case UFFD_EVENT_FORK:
                 return .fork(ForkedUserfaultfd(descriptor: p.loadUnaligned(fromByteOffset: 8, as: Int32.self), features: features))
             case UFFD_EVENT_REMAP:
-                return .remap(from: u64(8), to: u64(16), length: u64(24))
+                return .remap(from: MemoryRange(start: u64(8), length: u64(24)), to: MemoryRange(start: u64(16), length: u64(24)))
             case UFFD_EVENT_REMOVE:
                 return .remove(MemoryRange(start: u64(8), end: u64(16)))
             case UFFD_EVENT_UNMAP:
@@ -167,95 +207,27 @@ extension Userfaultfd {
 extension Userfaultfd.Handle {
     /// Reads the pending messages (up to the buffer's capacity) and decodes them.
     ///
-    /// - Returns: the number of messages read; 0 means none is pending now (`EAGAIN`).
+    /// - Parameter buffer: Where the messages go; ``Userfaultfd/EventBuffer/events``
+    ///   holds them afterwards.
+    /// - Returns: The number of messages read; 0 means none is pending now (`EAGAIN`).
     /// - Throws: `UserfaultfdError` for `read` on any other failure.
+    ///
     /// The corresponding C call is `read(fd, msgs, n * sizeof(struct uffd_msg))`.
     @discardableResult
     public func readEvents(into buffer: Userfaultfd.EventBuffer) throws(UserfaultfdError) -> Int {
-        while true {
-            let n = Glibc.read(fd, buffer.raw, buffer.capacity * Userfaultfd.EventBuffer.messageSize)
-            if n >= 0 {
-                if n % Userfaultfd.EventBuffer.messageSize != 0 {
-                    throw UserfaultfdError(operation: "read uffd_msg", kind: .malformed("read returned \(n) bytes, not a multiple of 32"))
-                }
-                let count = n / Userfaultfd.EventBuffer.messageSize
-                buffer.decode(count: count, features: features)
-                return count
-            }
+        try checkOpen("read uffd_msg")
+        let n = retryOnInterrupt { Glibc.read(fd, buffer.raw, buffer.capacity * Userfaultfd.EventBuffer.messageSize) }
+        if n < 0 {
             let e = currentErrno()
-            if e == .interrupted { continue }
-            if e == .resourceTemporarilyUnavailable {
-                buffer.decode(count: 0, features: features)
-                return 0
-            }
-            throw UserfaultfdError(operation: "read uffd_msg", errno: e)
+            if e != .resourceTemporarilyUnavailable { throw UserfaultfdError(operation: "read uffd_msg", errno: e) }
+            buffer.decode(count: 0, features: features)
+            return 0
         }
-    }
-
-    /// What ``wait(stop:timeoutMilliseconds:)`` saw.
-    public enum WaitResult: Equatable, Sendable {
-        /// Messages are ready to read.
-        case ready
-        /// The stop signal was raised.
-        case stopped
-        /// The timeout passed with nothing to read.
-        case timedOut
-        /// The userfaultfd reports an error or hang-up (for a forked child's uffd: the child is gone).
-        case hangUp
-    }
-
-    /// Blocks until messages are ready, `stop` is raised, or the timeout passes.
-    ///
-    /// It allocates nothing, not even on its first call, so it is safe while another
-    /// thread forks with EVENT_FORK (which holds the allocator's locks until the FORK
-    /// message is read).
-    ///
-    /// - Parameters:
-    ///   - stop: a signal another thread raises to end the wait (closing a uffd does not wake `poll`).
-    ///   - timeoutMilliseconds: -1 waits forever.
-    public func wait(stop: StopSignal?, timeoutMilliseconds: Int32 = -1) throws(UserfaultfdError) -> WaitResult {
-        let stopfd = stop?.fileDescriptor.rawValue ?? -1
-        var uffdEvents: Int16 = 0
-        var stopEvents: Int16 = 0
-        while true {
-            let n = cuffd_poll_pair(fd, stopfd, timeoutMilliseconds, &uffdEvents, &stopEvents)
-            if n < 0 {
-                let e = currentErrno()
-                if e == .interrupted { continue }
-                throw UserfaultfdError(operation: "poll", errno: e)
-            }
-            if n == 0 { return .timedOut }
-            if stopEvents != 0 { return .stopped }
-            if uffdEvents & Int16(POLLIN) != 0 { return .ready }
-            return .hangUp
+        if n % Userfaultfd.EventBuffer.messageSize != 0 {
+            throw UserfaultfdError(operation: "read uffd_msg", kind: .malformed("read returned \(n) bytes, not a multiple of 32"))
         }
+        let count = n / Userfaultfd.EventBuffer.messageSize
+        buffer.decode(count: count, features: features)
+        return count
     }
-}
-
-/// A level-triggered stop signal (an eventfd) for waking threads blocked in `poll`.
-///
-/// Raise it once; every waiter sees it until the signal is closed.
-public final class StopSignal: Sendable {
-    /// The eventfd.
-    public let fileDescriptor: FileDescriptor
-
-    public init() throws(UserfaultfdError) {
-        let fd = cuffd_eventfd_nonblocking(0)
-        if fd < 0 { throw UserfaultfdError(operation: "eventfd", errno: currentErrno()) }
-        fileDescriptor = FileDescriptor(rawValue: fd)
-    }
-
-    /// Wakes every current and future waiter.
-    public func raise() {
-        var one: UInt64 = 1
-        _ = withUnsafeBytes(of: &one) { Glibc.write(fileDescriptor.rawValue, $0.baseAddress, 8) }
-    }
-
-    /// Whether the signal has been raised.
-    public var isRaised: Bool {
-        var p = pollfd(fd: fileDescriptor.rawValue, events: Int16(POLLIN), revents: 0)
-        return Glibc.poll(&p, 1, 0) == 1
-    }
-
-    deinit { try? fileDescriptor.close() }
 }

@@ -13,46 +13,78 @@ import Musl
 /// ```swift
 /// let scanner = try PagemapScanner()
 /// let dirty = try scanner.scan(region, flags: .writeProtectMatching,
-///                              categories: .written, returning: .written)
+///                              required: .written, returning: .written)
 /// ```
 public final class PagemapScanner: @unchecked Sendable {
     /// Page categories, as `PAGEMAP_SCAN` reports and matches them.
     public struct Categories: OptionSet, Hashable, Sendable {
+        /// The bits as the kernel reads and writes them.
         public var rawValue: UInt64
+        /// The set with these bits; bits without a name here are kept.
+        ///
+        /// - Parameter rawValue: The bits as the kernel reads and writes them.
         public init(rawValue: UInt64) { self.rawValue = rawValue }
-        /// Registered with userfaultfd WP (async). The corresponding C constant is `PAGE_IS_WPALLOWED`.
+        /// Registered with userfaultfd WP (async).
+        ///
+        /// The corresponding C constant is `PAGE_IS_WPALLOWED`.
         public static let writeProtectAllowed = Categories(rawValue: UInt64(PAGE_IS_WPALLOWED))
-        /// Written since last write-protected. The corresponding C constant is `PAGE_IS_WRITTEN`.
+        /// Written since last write-protected.
+        ///
+        /// The corresponding C constant is `PAGE_IS_WRITTEN`.
         public static let written = Categories(rawValue: UInt64(PAGE_IS_WRITTEN))
-        /// File-backed. The corresponding C constant is `PAGE_IS_FILE`.
+        /// File-backed.
+        ///
+        /// The corresponding C constant is `PAGE_IS_FILE`.
         public static let file = Categories(rawValue: UInt64(PAGE_IS_FILE))
-        /// Present in memory. The corresponding C constant is `PAGE_IS_PRESENT`.
+        /// Present in memory.
+        ///
+        /// The corresponding C constant is `PAGE_IS_PRESENT`.
         public static let present = Categories(rawValue: UInt64(PAGE_IS_PRESENT))
-        /// Swapped out. The corresponding C constant is `PAGE_IS_SWAPPED`.
+        /// Swapped out.
+        ///
+        /// The corresponding C constant is `PAGE_IS_SWAPPED`.
         public static let swapped = Categories(rawValue: UInt64(PAGE_IS_SWAPPED))
-        /// Maps the zero page. The corresponding C constant is `PAGE_IS_PFNZERO`.
+        /// Maps the zero page.
+        ///
+        /// The corresponding C constant is `PAGE_IS_PFNZERO`.
         public static let pfnZero = Categories(rawValue: UInt64(PAGE_IS_PFNZERO))
-        /// Part of a huge page. The corresponding C constant is `PAGE_IS_HUGE`.
+        /// Part of a huge page.
+        ///
+        /// The corresponding C constant is `PAGE_IS_HUGE`.
         public static let huge = Categories(rawValue: UInt64(PAGE_IS_HUGE))
-        /// Soft-dirty. The corresponding C constant is `PAGE_IS_SOFT_DIRTY`.
+        /// Soft-dirty.
+        ///
+        /// The corresponding C constant is `PAGE_IS_SOFT_DIRTY`.
         public static let softDirty = Categories(rawValue: UInt64(PAGE_IS_SOFT_DIRTY))
-        /// A guard region. The corresponding C constant is `PAGE_IS_GUARD`.
+        /// A guard region.
+        ///
+        /// The corresponding C constant is `PAGE_IS_GUARD`.
         public static let guardRegion = Categories(rawValue: UInt64(PAGE_IS_GUARD))
     }
 
     /// Flags of one scan.
     public struct Flags: OptionSet, Hashable, Sendable {
+        /// The bits as the kernel reads and writes them.
         public var rawValue: UInt64
+        /// The set with these bits; bits without a name here are kept.
+        ///
+        /// - Parameter rawValue: The bits as the kernel reads and writes them.
         public init(rawValue: UInt64) { self.rawValue = rawValue }
-        /// Write-protect the matched pages. The corresponding C constant is `PM_SCAN_WP_MATCHING`.
+        /// Write-protect the matched pages.
+        ///
+        /// The corresponding C constant is `PM_SCAN_WP_MATCHING`.
         public static let writeProtectMatching = Flags(rawValue: UInt64(PM_SCAN_WP_MATCHING))
-        /// Fail when a page is not WP_ASYNC-registered. The corresponding C constant is `PM_SCAN_CHECK_WPASYNC`.
+        /// Fail when a page is not WP_ASYNC-registered.
+        ///
+        /// The corresponding C constant is `PM_SCAN_CHECK_WPASYNC`.
         public static let checkWPAsync = Flags(rawValue: UInt64(PM_SCAN_CHECK_WPASYNC))
     }
 
     /// A run of pages with the same categories.
     public struct Region: Hashable, Sendable {
+        /// The pages of the run.
         public var range: MemoryRange
+        /// Their categories, limited to those the scan asked to return.
         public var categories: Categories
     }
 
@@ -73,7 +105,10 @@ public final class PagemapScanner: @unchecked Sendable {
 
     /// Opens `/proc/<pid>/pagemap` (`self` by default).
     ///
-    /// - Parameter regionCapacity: the most regions one scan returns.
+    /// - Parameters:
+    ///   - pid: The process whose pages to scan; nil for this process.
+    ///   - regionCapacity: The most regions one scan returns.
+    /// - Throws: `UserfaultfdError` for `open`.
     public init(pid: Int32? = nil, regionCapacity: Int = 4096) throws(UserfaultfdError) {
         let path = "/proc/\(pid.map(String.init) ?? "self")/pagemap"
         let raw = Glibc.open(path, O_RDONLY | O_CLOEXEC)
@@ -100,6 +135,10 @@ public final class PagemapScanner: @unchecked Sendable {
     ///   - inverted: categories whose sense is inverted (`category_inverted`).
     ///   - returning: the categories reported per region (`return_mask`); defaults to `required ∪ anyOf`.
     ///   - maxPages: stop after this many matching pages (0: no limit).
+    /// - Returns: The matching regions and where the walk stopped.
+    /// - Throws: ``UserfaultfdError/Kind/invalidArgument(_:)`` for an unaligned range,
+    ///   else `UserfaultfdError` for `PAGEMAP_SCAN` (`EINVAL` on kernels without it).
+    ///
     /// The corresponding C call is `ioctl(pagemap_fd, PAGEMAP_SCAN, &pm_scan_arg)`.
     public func scan(
         _ range: MemoryRange,

@@ -32,6 +32,12 @@ public struct UserfaultfdError: Error, Equatable, Sendable, CustomStringConverti
     /// Extra guidance for the user: why it failed and what to do about it.
     public var hint: String?
 
+    /// An error for `operation` failing as `kind` says.
+    ///
+    /// - Parameters:
+    ///   - operation: What failed, for example `"UFFDIO_COPY"`.
+    ///   - kind: What went wrong.
+    ///   - hint: Why, and what to do about it.
     public init(operation: String, kind: Kind, hint: String? = nil) {
         self.operation = operation
         self.kind = kind
@@ -39,6 +45,11 @@ public struct UserfaultfdError: Error, Equatable, Sendable, CustomStringConverti
     }
 
     /// An error for `operation` failing with `errno`.
+    ///
+    /// - Parameters:
+    ///   - operation: What failed, for example `"UFFDIO_COPY"`.
+    ///   - errno: The error the system call returned.
+    ///   - hint: Why, and what to do about it.
     public init(operation: String, errno: Errno, hint: String? = nil) {
         self.init(operation: operation, kind: .system(errno), hint: hint)
     }
@@ -49,6 +60,7 @@ public struct UserfaultfdError: Error, Equatable, Sendable, CustomStringConverti
         return nil
     }
 
+    /// `OPERATION failed: …`, followed by the hint.
     public var description: String {
         var text: String
         switch kind {
@@ -70,16 +82,21 @@ public struct UserfaultfdError: Error, Equatable, Sendable, CustomStringConverti
 
 /// The current thread's `errno` as an `Errno`.
 @inline(__always)
-internal func currentErrno() -> Errno {
+package func currentErrno() -> Errno {
     Errno(rawValue: errno)
 }
 
 /// Runs `body` until it returns something other than -1 with `EINTR`.
 ///
-/// - Returns: the result of `body` when it is not -1.
+/// The one place of this package that retries a system call interrupted by a signal.
+///
+/// - Parameters:
+///   - operation: What `body` does, for the error (for example `"UFFDIO_REGISTER"`).
+///   - body: A system call wrapper that returns -1 and sets `errno` on failure.
+/// - Returns: The result of `body` when it is not -1.
 /// - Throws: `UserfaultfdError` naming `operation` with the `errno` of the failure.
 @inline(__always)
-internal func retryOnInterrupt<R: FixedWidthInteger>(
+package func retryOnInterrupt<R: FixedWidthInteger>(
     _ operation: String,
     _ body: () -> R
 ) throws(UserfaultfdError) -> R {
@@ -89,5 +106,21 @@ internal func retryOnInterrupt<R: FixedWidthInteger>(
         let e = currentErrno()
         if e == .interrupted { continue }
         throw UserfaultfdError(operation: operation, errno: e)
+    }
+}
+
+/// Runs `body` until it returns something other than -1 with `EINTR`, for callers
+/// that read `errno` themselves.
+///
+/// - Parameter body: A system call wrapper that returns -1 (or any negative value)
+///   and sets `errno` on failure.
+/// - Returns: The first result of `body` that is not a failure with `EINTR`; on any
+///   other failure `errno` still holds its error.
+@inline(__always)
+package func retryOnInterrupt<R: FixedWidthInteger>(_ body: () -> R) -> R {
+    while true {
+        let result = body()
+        if result < 0 && errno == EINTR { continue }
+        return result
     }
 }

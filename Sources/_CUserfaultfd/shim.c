@@ -24,11 +24,7 @@ ssize_t cuffd_send_fds(int sock, const void *buf, size_t len, const int *fds, in
         cmsg->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
         memcpy(CMSG_DATA(cmsg), fds, sizeof(int) * (size_t)nfds);
     }
-    ssize_t n;
-    do {
-        n = sendmsg(sock, &msg, MSG_NOSIGNAL);
-    } while (n < 0 && errno == EINTR);
-    return n;
+    return sendmsg(sock, &msg, MSG_NOSIGNAL);
 }
 
 ssize_t cuffd_recv_fds(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds, int *truncated) {

@@ -2,6 +2,7 @@ import FaultEngine
 import TestSupport
 import Testing
 import Userfaultfd
+import UserfaultfdDiagnostics
 import _CFaultEngine
 
 #if canImport(Glibc)

@@ -3,6 +3,7 @@ import FaultManager
 import TestSupport
 import Testing
 import Userfaultfd
+import UserfaultfdDiagnostics
 
 #if canImport(Glibc)
 import Glibc

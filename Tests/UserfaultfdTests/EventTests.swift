@@ -73,7 +73,7 @@ func checkEvents(_ kind: MemoryKind, writeProtect: Bool) throws {
     let released = Atomic<Bool>(false)
     let faultsAfterRelease = Atomic<Int>(0)
     let server = try FaultServer(session.handle, followForks: true, unregisterRemoved: true, onEvent: { event in
-        if case .remap(_, let to, _) = event { areaBase.store(to, ordering: .sequentiallyConsistent) }
+        if case .remap(_, let to) = event { areaBase.store(to.start, ordering: .sequentiallyConsistent) }
         if case .remove = event { released.store(true, ordering: .sequentiallyConsistent) }
     }) { fault, uffd in
         let start = fault.address & ~UInt64(ps - 1)
@@ -90,7 +90,7 @@ func checkEvents(_ kind: MemoryKind, writeProtect: Bool) throws {
             return
         }
         if fault.flags.contains(.writeProtect) {
-            try requireCompleted(uffd.writeProtect(MemoryRange(start: start, length: UInt64(ps)), protect: false), ps, "unprotect")
+            try requireCompleted(uffd.writeProtect(MemoryRange(start: start, length: UInt64(ps)), mode: []), ps, "unprotect")
             return
         }
         let page = Int(start - areaBase.load(ordering: .sequentiallyConsistent)) / ps
@@ -108,7 +108,7 @@ func checkEvents(_ kind: MemoryKind, writeProtect: Bool) throws {
     #expect(server.failures == [])
     #expect(end == .some(.exited(0)), "the child's exit code names the step that failed")
     #expect(server.events.first == .fork)
-    #expect(server.events.contains(.remap(from: m.range.start, to: landing.range.start, length: UInt64(length))))
+    #expect(server.events.contains(.remap(from: m.range, to: MemoryRange(start: landing.range.start, length: UInt64(length)))))
     #expect(server.events.contains(.remove(landing.range)))
     #expect(server.missing - faultsAfterRelease.load(ordering: .sequentiallyConsistent) == n)
     #expect(server.writeProtect == (writeProtect ? n : 0))
@@ -160,7 +160,7 @@ func checkMmapChanging(_ kind: MemoryKind) throws {
     try expectRetry("COPY") { try uffd.copy(to: page0.start, from: src.page(0), length: ps) }
     if ioctls.contains(.zeropage) { try expectRetry("ZEROPAGE") { try uffd.zeropage(page0) } }
     if ioctls.contains(.continue) { try expectRetry("CONTINUE") { try uffd.continueMapping(page0) } }
-    try expectRetry("WRITEPROTECT") { try uffd.writeProtect(page0, protect: true) }
+    try expectRetry("WRITEPROTECT") { try uffd.writeProtect(page0, mode: .writeProtect) }
     if ioctls.contains(.poison) { try expectRetry("POISON") { try uffd.poison(page0) } }
     if ioctls.contains(.move) {
         try expectRetry("MOVE") { try uffd.move(to: page0.start, from: moveSource.range.start, length: systemPageSize) }
@@ -181,7 +181,7 @@ func checkMmapChanging(_ kind: MemoryKind) throws {
     #expect(madvised.load(ordering: .sequentiallyConsistent) == 0)
     // Events read: the same ioctls work again.
     #expect(try uffd.copy(to: page0.start, from: src.page(0), length: ps) == .completed(ps))
-    #expect(try uffd.writeProtect(page0, protect: true) == .completed(ps))
+    #expect(try uffd.writeProtect(page0, mode: .writeProtect) == .completed(ps))
     try uffd.unregister(m.range)
     #expect(firstDifference(m.base, src.page(0), ps) == nil)
 }

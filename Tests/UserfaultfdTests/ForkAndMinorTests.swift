@@ -68,7 +68,7 @@ func checkWriteProtectFork(_ kind: MemoryKind, withEvent: Bool) throws {
     let server = try unprotectingServer(session, pageSize: ps)
     let page = MemoryRange(start: m.range.start, length: UInt64(ps))
     m.base.storeBytes(of: 1, as: UInt8.self)
-    try session.handle.writeProtect(page, protect: true)
+    try session.handle.writeProtect(page, mode: .writeProtect)
     #expect(try isWriteProtected(page.start))
     let present = childSeesWriteProtect(at: page.start, session: session, server: server)
     #expect(present?.end == .exited(0))
@@ -85,7 +85,7 @@ func checkWriteProtectFork(_ kind: MemoryKind, withEvent: Bool) throws {
     #expect(zapped?.end == .exited(0))
     #expect(zapped?.bit == withEvent, "zapped page")
 
-    try session.handle.writeProtect(page, protect: false)
+    try session.handle.writeProtect(page, mode: [])
     #expect(try !isWriteProtected(page.start))
     let base = m.range.start
     _ = runFaulting(session: session, server: server) { UnsafeMutableRawPointer(bitPattern: UInt(base))!.storeBytes(of: 2, as: UInt8.self) }
@@ -112,7 +112,7 @@ func checkMinor(_ kind: MemoryKind, writeProtect: Bool) throws {
     let server = try FaultServer(session.handle) { fault, uffd in
         let start = fault.address & ~UInt64(ps - 1)
         if fault.flags.contains(.writeProtect) {
-            try requireCompleted(uffd.writeProtect(MemoryRange(start: start, length: UInt64(ps)), protect: false), ps, "unprotect")
+            try requireCompleted(uffd.writeProtect(MemoryRange(start: start, length: UInt64(ps)), mode: []), ps, "unprotect")
             return
         }
         guard fault.flags.contains(.minor) else { throw Failure("unexpected fault \(fault)") }

@@ -19,7 +19,7 @@ func checkDirtyTracking(_ kind: MemoryKind) throws {
     let m = try kind.map()
     let ps = kind.pageSize, n = kind.pageCount
     try session.handle.register(m.range, mode: .writeProtect)
-    try session.handle.writeProtect(m.range, protect: true)
+    try session.handle.writeProtect(m.range, mode: .writeProtect)
     let scanner = try PagemapScanner()
     func dirtyPages(maxPages: Int = 0) throws -> [Int] {
         let result = try scanner.scan(m.range, flags: .writeProtectMatching, required: .written, maxPages: maxPages)

@@ -97,7 +97,7 @@ private func onSigbus(_ number: Int32, _ info: UnsafeMutablePointer<siginfo_t>?,
             if outcome == .completed(Int(ps)) { sigbusContext.missingSignals += 1 } else { sigbusContext.strays += 1; replacePage(start) }
         } else if state[page] == 1 && sigbusContext.writeProtect {
             state[page] = 2
-            let outcome = try? handle.writeProtect(MemoryRange(start: start, length: ps), protect: false)
+            let outcome = try? handle.writeProtect(MemoryRange(start: start, length: ps), mode: [])
             if outcome == .completed(Int(ps)) { sigbusContext.writeProtectSignals += 1 } else { sigbusContext.strays += 1; replacePage(start) }
         } else {
             sigbusContext.strays += 1

@@ -3,6 +3,7 @@ import Synchronization
 import SystemPackage
 import Testing
 import Userfaultfd
+import UserfaultfdDiagnostics
 
 /// The memory types of the matrix.
 enum MemoryKind: String, Codable, Sendable, CaseIterable, CustomTestStringConvertible {
@@ -151,7 +152,7 @@ func error(of body: () throws -> Void) -> UserfaultfdError? {
 /// What a ``FaultServer`` saw besides page faults.
 enum SeenEvent: Equatable, Sendable {
     case fork
-    case remap(from: UInt64, to: UInt64, length: UInt64)
+    case remap(from: MemoryRange, to: MemoryRange)
     case remove(MemoryRange)
     case unmap(MemoryRange)
 }
@@ -242,8 +243,8 @@ final class FaultServer: @unchecked Sendable {
                             children.withLock { $0.append(session) }
                             current = session.handle
                         }
-                    case .remap(let from, let to, let length):
-                        state.withLock { $0.events.append(.remap(from: from, to: to, length: length)) }
+                    case .remap(let from, let to):
+                        state.withLock { $0.events.append(.remap(from: from, to: to)) }
                     case .remove(let range):
                         state.withLock { $0.events.append(.remove(range)) }
                         if unregisterRemoved {

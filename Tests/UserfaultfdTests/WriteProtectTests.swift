@@ -28,29 +28,29 @@ extension Matrix {
             let page1 = MemoryRange(start: m.range.start + UInt64(ps), length: UInt64(ps))
 
             // A marker on an unpopulated page, cleared by unprotect and by DONTNEED.
-            try uffd.writeProtect(page0, protect: true)
+            try uffd.writeProtect(page0, mode: .writeProtect)
             #expect(try isWriteProtected(page0.start))
-            try uffd.writeProtect(page0, protect: false)
+            try uffd.writeProtect(page0, mode: [])
             #expect(try !isWriteProtected(page0.start))
-            try uffd.writeProtect(page0, protect: true)
+            try uffd.writeProtect(page0, mode: .writeProtect)
             #expect(madvise(page0.pointer, ps, MADV_DONTNEED) == 0)
             #expect(try !isWriteProtected(page0.start))
 
             let server = try FaultServer(uffd) { fault, handle in
                 let page = MemoryRange(start: fault.address & ~UInt64(ps - 1), length: UInt64(ps))
-                try requireCompleted(handle.writeProtect(page, protect: false), ps, "unprotect")
+                try requireCompleted(handle.writeProtect(page, mode: []), ps, "unprotect")
             }
             // Without a marker the write does not fault.
             _ = runFaulting(session: session, server: server) { page0.pointer.storeBytes(of: 1, as: UInt8.self) }
             #expect(server.writeProtect == 0)
             #expect(try !isWriteProtected(page0.start))
             // Reading a protected, unpopulated page does not fault either.
-            try uffd.writeProtect(page1, protect: true)
+            try uffd.writeProtect(page1, mode: .writeProtect)
             let read = runFaulting(session: session, server: server) { page1.pointer.load(as: UInt8.self) }
             #expect(read == 0)
             #expect(server.writeProtect == 0)
             // Writing it does: that is what WP_UNPOPULATED adds.
-            try uffd.writeProtect(page1, protect: true)
+            try uffd.writeProtect(page1, mode: .writeProtect)
             _ = runFaulting(session: session, server: server) { page1.pointer.storeBytes(of: 7, as: UInt8.self) }
             server.stop()
             #expect(server.failures == [])
@@ -68,7 +68,7 @@ func unprotectingServer(_ session: Session, pageSize ps: Int, copyFrom src: Page
         let start = fault.address & ~UInt64(ps - 1)
         if fault.flags.contains(.writeProtect) {
             if !fault.flags.contains(.write) { throw Failure("a WP fault without the WRITE flag") }
-            try requireCompleted(uffd.writeProtect(MemoryRange(start: start, length: UInt64(ps)), protect: false), ps, "unprotect")
+            try requireCompleted(uffd.writeProtect(MemoryRange(start: start, length: UInt64(ps)), mode: []), ps, "unprotect")
         } else if let src {
             let page = Int(start - base) / ps
             try requireCompleted(uffd.copy(to: start, from: src.page(page), length: ps, mode: .writeProtect), ps, "UFFDIO_COPY WP")
@@ -85,7 +85,7 @@ func checkWriteProtect(_ kind: MemoryKind) throws {
     let src = PageSource(pageSize: ps, count: n)
     memcpy(m.base, src.base, n * ps)
     try session.handle.register(m.range, mode: .writeProtect, requiring: .writeProtect)
-    #expect(try session.handle.writeProtect(m.range, protect: true) == .completed(n * ps))
+    #expect(try session.handle.writeProtect(m.range, mode: .writeProtect) == .completed(n * ps))
     #expect(try isWriteProtected(m.range.start + UInt64((n - 1) * ps)))
     let server = try unprotectingServer(session, pageSize: ps)
     let range = m.range

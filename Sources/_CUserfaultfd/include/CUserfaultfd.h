@@ -155,16 +155,6 @@ static inline int cuffd_userfaultfd(int flags) {
     return (int)syscall(SYS_userfaultfd, flags);
 }
 
-/// `ioctl(fd, request, arg)` with a pointer argument.
-static inline int cuffd_ioctl_ptr(int fd, unsigned long request, void *arg) {
-    return ioctl(fd, request, arg);
-}
-
-/// `ioctl(fd, request, value)` with an integer argument.
-static inline int cuffd_ioctl_int(int fd, unsigned long request, unsigned long value) {
-    return ioctl(fd, request, value);
-}
-
 static inline int cuffd_api(int fd, struct uffdio_api *arg) { return ioctl(fd, UFFDIO_API, arg); }
 static inline int cuffd_register(int fd, struct uffdio_register *arg) { return ioctl(fd, UFFDIO_REGISTER, arg); }
 static inline int cuffd_unregister(int fd, struct uffdio_range *arg) { return ioctl(fd, UFFDIO_UNREGISTER, arg); }
@@ -191,8 +181,8 @@ int cuffd_memfd_create(const char *name, unsigned int flags);
 /// Names the calling thread (at most 15 bytes are kept).
 int cuffd_set_thread_name(const char *name);
 
-/// `sendmsg` of `len` bytes with `nfds` descriptors attached as SCM_RIGHTS.
-/// Returns the bytes sent or -1 with errno.
+/// One `sendmsg` of `len` bytes with `nfds` descriptors attached as SCM_RIGHTS.
+/// Returns the bytes sent or -1 with errno (`EINTR` included: the caller retries).
 ssize_t cuffd_send_fds(int sock, const void *buf, size_t len, const int *fds, int nfds);
 
 /// `recvmsg` of up to `len` bytes with `MSG_CMSG_CLOEXEC`. Every descriptor that

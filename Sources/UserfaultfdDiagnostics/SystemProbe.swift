@@ -1,3 +1,5 @@
+import Userfaultfd
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -30,35 +32,55 @@ public struct SystemProbe: Sendable, Codable {
     /// 2 MiB huge pages: free and reserved.
     public var hugePages: HugePageCount
 
+    /// The userfaultfd device node as this process sees it.
     public struct Device: Sendable, Codable {
+        /// `/dev/userfaultfd`.
         public var path: String
+        /// Whether it exists.
         public var exists: Bool
+        /// Its permission bits in octal, such as `600`.
         public var mode: String?
+        /// Its owner's uid.
         public var owner: UInt32?
+        /// Its group's gid.
         public var group: UInt32?
+        /// Whether this process may open it for reading and writing.
         public var accessible: Bool
     }
 
+    /// One way of creating a userfaultfd, tried.
     public struct CreationAttempt: Sendable, Codable {
+        /// `syscall` or `device`.
         public var method: String
+        /// Whether `UFFD_USER_MODE_ONLY` was asked for.
         public var userModeOnly: Bool
+        /// Whether a userfaultfd was created.
         public var works: Bool
+        /// Why not, if it was refused.
         public var error: String?
     }
 
+    /// One feature and whether the kernel offers it.
     public struct FeatureSupport: Sendable, Codable {
+        /// The name without the `UFFD_FEATURE_` prefix.
         public var name: String
+        /// Its bit number.
         public var bit: Int
+        /// Whether the kernel offers it.
         public var supported: Bool
     }
 
+    /// What one kind of memory offers in each register mode.
     public struct MemoryType: Sendable, Codable {
+        /// `anonymous`, `shmem` or `hugetlb`.
         public var kind: String
         /// Why the memory could not be mapped (for hugetlb: no huge page reserved).
         public var unavailable: String?
+        /// One result per register mode.
         public var modes: [ModeResult]
     }
 
+    /// What registering in one mode gave.
     public struct ModeResult: Sendable, Codable {
         /// For example `MISSING|WP`.
         public var mode: String
@@ -68,8 +90,11 @@ public struct SystemProbe: Sendable, Codable {
         public var error: String?
     }
 
+    /// The 2 MiB huge pages before the probe.
     public struct HugePageCount: Sendable, Codable {
+        /// Reserved and not in use.
         public var free: Int
+        /// Reserved in all.
         public var total: Int
         /// Whether one page was reserved just for the probe and given back.
         public var borrowedForProbe = false
@@ -84,6 +109,7 @@ public struct SystemProbe: Sendable, Codable {
     /// - Parameter borrowHugePage: when no huge page is free and this process may
     ///   reserve one (root), reserve one for the hugetlb row and give it back after.
     ///   The reported counts are those from before the probe.
+    /// - Returns: The report; a step that fails here is reported in it, not thrown.
     public static func run(borrowHugePage: Bool = true) -> SystemProbe {
         let hugeBefore = HugePageCount(free: HugePages.free, total: HugePages.total)
         var u = utsname()
@@ -132,11 +158,17 @@ public struct SystemProbe: Sendable, Codable {
     }
 
     /// The names of the ioctls in `set`, in ioctl-number order.
+    ///
+    /// - Parameter set: Ioctls, as a registration or the handshake reports them.
+    /// - Returns: Names such as `COPY`, without the `UFFDIO_` prefix.
     public static func names(of set: Userfaultfd.Ioctls) -> [String] {
         Userfaultfd.Ioctls.named.filter { set.contains($0.ioctl) }.map(\.name)
     }
 
     /// `MISSING|WP|MINOR` style name of a register mode.
+    ///
+    /// - Parameter mode: A register mode.
+    /// - Returns: Its modes joined by `|`.
     public static func name(of mode: Userfaultfd.RegisterMode) -> String {
         [("MISSING", Userfaultfd.RegisterMode.missing), ("WP", .writeProtect), ("MINOR", .minor)]
             .filter { mode.contains($0.1) }.map(\.0).joined(separator: "|")
