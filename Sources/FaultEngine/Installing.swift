@@ -181,7 +181,7 @@ extension HandlerLoop {
     @inline(__always)
     func fill(_ buffer: UnsafeMutableRawPointer, entry: RegionEntry, from i: UInt64, to j: UInt64, zeroed: UInt64) throws(PageSourceError) {
         if zeroed == 0 {
-            try source.fill(UnsafeMutableRawBufferPointer(start: buffer, count: Int((j &- i) &* ps)), at: entry.sourceOffset &+ i &* ps)
+            try fillFromSource(UnsafeMutableRawBufferPointer(start: buffer, count: Int((j &- i) &* ps)), at: entry.sourceOffset &+ i &* ps)
             return
         }
         var p = i
@@ -193,10 +193,26 @@ extension HandlerLoop {
             if z {
                 memset(region.baseAddress!, 0, region.count)
             } else {
-                try source.fill(region, at: entry.sourceOffset &+ p &* ps)
+                try fillFromSource(region, at: entry.sourceOffset &+ p &* ps)
             }
             p = q
         }
+    }
+
+    /// Asks the source for `region`'s bytes; past the source's end (inside its last
+    /// page, as validation allows) the bytes are zeros.
+    @inline(__always)
+    func fillFromSource(_ region: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(PageSourceError) {
+        let end = offset &+ UInt64(region.count)
+        if let length = sourceLength, end > length {
+            let available = offset < length ? Int(length &- offset) : 0
+            if available > 0 {
+                try source.fill(UnsafeMutableRawBufferPointer(start: region.baseAddress, count: available), at: offset)
+            }
+            memset(region.baseAddress! + available, 0, region.count - available)
+            return
+        }
+        try source.fill(region, at: offset)
     }
 
     /// Runs a resolving ioctl over the run until every page is installed or found
@@ -218,6 +234,7 @@ extension HandlerLoop {
             progress = off
             account(installed: installed, faultInstalled: faultInstalled, zero: zero)
         }
+        var skippedToFault = false
         while off < bytes {
             let outcome: Userfaultfd.Outcome
             do {
@@ -225,11 +242,15 @@ extension HandlerLoop {
             } catch {
                 if isProcessGone(error) { return .gone }
                 if fallible { return nil }
-                record(failure: error, at: entry.range.start &+ i &* ps &+ UInt64(off))
-                if faultPage >= i && faultPage < j {
-                    try? handle.wake(MemoryRange(start: entry.range.start &+ faultPage &* ps, length: ps))
+                let faultOffset = faultPage >= i && faultPage < j ? Int((faultPage &- i) &* ps) : -1
+                if !faultInstalled && !skippedToFault && faultOffset > off {
+                    // Pages before the faulting one failed: try from the faulting page once.
+                    skippedToFault = true
+                    off = faultOffset
+                    continue
                 }
-                return .done
+                let failedAt = entry.range.start &+ i &* ps &+ UInt64(off)
+                return installFailed(entry, faultPage: faultInstalled ? .max : faultPage, at: failedAt, error: error)
             }
             switch outcome {
             case .completed(let n), .partial(let n):
@@ -284,6 +305,30 @@ extension HandlerLoop {
         guard containsFault else { return .done }
         let address = entry.range.start &+ faultPage &* ps
         report(.sourceFailed(address: address, error: error))
+        return poison(entry, page: faultPage)
+    }
+
+    /// A resolving ioctl failed with an error that retrying cannot fix (EFAULT from a
+    /// source that went away, EINVAL, ...): report it once and poison the faulting page
+    /// (`faultPage`, `.max` if none is waiting), so that its thread gets SIGBUS instead
+    /// of faulting again forever.
+    ///
+    /// ENOENT is the exception: the range was unregistered under the call, so the
+    /// faulting thread is woken and finds ordinary memory.
+    func installFailed(_ entry: RegionEntry, faultPage: UInt64, at failedAt: UInt64, error: UserfaultfdError) -> InstallResult {
+        record(failure: error, at: failedAt)
+        guard faultPage != .max else { return .done }
+        let address = entry.range.start &+ faultPage &* ps
+        if error.errno == .noSuchFileOrDirectory {
+            try? handle.wake(MemoryRange(start: address, length: ps))
+            return .done
+        }
+        return poison(entry, page: faultPage)
+    }
+
+    /// Poisons `page` of `entry` (its thread, and any later access, gets SIGBUS).
+    func poison(_ entry: RegionEntry, page faultPage: UInt64) -> InstallResult {
+        let address = entry.range.start &+ faultPage &* ps
         do {
             switch try handle.poison(MemoryRange(start: address, length: ps)) {
             case .completed, .partial:
