@@ -76,8 +76,8 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
     public typealias Configuration = FaultServerConfiguration
 
     let handle: Userfaultfd.Handle
-    /// The uffd's descriptor, owned; -1 once closed.
-    private let ownedDescriptor: Mutex<Int32>
+    /// The uffd, owned until the server retires it.
+    private let owner: UserfaultfdOwner
     let source: Source
     /// The configuration the server runs with.
     public let configuration: Configuration
@@ -97,7 +97,9 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
     let stopRequested = Atomic<Bool>(false)
     /// Set by the first thread that finds the process gone (it reports it, once).
     let processGone = Atomic<Bool>(false)
-    var signalResolver: SignalResolverRegistration?
+    /// Set once by ``start()`` (before any thread of the server runs), read from any thread.
+    private let resolverSlot = Mutex<SignalResolverRegistration?>(nil)
+    var signalResolver: SignalResolverRegistration? { resolverSlot.withLock { $0 } }
 
     private struct State {
         var started = false
@@ -157,7 +159,7 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
         }
         // Nothing can fail from here on: take ownership of the descriptor.
         self.handle = handle
-        self.ownedDescriptor = Mutex(userfaultfd.release().rawValue)
+        self.owner = UserfaultfdOwner(userfaultfd)
         self.source = source
         self.configuration = configuration
         self.pageSize = page
@@ -179,8 +181,11 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
             if r.range.length == 0 || !r.range.isAligned(to: ps) { throw bad("region \(r.range) is empty or not page-aligned (\(pageSize)-byte pages)") }
             if r.range.end < r.range.start { throw bad("region \(r.range) wraps around the address space") }
             if r.sourceOffset % ps != 0 { throw bad("source offset \(r.sourceOffset) of region \(r.range) is not page-aligned (\(pageSize)-byte pages)") }
-            if let length = source.length, r.sourceOffset > length || r.range.length > length - r.sourceOffset {
-                throw bad("region \(r.range) at source offset \(r.sourceOffset) reaches beyond the source's \(length) bytes")
+            // A source whose length ends inside a page serves that page's tail as zeros.
+            if let length = source.length.map({ ($0 &+ ps &- 1) / ps &* ps }),
+                r.sourceOffset > length || r.range.length > length - r.sourceOffset
+            {
+                throw bad("region \(r.range) at source offset \(r.sourceOffset) reaches beyond the source's \(source.length ?? 0) bytes")
             }
             if case .minor = configuration.strategy {
                 guard let alias = r.pageCacheAlias, alias % ps == 0 else {
@@ -202,32 +207,19 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
     }
 
     /// Releases the uffd but keeps its number taken by `/dev/null` (atomically, with
-    /// `dup2`). Returns the number, which the caller closes later; -1 if none was open.
-    private func retireDescriptor() -> Int32 {
-        let fd = ownedDescriptor.withLock { fd -> Int32 in
-            let old = fd
-            fd = -1
-            return old
-        }
-        guard fd >= 0 else { return -1 }
+    /// `dup2`). Returns the owner of the number (now the placeholder), which closes it
+    /// when the caller drops it; nil if none was open or no placeholder could be made
+    /// (then the uffd is closed outright and the resolver sees EBADF).
+    private func retireDescriptor() -> Userfaultfd? {
+        guard let retired = owner.take() else { return nil }
         let null = Glibc.open("/dev/null", O_RDONLY | O_CLOEXEC)
-        if null < 0 || dup2(null, fd) < 0 {
-            // Without a placeholder, close it outright (the resolver sees EBADF).
-            _ = Glibc.close(fd)
-            if null >= 0 { _ = Glibc.close(null) }
-            return -1
-        }
-        _ = Glibc.close(null)
-        return fd
+        defer { if null >= 0 { _ = Glibc.close(null) } }
+        if null < 0 || dup2(null, retired.fileDescriptor.rawValue) < 0 { return nil }
+        return retired
     }
 
     private func closeDescriptor() {
-        let fd = ownedDescriptor.withLock { fd -> Int32 in
-            let old = fd
-            fd = -1
-            return old
-        }
-        if fd >= 0 { _ = Glibc.close(fd) }
+        _ = owner.take()
     }
 
     /// The regions served now (after UNMAP and REMAP events).
@@ -267,9 +259,10 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
         }
         if case .sigbus(let chunk) = configuration.strategy {
             do {
-                signalResolver = try SignalResolverRegistration(
+                let resolver = try SignalResolverRegistration(
                     handle: handle, regions: table.snapshot, backing: source.signalSafeBacking, chunkPages: chunk,
                     pageSize: pageSize, recorder: recorder)
+                resolverSlot.withLock { $0 = resolver }
             } catch {
                 state.withLock { $0.started = false }
                 throw error
@@ -356,7 +349,7 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
             let placeholder = retireDescriptor()
             signalResolver.drain()
             signalResolver.unregister()
-            if placeholder >= 0 { _ = Glibc.close(placeholder) }
+            _ = consume placeholder
         } else {
             closeDescriptor()
         }
@@ -377,5 +370,21 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
     /// Whether the server is serving (started, not yet stopped or gone).
     public var isRunning: Bool {
         state.withLock { $0.started && !$0.stopped } && !finishedSignal.isRaised
+    }
+}
+
+/// Holds a server's uffd until the server gives it up (once, from any thread).
+final class UserfaultfdOwner: @unchecked Sendable {
+    private let lock = Mutex(())
+    /// Accessed only under `lock`.
+    private var owned: Userfaultfd?
+
+    init(_ userfaultfd: consuming Userfaultfd) {
+        owned = consume userfaultfd
+    }
+
+    /// The uffd, now the caller's; nil if it was taken already.
+    func take() -> Userfaultfd? {
+        lock.withLock { _ in owned.take() }
     }
 }

@@ -29,10 +29,14 @@ final class HandlerLoop<Source: PageSource> {
     let server: FaultServer<Source>
     let handle: Userfaultfd.Handle
     let source: Source
+    /// The source's length, if known (read once: the fault path does not ask again).
+    let sourceLength: UInt64?
     let table: RegionTable
     let counters: StatisticsCounters
     let onEvent: (@Sendable (FaultServerEvent) -> Void)?
     let recorder: WorkingSetRecorder?
+    /// The server's SIGBUS resolver, if it has one (set before this thread started).
+    let signalResolver: SignalResolverRegistration?
     /// The handler's number; -1 for the prefetch thread.
     let index: Int
     let ps: UInt64
@@ -76,10 +80,12 @@ final class HandlerLoop<Source: PageSource> {
         self.server = server
         self.handle = server.handle
         self.source = server.source
+        self.sourceLength = server.source.length
         self.table = server.table
         self.counters = server.counters
         self.onEvent = onEvent
         self.recorder = server.recorder
+        self.signalResolver = server.signalResolver
         self.index = index
         self.ps = UInt64(server.pageSize)
         let configuration = server.configuration
@@ -158,7 +164,7 @@ final class HandlerLoop<Source: PageSource> {
         loop: while !gone {
             let waited: Userfaultfd.Handle.WaitResult
             do {
-                if let requests = server.signalResolver?.requestPipe {
+                if let requests = signalResolver?.requestPipe {
                     waited = try waitForMessagesOrRequests(requests.read)
                     if waited == .timedOut {
                         serveSignalRequests(requests.read)
@@ -249,7 +255,7 @@ final class HandlerLoop<Source: PageSource> {
     /// Serves the addresses faulting threads wrote to the SIGBUS request pipe, then
     /// wakes them (they wait on the resolver's generation word).
     func serveSignalRequests(_ requests: Int32) {
-        guard let resolver = server.signalResolver else { return }
+        guard let resolver = signalResolver else { return }
         var addresses: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0, 0, 0, 0, 0)
         while true {
             let n = withUnsafeMutableBytes(of: &addresses) { Glibc.read(requests, $0.baseAddress, $0.count) }
@@ -286,12 +292,12 @@ final class HandlerLoop<Source: PageSource> {
         case .unmap(let range):
             StatisticsCounters.add(counters.unmaps, 1)
             table.unmap(range)
-            server.signalResolver?.update(table.snapshot)
+            signalResolver?.update(table.snapshot)
             report(.unmapped(range))
         case .remap(let from, let to, let length):
             StatisticsCounters.add(counters.remaps, 1)
             table.remap(from: from, to: to, length: length)
-            server.signalResolver?.update(table.snapshot)
+            signalResolver?.update(table.snapshot)
             report(.remapped(from: from, to: to, length: length))
         case .fork(let child):
             StatisticsCounters.add(counters.forks, 1)
@@ -363,7 +369,7 @@ final class HandlerLoop<Source: PageSource> {
         counters.histograms[index].withLock { record in
             for k in 0..<n {
                 _ = record.histogram.record(max(values[k], 1))
-                record.blockTime &+= values[k]
+                record.resolveTime &+= values[k]
             }
         }
         latencyCount = 0
