@@ -79,8 +79,11 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
     /// The uffd, owned until the server retires it.
     private let owner: UserfaultfdOwner
     let source: Source
-    /// The configuration the server runs with.
+    /// The configuration the server runs with (an ``FaultServerConfiguration/Strategy/automatic``
+    /// strategy resolved to a concrete one).
     public let configuration: Configuration
+    /// The configuration the server runs with and why it was chosen.
+    public let strategyChoice: StrategyChoice
     let table: RegionTable
     let counters: StatisticsCounters
     let stopSignal: StopSignal
@@ -127,26 +130,19 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
         userfaultfd: consuming Userfaultfd,
         regions: [ServedRegion],
         source: Source,
-        configuration: Configuration = .default
+        configuration requested: Configuration = .default
     ) throws(UserfaultfdError) {
+        try requested.validate()
+        let handle = userfaultfd.handle
+        let choice = requested.resolved(
+            features: handle.features, regions: regions,
+            sourceIsMovable: source.movablePages(at: regions.first?.sourceOffset ?? 0, length: requested.pageSize) != nil,
+            sourceIsSignalSafe: source.signalSafeBacking != nil)
+        let configuration = choice.configuration
         try configuration.validate()
         let page = configuration.pageSize
         try Self.validate(regions, source: source, configuration: configuration, pageSize: page)
-        let handle = userfaultfd.handle
-        switch configuration.strategy {
-        case .sigbus:
-            if !handle.features.contains(.sigbus) {
-                throw UserfaultfdError(operation: "FaultServer", kind: .invalidArgument(
-                    "the sigbus strategy needs a uffd handshaken with FEATURE_SIGBUS (it has \(handle.features))"))
-            }
-        case .minor:
-            if !handle.features.contains(.minorShmem) {
-                throw UserfaultfdError(operation: "FaultServer", kind: .invalidArgument(
-                    "the minor strategy needs a uffd handshaken with FEATURE_MINOR_SHMEM (it has \(handle.features))"))
-            }
-        case .copy, .move:
-            break
-        }
+        try Self.checkFeatures(handle.features, for: configuration)
         var replay: [UInt64] = []
         if case .replay(let path) = configuration.prefetch {
             replay = try WorkingSetFile.read(path)
@@ -162,6 +158,7 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
         self.owner = UserfaultfdOwner(userfaultfd)
         self.source = source
         self.configuration = configuration
+        self.strategyChoice = choice
         self.pageSize = page
         self.table = table
         self.counters = StatisticsCounters(handlers: configuration.handlerThreads)
@@ -169,6 +166,24 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
         self.finishedSignal = finishedSignal
         self.recorder = recorder
         self.replayOffsets = replay
+    }
+
+    private static func checkFeatures(_ features: Userfaultfd.Features, for configuration: Configuration) throws(UserfaultfdError) {
+        switch configuration.strategy {
+        case .sigbus:
+            if !features.contains(.sigbus) {
+                throw UserfaultfdError(operation: "FaultServer", kind: .invalidArgument(
+                    "the sigbus strategy needs a uffd handshaken with FEATURE_SIGBUS (it has \(features))"))
+            }
+        case .minor:
+            let needed: Userfaultfd.Features = configuration.pageSize == systemPageSize ? .minorShmem : .minorHugetlbfs
+            if !features.contains(needed) {
+                throw UserfaultfdError(operation: "FaultServer", kind: .invalidArgument(
+                    "the minor strategy needs a uffd handshaken with \(needed) (it has \(features))"))
+            }
+        case .copy, .move, .automatic:
+            break
+        }
     }
 
     private static func validate(_ regions: [ServedRegion], source: Source, configuration: Configuration, pageSize: Int) throws(UserfaultfdError) {
@@ -241,6 +256,8 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
     public var statistics: FaultStatistics {
         var s = counters.snapshot(inThread: signalResolver?.resolvedFaults ?? 0)
         s.poisonedPages += signalResolver?.poisonedPages ?? 0
+        s.strategy = "\(configuration.strategy)"
+        s.strategyReason = strategyChoice.reason
         return s
     }
 

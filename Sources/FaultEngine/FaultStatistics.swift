@@ -50,6 +50,10 @@ public struct FaultStatistics: Sendable, Codable, Hashable {
     public var resolveTimeNanoseconds: UInt64 = 0
     /// The last source failure, described.
     public var lastError: String?
+    /// The strategy the server runs (an automatic one resolved), e.g. `sigbus(chunkPages: 16)`.
+    public var strategy: String?
+    /// Why the server runs that strategy (see ``FaultServer/strategyChoice``).
+    public var strategyReason: String?
 
     public init() {}
 
@@ -72,6 +76,8 @@ public struct FaultStatistics: Sendable, Codable, Hashable {
             ("latencyMax", "\(latencyMax)"), ("resolveTimeNanoseconds", "\(resolveTimeNanoseconds)"),
         ]
         fields.append(("lastError", lastError.map(jsonQuoted) ?? "null"))
+        fields.append(("strategy", strategy.map(jsonQuoted) ?? "null"))
+        fields.append(("strategyReason", strategyReason.map(jsonQuoted) ?? "null"))
         return "{" + fields.map { "\"\($0.0)\":\($0.1)" }.joined(separator: ",") + "}"
     }
 }

@@ -92,7 +92,7 @@ final class HandlerLoop<Source: PageSource> {
         self.chunkPages = UInt64(configuration.chunkPages)
         self.adaptiveMax = UInt64(configuration.adaptiveMaxPages)
         switch configuration.strategy {
-        case .copy, .sigbus: kind = .copy
+        case .copy, .sigbus, .automatic: kind = .copy
         case .move: kind = .move
         case .minor: kind = .minor
         }
@@ -151,33 +151,9 @@ final class HandlerLoop<Source: PageSource> {
 
     /// Serves faults until the stop signal is raised or the process goes away.
     func run() {
-        let cpus = server.configuration.handlerCPUs
-        if !cpus.isEmpty { _ = cfe_pin_current_thread(Int32(cpus[index % cpus.count])) }
-        let priority = server.configuration.handlerPriority
-        if priority > 0 {
-            if let refused = DedicatedThread.makeCurrentThreadRealTime(priority: Int32(priority)) {
-                counters.lastError.withLock {
-                    $0 = "handler threads stay time-shared: SCHED_FIFO priority \(priority) was refused (\(refused))"
-                }
-            }
-        }
+        setUpThread()
         loop: while !gone {
-            let waited: Userfaultfd.Handle.WaitResult
-            do {
-                if let requests = signalResolver?.requestPipe {
-                    waited = try waitForMessagesOrRequests(requests.read)
-                    if waited == .timedOut {
-                        serveSignalRequests(requests.read)
-                        continue loop
-                    }
-                } else {
-                    waited = try handle.wait(stop: server.stopSignal)
-                }
-            } catch {
-                record(failure: error, at: 0)
-                break loop
-            }
-            switch waited {
+            switch waitForMessages() {
             case .stopped: break loop
             case .hangUp:
                 gone = true
@@ -198,27 +174,61 @@ final class HandlerLoop<Source: PageSource> {
                 usleep(1000)
                 continue loop
             }
-            if n == 0 { continue }
-            server.busyHandlers.wrappingAdd(1, ordering: .relaxed)
-            let readAt = cfe_now_ns()
-            batchNext = 0
-            batchCount = n
-            while batchNext < batchCount && !gone {
-                let i = batchNext
-                batchNext += 1
-                dispatch(buffer.events[i], readAt: readAt)
-            }
-            batchCount = 0
-            serveDeferred()
-            flushLatencies()
-            if forkSeen {
-                forkSeen = false
-                warmAllocatorCache()
-            }
-            server.busyHandlers.wrappingSubtract(1, ordering: .relaxed)
+            if n > 0 { serveBatch(n) }
         }
         flushLatencies()
         if gone { reportProcessGone() }
+    }
+
+    /// Pins the thread and sets its scheduling policy, as configured.
+    func setUpThread() {
+        let cpus = server.configuration.handlerCPUs
+        if !cpus.isEmpty { _ = cfe_pin_current_thread(Int32(cpus[index % cpus.count])) }
+        let priority = server.configuration.handlerPriority
+        if priority > 0 {
+            if let refused = DedicatedThread.makeCurrentThreadRealTime(priority: Int32(priority)) {
+                counters.lastError.withLock {
+                    $0 = "handler threads stay time-shared: SCHED_FIFO priority \(priority) was refused (\(refused))"
+                }
+            }
+        }
+    }
+
+    /// Waits for messages on the uffd (and serves SIGBUS requests meanwhile). A failed
+    /// wait is recorded and reported as `.stopped`.
+    func waitForMessages() -> Userfaultfd.Handle.WaitResult {
+        do {
+            if let requests = signalResolver?.requestPipe {
+                let waited = try waitForMessagesOrRequests(requests.read)
+                if waited == .timedOut { serveSignalRequests(requests.read) }
+                return waited
+            }
+            return try handle.wait(stop: server.stopSignal)
+        } catch {
+            record(failure: error, at: 0)
+            return .stopped
+        }
+    }
+
+    /// Dispatches the `n` messages just read, then the faults deferred meanwhile.
+    func serveBatch(_ n: Int) {
+        server.busyHandlers.wrappingAdd(1, ordering: .relaxed)
+        let readAt = cfe_now_ns()
+        batchNext = 0
+        batchCount = n
+        while batchNext < batchCount && !gone {
+            let i = batchNext
+            batchNext += 1
+            dispatch(buffer.events[i], readAt: readAt)
+        }
+        batchCount = 0
+        serveDeferred()
+        flushLatencies()
+        if forkSeen {
+            forkSeen = false
+            warmAllocatorCache()
+        }
+        server.busyHandlers.wrappingSubtract(1, ordering: .relaxed)
     }
 
     /// Stops the other threads and tells the owner, once per server.

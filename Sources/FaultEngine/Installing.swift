@@ -51,25 +51,7 @@ extension HandlerLoop {
                 first = false
                 if let recorder, !entry.isResident(page) { recorder.record(entry.sourceOffset &+ page &* ps) }
             }
-            var start: UInt64
-            var end: UInt64
-            if adaptiveMax > 0 {
-                if address == lastEnd {
-                    // Sequential: read further ahead, forward from the fault.
-                    window = min(window &* 2, adaptiveMax)
-                    start = page
-                    end = min(page &+ window, pages)
-                } else {
-                    // Elsewhere: back to the aligned chunk around the fault.
-                    window = chunkPages
-                    start = page / chunkPages &* chunkPages
-                    end = min(start &+ chunkPages, pages)
-                }
-                lastEnd = entry.range.start &+ end &* ps
-            } else {
-                start = page / chunkPages &* chunkPages
-                end = min(start &+ chunkPages, pages)
-            }
+            let (start, end) = chunk(around: page, of: pages, at: address, in: entry)
             switch installChunk(entry, from: start, to: end, faultPage: page, minorFault: minorFault) {
             case .done:
                 recordLatency(since: readAt)
@@ -81,6 +63,32 @@ extension HandlerLoop {
                 return
             }
         }
+    }
+
+    /// The pages to install for a fault on `page` (of `pages`) at `address`: the
+    /// aligned chunk around it, or with adaptive read-ahead a window growing forward
+    /// from it while faults are sequential.
+    @inline(__always)
+    func chunk(around page: UInt64, of pages: UInt64, at address: UInt64, in entry: RegionEntry) -> (UInt64, UInt64) {
+        guard adaptiveMax > 0 else {
+            let start = page / chunkPages &* chunkPages
+            return (start, min(start &+ chunkPages, pages))
+        }
+        let start: UInt64
+        let end: UInt64
+        if address == lastEnd {
+            // Sequential: read further ahead, forward from the fault.
+            window = min(window &* 2, adaptiveMax)
+            start = page
+            end = min(page &+ window, pages)
+        } else {
+            // Elsewhere: back to the aligned chunk around the fault.
+            window = chunkPages
+            start = page / chunkPages &* chunkPages
+            end = min(start &+ chunkPages, pages)
+        }
+        lastEnd = entry.range.start &+ end &* ps
+        return (start, end)
     }
 
     func resolveWriteProtect(_ address: UInt64) {
@@ -252,25 +260,10 @@ extension HandlerLoop {
                 let failedAt = entry.range.start &+ i &* ps &+ UInt64(off)
                 return installFailed(entry, faultPage: faultInstalled ? .max : faultPage, at: failedAt, error: error)
             }
-            switch outcome {
-            case .completed(let n), .partial(let n):
-                let first = i &+ UInt64(off) / ps
-                let pages = UInt64(n) / ps
-                entry.markResident(first, count: pages)
-                installed &+= pages
-                if faultPage >= first && faultPage < first &+ pages { faultInstalled = true }
-                off += n
-            case .alreadyPresent:
-                let page = i &+ UInt64(off) / ps
-                entry.markResident(page, count: 1)
-                StatisticsCounters.add(counters.alreadyPresent, 1)
-                if page == faultPage {
-                    try? handle.wake(MemoryRange(start: entry.range.start &+ page &* ps, length: ps))
-                }
-                off += Int(ps)
-            case .retryAfterEvents:
-                return .retry
-            }
+            guard let n = apply(outcome, entry, at: i &+ UInt64(off) / ps, faultPage: faultPage, installed: &installed,
+                                faultInstalled: &faultInstalled)
+            else { return .retry }
+            off += n
         }
         return .done
     }
@@ -281,6 +274,30 @@ extension HandlerLoop {
         _ operation: (Int) throws(UserfaultfdError) -> Userfaultfd.Outcome
     ) -> InstallResult {
         install(entry, from: i, to: j, faultPage: faultPage, zero: zero, fallible: false, operation)!
+    }
+
+    /// Marks what a resolving ioctl installed from page `first` on and counts it.
+    /// Returns the bytes to advance by, or nil after `EAGAIN` (read events, retry).
+    @inline(__always)
+    func apply(_ outcome: Userfaultfd.Outcome, _ entry: RegionEntry, at first: UInt64, faultPage: UInt64,
+               installed: inout UInt64, faultInstalled: inout Bool) -> Int? {
+        switch outcome {
+        case .completed(let n), .partial(let n):
+            let pages = UInt64(n) / ps
+            entry.markResident(first, count: pages)
+            installed &+= pages
+            if faultPage >= first && faultPage < first &+ pages { faultInstalled = true }
+            return n
+        case .alreadyPresent:
+            entry.markResident(first, count: 1)
+            StatisticsCounters.add(counters.alreadyPresent, 1)
+            if first == faultPage {
+                try? handle.wake(MemoryRange(start: entry.range.start &+ first &* ps, length: ps))
+            }
+            return Int(ps)
+        case .retryAfterEvents:
+            return nil
+        }
     }
 
     @inline(__always)
