@@ -30,6 +30,19 @@ extension FaultEngineTests {
             #expect(tail.allSatisfy { $0 == 0 })
         }
 
+        /// Serves fresh memory of `pages` pages from `source`, touches every page, checks it.
+        static func serveAndCheck<S: PageSource>(
+            _ source: S, features: Userfaultfd.Features, configuration: FaultServerConfiguration
+        ) throws {
+            let memory = try MemoryMapping.anonymous(length: pages * page)
+            let server = try serve(source, mapping: memory, features: features, configuration: configuration)
+            try server.start()
+            touch(memory.base, pages: permutation(pages, seed: 11))
+            server.stop()
+            expectImageThenZeros(memory)
+            #expect(server.statistics.poisonedPages == 0)
+        }
+
         static let configurations: [(String, FaultServerConfiguration, Userfaultfd.Features)] = [
             ("copy", .handler64k, []), ("copy-4k", .handler4k, []), ("move", .move, []),
             ("adaptive", .adaptive, []), ("sigbus", .sigbus, [.sigbus]),
@@ -41,13 +54,7 @@ extension FaultEngineTests {
             let file = try Self.shortImageFile()
             let source = try FileSource(path: file.path, access: access)
             #expect(source.length == UInt64(Self.length))
-            let memory = try MemoryMapping.anonymous(length: Self.pages * page)
-            let server = try serve(source, mapping: memory, features: features, configuration: configuration)
-            try server.start()
-            touch(memory.base, pages: permutation(Self.pages, seed: 11))
-            server.stop()
-            Self.expectImageThenZeros(memory)
-            #expect(server.statistics.poisonedPages == 0)
+            try Self.serveAndCheck(source, features: features, configuration: configuration)
         }
 
         @Test(arguments: 0..<configurations.count)
@@ -56,12 +63,7 @@ extension FaultEngineTests {
             let source = try MemorySource(length: Self.length) { bytes in
                 for i in 0..<bytes.count { bytes[i] = imageByte(i) }
             }
-            let memory = try MemoryMapping.anonymous(length: Self.pages * page)
-            let server = try serve(source, mapping: memory, features: features, configuration: configuration)
-            try server.start()
-            touch(memory.base, pages: permutation(Self.pages, seed: 13))
-            server.stop()
-            Self.expectImageThenZeros(memory)
+            try Self.serveAndCheck(source, features: features, configuration: configuration)
         }
 
         @Test func aRegionBeyondTheLastPageIsStillRefused() throws {
