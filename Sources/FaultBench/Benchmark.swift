@@ -174,6 +174,51 @@ public enum Benchmark {
                                     remark: EngineContenders.remark(contender), foundWrongBytes: wrongBytes))
     }
 
+    /// A contender's figure on one pattern, or why it has none.
+    enum Summary {
+        case measured(BenchResult)
+        case notMeasured(NotMeasured)
+    }
+
+    /// The median of a contender's repetitions on one pattern, with the notes of what
+    /// went wrong (the first of each kind, and in how many repetitions if not all);
+    /// a ``NotMeasured`` entry if no repetition gave a figure.
+    static func summarize(_ contender: Contender, _ pattern: AccessPattern, _ runs: [RunOutcome]) -> Summary {
+        let samples = runs.compactMap(\.microsecondsPerPage)
+        var kinds: [(first: String, count: Int)] = []
+        func note(_ kind: Int, _ text: String?) {
+            guard let text else { return }
+            while kinds.count <= kind { kinds.append(("", 0)) }
+            if kinds[kind].count == 0 { kinds[kind].first = text }
+            kinds[kind].count += 1
+        }
+        var verified = true
+        var wrongBytes = false
+        for outcome in runs {
+            switch outcome {
+            case .measured(let run):
+                verified = verified && run.verified
+                wrongBytes = wrongBytes || run.mismatch != nil
+                note(0, run.failure)
+                note(1, run.mismatch)
+            case .notMeasured(let reason):
+                verified = false
+                note(2, reason)
+            }
+        }
+        let notes = kinds.filter { $0.count > 0 }.map { kind in
+            kind.count == runs.count ? kind.first
+                : "\(kind.first) (in \(kind.count) of \(runs.count) repetitions)"
+        }
+        if samples.isEmpty {
+            return .notMeasured(NotMeasured(contender: contender, pattern: pattern, reason: notes.joined(separator: "; ")))
+        }
+        return .measured(BenchResult(contender: contender, pattern: pattern, usPerPage: median(samples),
+                                    verified: verified, samples: samples,
+                                    note: notes.isEmpty ? nil : notes.joined(separator: "; "),
+                                    remark: EngineContenders.remark(contender), foundWrongBytes: wrongBytes))
+    }
+
     /// The region pages of the scale runs.
     static let pagesIn1GiB = UInt64(1 << 30 / systemPageSize)
     static let pagesIn1TiB = UInt64(1 << 40 / systemPageSize)
@@ -196,6 +241,14 @@ public enum Benchmark {
             let regionPages = contender == .scaleSigsegv1GiB ? pagesIn1GiB : pagesIn1TiB
             let order = Workload.scaleOrder(regionPages: regionPages, touches: configuration.scaleTouches)
             return BaselineContenders.sigsegv(workload, regionPages: regionPages, order: order)
+        case .kernelFileMmap, .kernelFileMmapWrite, .kernelFileMmapCold, .kernelFileMmapColdWrite:
+            return KernelMappingContenders.fileMapping(
+                workload, pattern, cold: contender == .kernelFileMmapCold || contender == .kernelFileMmapColdWrite,
+                write: contender == .kernelFileMmapWrite || contender == .kernelFileMmapColdWrite)
+        case .kernelFirstTouch1GiB, .kernelFirstTouch1TiB:
+            let regionPages = contender == .kernelFirstTouch1GiB ? pagesIn1GiB : pagesIn1TiB
+            let order = Workload.scaleOrder(regionPages: regionPages, touches: configuration.scaleTouches)
+            return KernelMappingContenders.firstTouch(workload, regionPages: regionPages, order: order)
         case .scale1GiB, .scale1TiB:
             let regionPages = contender == .scale1GiB ? pagesIn1GiB : pagesIn1TiB
             let order = Workload.scaleOrder(regionPages: regionPages, touches: configuration.scaleTouches)

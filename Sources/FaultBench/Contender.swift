@@ -7,6 +7,14 @@ public enum Contender: String, CaseIterable, Sendable, CustomStringConvertible {
     case memcpy = "memcpy"
     /// Write-touch fresh anonymous memory: the kernel's own zero-fill fault.
     case kernelFirstTouch = "kernel-first-touch"
+    /// Read the pages of a `MAP_PRIVATE` mapping of the image file, in the page cache.
+    case kernelFileMmap = "kernel-file-mmap"
+    /// Write one byte per page of a `MAP_PRIVATE` mapping of the image file, in the page cache.
+    case kernelFileMmapWrite = "kernel-file-mmap-write"
+    /// ``kernelFileMmap`` after the file's pages were dropped from the page cache.
+    case kernelFileMmapCold = "kernel-file-mmap-cold"
+    /// ``kernelFileMmapWrite`` after the file's pages were dropped from the page cache.
+    case kernelFileMmapColdWrite = "kernel-file-mmap-cold-write"
     /// PROT_NONE region; a SIGSEGV handler mprotects the page and copies it in (C).
     case sigsegvMprotect = "sigsegv-mprotect"
     /// The C reference handler thread, one UFFDIO_COPY of 4 KiB per fault.
@@ -37,6 +45,10 @@ public enum Contender: String, CaseIterable, Sendable, CustomStringConvertible {
     case scaleSigsegv1GiB = "scale-1gib-sigsegv"
     /// Scale run: the SIGSEGV scheme on the pages of ``scale1TiB``.
     case scaleSigsegv1TiB = "scale-1tib-sigsegv"
+    /// Scale run: the kernel's own first touch (write) of the pages of ``scale1GiB``.
+    case kernelFirstTouch1GiB = "kernel-first-touch-1gib"
+    /// Scale run: the kernel's own first touch (write) of the pages of ``scale1TiB``.
+    case kernelFirstTouch1TiB = "kernel-first-touch-1tib"
 
     public var description: String { rawValue }
 
@@ -48,7 +60,8 @@ public enum Contender: String, CaseIterable, Sendable, CustomStringConvertible {
     /// Whether this is one of the scale runs (1 GiB against 1 TiB regions).
     public var isScaleRun: Bool {
         switch self {
-        case .scale1GiB, .scale1TiB, .scaleSigsegv1GiB, .scaleSigsegv1TiB: return true
+        case .scale1GiB, .scale1TiB, .scaleSigsegv1GiB, .scaleSigsegv1TiB, .kernelFirstTouch1GiB, .kernelFirstTouch1TiB:
+            return true
         default: return false
         }
     }

@@ -33,7 +33,9 @@ enum EngineContenders {
         case .swiftReplay:
             return replay(workload, pattern, order: order)
         case .swiftBest:
-            return serve(workload, source: workload.source, .default, regionPages: pages, order: order)
+            return serve(workload, source: workload.source, .default,
+                         preferredFeatures: FaultServerConfiguration.automaticFeatures(for: .anonymous),
+                         regionPages: pages, order: order)
         default:
             return .notMeasured("\(contender) is not an engine contender")
         }
@@ -59,6 +61,8 @@ enum EngineContenders {
             return "shmem region: the page cache is filled through a second mapping, then UFFDIO_CONTINUE"
         case .swiftReplay:
             return "working set recorded by an untimed run in the same order, then replayed"
+        case .swiftBest:
+            return "the default (automatic) configuration on a uffd handshaken preferring FEATURE_SIGBUS and MOVE"
         case .scale1GiB, .scale1TiB:
             return "served by the engine with one page per fault (.handler4k), so that only the region size differs"
         default:
@@ -114,12 +118,12 @@ enum EngineContenders {
     /// server and reports what it saw go wrong.
     static func serve<Source: PageSource>(
         _ workload: Workload, source: Source, _ configuration: FaultServerConfiguration,
-        features: Userfaultfd.Features = [], memory: MemoryMapping.Kind = .anonymous,
-        regionPages: UInt64, order: [UInt64]
+        features: Userfaultfd.Features = [], preferredFeatures: Userfaultfd.Features = [],
+        memory: MemoryMapping.Kind = .anonymous, regionPages: UInt64, order: [UInt64]
     ) -> RunOutcome {
         do {
-            return try serveOrThrow(workload, source: source, configuration, features: features, memory: memory,
-                                    regionPages: regionPages, order: order)
+            return try serveOrThrow(workload, source: source, configuration, features: features, preferred: preferredFeatures,
+                                    memory: memory, regionPages: regionPages, order: order)
         } catch {
             if error.operation.hasPrefix("FaultServer"), case .invalidArgument = error.kind {
                 return .notMeasured("not available: the engine refuses this configuration: \(error)")
@@ -130,7 +134,8 @@ enum EngineContenders {
 
     private static func serveOrThrow<Source: PageSource>(
         _ workload: Workload, source: Source, _ configuration: FaultServerConfiguration,
-        features: Userfaultfd.Features, memory: MemoryMapping.Kind, regionPages: UInt64, order: [UInt64]
+        features: Userfaultfd.Features, preferred: Userfaultfd.Features, memory: MemoryMapping.Kind,
+        regionPages: UInt64, order: [UInt64]
     ) throws(UserfaultfdError) -> RunOutcome {
         let length = Int(regionPages) * workload.pageSize
         let region = try MemoryMapping(kind: memory, length: length, name: "uffd-bench")
@@ -143,7 +148,8 @@ enum EngineContenders {
             alias = p
         }
         defer { if let alias { munmap(alias, length) } }
-        let uffd = try Userfaultfd(features: features)
+        let uffd = preferred.isEmpty ? try Userfaultfd(features: features)
+            : try Userfaultfd(Userfaultfd.Options().requiring(features).preferring(preferred))
         try uffd.handle.register(region.range, mode: memory == .anonymous ? .missing : [.missing, .minor])
         let server = try FaultServer(
             userfaultfd: uffd,

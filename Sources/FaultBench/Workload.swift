@@ -70,8 +70,12 @@ final class Workload {
     /// Working-set files recorded for `swift-replay`, by pattern (removed with the workload).
     var recordedWorkingSets: [AccessPattern: String] = [:]
 
+    /// The image file of the `kernel-file-mmap` contenders (unlinked, open), once written.
+    var imageFileDescriptor: Int32?
+
     deinit {
         for path in recordedWorkingSets.values { unlink(path) }
+        if let imageFileDescriptor { close(imageFileDescriptor) }
     }
 
     /// The touch order of `pattern` over a region of `pageCount` pages.

@@ -15,25 +15,40 @@ public struct FaultServerConfiguration: Sendable, Hashable {
         /// `UFFDIO_COPY` of an aligned chunk of `chunkPages` pages around the fault
         /// (1: the faulting page alone), skipping pages already present.
         ///
-        /// The only strategy for huge pages (``FaultServerConfiguration/pageSize`` above
-        /// the base page): zeros after a REMOVE are copied from a zeroed page, since
-        /// hugetlb memory has no `UFFDIO_ZEROPAGE`.
+        /// With huge pages (``FaultServerConfiguration/pageSize`` above the base page)
+        /// zeros after a REMOVE are copied from a zeroed page, since hugetlb memory has
+        /// no `UFFDIO_ZEROPAGE`.
         case copy(chunkPages: Int)
         /// Fill a staging area (or take the source's own pages) and `UFFDIO_MOVE` them
         /// into place: zero-copy when the source allows moving, which consumes it.
         case move(chunkPages: Int)
-        /// Shmem memory registered MINOR (and MISSING): write the page cache through a
-        /// second mapping (``ServedRegion/pageCacheAlias``), then `UFFDIO_CONTINUE`.
+        /// Shmem or hugetlb memory registered MINOR (and MISSING): write the page cache
+        /// through a second mapping (``ServedRegion/pageCacheAlias``), then `UFFDIO_CONTINUE`.
+        /// Needs FEATURE_MINOR_SHMEM, or FEATURE_MINOR_HUGETLBFS for huge pages.
         case minor(chunkPages: Int)
         /// Faults raise SIGBUS in the faulting thread (the uffd has FEATURE_SIGBUS);
         /// an async-signal-safe C resolver installs `chunkPages` pages there and then,
         /// from memory or file sources. Other sources are served by the handler thread.
         case sigbus(chunkPages: Int)
+        /// The fastest safe strategy for the memory, the uffd's features and the source,
+        /// chosen when the server is created (see ``FaultServer/strategyChoice``).
+        ///
+        /// Every page is installed ahead of the faults by a populate thread in chunks of
+        /// up to 2 MiB that yields to faults; the faults that still happen are resolved
+        /// in the faulting thread (SIGBUS) where the source allows it, and otherwise by
+        /// a handler with a read-ahead window growing up to 2 MiB. Installs with
+        /// `UFFDIO_CONTINUE` into shmem or hugetlb page cache reachable through a
+        /// ``ServedRegion/pageCacheAlias``, `UFFDIO_MOVE` from a source that gives its
+        /// pages up, and `UFFDIO_COPY` where nothing else applies. Handshake the uffd
+        /// with ``FaultServerConfiguration/automaticFeatures(for:)`` (preferred, not
+        /// required) to let it choose among all of them.
+        case automatic
 
-        /// The chunk size in pages.
+        /// The chunk size in pages (``automatic``: the size its faults start with).
         public var chunkPages: Int {
             switch self {
             case .copy(let n), .move(let n), .minor(let n), .sigbus(let n): return n
+            case .automatic: return FaultServerConfiguration.automaticFaultChunkPages
             }
         }
     }
@@ -69,8 +84,9 @@ public struct FaultServerConfiguration: Sendable, Hashable {
     ///
     /// Every region served must be aligned to it, faults are resolved a whole page of
     /// this size at a time, and statistics count pages of this size. Huge pages are
-    /// served with the ``Strategy/copy(chunkPages:)`` strategy only: hugetlb memory has
-    /// no `UFFDIO_MOVE`, and the MINOR and SIGBUS strategies are not supported there.
+    /// served with the ``Strategy/copy(chunkPages:)`` or ``Strategy/minor(chunkPages:)``
+    /// strategy (or ``Strategy/automatic``, which picks one of them): hugetlb memory has
+    /// no `UFFDIO_MOVE`, and the SIGBUS strategy is not supported there.
     public var pageSize: Int
     /// The real-time priority of the handler threads (`SCHED_FIFO`, 1...99), or 0 to
     /// leave them time-shared (the default).
@@ -124,8 +140,11 @@ public struct FaultServerConfiguration: Sendable, Hashable {
     public static func replay(_ path: String) -> Self {
         .init(strategy: .copy(chunkPages: 16), prefetch: .replay(path: path))
     }
-    /// The engine's best general configuration: adaptive read-ahead over 64 KiB COPY chunks.
-    public static var `default`: Self { adaptive }
+    /// The engine's default: the ``Strategy/automatic`` strategy, which picks the
+    /// fastest safe way to serve the memory when the server is created.
+    public static var `default`: Self { automatic }
+    /// The ``Strategy/automatic`` strategy.
+    public static var automatic: Self { .init(strategy: .automatic) }
 
     /// Checks the configuration, naming what is wrong.
     func validate() throws(UserfaultfdError) {
@@ -148,11 +167,11 @@ public struct FaultServerConfiguration: Sendable, Hashable {
         }
         if pageSize != systemPageSize {
             switch strategy {
-            case .copy: break
+            case .copy, .automatic: break
             case .move:
                 throw bad("the move strategy is not supported with \(pageSize)-byte pages: hugetlb memory has no UFFDIO_MOVE; use copy")
             case .minor:
-                throw bad("the minor strategy is not supported with \(pageSize)-byte pages; use copy")
+                break
             case .sigbus:
                 throw bad("the sigbus strategy is not supported with \(pageSize)-byte pages; use copy")
             }

@@ -76,11 +76,14 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
     public typealias Configuration = FaultServerConfiguration
 
     let handle: Userfaultfd.Handle
-    /// The uffd's descriptor, owned; -1 once closed.
-    private let ownedDescriptor: Mutex<Int32>
+    /// The uffd, owned until the server retires it.
+    private let owner: UserfaultfdOwner
     let source: Source
-    /// The configuration the server runs with.
+    /// The configuration the server runs with (an ``FaultServerConfiguration/Strategy/automatic``
+    /// strategy resolved to a concrete one).
     public let configuration: Configuration
+    /// The configuration the server runs with and why it was chosen.
+    public let strategyChoice: StrategyChoice
     let table: RegionTable
     let counters: StatisticsCounters
     let stopSignal: StopSignal
@@ -97,7 +100,9 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
     let stopRequested = Atomic<Bool>(false)
     /// Set by the first thread that finds the process gone (it reports it, once).
     let processGone = Atomic<Bool>(false)
-    var signalResolver: SignalResolverRegistration?
+    /// Set once by ``start()`` (before any thread of the server runs), read from any thread.
+    private let resolverSlot = Mutex<SignalResolverRegistration?>(nil)
+    var signalResolver: SignalResolverRegistration? { resolverSlot.withLock { $0 } }
 
     private struct State {
         var started = false
@@ -125,26 +130,19 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
         userfaultfd: consuming Userfaultfd,
         regions: [ServedRegion],
         source: Source,
-        configuration: Configuration = .default
+        configuration requested: Configuration = .default
     ) throws(UserfaultfdError) {
+        try requested.validate()
+        let handle = userfaultfd.handle
+        let choice = requested.resolved(
+            features: handle.features, regions: regions,
+            sourceIsMovable: source.movablePages(at: regions.first?.sourceOffset ?? 0, length: requested.pageSize) != nil,
+            sourceIsSignalSafe: source.signalSafeBacking != nil)
+        let configuration = choice.configuration
         try configuration.validate()
         let page = configuration.pageSize
         try Self.validate(regions, source: source, configuration: configuration, pageSize: page)
-        let handle = userfaultfd.handle
-        switch configuration.strategy {
-        case .sigbus:
-            if !handle.features.contains(.sigbus) {
-                throw UserfaultfdError(operation: "FaultServer", kind: .invalidArgument(
-                    "the sigbus strategy needs a uffd handshaken with FEATURE_SIGBUS (it has \(handle.features))"))
-            }
-        case .minor:
-            if !handle.features.contains(.minorShmem) {
-                throw UserfaultfdError(operation: "FaultServer", kind: .invalidArgument(
-                    "the minor strategy needs a uffd handshaken with FEATURE_MINOR_SHMEM (it has \(handle.features))"))
-            }
-        case .copy, .move:
-            break
-        }
+        try Self.checkFeatures(handle.features, for: configuration)
         var replay: [UInt64] = []
         if case .replay(let path) = configuration.prefetch {
             replay = try WorkingSetFile.read(path)
@@ -157,9 +155,10 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
         }
         // Nothing can fail from here on: take ownership of the descriptor.
         self.handle = handle
-        self.ownedDescriptor = Mutex(userfaultfd.release().rawValue)
+        self.owner = UserfaultfdOwner(userfaultfd)
         self.source = source
         self.configuration = configuration
+        self.strategyChoice = choice
         self.pageSize = page
         self.table = table
         self.counters = StatisticsCounters(handlers: configuration.handlerThreads)
@@ -167,6 +166,24 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
         self.finishedSignal = finishedSignal
         self.recorder = recorder
         self.replayOffsets = replay
+    }
+
+    private static func checkFeatures(_ features: Userfaultfd.Features, for configuration: Configuration) throws(UserfaultfdError) {
+        switch configuration.strategy {
+        case .sigbus:
+            if !features.contains(.sigbus) {
+                throw UserfaultfdError(operation: "FaultServer", kind: .invalidArgument(
+                    "the sigbus strategy needs a uffd handshaken with FEATURE_SIGBUS (it has \(features))"))
+            }
+        case .minor:
+            let needed: Userfaultfd.Features = configuration.pageSize == systemPageSize ? .minorShmem : .minorHugetlbfs
+            if !features.contains(needed) {
+                throw UserfaultfdError(operation: "FaultServer", kind: .invalidArgument(
+                    "the minor strategy needs a uffd handshaken with \(needed) (it has \(features))"))
+            }
+        case .copy, .move, .automatic:
+            break
+        }
     }
 
     private static func validate(_ regions: [ServedRegion], source: Source, configuration: Configuration, pageSize: Int) throws(UserfaultfdError) {
@@ -179,8 +196,11 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
             if r.range.length == 0 || !r.range.isAligned(to: ps) { throw bad("region \(r.range) is empty or not page-aligned (\(pageSize)-byte pages)") }
             if r.range.end < r.range.start { throw bad("region \(r.range) wraps around the address space") }
             if r.sourceOffset % ps != 0 { throw bad("source offset \(r.sourceOffset) of region \(r.range) is not page-aligned (\(pageSize)-byte pages)") }
-            if let length = source.length, r.sourceOffset > length || r.range.length > length - r.sourceOffset {
-                throw bad("region \(r.range) at source offset \(r.sourceOffset) reaches beyond the source's \(length) bytes")
+            // A source whose length ends inside a page serves that page's tail as zeros.
+            if let length = source.length.map({ ($0 &+ ps &- 1) / ps &* ps }),
+                r.sourceOffset > length || r.range.length > length - r.sourceOffset
+            {
+                throw bad("region \(r.range) at source offset \(r.sourceOffset) reaches beyond the source's \(source.length ?? 0) bytes")
             }
             if case .minor = configuration.strategy {
                 guard let alias = r.pageCacheAlias, alias % ps == 0 else {
@@ -202,32 +222,19 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
     }
 
     /// Releases the uffd but keeps its number taken by `/dev/null` (atomically, with
-    /// `dup2`). Returns the number, which the caller closes later; -1 if none was open.
-    private func retireDescriptor() -> Int32 {
-        let fd = ownedDescriptor.withLock { fd -> Int32 in
-            let old = fd
-            fd = -1
-            return old
-        }
-        guard fd >= 0 else { return -1 }
+    /// `dup2`). Returns the owner of the number (now the placeholder), which closes it
+    /// when the caller drops it; nil if none was open or no placeholder could be made
+    /// (then the uffd is closed outright and the resolver sees EBADF).
+    private func retireDescriptor() -> Userfaultfd? {
+        guard let retired = owner.take() else { return nil }
         let null = Glibc.open("/dev/null", O_RDONLY | O_CLOEXEC)
-        if null < 0 || dup2(null, fd) < 0 {
-            // Without a placeholder, close it outright (the resolver sees EBADF).
-            _ = Glibc.close(fd)
-            if null >= 0 { _ = Glibc.close(null) }
-            return -1
-        }
-        _ = Glibc.close(null)
-        return fd
+        defer { if null >= 0 { _ = Glibc.close(null) } }
+        if null < 0 || dup2(null, retired.fileDescriptor.rawValue) < 0 { return nil }
+        return retired
     }
 
     private func closeDescriptor() {
-        let fd = ownedDescriptor.withLock { fd -> Int32 in
-            let old = fd
-            fd = -1
-            return old
-        }
-        if fd >= 0 { _ = Glibc.close(fd) }
+        _ = owner.take()
     }
 
     /// The regions served now (after UNMAP and REMAP events).
@@ -249,6 +256,8 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
     public var statistics: FaultStatistics {
         var s = counters.snapshot(inThread: signalResolver?.resolvedFaults ?? 0)
         s.poisonedPages += signalResolver?.poisonedPages ?? 0
+        s.strategy = "\(configuration.strategy)"
+        s.strategyReason = strategyChoice.reason
         return s
     }
 
@@ -267,9 +276,10 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
         }
         if case .sigbus(let chunk) = configuration.strategy {
             do {
-                signalResolver = try SignalResolverRegistration(
+                let resolver = try SignalResolverRegistration(
                     handle: handle, regions: table.snapshot, backing: source.signalSafeBacking, chunkPages: chunk,
                     pageSize: pageSize, recorder: recorder)
+                resolverSlot.withLock { $0 = resolver }
             } catch {
                 state.withLock { $0.started = false }
                 throw error
@@ -356,7 +366,7 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
             let placeholder = retireDescriptor()
             signalResolver.drain()
             signalResolver.unregister()
-            if placeholder >= 0 { _ = Glibc.close(placeholder) }
+            _ = consume placeholder
         } else {
             closeDescriptor()
         }
@@ -377,5 +387,21 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
     /// Whether the server is serving (started, not yet stopped or gone).
     public var isRunning: Bool {
         state.withLock { $0.started && !$0.stopped } && !finishedSignal.isRaised
+    }
+}
+
+/// Holds a server's uffd until the server gives it up (once, from any thread).
+final class UserfaultfdOwner: @unchecked Sendable {
+    private let lock = Mutex(())
+    /// Accessed only under `lock`.
+    private var owned: Userfaultfd?
+
+    init(_ userfaultfd: consuming Userfaultfd) {
+        owned = consume userfaultfd
+    }
+
+    /// The uffd, now the caller's; nil if it was taken already.
+    func take() -> Userfaultfd? {
+        lock.withLock { _ in owned.take() }
     }
 }

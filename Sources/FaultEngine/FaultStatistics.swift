@@ -1,7 +1,7 @@
 import Histogram
 import Synchronization
 
-/// What a ``FaultServer`` did: faults by kind, pages installed, latency, blocktime.
+/// What a ``FaultServer`` did: faults by kind, pages installed, latency, resolve time.
 ///
 /// Latencies run from the moment a handler read the fault to the moment its page
 /// was installed (the faulting thread was woken), in nanoseconds. Faults resolved in
@@ -44,10 +44,16 @@ public struct FaultStatistics: Sendable, Codable, Hashable {
     public var latencyP90: UInt64 = 0
     public var latencyP99: UInt64 = 0
     public var latencyMax: UInt64 = 0
-    /// Sum of all fault latencies: the time faulting threads spent blocked, in nanoseconds.
-    public var blockTimeNanoseconds: UInt64 = 0
+    /// Sum of all fault latencies, in nanoseconds: how long faulting threads waited
+    /// after a handler read their fault. The wait before the read (the wake-up of the
+    /// handler thread) is not included: the kernel does not timestamp faults.
+    public var resolveTimeNanoseconds: UInt64 = 0
     /// The last source failure, described.
     public var lastError: String?
+    /// The strategy the server runs (an automatic one resolved), e.g. `sigbus(chunkPages: 16)`.
+    public var strategy: String?
+    /// Why the server runs that strategy (see ``FaultServer/strategyChoice``).
+    public var strategyReason: String?
 
     public init() {}
 
@@ -87,7 +93,7 @@ final class StatisticsCounters: Sendable {
 
     struct LatencyRecord {
         var histogram = Histogram<UInt64>(lowestDiscernibleValue: 1, highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .two)
-        var blockTime: UInt64 = 0
+        var resolveTime: UInt64 = 0
     }
 
     init(handlers: Int) {
@@ -122,7 +128,7 @@ final class StatisticsCounters: Sendable {
         for h in histograms {
             h.withLock { record in
                 merged.add(record.histogram)
-                block &+= record.blockTime
+                block &+= record.resolveTime
             }
         }
         s.latencyCount = merged.totalCount
@@ -132,7 +138,7 @@ final class StatisticsCounters: Sendable {
             s.latencyP99 = merged.valueAtPercentile(99)
             s.latencyMax = merged.max
         }
-        s.blockTimeNanoseconds = block
+        s.resolveTimeNanoseconds = block
         s.lastError = lastError.withLock { $0 }
         return s
     }

@@ -105,10 +105,8 @@ public struct FileSource: PageSource, @unchecked Sendable {
         guard sourceOffset <= available, UInt64(n) <= available - sourceOffset else {
             throw PageSourceError(.outOfBounds, sourceOffset: sourceOffset, length: n)
         }
-        if let mappedBase {
-            if n > 0 { memcpy(destination.baseAddress!, mappedBase + Int(sourceOffset), n) }
-            return
-        }
+        // Mapped or not, read with pread: a copy out of the mapping would raise SIGBUS
+        // in the handler thread if the file shrank after the source was made.
         var done = 0
         while done < n {
             let r = Glibc.pread(backing.fd, destination.baseAddress! + done, n - done, off_t(offset + sourceOffset) + off_t(done))
@@ -117,7 +115,7 @@ public struct FileSource: PageSource, @unchecked Sendable {
             } else if r == 0 {
                 throw PageSourceError(.shortRead, sourceOffset: sourceOffset, length: n)
             } else if errno != EINTR {
-                throw PageSourceError(.system(errno), sourceOffset: sourceOffset, length: n)
+                throw PageSourceError(.system(Errno(rawValue: errno)), sourceOffset: sourceOffset, length: n)
             }
         }
     }

@@ -29,10 +29,14 @@ final class HandlerLoop<Source: PageSource> {
     let server: FaultServer<Source>
     let handle: Userfaultfd.Handle
     let source: Source
+    /// The source's length, if known (read once: the fault path does not ask again).
+    let sourceLength: UInt64?
     let table: RegionTable
     let counters: StatisticsCounters
     let onEvent: (@Sendable (FaultServerEvent) -> Void)?
     let recorder: WorkingSetRecorder?
+    /// The server's SIGBUS resolver, if it has one (set before this thread started).
+    let signalResolver: SignalResolverRegistration?
     /// The handler's number; -1 for the prefetch thread.
     let index: Int
     let ps: UInt64
@@ -76,17 +80,19 @@ final class HandlerLoop<Source: PageSource> {
         self.server = server
         self.handle = server.handle
         self.source = server.source
+        self.sourceLength = server.source.length
         self.table = server.table
         self.counters = server.counters
         self.onEvent = onEvent
         self.recorder = server.recorder
+        self.signalResolver = server.signalResolver
         self.index = index
         self.ps = UInt64(server.pageSize)
         let configuration = server.configuration
         self.chunkPages = UInt64(configuration.chunkPages)
         self.adaptiveMax = UInt64(configuration.adaptiveMaxPages)
         switch configuration.strategy {
-        case .copy, .sigbus: kind = .copy
+        case .copy, .sigbus, .automatic: kind = .copy
         case .move: kind = .move
         case .minor: kind = .minor
         }
@@ -145,33 +151,9 @@ final class HandlerLoop<Source: PageSource> {
 
     /// Serves faults until the stop signal is raised or the process goes away.
     func run() {
-        let cpus = server.configuration.handlerCPUs
-        if !cpus.isEmpty { _ = cfe_pin_current_thread(Int32(cpus[index % cpus.count])) }
-        let priority = server.configuration.handlerPriority
-        if priority > 0 {
-            if let refused = DedicatedThread.makeCurrentThreadRealTime(priority: Int32(priority)) {
-                counters.lastError.withLock {
-                    $0 = "handler threads stay time-shared: SCHED_FIFO priority \(priority) was refused (\(refused))"
-                }
-            }
-        }
+        setUpThread()
         loop: while !gone {
-            let waited: Userfaultfd.Handle.WaitResult
-            do {
-                if let requests = server.signalResolver?.requestPipe {
-                    waited = try waitForMessagesOrRequests(requests.read)
-                    if waited == .timedOut {
-                        serveSignalRequests(requests.read)
-                        continue loop
-                    }
-                } else {
-                    waited = try handle.wait(stop: server.stopSignal)
-                }
-            } catch {
-                record(failure: error, at: 0)
-                break loop
-            }
-            switch waited {
+            switch waitForMessages() {
             case .stopped: break loop
             case .hangUp:
                 gone = true
@@ -192,27 +174,61 @@ final class HandlerLoop<Source: PageSource> {
                 usleep(1000)
                 continue loop
             }
-            if n == 0 { continue }
-            server.busyHandlers.wrappingAdd(1, ordering: .relaxed)
-            let readAt = cfe_now_ns()
-            batchNext = 0
-            batchCount = n
-            while batchNext < batchCount && !gone {
-                let i = batchNext
-                batchNext += 1
-                dispatch(buffer.events[i], readAt: readAt)
-            }
-            batchCount = 0
-            serveDeferred()
-            flushLatencies()
-            if forkSeen {
-                forkSeen = false
-                warmAllocatorCache()
-            }
-            server.busyHandlers.wrappingSubtract(1, ordering: .relaxed)
+            if n > 0 { serveBatch(n) }
         }
         flushLatencies()
         if gone { reportProcessGone() }
+    }
+
+    /// Pins the thread and sets its scheduling policy, as configured.
+    func setUpThread() {
+        let cpus = server.configuration.handlerCPUs
+        if !cpus.isEmpty { _ = cfe_pin_current_thread(Int32(cpus[index % cpus.count])) }
+        let priority = server.configuration.handlerPriority
+        if priority > 0 {
+            if let refused = DedicatedThread.makeCurrentThreadRealTime(priority: Int32(priority)) {
+                counters.lastError.withLock {
+                    $0 = "handler threads stay time-shared: SCHED_FIFO priority \(priority) was refused (\(refused))"
+                }
+            }
+        }
+    }
+
+    /// Waits for messages on the uffd (and serves SIGBUS requests meanwhile). A failed
+    /// wait is recorded and reported as `.stopped`.
+    func waitForMessages() -> Userfaultfd.Handle.WaitResult {
+        do {
+            if let requests = signalResolver?.requestPipe {
+                let waited = try waitForMessagesOrRequests(requests.read)
+                if waited == .timedOut { serveSignalRequests(requests.read) }
+                return waited
+            }
+            return try handle.wait(stop: server.stopSignal)
+        } catch {
+            record(failure: error, at: 0)
+            return .stopped
+        }
+    }
+
+    /// Dispatches the `n` messages just read, then the faults deferred meanwhile.
+    func serveBatch(_ n: Int) {
+        server.busyHandlers.wrappingAdd(1, ordering: .relaxed)
+        let readAt = cfe_now_ns()
+        batchNext = 0
+        batchCount = n
+        while batchNext < batchCount && !gone {
+            let i = batchNext
+            batchNext += 1
+            dispatch(buffer.events[i], readAt: readAt)
+        }
+        batchCount = 0
+        serveDeferred()
+        flushLatencies()
+        if forkSeen {
+            forkSeen = false
+            warmAllocatorCache()
+        }
+        server.busyHandlers.wrappingSubtract(1, ordering: .relaxed)
     }
 
     /// Stops the other threads and tells the owner, once per server.
@@ -249,7 +265,7 @@ final class HandlerLoop<Source: PageSource> {
     /// Serves the addresses faulting threads wrote to the SIGBUS request pipe, then
     /// wakes them (they wait on the resolver's generation word).
     func serveSignalRequests(_ requests: Int32) {
-        guard let resolver = server.signalResolver else { return }
+        guard let resolver = signalResolver else { return }
         var addresses: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0, 0, 0, 0, 0)
         while true {
             let n = withUnsafeMutableBytes(of: &addresses) { Glibc.read(requests, $0.baseAddress, $0.count) }
@@ -286,12 +302,12 @@ final class HandlerLoop<Source: PageSource> {
         case .unmap(let range):
             StatisticsCounters.add(counters.unmaps, 1)
             table.unmap(range)
-            server.signalResolver?.update(table.snapshot)
+            signalResolver?.update(table.snapshot)
             report(.unmapped(range))
         case .remap(let from, let to):
             StatisticsCounters.add(counters.remaps, 1)
             table.remap(from: from.start, to: to.start, length: from.length)
-            server.signalResolver?.update(table.snapshot)
+            signalResolver?.update(table.snapshot)
             report(.remapped(from: from.start, to: to.start, length: from.length))
         case .fork(let child):
             StatisticsCounters.add(counters.forks, 1)
@@ -363,7 +379,7 @@ final class HandlerLoop<Source: PageSource> {
         counters.histograms[index].withLock { record in
             for k in 0..<n {
                 _ = record.histogram.record(max(values[k], 1))
-                record.blockTime &+= values[k]
+                record.resolveTime &+= values[k]
             }
         }
         latencyCount = 0

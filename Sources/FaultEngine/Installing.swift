@@ -51,25 +51,7 @@ extension HandlerLoop {
                 first = false
                 if let recorder, !entry.isResident(page) { recorder.record(entry.sourceOffset &+ page &* ps) }
             }
-            var start: UInt64
-            var end: UInt64
-            if adaptiveMax > 0 {
-                if address == lastEnd {
-                    // Sequential: read further ahead, forward from the fault.
-                    window = min(window &* 2, adaptiveMax)
-                    start = page
-                    end = min(page &+ window, pages)
-                } else {
-                    // Elsewhere: back to the aligned chunk around the fault.
-                    window = chunkPages
-                    start = page / chunkPages &* chunkPages
-                    end = min(start &+ chunkPages, pages)
-                }
-                lastEnd = entry.range.start &+ end &* ps
-            } else {
-                start = page / chunkPages &* chunkPages
-                end = min(start &+ chunkPages, pages)
-            }
+            let (start, end) = chunk(around: page, of: pages, at: address, in: entry)
             switch installChunk(entry, from: start, to: end, faultPage: page, minorFault: minorFault) {
             case .done:
                 recordLatency(since: readAt)
@@ -81,6 +63,32 @@ extension HandlerLoop {
                 return
             }
         }
+    }
+
+    /// The pages to install for a fault on `page` (of `pages`) at `address`: the
+    /// aligned chunk around it, or with adaptive read-ahead a window growing forward
+    /// from it while faults are sequential.
+    @inline(__always)
+    func chunk(around page: UInt64, of pages: UInt64, at address: UInt64, in entry: RegionEntry) -> (UInt64, UInt64) {
+        guard adaptiveMax > 0 else {
+            let start = page / chunkPages &* chunkPages
+            return (start, min(start &+ chunkPages, pages))
+        }
+        let start: UInt64
+        let end: UInt64
+        if address == lastEnd {
+            // Sequential: read further ahead, forward from the fault.
+            window = min(window &* 2, adaptiveMax)
+            start = page
+            end = min(page &+ window, pages)
+        } else {
+            // Elsewhere: back to the aligned chunk around the fault.
+            window = chunkPages
+            start = page / chunkPages &* chunkPages
+            end = min(start &+ chunkPages, pages)
+        }
+        lastEnd = entry.range.start &+ end &* ps
+        return (start, end)
     }
 
     func resolveWriteProtect(_ address: UInt64) {
@@ -181,7 +189,7 @@ extension HandlerLoop {
     @inline(__always)
     func fill(_ buffer: UnsafeMutableRawPointer, entry: RegionEntry, from i: UInt64, to j: UInt64, zeroed: UInt64) throws(PageSourceError) {
         if zeroed == 0 {
-            try source.fill(UnsafeMutableRawBufferPointer(start: buffer, count: Int((j &- i) &* ps)), at: entry.sourceOffset &+ i &* ps)
+            try fillFromSource(UnsafeMutableRawBufferPointer(start: buffer, count: Int((j &- i) &* ps)), at: entry.sourceOffset &+ i &* ps)
             return
         }
         var p = i
@@ -193,10 +201,26 @@ extension HandlerLoop {
             if z {
                 memset(region.baseAddress!, 0, region.count)
             } else {
-                try source.fill(region, at: entry.sourceOffset &+ p &* ps)
+                try fillFromSource(region, at: entry.sourceOffset &+ p &* ps)
             }
             p = q
         }
+    }
+
+    /// Asks the source for `region`'s bytes; past the source's end (inside its last
+    /// page, as validation allows) the bytes are zeros.
+    @inline(__always)
+    func fillFromSource(_ region: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(PageSourceError) {
+        let end = offset &+ UInt64(region.count)
+        if let length = sourceLength, end > length {
+            let available = offset < length ? Int(length &- offset) : 0
+            if available > 0 {
+                try source.fill(UnsafeMutableRawBufferPointer(start: region.baseAddress, count: available), at: offset)
+            }
+            memset(region.baseAddress! + available, 0, region.count - available)
+            return
+        }
+        try source.fill(region, at: offset)
     }
 
     /// Runs a resolving ioctl over the run until every page is installed or found
@@ -218,6 +242,7 @@ extension HandlerLoop {
             progress = off
             account(installed: installed, faultInstalled: faultInstalled, zero: zero)
         }
+        var skippedToFault = false
         while off < bytes {
             let outcome: Userfaultfd.Outcome
             do {
@@ -225,31 +250,20 @@ extension HandlerLoop {
             } catch {
                 if isProcessGone(error) { return .gone }
                 if fallible { return nil }
-                record(failure: error, at: entry.range.start &+ i &* ps &+ UInt64(off))
-                if faultPage >= i && faultPage < j {
-                    try? handle.wake(MemoryRange(start: entry.range.start &+ faultPage &* ps, length: ps))
+                let faultOffset = faultPage >= i && faultPage < j ? Int((faultPage &- i) &* ps) : -1
+                if !faultInstalled && !skippedToFault && faultOffset > off {
+                    // Pages before the faulting one failed: try from the faulting page once.
+                    skippedToFault = true
+                    off = faultOffset
+                    continue
                 }
-                return .done
+                let failedAt = entry.range.start &+ i &* ps &+ UInt64(off)
+                return installFailed(entry, faultPage: faultInstalled ? .max : faultPage, at: failedAt, error: error)
             }
-            switch outcome {
-            case .completed(let n), .partial(let n):
-                let first = i &+ UInt64(off) / ps
-                let pages = UInt64(n) / ps
-                entry.markResident(first, count: pages)
-                installed &+= pages
-                if faultPage >= first && faultPage < first &+ pages { faultInstalled = true }
-                off += n
-            case .alreadyPresent:
-                let page = i &+ UInt64(off) / ps
-                entry.markResident(page, count: 1)
-                StatisticsCounters.add(counters.alreadyPresent, 1)
-                if page == faultPage {
-                    try? handle.wake(MemoryRange(start: entry.range.start &+ page &* ps, length: ps))
-                }
-                off += Int(ps)
-            case .retryAfterEvents:
-                return .retry
-            }
+            guard let n = apply(outcome, entry, at: i &+ UInt64(off) / ps, faultPage: faultPage, installed: &installed,
+                                faultInstalled: &faultInstalled)
+            else { return .retry }
+            off += n
         }
         return .done
     }
@@ -260,6 +274,30 @@ extension HandlerLoop {
         _ operation: (Int) throws(UserfaultfdError) -> Userfaultfd.Outcome
     ) -> InstallResult {
         install(entry, from: i, to: j, faultPage: faultPage, zero: zero, fallible: false, operation)!
+    }
+
+    /// Marks what a resolving ioctl installed from page `first` on and counts it.
+    /// Returns the bytes to advance by, or nil after `EAGAIN` (read events, retry).
+    @inline(__always)
+    func apply(_ outcome: Userfaultfd.Outcome, _ entry: RegionEntry, at first: UInt64, faultPage: UInt64,
+               installed: inout UInt64, faultInstalled: inout Bool) -> Int? {
+        switch outcome {
+        case .completed(let n), .partial(let n):
+            let pages = UInt64(n) / ps
+            entry.markResident(first, count: pages)
+            installed &+= pages
+            if faultPage >= first && faultPage < first &+ pages { faultInstalled = true }
+            return n
+        case .alreadyPresent:
+            entry.markResident(first, count: 1)
+            StatisticsCounters.add(counters.alreadyPresent, 1)
+            if first == faultPage {
+                try? handle.wake(MemoryRange(start: entry.range.start &+ first &* ps, length: ps))
+            }
+            return Int(ps)
+        case .retryAfterEvents:
+            return nil
+        }
     }
 
     @inline(__always)
@@ -284,6 +322,30 @@ extension HandlerLoop {
         guard containsFault else { return .done }
         let address = entry.range.start &+ faultPage &* ps
         report(.sourceFailed(address: address, error: error))
+        return poison(entry, page: faultPage)
+    }
+
+    /// A resolving ioctl failed with an error that retrying cannot fix (EFAULT from a
+    /// source that went away, EINVAL, ...): report it once and poison the faulting page
+    /// (`faultPage`, `.max` if none is waiting), so that its thread gets SIGBUS instead
+    /// of faulting again forever.
+    ///
+    /// ENOENT is the exception: the range was unregistered under the call, so the
+    /// faulting thread is woken and finds ordinary memory.
+    func installFailed(_ entry: RegionEntry, faultPage: UInt64, at failedAt: UInt64, error: UserfaultfdError) -> InstallResult {
+        record(failure: error, at: failedAt)
+        guard faultPage != .max else { return .done }
+        let address = entry.range.start &+ faultPage &* ps
+        if error.errno == .noSuchFileOrDirectory {
+            try? handle.wake(MemoryRange(start: address, length: ps))
+            return .done
+        }
+        return poison(entry, page: faultPage)
+    }
+
+    /// Poisons `page` of `entry` (its thread, and any later access, gets SIGBUS).
+    func poison(_ entry: RegionEntry, page faultPage: UInt64) -> InstallResult {
+        let address = entry.range.start &+ faultPage &* ps
         do {
             switch try handle.poison(MemoryRange(start: address, length: ps)) {
             case .completed, .partial:

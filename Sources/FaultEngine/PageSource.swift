@@ -1,3 +1,4 @@
+import SystemPackage
 import Userfaultfd
 
 #if canImport(Glibc)
@@ -13,7 +14,8 @@ import Musl
 /// must not touch memory registered on the userfaultfd they serve (a handler that
 /// faults on its own range waits for itself).
 public protocol PageSource: Sendable {
-    /// Fills `destination` (a multiple of the page size) with the bytes at `sourceOffset`.
+    /// Fills `destination` (a multiple of the page size, except at the end of a source
+    /// whose length is not) with the bytes at `sourceOffset`.
     ///
     /// - Parameters:
     ///   - destination: a staging buffer owned by the calling handler thread.
@@ -22,7 +24,9 @@ public protocol PageSource: Sendable {
     ///   then poisons the faulting page (its thread gets SIGBUS) and reports the error.
     func fill(_ destination: UnsafeMutableRawBufferPointer, at sourceOffset: UInt64) throws(PageSourceError)
 
-    /// Total bytes available, if known. The server refuses regions that reach beyond it.
+    /// Total bytes available, if known. The server refuses regions that reach beyond
+    /// the page that holds the last byte; the rest of that page is served as zeros
+    /// (``fill(_:at:)`` is then asked for the bytes up to `length` only).
     var length: UInt64? { get }
 
     /// Pages the server may move (not copy) into place with `UFFDIO_MOVE`, if the
@@ -51,7 +55,9 @@ extension PageSource {
 
 /// Bytes a signal handler can read without calling back into Swift.
 public enum SignalSafeBacking: Sendable, Hashable {
-    /// `length` bytes at `address` in this process, never freed while served.
+    /// `length` bytes at `address` in this process, never freed while served. When
+    /// `length` ends inside a page, the rest of that page must be readable zeros (as
+    /// in an anonymous or file mapping).
     case memory(address: UInt, length: UInt64)
     /// A file descriptor read with `pread`, starting at `offset`.
     case file(descriptor: Int32, offset: UInt64, length: UInt64)
@@ -61,8 +67,8 @@ public enum SignalSafeBacking: Sendable, Hashable {
 public struct PageSourceError: Error, Sendable, Hashable, CustomStringConvertible {
     /// What kind of failure this is.
     public enum Kind: Sendable, Hashable {
-        /// Reading the backing store failed with this errno.
-        case system(Int32)
+        /// Reading the backing store failed with this error.
+        case system(Errno)
         /// The requested bytes lie beyond the end of the source.
         case outOfBounds
         /// The source produced fewer bytes than asked (a file shorter than expected).
@@ -87,7 +93,7 @@ public struct PageSourceError: Error, Sendable, Hashable, CustomStringConvertibl
     public var description: String {
         let what: String
         switch kind {
-        case .system(let e): what = "read failed: \(String(cString: strerror(e))) (errno \(e))"
+        case .system(let e): what = "read failed: \(e) (errno \(e.rawValue))"
         case .outOfBounds: what = "out of bounds"
         case .shortRead: what = "short read"
         case .failed(let why): what = why

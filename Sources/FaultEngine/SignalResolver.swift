@@ -84,7 +84,8 @@ final class SignalResolverRegistration: @unchecked Sendable {
         case .memory(let address, let length)?:
             table.pointee.backing_kind = Int32(CFE_BACKING_MEMORY.rawValue)
             table.pointee.memory = UnsafePointer(bitPattern: address)
-            table.pointee.memory_length = length
+            // The source's last page is readable whole (its tail reads as zeros).
+            table.pointee.memory_length = (length &+ UInt64(pageSize) &- 1) / UInt64(pageSize) &* UInt64(pageSize)
         case .file(let descriptor, let offset, let length)?:
             table.pointee.backing_kind = Int32(CFE_BACKING_FILE.rawValue)
             table.pointee.file_fd = descriptor

@@ -61,10 +61,7 @@ extension HandlerLoop {
         let alias = UnsafeMutableRawPointer(bitPattern: UInt(entry.alias &+ i &* ps))!
         let bytes = Int(count &* ps)
         if !(count == 1 && minorFault) {
-            if mincore(alias, bytes, residency) != 0 {
-                // Cannot tell: treat every page as missing only if none was released.
-                memset(residency, 0, Int(count))
-            }
+            readPageCacheResidency(alias, count: Int(count))
             var p: UInt64 = 0
             while p < count {
                 if residency[Int(p)] & 1 != 0 {
@@ -84,6 +81,21 @@ extension HandlerLoop {
         let destination = entry.range.start &+ i &* ps
         return install(entry, from: i, to: j, faultPage: faultPage, zero: false) { (off: Int) throws(UserfaultfdError) in
             try handle.continueMapping(MemoryRange(start: destination &+ UInt64(off), length: UInt64(bytes - off)))
+        }
+    }
+}
+
+extension HandlerLoop {
+    /// Fills ``residency`` with whether each of the `count` pages at `alias` is in the
+    /// page cache (bit 0). `mincore` answers per base page, so a huge page is asked
+    /// about through its first base page. If it cannot tell, every page counts as missing.
+    func readPageCacheResidency(_ alias: UnsafeMutableRawPointer, count: Int) {
+        if Int(ps) == systemPageSize {
+            if mincore(alias, count * systemPageSize, residency) != 0 { memset(residency, 0, count) }
+            return
+        }
+        for k in 0..<count where mincore(alias + k * Int(ps), systemPageSize, residency + k) != 0 {
+            residency[k] = 0
         }
     }
 }

@@ -28,7 +28,7 @@ public struct ManagerConfiguration: Sendable {
         socketPath: String,
         memoryFile: String? = nil,
         allowedUIDs: Set<UInt32> = [],
-        server: FaultServerConfiguration = .default,
+        server: FaultServerConfiguration = .adaptive,
         recordWorkingSet: String? = nil,
         replayWorkingSet: String? = nil,
         handshakeTimeout: Double = 5,

@@ -203,6 +203,45 @@ static void ask_handler(int slot, const struct cfe_table *t, const struct cfe_re
     }
 }
 
+/// Reads `len` bytes of the file backing at source offset `src_off` into `buffer`.
+/// The end of the file may fall inside the last page: the rest of that page is
+/// zeros. Returns 0 or the errno that stopped it (EIO for a file cut shorter).
+static int read_file_run(const struct cfe_table *t, uint8_t *buffer, uint64_t src_off, uint64_t len) {
+    uint64_t done = 0;
+    while (done < len) {
+        ssize_t n = pread(t->file_fd, buffer + done, len - done, (off_t)(t->file_offset + src_off + done));
+        if (n > 0) { done += (uint64_t)n; continue; }
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) return errno;
+        // End of file: the tail of its last page reads as zeros, anything further is lost.
+        uint64_t tail_end = (t->file_length + t->page_size - 1) / t->page_size * t->page_size;
+        if (src_off + done < t->file_length || src_off + len > tail_end) return EIO;
+        memset(buffer + done, 0, len - done);
+        return 0;
+    }
+    return 0;
+}
+
+/// Installs pages `i ..< j` of `r` (all zeroed after a REMOVE, or all from the
+/// backing). Returns 0 or the errno that stopped it.
+static int install_pages(const struct cfe_table *t, const struct cfe_region *r, uint64_t i, uint64_t j, int zero,
+                         uint64_t page, int *fault_done) {
+    uint64_t ps = t->page_size;
+    uint64_t dst = r->start + i * ps;
+    uint64_t len = (j - i) * ps;
+    uint64_t src_off = r->source_offset + i * ps;
+    if (zero) return install_run(t->uffd, dst, NULL, len, r, i, ps, page, fault_done);
+    if (t->backing_kind == CFE_BACKING_MEMORY) {
+        // memory_length counts whole pages: the tail of the last one is readable zeros.
+        if (src_off + len > t->memory_length) return EFAULT;
+        return install_run(t->uffd, dst, t->memory + src_off, len, r, i, ps, page, fault_done);
+    }
+    uint8_t buffer[CFE_STACK_CHUNK] __attribute__((aligned(4096)));
+    int rc = read_file_run(t, buffer, src_off, len);
+    if (rc == 0) rc = install_run(t->uffd, dst, buffer, len, r, i, ps, page, fault_done);
+    return rc;
+}
+
 /// Resolves a fault at `address` in `r` of `t`. Returns 1 if the access can run
 /// again, 0 if the page is poisoned (the SIGBUS is then a real one).
 static int resolve(int slot, const struct cfe_table *t, const struct cfe_region *r, uint64_t address) {
@@ -230,31 +269,7 @@ static int resolve(int slot, const struct cfe_table *t, const struct cfe_region 
         uint64_t j = i + 1;
         while (j < end && (j == page || !cfe_bit_test(r->resident, r->first_bit + j))
                && cfe_bit_test(r->zeroed, r->first_bit + j) == zero) j++;
-        uint64_t dst = r->start + i * ps;
-        uint64_t len = (j - i) * ps;
-        uint64_t src_off = r->source_offset + i * ps;
-        int rc;
-        if (zero) {
-            rc = install_run(t->uffd, dst, NULL, len, r, i, ps, page, &fault_done);
-        } else if (t->backing_kind == CFE_BACKING_MEMORY) {
-            if (src_off + len > t->memory_length) {
-                rc = EFAULT;
-            } else {
-                rc = install_run(t->uffd, dst, t->memory + src_off, len, r, i, ps, page, &fault_done);
-            }
-        } else {
-            uint8_t buffer[CFE_STACK_CHUNK] __attribute__((aligned(4096)));
-            uint64_t done = 0;
-            rc = 0;
-            while (done < len) {
-                ssize_t n = pread(t->file_fd, buffer + done, len - done, (off_t)(t->file_offset + src_off + done));
-                if (n > 0) { done += (uint64_t)n; continue; }
-                if (n < 0 && errno == EINTR) continue;
-                rc = n < 0 ? errno : EIO;
-                break;
-            }
-            if (rc == 0) rc = install_run(t->uffd, dst, buffer, len, r, i, ps, page, &fault_done);
-        }
+        int rc = install_pages(t, r, i, j, zero, page, &fault_done);
         if (rc == EBADF || rc == ENOTTY) {
             // The server closed the uffd while this ran (its number may now name
             // /dev/null until the resolver is withdrawn): the kernel serves the range now.

@@ -80,12 +80,13 @@ extension FaultEngineTests {
         @Test func namedConfigurationsAreReachableThroughTheServerType() {
             let named: [FaultServerConfiguration] = [
                 FaultServer<ZeroSource>.Configuration.handler4k, .handler64k, .sigbus, .move, .minor, .adaptive,
-                .replay("/tmp/ws"), .default,
+                .replay("/tmp/ws"), .automatic, .default,
             ]
             #expect(named[0].strategy == .copy(chunkPages: 1) && named[0].handlerThreads == 1)
             #expect(named[1].strategy == .copy(chunkPages: 16) && named[1].handlerThreads == 1)
             #expect(named[6].prefetch == .replay(path: "/tmp/ws"))
             #expect(Set(named).count == named.count - 1)   // .default is one of the others
+            #expect(named.last == .automatic)
         }
 
         @Test func statisticsAsJSON() throws {
