@@ -31,3 +31,32 @@ struct HandshakeAdmission: Sendable {
         perUID[uid] = left > 0 ? left : nil
     }
 }
+
+/// At most so many log lines per second: a flood of refused connections must not
+/// become a flood of log lines. The next line that passes says how many were dropped.
+struct LogRateLimit: Sendable {
+    let linesPerSecond: Int
+    private var windowStart: ContinuousClock.Instant?
+    private var inWindow = 0
+    private var suppressed = 0
+
+    init(linesPerSecond: Int) { self.linesPerSecond = linesPerSecond }
+
+    /// Whether a line may be written now.
+    ///
+    /// - Returns: nil to drop the line, else how many lines were dropped since the last one written.
+    mutating func admit(now: ContinuousClock.Instant) -> Int? {
+        if let start = windowStart, now - start < .seconds(1) {
+            if inWindow >= linesPerSecond {
+                suppressed += 1
+                return nil
+            }
+        } else {
+            windowStart = now
+            inWindow = 0
+        }
+        inWindow += 1
+        defer { suppressed = 0 }
+        return suppressed
+    }
+}

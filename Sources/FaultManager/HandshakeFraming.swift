@@ -4,9 +4,9 @@
 /// client ends its handshake with a delimiter: the message is one JSON value, array or
 /// object, complete when its outermost bracket closes. This scans for that point,
 /// outside strings and escapes, without decoding anything.
-enum HandshakeFraming {
+package enum HandshakeFraming {
     /// The outcome of scanning the bytes received so far.
-    enum Scan: Equatable {
+    package enum Scan: Equatable {
         /// More bytes are needed.
         case incomplete
         /// The first `length` bytes are one complete JSON value (what follows is not part of it).
@@ -16,7 +16,7 @@ enum HandshakeFraming {
     }
 
     /// Scans `bytes` for the end of the first top-level JSON array or object.
-    static func scan(_ bytes: some Collection<UInt8>) -> Scan {
+    package static func scan(_ bytes: some Collection<UInt8>) -> Scan {
         var depth = 0
         var inString = false
         var escaped = false

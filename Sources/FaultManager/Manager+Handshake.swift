@@ -39,9 +39,15 @@ extension Manager {
     /// Counts and logs a refusal (the reason escaped and capped: it may quote the peer),
     /// and answers a native client.
     func refuse(pid: Int32, uid: UInt32, reason: String, replyNative: FileDescriptor?) {
-        state.withLock { $0.refusals += 1 }
-        logger.warning("refused handshake from pid \(pid) uid \(uid): \(UntrustedText(reason, limit: Self.logReasonLimit))",
-                       metadata: ["pid": "\(pid)", "uid": "\(uid)"])
+        let suppressed = state.withLock { s -> Int? in
+            s.refusals += 1
+            return s.refusalLines.admit(now: ContinuousClock.now)
+        }
+        if let suppressed {
+            let more = suppressed > 0 ? " (\(suppressed) refusal lines suppressed before this one)" : ""
+            logger.warning("refused handshake from pid \(pid) uid \(uid): \(UntrustedText(reason, limit: Self.logReasonLimit))\(more)",
+                           metadata: ["pid": "\(pid)", "uid": "\(uid)"])
+        }
         if let replyNative {
             UnixSocket.sendAll(NativeReply(accepted: false, reason: reason).encoded(), over: replyNative)
         }

@@ -40,6 +40,7 @@ public final class Manager: Sendable {
         var pendingSockets: [Int: FileDescriptor] = [:]
         var nextHandshake = 0
         var admission = HandshakeAdmission()
+        var refusalLines = LogRateLimit(linesPerSecond: 20)
         var sessions: [Int: ClientSession] = [:]
         var ended: [Int: ClientReport] = [:]
         var stopping = false

@@ -128,3 +128,16 @@ struct HandshakeReadingTests {
         #expect(ReceivedUserfaultfd.parse(fdinfo: "pos:\t0\n") == .unknown)
     }
 }
+
+extension HandshakeReadingTests {
+    @Test func refusalLinesAreRateLimitedAndSayWhatWasDropped() {
+        var limit = LogRateLimit(linesPerSecond: 2)
+        let start = ContinuousClock.now
+        #expect(limit.admit(now: start) == 0)
+        #expect(limit.admit(now: start + .milliseconds(10)) == 0)
+        #expect(limit.admit(now: start + .milliseconds(20)) == nil)
+        #expect(limit.admit(now: start + .milliseconds(30)) == nil)
+        #expect(limit.admit(now: start + .milliseconds(1100)) == 2)
+        #expect(limit.admit(now: start + .milliseconds(1200)) == 0)
+    }
+}
