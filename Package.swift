@@ -104,6 +104,15 @@ let package = Package(
             name: "uffd-test-helper",
             dependencies: ["Userfaultfd"]
         ),
+        // libFuzzer targets (Scripts/fuzz.sh builds them with -sanitize=fuzzer).
+        .executableTarget(
+            name: "fuzz-handshake",
+            dependencies: ["FaultManager", "Userfaultfd"]
+        ),
+        .executableTarget(
+            name: "fuzz-migration-frame",
+            dependencies: ["Postcopy"]
+        ),
         .testTarget(
             name: "UserfaultfdTests",
             dependencies: ["Userfaultfd", "_CUserfaultfd", "uffd-test-helper"]
