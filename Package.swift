@@ -104,14 +104,10 @@ let package = Package(
             name: "uffd-test-helper",
             dependencies: ["Userfaultfd"]
         ),
-        // libFuzzer targets (Scripts/fuzz.sh builds them with -sanitize=fuzzer).
+        // libFuzzer targets for peer input (Scripts/fuzz.sh builds them with -sanitize=fuzzer).
         .executableTarget(
-            name: "fuzz-handshake",
-            dependencies: ["FaultManager", "Userfaultfd"]
-        ),
-        .executableTarget(
-            name: "fuzz-migration-frame",
-            dependencies: ["Postcopy"]
+            name: "uffd-fuzz",
+            dependencies: ["FaultManager", "Userfaultfd", "Postcopy"]
         ),
         .testTarget(
             name: "UserfaultfdTests",

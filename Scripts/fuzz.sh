@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Builds the libFuzzer targets (-sanitize=fuzzer, in .build-fuzz) and runs each one.
+# Builds uffd-fuzz with -sanitize=fuzzer (in .build-fuzz) and runs each of its targets.
 #
 #   Scripts/fuzz.sh                      20 s per target (CI)
 #   FUZZ_SECONDS=3600 Scripts/fuzz.sh    longer runs
 #   FUZZ_CORPUS=DIR                      keep the corpus there (default: a fresh temporary one)
 # A crash leaves its input as .build-fuzz/crash-<target>-*; replay it with
-# `.build-fuzz/x86_64-unknown-linux-gnu/debug/<target> FILE`.
+# `UFFD_FUZZ_TARGET=<target> .build-fuzz/x86_64-unknown-linux-gnu/debug/uffd-fuzz FILE`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${FUZZ_SECONDS:-20}
@@ -28,18 +28,18 @@ seed_migration_frame() {
     printf '\004\000\000\000\000\020\000\000\001\000\000\000\000\000\000\000\001\000\000\000\000\000\000\000\000\000\020\000\000\000\000\000abcd' >"$1/hello"
 }
 
+echo "== building uffd-fuzz"
+swift build --scratch-path "$scratch" --product uffd-fuzz -Xswiftc -sanitize=fuzzer -Xswiftc -DFUZZING
 status=0
-for target in fuzz-handshake fuzz-migration-frame; do
-    echo "== $target: building"
-    swift build --scratch-path "$scratch" --product "$target" -Xswiftc -sanitize=fuzzer -Xswiftc -DFUZZING
+for target in handshake migration-frame; do
     corpus="$corpus_root/$target"
     mkdir -p "$corpus"
     case $target in
-        fuzz-handshake) seed_handshake "$corpus" ;;
-        fuzz-migration-frame) seed_migration_frame "$corpus" ;;
+        handshake) seed_handshake "$corpus" ;;
+        migration-frame) seed_migration_frame "$corpus" ;;
     esac
     echo "== $target: fuzzing for $seconds s (corpus $corpus)"
-    if ! "$scratch/x86_64-unknown-linux-gnu/debug/$target" -max_total_time="$seconds" -max_len=65536 \
+    if ! UFFD_FUZZ_TARGET=$target "$scratch/x86_64-unknown-linux-gnu/debug/uffd-fuzz" -max_total_time="$seconds" -max_len=65536 \
         -artifact_prefix="$scratch/crash-$target-" -print_final_stats=1 "$corpus" 2>&1 | tail -15; then
         echo "== $target: FAILED (crash input under $scratch/crash-$target-*)"
         status=1
