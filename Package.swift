@@ -124,6 +124,11 @@ let package = Package(
             name: "uffd-test-helper",
             dependencies: ["Userfaultfd"]
         ),
+        // libFuzzer targets for peer input (Scripts/fuzz.sh builds them with -sanitize=fuzzer).
+        .executableTarget(
+            name: "uffd-fuzz",
+            dependencies: ["FaultManager", "Userfaultfd", "Postcopy"]
+        ),
         // What the test targets share: the process gate every suite carries, fixtures.
         .target(
             name: "TestSupport",

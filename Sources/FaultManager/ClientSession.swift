@@ -76,8 +76,10 @@ final class ClientSession: Sendable {
     }
 
     /// Starts the watcher; `onEnd` runs on it once serving ended, with the reason.
-    func startWatching(pollMilliseconds: Int32, onEnd: @escaping @Sendable (ClientSession, String) -> Void) {
-        let thread = DedicatedThread(name: "uffd-client-\(id)") { [self] in
+    ///
+    /// - Throws: `UserfaultfdError` if the thread cannot be created (then nothing watches).
+    func startWatching(pollMilliseconds: Int32, onEnd: @escaping @Sendable (ClientSession, String) -> Void) throws(UserfaultfdError) {
+        let thread = try DedicatedThread.start(name: "uffd-client-\(id)") { [self] in
             let reason = self.watch(pollMilliseconds: pollMilliseconds)
             self.finish(reason: reason)
             onEnd(self, reason)

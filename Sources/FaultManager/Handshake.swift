@@ -42,6 +42,30 @@ public enum Handshake: Sendable, Hashable {
         }
     }
 
+    /// The descriptors the message must carry: the uffd, and the backing file if attached.
+    public var descriptorCount: Int {
+        switch self {
+        case .firecracker: return 1
+        case .native(let header): return header.descriptorCount
+        }
+    }
+
+    /// The uffd features the client says it enabled (none for Firecracker's handshake).
+    public var features: Userfaultfd.Features {
+        switch self {
+        case .firecracker: return []
+        case .native(let header): return Userfaultfd.Features(rawValue: header.features)
+        }
+    }
+
+    /// The name the client gave for log lines, if any.
+    public var name: String? {
+        switch self {
+        case .firecracker: return nil
+        case .native(let header): return header.name
+        }
+    }
+
     /// The handshake's name in log lines.
     public var kind: String {
         switch self {
@@ -218,7 +242,8 @@ public struct NativeHandshake: Sendable, Hashable, Codable {
             throw .invalidMessage("not a JSON object: \(describe(error))")
         }
         guard probe.protocol == protocolName else {
-            throw .invalidMessage("the object's \"protocol\" is \(probe.protocol.map { "\"\($0)\"" } ?? "missing"), not \"\(protocolName)\"")
+            // The peer's text, cut short here; the log escapes it.
+            throw .invalidMessage("the object's \"protocol\" is \(probe.protocol.map { "\"\($0.prefix(64))\"" } ?? "missing"), not \"\(protocolName)\"")
         }
         guard let version = probe.version else { throw .invalidMessage("the native handshake has no \"version\"") }
         guard version == currentVersion else { throw .unsupportedVersion(version) }

@@ -10,18 +10,13 @@ import Musl
 
 /// One connection's handshake: credentials, the message, its checks, and the start of serving.
 extension Manager {
-    func handshake(on connection: FileDescriptor) {
-        let peer: DescriptorPassing.PeerCredentials
-        do {
-            peer = try DescriptorPassing.peerCredentials(of: connection)
-        } catch {
-            refuse(pid: 0, uid: UInt32.max, reason: "cannot read its credentials: \(error)", replyNative: nil)
-            return
-        }
+    /// Reads, checks and serves one admitted connection's handshake (on its own thread).
+    func handshake(on connection: FileDescriptor, peer: DescriptorPassing.PeerCredentials, deadline: ContinuousClock.Instant) {
+        // Only the reply is written with a timeout; reads wait on the deadline.
         UnixSocket.setTimeout(connection, seconds: configuration.handshakeTimeout)
-        let message: (body: [UInt8], descriptors: [FileDescriptor])
+        let message: HandshakeReader.Message
         do {
-            message = try UnixSocket.receiveMessage(from: connection, maxBody: configuration.maxHandshakeBytes)
+            message = try HandshakeReader(limit: configuration.maxHandshakeBytes, deadline: deadline).read(from: connection)
         } catch {
             refuse(pid: peer.pid, uid: peer.uid, reason: "\(error)", replyNative: nil)
             return
@@ -30,10 +25,6 @@ extension Manager {
         defer { for fd in descriptors { try? fd.close() } }
         let looksNative = message.body.first == UInt8(ascii: "{")
         let reply = looksNative ? connection : nil
-        if peer.uid != ownUID && !configuration.allowedUIDs.contains(peer.uid) {
-            refuse(pid: peer.pid, uid: peer.uid, reason: "\(HandshakeError.unauthorized(uid: peer.uid))", replyNative: reply)
-            return
-        }
         do throws(HandshakeError) {
             let handshake = try Handshake.decode(message.body)
             let client = try accept(handshake, descriptors: &descriptors, peer: peer)
@@ -45,52 +36,31 @@ extension Manager {
         }
     }
 
+    /// Counts and logs a refusal (the reason escaped and capped: it may quote the peer),
+    /// and answers a native client.
     func refuse(pid: Int32, uid: UInt32, reason: String, replyNative: FileDescriptor?) {
-        state.withLock { $0.refusals += 1 }
-        logger.warning("refused handshake from pid \(pid) uid \(uid): \(reason)",
-                       metadata: ["pid": "\(pid)", "uid": "\(uid)"])
+        let suppressed = state.withLock { s -> Int? in
+            s.refusals += 1
+            return s.refusalLines.admit(now: ContinuousClock.now)
+        }
+        if let suppressed {
+            let more = suppressed > 0 ? " (\(suppressed) refusal lines suppressed before this one)" : ""
+            logger.warning("refused handshake from pid \(pid) uid \(uid): \(UntrustedText(reason, limit: Self.logReasonLimit))\(more)",
+                           metadata: ["pid": "\(pid)", "uid": "\(uid)"])
+        }
         if let replyNative {
             UnixSocket.sendAll(NativeReply(accepted: false, reason: reason).encoded(), over: replyNative)
         }
     }
 
+    /// The most bytes of a refusal's reason in a log line.
+    static let logReasonLimit = 1000
+
     /// Checks a decoded handshake and starts serving it. On success the uffd descriptor
     /// is taken out of `descriptors` (the server owns it).
     func accept(_ handshake: Handshake, descriptors: inout [FileDescriptor],
-                        peer: DescriptorPassing.PeerCredentials) throws(HandshakeError) -> Int {
-        let expected: Int
-        let source: FileSource
-        let features: Userfaultfd.Features
-        var name: String? = nil
-        var fromMemoryFile = false
-        switch handshake {
-        case .firecracker:
-            expected = 1
-            features = []
-        case .native(let header):
-            expected = header.descriptorCount
-            features = Userfaultfd.Features(rawValue: header.features)
-            name = header.name
-        }
-        if descriptors.count != expected {
-            throw .descriptors("expected \(expected == 1 ? "exactly one descriptor (the userfaultfd)" : "two descriptors (the userfaultfd and the backing file)"), received \(descriptors.count)")
-        }
-        if !Self.isUserfaultfd(descriptors[0]) {
-            throw .descriptors("the first descriptor is not a userfaultfd")
-        }
-        if case .native(let header) = handshake, header.backing == .attached {
-            do {
-                source = try FileSource(descriptor: descriptors[1])
-            } catch {
-                throw .serving("the attached backing file cannot be read: \(error)")
-            }
-        } else {
-            guard let memorySource else {
-                throw .serving("the daemon was started without a memory file, and the client sent no backing")
-            }
-            source = memorySource
-            fromMemoryFile = true
-        }
+                peer: DescriptorPassing.PeerCredentials) throws(HandshakeError) -> Int {
+        let (source, fromMemoryFile) = try checkedSource(handshake, descriptors: descriptors)
         let regions = handshake.regions
         try ClientRegion.validate(regions, backingLength: source.length)
         // One page size per client (Firecracker backs all guest memory alike): a fault
@@ -101,51 +71,21 @@ extension Manager {
                 + "\(other.pageSize)-byte pages; one page size per client is served")
         }
         try ClientRegion.checkPageSizes(regions, pid: peer.pid)
-
-        var serverConfiguration = configuration.server
-        serverConfiguration.pageSize = Int(pageSize)
-        let strategy = serverConfiguration.strategy
-        if Int(pageSize) != systemPageSize, strategy != .copy(chunkPages: strategy.chunkPages) {
-            // Huge pages are installed with COPY only (hugetlb has no MOVE; MINOR and
-            // SIGBUS are not served there): same chunk, other strategy.
-            serverConfiguration.strategy = .copy(chunkPages: strategy.chunkPages)
-            logger.info("pid \(peer.pid): \(pageSize)-byte pages are served with the copy strategy, not \(strategy)",
-                        metadata: ["pid": "\(peer.pid)", "uid": "\(peer.uid)"])
-        }
-        var preload: [UInt64] = []
-        if fromMemoryFile {
-            if let replay = configuration.replayWorkingSet {
-                do {
-                    preload = try WorkingSetFile.read(replay)
-                } catch {
-                    logger.warning("working set \(replay) not replayed: \(error)")
-                }
-            }
-            if let record = configuration.recordWorkingSet,
-               recordClaimed.compareExchange(expected: false, desired: true, ordering: .relaxed).exchanged {
-                serverConfiguration.recordWorkingSet = record
-                // Only faults are recorded: pages that came in with a chunk or a read-ahead
-                // would be missing from the set. The recording run serves page by page.
-                serverConfiguration.strategy = .copy(chunkPages: 1)
-                serverConfiguration.prefetch = .none
-            }
-        }
+        var serverConfiguration = configuration(forPageSize: pageSize, peer: peer)
+        let preload = fromMemoryFile ? workingSet(recordingInto: &serverConfiguration) : []
         let probe = fcntl(descriptors[0].rawValue, F_DUPFD_CLOEXEC, 0)
         if probe < 0 { throw .serving("dup of the userfaultfd failed: errno \(errno)") }
         let uffdDescriptor = descriptors.removeFirst()
+        let features = handshake.features
         if !preload.isEmpty {
-            let handle = Userfaultfd.Handle(fileDescriptor: uffdDescriptor, features: features)
-            let started = ContinuousClock.now
-            let done = WorkingSetPreload.install(preload, regions: regions, source: source, uffd: handle, pageSize: pageSize, threads: Self.preloadThreads)
-            let early = done.stoppedEarly.map { ", stopped early: \($0)" } ?? ""
-            logger.info("pid \(peer.pid): replayed the working set: \(done.pagesInstalled) pages in \(done.copies) copies, \(Self.microseconds(ContinuousClock.now - started)) µs\(early)",
-                        metadata: ["pid": "\(peer.pid)", "uid": "\(peer.uid)"])
+            replay(preload, regions: regions, source: source, uffd: Userfaultfd.Handle(fileDescriptor: uffdDescriptor, features: features),
+                   pageSize: pageSize, peer: peer)
         }
         let served = regions.map { ServedRegion(range: $0.range, sourceOffset: $0.backingOffset) }
         let id = nextClient.wrappingAdd(1, ordering: .relaxed).oldValue
         do {
             try startSession(
-                id: id, parent: nil, pid: peer.pid, uid: peer.uid, handshake: handshake.kind, name: name,
+                id: id, parent: nil, pid: peer.pid, uid: peer.uid, handshake: handshake.kind, name: handshake.name,
                 regions: regions, uffd: Userfaultfd(adopting: uffdDescriptor, features: features),
                 served: served, source: source, configuration: serverConfiguration, probe: probe)
         } catch {
@@ -158,19 +98,79 @@ extension Manager {
         return id
     }
 
+    /// Checks the descriptors a handshake came with and picks where its pages come from.
+    ///
+    /// - Returns: the source, and whether it is the daemon's memory file.
+    private func checkedSource(_ handshake: Handshake, descriptors: [FileDescriptor]) throws(HandshakeError) -> (FileSource, Bool) {
+        let expected = handshake.descriptorCount
+        if descriptors.count != expected {
+            throw .descriptors("expected \(expected == 1 ? "exactly one descriptor (the userfaultfd)" : "two descriptors (the userfaultfd and the backing file)"), received \(descriptors.count)")
+        }
+        try ReceivedUserfaultfd.check(descriptors[0])
+        if case .native(let header) = handshake, header.backing == .attached {
+            do {
+                return (try FileSource(descriptor: descriptors[1]), false)
+            } catch {
+                throw .serving("the attached backing file cannot be read: \(error)")
+            }
+        }
+        guard let memorySource else {
+            throw .serving("the daemon was started without a memory file, and the client sent no backing")
+        }
+        return (memorySource, true)
+    }
+
+    /// The daemon's server configuration, adapted to the client's page size.
+    private func configuration(forPageSize pageSize: UInt64, peer: DescriptorPassing.PeerCredentials) -> FaultServerConfiguration {
+        var serverConfiguration = configuration.server
+        serverConfiguration.pageSize = Int(pageSize)
+        let strategy = serverConfiguration.strategy
+        if Int(pageSize) != systemPageSize, strategy != .copy(chunkPages: strategy.chunkPages) {
+            // Huge pages are installed with COPY only (hugetlb has no MOVE; MINOR and
+            // SIGBUS are not served there): same chunk, other strategy.
+            serverConfiguration.strategy = .copy(chunkPages: strategy.chunkPages)
+            logger.info("pid \(peer.pid): \(pageSize)-byte pages are served with the copy strategy, not \(strategy)",
+                        metadata: ["pid": "\(peer.pid)", "uid": "\(peer.uid)"])
+        }
+        return serverConfiguration
+    }
+
+    /// For a client of the memory file: the working set to replay, and the recording
+    /// set up in `serverConfiguration` if this is the first such client.
+    private func workingSet(recordingInto serverConfiguration: inout FaultServerConfiguration) -> [UInt64] {
+        var preload: [UInt64] = []
+        if let replay = configuration.replayWorkingSet {
+            do {
+                preload = try WorkingSetFile.read(replay)
+            } catch {
+                logger.warning("working set \(replay) not replayed: \(error)")
+            }
+        }
+        if let record = configuration.recordWorkingSet,
+           recordClaimed.compareExchange(expected: false, desired: true, ordering: .relaxed).exchanged {
+            serverConfiguration.recordWorkingSet = record
+            // Only faults are recorded: pages that came in with a chunk or a read-ahead
+            // would be missing from the set. The recording run serves page by page.
+            serverConfiguration.strategy = .copy(chunkPages: 1)
+            serverConfiguration.prefetch = .none
+        }
+        return preload
+    }
+
+    /// Installs a recorded working set before serving starts, and logs how it went.
+    private func replay(_ preload: [UInt64], regions: [ClientRegion], source: FileSource, uffd: Userfaultfd.Handle,
+                        pageSize: UInt64, peer: DescriptorPassing.PeerCredentials) {
+        let started = ContinuousClock.now
+        let done = WorkingSetPreload.install(preload, regions: regions, source: source, uffd: uffd, pageSize: pageSize, threads: Self.preloadThreads)
+        let early = done.stoppedEarly.map { ", stopped early: \($0)" } ?? ""
+        logger.info("pid \(peer.pid): replayed the working set: \(done.pagesInstalled) pages in \(done.copies) copies, \(Self.microseconds(ContinuousClock.now - started)) µs\(early)",
+                    metadata: ["pid": "\(peer.pid)", "uid": "\(peer.uid)"])
+    }
+
     /// Threads that install a replayed working set: one per CPU, at most four.
     static let preloadThreads = max(1, min(4, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))))
 
     static func microseconds(_ d: Duration) -> Int64 {
         d.components.seconds * 1_000_000 + d.components.attoseconds / 1_000_000_000_000
-    }
-
-    /// Whether `fd` is a userfaultfd (its /proc link names the anonymous inode).
-    static func isUserfaultfd(_ fd: FileDescriptor) -> Bool {
-        var buffer = [CChar](repeating: 0, count: 64)
-        let n = readlink("/proc/self/fd/\(fd.rawValue)", &buffer, buffer.count - 1)
-        if n <= 0 { return false }
-        let target = String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
-        return target == "anon_inode:[userfaultfd]"
     }
 }

@@ -28,7 +28,7 @@ public final class Manager: Sendable {
     let logger: Logger
     let memorySource: FileSource?
     let ownUID: UInt32
-    private let stopSignal: StopSignal
+    let stopSignal: StopSignal
     let state = Mutex(State())
     let nextClient = Atomic<Int>(1)
     let recordClaimed = Atomic<Bool>(false)
@@ -39,6 +39,8 @@ public final class Manager: Sendable {
         var handshakes: [Int: DedicatedThread] = [:]
         var pendingSockets: [Int: FileDescriptor] = [:]
         var nextHandshake = 0
+        var admission = HandshakeAdmission()
+        var refusalLines = LogRateLimit(linesPerSecond: 20)
         var sessions: [Int: ClientSession] = [:]
         var ended: [Int: ClientReport] = [:]
         var stopping = false
@@ -73,7 +75,14 @@ public final class Manager: Sendable {
     /// Binds the socket and starts accepting clients.
     public func start() throws(UserfaultfdError) {
         let listener = try UnixSocket.listen(at: configuration.socketPath)
-        let thread = DedicatedThread(name: "uffd-accept") { [self] in self.acceptLoop(listener) }
+        let thread: DedicatedThread
+        do {
+            thread = try DedicatedThread.start(name: "uffd-accept") { [self] in self.acceptLoop(listener) }
+        } catch {
+            try? listener.close()
+            unlink(configuration.socketPath)
+            throw error
+        }
         state.withLock {
             $0.listener = listener
             $0.acceptThread = thread
@@ -140,60 +149,6 @@ public final class Manager: Sendable {
         return (try? encoder.encode(doc)).map { String(decoding: $0, as: UTF8.self) } ?? "{}"
     }
 
-    // MARK: - Accepting
-
-    private func acceptLoop(_ listener: FileDescriptor) {
-        var fds = (
-            pollfd(fd: listener.rawValue, events: Int16(POLLIN), revents: 0),
-            pollfd(fd: stopSignal.fileDescriptor.rawValue, events: Int16(POLLIN), revents: 0)
-        )
-        while true {
-            let n = withUnsafeMutableBytes(of: &fds) { raw in
-                Glibc.poll(raw.baseAddress!.assumingMemoryBound(to: pollfd.self), 2, -1)
-            }
-            if n < 0 {
-                if errno == EINTR { continue }
-                logger.error("poll on the listening socket failed: errno \(errno)")
-                return
-            }
-            if fds.1.revents != 0 { return }
-            let connection: FileDescriptor?
-            do {
-                connection = try UnixSocket.accept(listener)
-            } catch {
-                logger.error("\(error)")
-                // EMFILE and the like: back off instead of spinning.
-                usleep(100_000)
-                continue
-            }
-            guard let connection else { continue }
-            startHandshake(on: connection)
-        }
-    }
-
-    /// Runs one connection's handshake on its own short-lived thread, so that a slow or
-    /// silent peer never holds up the others.
-    private func startHandshake(on connection: FileDescriptor) {
-        let key = state.withLock { s -> Int in
-            s.nextHandshake += 1
-            s.pendingSockets[s.nextHandshake] = connection
-            return s.nextHandshake
-        }
-        let thread = DedicatedThread(name: "uffd-handshake") { [self] in
-            self.handshake(on: connection)
-            try? connection.close()
-            // A finished handshake thread detaches itself by leaving the table.
-            self.state.withLock { s in
-                s.pendingSockets[key] = nil
-                s.handshakes[key] = nil
-            }
-        }
-        state.withLock { s in
-            // Unless it already finished (then it removed nothing and must not be added).
-            if s.pendingSockets[key] != nil { s.handshakes[key] = thread }
-        }
-    }
-
     /// Creates, registers and starts one client's server and watcher.
     func startSession(
         id: Int, parent: Int?, pid: Int32, uid: UInt32, handshake: String, name: String?,
@@ -215,8 +170,14 @@ public final class Manager: Sendable {
             server.stop()
             throw error
         }
-        session.startWatching(pollMilliseconds: configuration.livenessPollMilliseconds) { [weak self] session, reason in
-            self?.ended(session, reason: reason)
+        do {
+            try session.startWatching(pollMilliseconds: configuration.livenessPollMilliseconds) { [weak self] session, reason in
+                self?.ended(session, reason: reason)
+            }
+        } catch {
+            state.withLock { $0.sessions[id] = nil }
+            server.stop()
+            throw error
         }
     }
 

@@ -81,7 +81,14 @@ public enum ManagerClient {
         do {
             try DescriptorPassing.send(descriptors: descriptors, payload: header.encoded(), over: socket)
         } catch {
-            throw .system(error)
+            // A daemon that refuses a peer before reading (uid, caps) may already have
+            // answered and closed: its reason is still waiting to be read.
+            guard error.errno == .brokenPipe || error.errno == .connectionReset,
+                  let line = try? UnixSocket.readLine(from: socket),
+                  let reply = try? JSONDecoder().decode(NativeReply.self, from: Data(line)), !reply.accepted else {
+                throw .system(error)
+            }
+            throw .refused(reply.reason ?? "no reason given")
         }
         let line: [UInt8]?
         do {

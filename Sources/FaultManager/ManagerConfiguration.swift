@@ -21,6 +21,10 @@ public struct ManagerConfiguration: Sendable {
     public var handshakeTimeout: Double
     /// The longest handshake message accepted, in bytes.
     public var maxHandshakeBytes: Int
+    /// The most connections in handshake at once; more are refused at once.
+    public var maxPendingHandshakes: Int
+    /// The most connections in handshake at once from one uid; more are refused at once.
+    public var maxPendingHandshakesPerUID: Int
     /// How often each client's watcher checks that its process still exists, in milliseconds.
     public var livenessPollMilliseconds: Int32
 
@@ -33,6 +37,8 @@ public struct ManagerConfiguration: Sendable {
         replayWorkingSet: String? = nil,
         handshakeTimeout: Double = 5,
         maxHandshakeBytes: Int = 1 << 20,
+        maxPendingHandshakes: Int = 64,
+        maxPendingHandshakesPerUID: Int = 16,
         livenessPollMilliseconds: Int32 = 200
     ) {
         self.socketPath = socketPath
@@ -43,6 +49,8 @@ public struct ManagerConfiguration: Sendable {
         self.replayWorkingSet = replayWorkingSet
         self.handshakeTimeout = handshakeTimeout
         self.maxHandshakeBytes = maxHandshakeBytes
+        self.maxPendingHandshakes = maxPendingHandshakes
+        self.maxPendingHandshakesPerUID = maxPendingHandshakesPerUID
         self.livenessPollMilliseconds = livenessPollMilliseconds
     }
 }

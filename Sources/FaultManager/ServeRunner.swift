@@ -39,18 +39,33 @@ public enum ServeRunner {
             done += n
         }
     }) throws(UserfaultfdError) {
+        let signals = try makeSignalPipe()
+        defer {
+            signalPipe.store(-1, ordering: .sequentiallyConsistent)
+            close(signals.read)
+            close(signals.write)
+        }
+        installSignalHandlers(writingTo: signals.write)
+        try manager.start()
+        waitForStop(signals.read) { output(report(manager, json: json)) }
+        manager.stop()
+        output(report(manager, json: json))
+    }
+
+    /// A non-blocking, close-on-exec pipe for the signal handler.
+    private static func makeSignalPipe() throws(UserfaultfdError) -> (read: Int32, write: Int32) {
         var fds: [Int32] = [-1, -1]
         if pipe(&fds) != 0 { throw UserfaultfdError(operation: "pipe", errno: .init(rawValue: errno)) }
         for fd in fds {
             _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
             _ = fcntl(fd, F_SETFL, O_NONBLOCK)
         }
-        defer {
-            signalPipe.store(-1, ordering: .sequentiallyConsistent)
-            close(fds[0])
-            close(fds[1])
-        }
-        signalPipe.store(fds[1], ordering: .sequentiallyConsistent)
+        return (fds[0], fds[1])
+    }
+
+    /// SIGINT, SIGTERM and SIGUSR1 write their number to `fd` (async-signal-safe).
+    private static func installSignalHandlers(writingTo fd: Int32) {
+        signalPipe.store(fd, ordering: .sequentiallyConsistent)
         for sig in [SIGINT, SIGTERM, SIGUSR1] {
             var action = sigaction()
             action.__sigaction_handler.sa_handler = { sig in
@@ -64,21 +79,19 @@ public enum ServeRunner {
             sigemptyset(&action.sa_mask)
             sigaction(sig, &action, nil)
         }
-        try manager.start()
-        loop: while true {
-            var p = pollfd(fd: fds[0], events: Int16(POLLIN), revents: 0)
+    }
+
+    /// Waits for SIGINT or SIGTERM, calling `onReport` for every SIGUSR1 meanwhile.
+    private static func waitForStop(_ fd: Int32, onReport: () -> Void) {
+        while true {
+            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
             if poll(&p, 1, -1) < 0 { continue }
             var byte: UInt8 = 0
-            while read(fds[0], &byte, 1) == 1 {
-                if Int32(byte) == SIGUSR1 {
-                    output(report(manager, json: json))
-                } else {
-                    break loop
-                }
+            while read(fd, &byte, 1) == 1 {
+                if Int32(byte) != SIGUSR1 { return }
+                onReport()
             }
         }
-        manager.stop()
-        output(report(manager, json: json))
     }
 
     /// The statistics of every client, as JSON or as a table.

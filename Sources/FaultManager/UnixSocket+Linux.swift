@@ -95,30 +95,9 @@ enum UnixSocket {
         _ = setsockopt(socket.rawValue, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
     }
 
-    /// Receives one message with the descriptors attached to it (all close-on-exec).
-    ///
-    /// - Returns: the body and every descriptor received; the caller owns them.
-    /// - Throws: ``HandshakeError`` if nothing arrived, the read failed or timed out,
-    ///   or the message was truncated (then every descriptor received is closed).
-    static func receiveMessage(from socket: FileDescriptor, maxBody: Int) throws(HandshakeError) -> (body: [UInt8], descriptors: [FileDescriptor]) {
-        let message: DescriptorPassing.ReceivedMessage
-        do {
-            message = try DescriptorPassing.receiveMessage(from: socket, maxPayload: maxBody)
-        } catch {
-            throw handshakeError(receiving: error, maxBody: maxBody)
-        }
-        if message.payload.isEmpty && message.descriptors.isEmpty { throw .connection("the peer closed the connection without sending a handshake") }
-        return (message.payload, message.descriptors)
-    }
-
-    /// What a failed receive of a handshake means for the client.
-    private static func handshakeError(receiving error: UserfaultfdError, maxBody: Int) -> HandshakeError {
-        if case .malformed = error.kind {
-            return .invalidMessage("the message was truncated (longer than \(maxBody) bytes, or more than \(DescriptorPassing.maxDescriptors) descriptors)")
-        }
-        guard let errno = error.errno else { return .connection("recvmsg failed: \(error)") }
-        if errno == .resourceTemporarilyUnavailable { return .connection("no handshake arrived in time") }
-        return .connection("recvmsg failed: \(errno)")
+    /// Sends `bytes` if the socket takes them now; never waits, failures are ignored.
+    static func sendWithoutBlocking(_ bytes: [UInt8], over socket: FileDescriptor) {
+        _ = bytes.withUnsafeBytes { Glibc.send(socket.rawValue, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT)) }
     }
 
     /// Sends all of `bytes`; failures are ignored (the peer may be gone).

@@ -79,38 +79,110 @@ public enum DescriptorPassing {
 
     /// Receives one message of at most `maxPayload` bytes with every descriptor attached.
     ///
-    /// Descriptors arrive close-on-exec (`MSG_CMSG_CLOEXEC`); beyond
-    /// ``maxDescriptors`` they are closed on arrival and only counted. A message
-    /// longer than `maxPayload` (on a stream socket: one that fills the buffer with
-    /// more bytes already waiting) is refused and every descriptor received is closed.
+    /// Blocks until something arrives (or the socket's `SO_RCVTIMEO` expires), into a
+    /// buffer of `maxPayload` bytes. Descriptors arrive close-on-exec
+    /// (`MSG_CMSG_CLOEXEC`); beyond ``maxDescriptors`` they are closed on arrival and
+    /// only counted. A message longer than `maxPayload` (on a stream socket: one that
+    /// fills the buffer with more bytes already waiting) is refused and every
+    /// descriptor received is closed. A server facing untrusted peers reads with
+    /// ``receiveWaiting(from:upTo:)`` instead, into buffers sized to what arrived.
     ///
     /// - Parameters:
     ///   - socket: A connected unix socket.
     ///   - maxPayload: The longest message accepted, in bytes.
     /// - Returns: The payload (empty at end of stream) and the descriptors, which the caller owns.
-    /// - Throws: The errno of `recvmsg` (`EAGAIN` when a receive timeout expired), or
+    /// - Throws: the errno of `recvmsg` (`EAGAIN` when a receive timeout expired), or
     ///   ``UserfaultfdError/Kind/malformed(_:)`` for a truncated message.
     ///
     /// The corresponding C call is `recvmsg(socket, &msg, MSG_CMSG_CLOEXEC)`.
     public static func receiveMessage(from socket: FileDescriptor, maxPayload: Int = 65536) throws(UserfaultfdError) -> ReceivedMessage {
-        var payload = [UInt8](repeating: 0, count: max(1, maxPayload))
-        var fds = [Int32](repeating: -1, count: maxDescriptors)
-        var count: Int32 = 0
-        var truncated: Int32 = 0
-        let n = payload.withUnsafeMutableBytes { bytes in
-            fds.withUnsafeMutableBufferPointer {
-                cuffd_recv_fds(socket.rawValue, bytes.baseAddress, bytes.count, $0.baseAddress, Int32($0.count), &count, &truncated)
-            }
+        let chunk = try receive(from: socket, capacity: max(1, maxPayload), flags: 0)
+        var truncated = chunk.truncated
+        // A stream socket has no message boundary and never sets MSG_TRUNC: a full
+        // buffer with more bytes already waiting means the sender's message did not fit.
+        if !truncated && chunk.bytes.count == maxPayload && socketType(socket) == SOCK_STREAM.rawValue {
+            var next: UInt8 = 0
+            truncated = recv(socket.rawValue, &next, 1, Int32(MSG_PEEK | MSG_DONTWAIT)) > 0
         }
-        if n < 0 { throw UserfaultfdError(operation: "recvmsg SCM_RIGHTS", errno: currentErrno()) }
-        let received = fds.prefix(min(Int(count), fds.count)).map { FileDescriptor(rawValue: $0) }
-        if truncated != 0 {
-            for fd in received { try? fd.close() }
+        if truncated {
+            for fd in chunk.descriptors { try? fd.close() }
             throw UserfaultfdError(operation: "recvmsg SCM_RIGHTS", kind: .malformed(
                 "the message was truncated (more than \(maxPayload) bytes or more than \(maxDescriptors) descriptors)"))
         }
+        return ReceivedMessage(payload: chunk.bytes, descriptors: chunk.descriptors, descriptorCount: chunk.descriptorCount)
+    }
+
+    /// What one non-blocking receive brought.
+    public struct ReceivedChunk {
+        /// The bytes received; empty at the end of the stream.
+        public var bytes: [UInt8]
+        /// The descriptors received (close-on-exec); the caller owns them.
+        public var descriptors: [FileDescriptor]
+        /// How many descriptors arrived, those closed on arrival included.
+        public var descriptorCount: Int
+        /// Whether the kernel cut the message or its descriptors (`MSG_TRUNC`, `MSG_CTRUNC`).
+        public var truncated: Bool
+    }
+
+    /// Receives what is waiting on `socket` now, up to `maxBytes`, without blocking,
+    /// into a buffer sized to what arrived.
+    ///
+    /// On a seqpacket socket that is the next message (truncated if longer than
+    /// `maxBytes`); on a stream socket, the bytes queued so far. Descriptors beyond
+    /// `maxDescriptors` are closed on arrival and only counted.
+    /// - Parameters:
+    ///   - socket: a unix socket.
+    ///   - maxBytes: the most bytes taken.
+    ///   - maxDescriptors: the most descriptors kept.
+    /// - Returns: what arrived (no bytes at the end of the stream), or nil if nothing is waiting.
+    /// - Throws: `UserfaultfdError` with the errno of `recvmsg` or `ioctl(FIONREAD)`.
+    public static func receiveWaiting(from socket: FileDescriptor, upTo maxBytes: Int,
+                                      keeping maxDescriptors: Int = maxDescriptors) throws(UserfaultfdError) -> ReceivedChunk? {
+        let pending = cuffd_socket_pending_bytes(socket.rawValue)
+        if pending < 0 { throw UserfaultfdError(operation: "ioctl FIONREAD", errno: currentErrno()) }
+        let capacity = max(1, min(Int(pending), maxBytes))
+        do {
+            return try receive(from: socket, capacity: capacity, flags: Int32(MSG_DONTWAIT), maxDescriptors: maxDescriptors)
+        } catch {
+            if error.errno == .resourceTemporarilyUnavailable { return nil }
+            throw error
+        }
+    }
+
+    /// Bytes waiting to be read on `socket` (on a seqpacket socket, the next message's length).
+    ///
+    /// The corresponding C request is `FIONREAD`.
+    public static func pendingBytes(of socket: FileDescriptor) throws(UserfaultfdError) -> Int {
+        let pending = cuffd_socket_pending_bytes(socket.rawValue)
+        if pending < 0 { throw UserfaultfdError(operation: "ioctl FIONREAD", errno: currentErrno()) }
+        return Int(pending)
+    }
+
+    /// The socket's type (`SOCK_STREAM`, `SOCK_SEQPACKET`...), or -1 if unknown.
+    public static func socketType(_ socket: FileDescriptor) -> Int32 {
+        var type: Int32 = -1
+        var size = socklen_t(MemoryLayout<Int32>.size)
+        if getsockopt(socket.rawValue, SOL_SOCKET, SO_TYPE, &type, &size) != 0 { return -1 }
+        return type
+    }
+
+    private static func receive(from socket: FileDescriptor, capacity: Int, flags: Int32,
+                                maxDescriptors: Int = maxDescriptors) throws(UserfaultfdError) -> ReceivedChunk {
+        var payload = [UInt8](repeating: 0, count: capacity)
+        var fds = [Int32](repeating: -1, count: max(0, maxDescriptors))
+        var count: Int32 = 0
+        var messageFlags: Int32 = 0
+        let n = payload.withUnsafeMutableBytes { bytes in
+            fds.withUnsafeMutableBufferPointer {
+                cuffd_recv_fds(socket.rawValue, bytes.baseAddress, bytes.count, $0.baseAddress, Int32($0.count),
+                               &count, &messageFlags, flags)
+            }
+        }
+        if n < 0 { throw UserfaultfdError(operation: "recvmsg SCM_RIGHTS", errno: currentErrno()) }
         payload.removeSubrange(n...)
-        return ReceivedMessage(payload: payload, descriptors: received, descriptorCount: Int(count))
+        let received = fds.prefix(min(Int(count), fds.count)).map { FileDescriptor(rawValue: $0) }
+        let truncated = messageFlags & Int32(MSG_TRUNC | MSG_CTRUNC) != 0
+        return ReceivedChunk(bytes: payload, descriptors: received, descriptorCount: Int(count), truncated: truncated)
     }
 
     /// Receives one message of at most `maxPayload` bytes that must carry exactly one descriptor.

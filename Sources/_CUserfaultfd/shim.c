@@ -27,7 +27,7 @@ ssize_t cuffd_send_fds(int sock, const void *buf, size_t len, const int *fds, in
     return sendmsg(sock, &msg, MSG_NOSIGNAL);
 }
 
-ssize_t cuffd_recv_fds(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds, int *truncated) {
+ssize_t cuffd_recv_fds(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds, int *msg_flags, int recv_flags) {
     struct iovec iov = { .iov_base = buf, .iov_len = len };
     union {
         char bytes[CMSG_SPACE(sizeof(int) * 64)];
@@ -40,10 +40,10 @@ ssize_t cuffd_recv_fds(int sock, void *buf, size_t len, int *fds, int maxfds, in
         .msg_controllen = sizeof(control.bytes),
     };
     *nfds = 0;
-    *truncated = 0;
+    *msg_flags = 0;
     ssize_t n;
     do {
-        n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+        n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC | recv_flags);
     } while (n < 0 && errno == EINTR);
     if (n < 0) return n;
     for (struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg); cmsg; cmsg = CMSG_NXTHDR(&msg, cmsg)) {
@@ -61,19 +61,14 @@ ssize_t cuffd_recv_fds(int sock, void *buf, size_t len, int *fds, int maxfds, in
             (*nfds)++;
         }
     }
-    if (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) *truncated = 1;
-    // A stream socket has no message boundary and never sets MSG_TRUNC: a full buffer
-    // with more bytes already waiting means the sender's message did not fit.
-    if (!*truncated && n > 0 && (size_t)n == len) {
-        int type = 0;
-        socklen_t size = sizeof(type);
-        char next;
-        if (getsockopt(sock, SOL_SOCKET, SO_TYPE, &type, &size) == 0 && type == SOCK_STREAM
-            && recv(sock, &next, 1, MSG_PEEK | MSG_DONTWAIT) > 0) {
-            *truncated = 1;
-        }
-    }
+    *msg_flags = msg.msg_flags;
     return n;
+}
+
+int cuffd_socket_pending_bytes(int sock) {
+    int pending = 0;
+    if (ioctl(sock, FIONREAD, &pending) != 0) return -1;
+    return pending;
 }
 
 int cuffd_memfd_create(const char *name, unsigned int flags) {

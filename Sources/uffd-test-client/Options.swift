@@ -24,13 +24,18 @@ struct Options {
     var touchPercent = 15
     var seed: UInt64 = 42
     var name: String?
+    /// The flood scenario: connections held at once, and what they send.
+    var connections = 100
+    var flood = "silent"
 
     static let usage = """
         usage: uffd-test-client --socket PATH --image FILE [--handshake firecracker|native]
                                 [--backing memory|attached] [--scenario NAME] [--length BYTES]
                                 [--as-user USER] [--touch-percent P] [--seed N] [--name NAME]
                                 [--memory anonymous|hugetlb]
-        scenarios: verify, fork, remap, remove, unmap, layout, slow, workingset, handover-only
+                                [--connections N --flood silent|churn]
+        scenarios: verify, fork, remap, remove, unmap, layout, slow, workingset, handover-only,
+                   flood (hostile connections: N held silent, or churning garbage until killed)
         exit status: 0 every byte matched, 1 a byte did not, 2 setup failed, 3 the daemon refused
         """
 
@@ -55,6 +60,8 @@ struct Options {
             case "--touch-percent": guard let n = Int(v), (1...100).contains(n) else { return nil }; o.touchPercent = n
             case "--seed": guard let n = UInt64(v) else { return nil }; o.seed = n
             case "--name": o.name = v
+            case "--connections": guard let n = Int(v), n > 0 else { return nil }; o.connections = n
+            case "--flood": guard ["silent", "churn"].contains(v) else { return nil }; o.flood = v
             case "--memory": guard let m = MemoryKind(rawValue: v) else { return nil }; o.memory = m
             default: return nil
             }

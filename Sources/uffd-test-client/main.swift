@@ -9,4 +9,5 @@ guard let options = Options.parse(CommandLine.arguments) else {
     say(Options.usage)
     exit(2)
 }
+if options.scenario == "flood" { runFlood(options) }
 runClient(options)

@@ -19,31 +19,15 @@ struct Serve: ParsableCommand {
     @Option(name: .long, help: "The memory snapshot file Firecracker clients are served from.")
     var memoryFile: String?
 
-    @Option(name: .customLong("allow-uid"), help: "Also accept clients of this uid (repeatable).")
-    var allowUIDs: [UInt32] = []
-
     @Option(name: .long, help: "Write the order of first faults in the memory file to this file.")
     var record: String?
 
     @Option(name: .long, help: "Prefetch the working set recorded in this file first, in order, when a client connects.")
     var replay: String?
 
-    @Option(name: .long, help: "Pages per fault (UFFDIO_COPY chunk), in 4 KiB pages; clients with 2 MiB pages get whole huge pages.")
-    var chunkPages: Int = 16
+    @OptionGroup(title: "Serving faults") var serving: ServingOptions
 
-    @Option(name: .long, help: "Adaptive read-ahead up to this many 4 KiB pages (0: none).")
-    var readAhead: Int = 256
-
-    @Option(name: .long, help: "Handler threads per client.")
-    var handlerThreads: Int = 1
-
-    @Option(name: .long, help: ArgumentHelp(
-        "SCHED_FIFO priority of the handler threads (0: time-shared).",
-        discussion: "A real-time handler serves a fault at once even when every CPU is busy; without CAP_SYS_NICE the handlers stay time-shared and the statistics' lastError says so."))
-    var handlerPriority: Int = 1
-
-    @Option(name: .long, help: "Seconds a connection may take to send its handshake.")
-    var handshakeTimeout: Double = 5
+    @OptionGroup(title: "Facing clients") var admission: AdmissionOptions
 
     @Flag(name: .long, help: "Print statistics as JSON (on SIGUSR1 and on exit).")
     var json = false
@@ -55,9 +39,6 @@ struct Serve: ParsableCommand {
         if memoryFile == nil && (record != nil || replay != nil) {
             throw ValidationError("--record and --replay need --memory-file: the working set is per memory file")
         }
-        if chunkPages < 1 { throw ValidationError("--chunk-pages must be at least 1") }
-        try Self.validate(handlerPriority: handlerPriority)
-        if readAhead != 0 && readAhead < chunkPages { throw ValidationError("--read-ahead must be 0 or at least --chunk-pages") }
     }
 
     /// Refuses a `--handler-priority` the engine would not take (`uffd serve-bench` has the option too).
@@ -78,12 +59,76 @@ struct Serve: ParsableCommand {
     }
 
     func run() throws {
-        let server = Self.serverConfiguration(chunkPages: chunkPages, readAhead: readAhead, handlerThreads: handlerThreads,
-                                              handlerPriority: handlerPriority)
-        let configuration = ManagerConfiguration(
-            socketPath: socket, memoryFile: memoryFile, allowedUIDs: Set(allowUIDs), server: server,
-            recordWorkingSet: record, replayWorkingSet: replay, handshakeTimeout: handshakeTimeout)
+        var configuration = ManagerConfiguration(
+            socketPath: socket, memoryFile: memoryFile, server: serving.configuration,
+            recordWorkingSet: record, replayWorkingSet: replay)
+        admission.apply(to: &configuration)
         let manager = try Manager(configuration, logger: ServeRunner.standardErrorLogger(level: verbose ? .debug : .info))
         try ServeRunner.run(manager, json: json)
+    }
+}
+
+/// How `uffd serve` serves each client's faults.
+struct ServingOptions: ParsableArguments {
+    @Option(name: .long, help: "Pages per fault (UFFDIO_COPY chunk), in 4 KiB pages; clients with 2 MiB pages get whole huge pages.")
+    var chunkPages: Int = 16
+
+    @Option(name: .long, help: "Adaptive read-ahead up to this many 4 KiB pages (0: none).")
+    var readAhead: Int = 256
+
+    @Option(name: .long, help: "Handler threads per client.")
+    var handlerThreads: Int = 1
+
+    @Option(name: .long, help: ArgumentHelp(
+        "SCHED_FIFO priority of the handler threads (0: time-shared).",
+        discussion: "A real-time handler serves a fault at once even when every CPU is busy; without CAP_SYS_NICE the handlers stay time-shared and the statistics' lastError says so."))
+    var handlerPriority: Int = 1
+
+    func validate() throws {
+        if chunkPages < 1 { throw ValidationError("--chunk-pages must be at least 1") }
+        if handlerThreads < 1 { throw ValidationError("--handler-threads must be at least 1") }
+        try Serve.validate(handlerPriority: handlerPriority)
+        if readAhead != 0 && readAhead < chunkPages { throw ValidationError("--read-ahead must be 0 or at least --chunk-pages") }
+    }
+
+    var configuration: FaultServerConfiguration {
+        Serve.serverConfiguration(chunkPages: chunkPages, readAhead: readAhead, handlerThreads: handlerThreads,
+                                  handlerPriority: handlerPriority)
+    }
+}
+
+/// Whom `uffd serve` accepts, and how much a connection may cost before its handshake is done.
+struct AdmissionOptions: ParsableArguments {
+    @Option(name: .customLong("allow-uid"), help: "Also accept clients of this uid (repeatable).")
+    var allowUIDs: [UInt32] = []
+
+    @Option(name: .long, help: "Seconds a connection may take to send its whole handshake.")
+    var handshakeTimeout: Double = 5
+
+    @Option(name: .long, help: "Connections in handshake at once; more are refused at once.")
+    var maxHandshakes: Int = 64
+
+    @Option(name: .long, help: "Connections in handshake at once from one uid; more are refused at once.")
+    var maxHandshakesPerUid: Int = 16
+
+    @Option(name: .long, help: "The longest handshake message accepted, in bytes.")
+    var maxHandshakeBytes: Int = 1 << 20
+
+    func validate() throws {
+        if !(handshakeTimeout > 0 && handshakeTimeout <= 3600) {
+            throw ValidationError("--handshake-timeout must be more than 0 and at most 3600 seconds")
+        }
+        if maxHandshakes < 1 || maxHandshakesPerUid < 1 {
+            throw ValidationError("--max-handshakes and --max-handshakes-per-uid must be at least 1")
+        }
+        if maxHandshakeBytes < 64 { throw ValidationError("--max-handshake-bytes must be at least 64") }
+    }
+
+    func apply(to configuration: inout ManagerConfiguration) {
+        configuration.allowedUIDs = Set(allowUIDs)
+        configuration.handshakeTimeout = handshakeTimeout
+        configuration.maxPendingHandshakes = maxHandshakes
+        configuration.maxPendingHandshakesPerUID = maxHandshakesPerUid
+        configuration.maxHandshakeBytes = maxHandshakeBytes
     }
 }

@@ -22,7 +22,7 @@ extension ManagerTests {
     static let malformed: [Malformed] = [
         Malformed(name: "no descriptor", body: region(0, 4096), attach: [], reason: "expected exactly one descriptor (the userfaultfd), received 0"),
         Malformed(name: "two descriptors", body: region(0, 4096), attach: ["uffd", "uffd"], reason: "expected exactly one descriptor (the userfaultfd), received 2"),
-        Malformed(name: "invalid JSON", body: "[{\"base_host_virt_addr\":", attach: ["uffd"], reason: "invalid handshake: not a JSON array"),
+        Malformed(name: "invalid JSON", body: "[{\"base_host_virt_addr\":}]", attach: ["uffd"], reason: "invalid handshake: not a JSON array"),
         Malformed(name: "overlapping regions", body: "[" + regionObject(1 << 30, 1 << 16, 0) + "," + regionObject((1 << 30) + 4096, 4096, 0) + "]", attach: ["uffd"], reason: "overlap"),
         Malformed(name: "beyond the memory file", body: region(0, 16 << 20), attach: ["uffd"], reason: "reaches beyond the memory file's 8388608 bytes"),
         Malformed(name: "page size 64 KiB", body: region(0, 1 << 20, pageSize: 65536), attach: ["uffd"], reason: "page size 65536"),

@@ -185,13 +185,16 @@ int cuffd_set_thread_name(const char *name);
 /// Returns the bytes sent or -1 with errno (`EINTR` included: the caller retries).
 ssize_t cuffd_send_fds(int sock, const void *buf, size_t len, const int *fds, int nfds);
 
-/// `recvmsg` of up to `len` bytes with `MSG_CMSG_CLOEXEC`. Every descriptor that
-/// arrived (up to `maxfds`) is stored in `fds` and counted in `*nfds`; descriptors
-/// beyond `maxfds`, if the kernel passed them, are closed here and counted too.
-/// `*truncated` is set when the payload or the control data were cut (on a stream
-/// socket: when the buffer was filled and more bytes are already waiting).
+/// `recvmsg` of up to `len` bytes with `MSG_CMSG_CLOEXEC | recv_flags`. Every
+/// descriptor that arrived (up to `maxfds`) is stored in `fds` and counted in `*nfds`;
+/// descriptors beyond `maxfds`, if the kernel passed them, are closed here and counted
+/// too. `*msg_flags` receives the message's flags (`MSG_TRUNC`, `MSG_CTRUNC`).
 /// Returns the bytes received (0 at end of stream) or -1 with errno.
-ssize_t cuffd_recv_fds(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds, int *truncated);
+ssize_t cuffd_recv_fds(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds, int *msg_flags, int recv_flags);
+
+/// `ioctl(FIONREAD)`: the bytes waiting on a socket (on a datagram or seqpacket
+/// socket, the length of the next message). Returns the count or -1 with errno.
+int cuffd_socket_pending_bytes(int sock);
 
 /// SO_PEERCRED of a connected unix socket. Returns 0 or -1 with errno.
 int cuffd_peer_credentials(int sock, int32_t *pid, uint32_t *uid, uint32_t *gid);
