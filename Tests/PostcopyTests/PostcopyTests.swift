@@ -326,7 +326,7 @@ struct HostilePeerTests {
     }
 
     @Test func aBadTokenIsRefusedOnBothSides() throws {
-        let run = try DestinationRun()
+        let run = try DestinationRun(options: { $0.handshakeTimeoutMilliseconds = 1_000 })
         let source = try MemoryMapping.anonymous(length: 1 << 20)
         let migration = try MigrationSource(regions: [source.range], options: .init(token: Array("wrong".utf8)))
         #expect(throws: MigrationError(.badToken)) { try migration.migrate(to: run.listener.endpoint) {} }
@@ -336,7 +336,7 @@ struct HostilePeerTests {
     }
 
     @Test func anUnknownVersionIsRefused() throws {
-        let run = try DestinationRun()
+        let run = try DestinationRun(options: { $0.handshakeTimeoutMilliseconds = 1_000 })
         let c = try fakeSource(to: run.listener.endpoint, version: 9, then: [])
         run.wait()
         #expect(run.acceptError == MigrationError(.unsupportedVersion(9)))
@@ -474,12 +474,25 @@ func decodeHeader(_ bytes: [UInt8], pageSize: Int) throws(MigrationError) -> Wir
         #expect(!Wire.tokensMatch([], []))
     }
 
-    @Test func statisticsEncodeAsJSON() {
+    @Test func statisticsEncodeAsJSONAndBack() throws {
         var s = MigrationStatistics()
         s.mode = .precopyPostcopy
         s.postcopyFaults = 12
+        s.latency.p99 = 123.5
+        s.streamBytes = 3 << 20
+        s.streamSeconds = 0.5
         let json = s.json
-        #expect(json.hasPrefix("{\"mode\":\"precopy+postcopy\""))
+        #expect(json.contains("\"mode\":\"precopy+postcopy\""))
         #expect(json.contains("\"postcopyFaults\":12"))
+        #expect(json.contains("\"streamBytesPerSecond\":6291456"))
+        #expect(try MigrationJSON.decode(MigrationStatistics.self, from: json) == s)
+    }
+
+    @Test func theStreamRateCountsOnlyPageData() {
+        var s = MigrationStatistics()
+        s.streamBytes = 1000 * systemPageSize
+        s.streamZeroPages = 3000
+        s.streamSeconds = 2
+        #expect(s.streamBytesPerSecond == Double(500 * systemPageSize))
     }
 }
