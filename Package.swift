@@ -119,7 +119,7 @@ let package = Package(
         ),
         .testTarget(
             name: "PostcopyTests",
-            dependencies: ["Postcopy", "Userfaultfd", "postcopy-test-helper"]
+            dependencies: ["Postcopy", "Userfaultfd", "postcopy-test-helper", "uffd"]
         ),
         .testTarget(
             name: "FaultManagerTests",

@@ -41,9 +41,14 @@ final class DestinationRun: @unchecked Sendable {
     private(set) var result: Result<MigrationStatistics, MigrationError>?
     private(set) var acceptError: MigrationError?
 
-    init(_ endpoint: MigrationEndpoint = .tcp(host: "127.0.0.1", port: 0), options: @escaping @Sendable (inout MigrationDestination.Options) -> Void = { _ in },
-         onResume: @escaping @Sendable (MigrationDestination) -> Void = { _ in }) throws {
-        listener = try MigrationListener(endpoint)
+    convenience init(_ endpoint: MigrationEndpoint = .tcp(host: "127.0.0.1", port: 0), options: @escaping @Sendable (inout MigrationDestination.Options) -> Void = { _ in },
+                     onResume: @escaping @Sendable (MigrationDestination) -> Void = { _ in }) throws {
+        self.init(listener: try MigrationListener(endpoint), options: options, onResume: onResume)
+    }
+
+    init(listener: MigrationListener, options: @escaping @Sendable (inout MigrationDestination.Options) -> Void = { _ in },
+         onResume: @escaping @Sendable (MigrationDestination) -> Void = { _ in }) {
+        self.listener = listener
         let l = listener
         thread = DedicatedThread(name: "test-dest") { [self] in
             var o = MigrationDestination.Options(token: token)
@@ -268,13 +273,7 @@ struct EndToEndTests {
 
 /// Runs the helper executable built next to the test bundle; returns its wait status.
 func runHelper(_ argument: String) throws -> Int32 {
-    var buffer = [CChar](repeating: 0, count: 4096)
-    let n = readlink("/proc/self/exe", &buffer, buffer.count - 1)
-    try #require(n > 0)
-    var directory = String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
-    while !directory.hasSuffix("/") { directory.removeLast() }
-    let path = directory + "postcopy-test-helper"
-    try #require(access(path, X_OK) == 0, "the helper is built at \(path)")
+    let path = try builtExecutable("postcopy-test-helper")
     var pid: pid_t = 0
     let argv: [UnsafeMutablePointer<CChar>?] = [strdup(path), strdup(argument), nil]
     defer { for a in argv { free(a) } }
@@ -317,12 +316,6 @@ struct HostilePeerTests {
         var frame = [UInt8](repeating: 0, count: Wire.headerSize)
         frame.withUnsafeMutableBytes { h.encode(into: $0.baseAddress!) }
         return frame
-    }
-
-    func failure(of run: DestinationRun) -> MigrationError? {
-        if let e = run.acceptError { return e }
-        if case .failure(let e) = run.result { return e }
-        return nil
     }
 
     @Test func aBadTokenIsRefusedOnBothSides() throws {
