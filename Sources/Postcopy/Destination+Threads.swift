@@ -86,24 +86,7 @@ extension MigrationDestination {
         let pageSize = table.pageSize
         let base = table.regions[region].start + first * UInt64(pageSize)
         guard registered.load(ordering: .acquiring) else {
-            // Precopy: the workload is not running here and the range is not registered yet.
-            precopySeen.store(true, ordering: .relaxed)
-            if resumed.load(ordering: .acquiring) {
-                throw MigrationError(.malformedFrame("a page after the stop-and-copy switchover, with the workload running"))
-            }
-            if channel != .stream { throw MigrationError(.malformedFrame("a page on the urgent channel before the switchover")) }
-            for i in 0..<count {
-                let target = UnsafeMutableRawPointer(bitPattern: UInt(base) + UInt(i * pageSize))!
-                let wasReceived = received.testAndSet(g0 + i)
-                if !wasReceived { receivedCount.add(1, ordering: .relaxed) }
-                if let data {
-                    target.copyMemory(from: data + i * pageSize, byteCount: pageSize)
-                    zeroKnown.testAndClear(g0 + i)
-                } else {
-                    if wasReceived && !zeroKnown.test(g0 + i) { memset(target, 0, pageSize) }
-                    zeroKnown.testAndSet(g0 + i)
-                }
-            }
+            try installBeforeSwitchover(g0, count: count, base: base, data: data, channel: channel)
             return
         }
         var i = 0
@@ -150,6 +133,30 @@ extension MigrationDestination {
             }
             if j < count { duplicates.add(1, ordering: .relaxed) }
             i = j + 1
+        }
+    }
+
+    /// Precopy: the workload is not running here and the range is not registered yet,
+    /// so pages are written directly.
+    private func installBeforeSwitchover(_ g0: Int, count: Int, base: UInt64, data: UnsafeRawPointer?,
+                                         channel: Wire.Channel) throws(MigrationError) {
+        let pageSize = table.pageSize
+        precopySeen.store(true, ordering: .relaxed)
+        if resumed.load(ordering: .acquiring) {
+            throw MigrationError(.malformedFrame("a page after the stop-and-copy switchover, with the workload running"))
+        }
+        if channel != .stream { throw MigrationError(.malformedFrame("a page on the urgent channel before the switchover")) }
+        for i in 0..<count {
+            let target = UnsafeMutableRawPointer(bitPattern: UInt(base) + UInt(i * pageSize))!
+            let wasReceived = received.testAndSet(g0 + i)
+            if !wasReceived { receivedCount.add(1, ordering: .relaxed) }
+            if let data {
+                target.copyMemory(from: data + i * pageSize, byteCount: pageSize)
+                zeroKnown.testAndClear(g0 + i)
+            } else {
+                if wasReceived && !zeroKnown.test(g0 + i) { memset(target, 0, pageSize) }
+                zeroKnown.testAndSet(g0 + i)
+            }
         }
     }
 
