@@ -7,6 +7,11 @@ import Userfaultfd
 import Glibc
 #endif
 
+/// Where a test keeps the relay it put in front of a destination.
+final class RelaySlot: Sendable {
+    let value = Mutex<FaultyRelay?>(nil)
+}
+
 /// Seconds of the long form (random faults, one migration after another); 0: the short form only.
 let networkSoakSeconds = getenv("UFFD_POSTCOPY_NETWORK_SOAK_SECONDS").flatMap { Double(String(cString: $0)) } ?? 0
 
@@ -86,6 +91,16 @@ struct NetworkFaultTests {
         return outcome
     }
 
+    /// Puts a relay in the source's namespace (on its loopback) in front of the destination.
+    func relayed(_ network: NetworkPair, into relay: RelaySlot) -> (MigrationEndpoint) throws -> MigrationEndpoint {
+        { upstream in
+            let listener = try network.inside(network.sourceNamespace) { try MigrationListener(.tcp(host: "127.0.0.1", port: 0)) }
+            let r = FaultyRelay(listener: listener, upstream: upstream, network: network, namespace: network.sourceNamespace)
+            relay.value.withLock { $0 = r }
+            return listener.endpoint
+        }
+    }
+
     /// Expects a finished migration with every page right.
     func expectVerified(_ o: Outcome, _ what: String) {
         #expect(o.acceptError == nil, "\(what): \(String(describing: o.acceptError))")
@@ -116,16 +131,11 @@ struct NetworkFaultTests {
     @Test func aRelayThatDelaysStallsAndResetsIsRecovered() throws {
         let network = try NetworkPair()
         defer { network.remove() }
-        let relay = Mutex<FaultyRelay?>(nil)
-        defer { relay.withLock { $0?.stop() } }
+        let relay = RelaySlot()
+        defer { relay.value.withLock { $0?.stop() } }
         let stalledThrough = Atomic<Bool>(false)
-        let outcome = try migrate(network, bytes: 256 << 20, timeouts: 1_000, via: { upstream in
-            let listener = try network.inside(network.sourceNamespace) { try MigrationListener(.tcp(host: "127.0.0.1", port: 0)) }
-            let r = FaultyRelay(listener: listener, upstream: upstream, network: network, namespace: network.sourceNamespace)
-            relay.withLock { $0 = r }
-            return listener.endpoint
-        }) { source in
-            guard let r = relay.withLock({ $0 }) else { return }
+        let outcome = try migrate(network, bytes: 256 << 20, timeouts: 1_000, via: relayed(network, into: relay)) { source in
+            guard let r = relay.value.withLock({ $0 }) else { return }
             r.delayMicroseconds.store(300, ordering: .relaxed)
             usleep(300_000)
             r.delayMicroseconds.store(0, ordering: .relaxed)
@@ -142,7 +152,7 @@ struct NetworkFaultTests {
         #expect(inPostcopyThroughout, "the migration was not in postcopy throughout the stall")
         if case .success(let stats)? = outcome.source {
             #expect(stats.reconnects >= 1)
-            let relayed = relay.withLock { $0?.connections.load(ordering: .relaxed) } ?? 0
+            let relayed = relay.value.withLock { $0?.connections.load(ordering: .relaxed) } ?? 0
             #expect(relayed >= 4)
         }
     }
@@ -176,15 +186,10 @@ struct NetworkFaultTests {
         while monotonicNanoseconds() < end {
             let network = try NetworkPair()
             defer { network.remove() }
-            let relay = Mutex<FaultyRelay?>(nil)
-            defer { relay.withLock { $0?.stop() } }
-            let outcome = try migrate(network, bytes: 512 << 20, timeouts: 1_000, via: { upstream in
-                let listener = try network.inside(network.sourceNamespace) { try MigrationListener(.tcp(host: "127.0.0.1", port: 0)) }
-                let r = FaultyRelay(listener: listener, upstream: upstream, network: network, namespace: network.sourceNamespace)
-                relay.withLock { $0 = r }
-                return listener.endpoint
-            }) { source in
-                guard let r = relay.withLock({ $0 }) else { return }
+            let relay = RelaySlot()
+            defer { relay.value.withLock { $0?.stop() } }
+            let outcome = try migrate(network, bytes: 512 << 20, timeouts: 1_000, via: relayed(network, into: relay)) { source in
+                guard let r = relay.value.withLock({ $0 }) else { return }
                 while source.progress.phase == .postcopy {
                     switch Int.random(in: 0..<4) {
                     case 0: r.delayMicroseconds.store(Int.random(in: 0...500), ordering: .relaxed)
