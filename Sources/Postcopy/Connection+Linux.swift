@@ -41,7 +41,8 @@ final class Connection: @unchecked Sendable {
                 $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
             }
         }
-        if rc != 0 && errno != EINPROGRESS && errno != EAGAIN {
+        // EAGAIN from a unix socket means its listener's backlog is full: a refusal, to retry.
+        if rc != 0 && errno != EINPROGRESS {
             throw MigrationError(.connectionLost("connect \(endpoint): \(String(cString: strerror(errno)))"))
         }
         if rc != 0 {
