@@ -54,27 +54,64 @@ extension MigrationDestination {
         var acceptor = HelloAcceptor(listener: listener, token: options.token,
                                      helloTimeoutMilliseconds: options.helloTimeoutMilliseconds,
                                      onRefusal: options.onRefusedConnection)
-        let lengths = table.regions.map { UInt64($0.pages * table.pageSize) }
-        let id = migrationID
         while monotonicNanoseconds() < deadline {
             let pair: (Wire.Hello, Connection, Connection)?
             do {
-                pair = try acceptor.acceptPair(until: deadline) { hello in
-                    !hello.resume || hello.migrationID != id || hello.regionLengths != lengths
-                        ? MigrationError(.badRegions("not a resume of migration \(id) with the same regions")) : nil
-                }
+                pair = try acceptor.acceptPair(until: deadline, check: refuseUnlessResume)
             } catch {
                 usleep(10_000)
                 continue
             }
             guard let (_, s, u) = pair else { break }
-            var bitmap: [UInt8] = []
-            for r in table.regions { bitmap += received.bytes(from: r.firstGlobal, count: r.pages) }
-            do { try welcome(s, u, bitmap: bitmap, until: deadline) } catch { continue }
+            do { try welcome(s, u, bitmap: receivedBitmap(), until: deadline) } catch { continue }
             adopt(stream: s, urgent: u)
             return nil
         }
         return fail(MigrationError(.recoveryTimedOut(poisonedPages: 0)))
+    }
+
+    /// After the last page, when the connection dropped instead of closing: the source
+    /// may have missed DONE. Within the recovery timeout, take its resume (it finds no
+    /// page missing) and answer its COMPLETE again.
+    func answerLateResume(_ report: DestinationReport) {
+        let deadline = monotonicNanoseconds() + UInt64(max(0, options.recoveryTimeoutMilliseconds)) * 1_000_000
+        var acceptor = HelloAcceptor(listener: listener, token: options.token,
+                                     helloTimeoutMilliseconds: options.helloTimeoutMilliseconds,
+                                     onRefusal: options.onRefusedConnection)
+        while monotonicNanoseconds() < deadline {
+            guard let (_, s, u) = try? acceptor.acceptPair(until: deadline, check: refuseUnlessResume) else { return }
+            do {
+                try welcome(s, u, bitmap: receivedBitmap(), until: deadline)
+                let (header, _) = try s.receiveControl(pageSize: table.pageSize)
+                if header.type != .complete { continue }
+                try s.send(.done, payload: report.encode())
+            } catch {
+                continue
+            }
+            reconnects += 1
+            if closedByPeer(s) { return }
+        }
+    }
+
+    /// Whether the peer closed `connection` in order (rather than dropping it) within the stall limit.
+    func closedByPeer(_ connection: Connection) -> Bool {
+        guard connection.waitReadable(milliseconds: max(1, options.stallTimeoutMilliseconds)) else { return false }
+        var byte: UInt8 = 0
+        return recv(connection.fd, &byte, 1, Int32(MSG_DONTWAIT)) == 0
+    }
+
+    /// Refuses a hello unless it resumes this migration with the same regions.
+    func refuseUnlessResume(_ hello: Wire.Hello) -> MigrationError? {
+        let lengths = table.regions.map { UInt64($0.pages * table.pageSize) }
+        if hello.resume && hello.migrationID == migrationID && hello.regionLengths == lengths { return nil }
+        return MigrationError(.badRegions("not a resume of migration \(migrationID) with the same regions"))
+    }
+
+    /// One bit per page, region after region: which pages are here.
+    func receivedBitmap() -> [UInt8] {
+        var bitmap: [UInt8] = []
+        for r in table.regions { bitmap += received.bytes(from: r.firstGlobal, count: r.pages) }
+        return bitmap
     }
 
     /// Switches to the source's new connections and asks again for every page a thread still waits on.

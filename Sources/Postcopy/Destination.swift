@@ -277,8 +277,9 @@ public final class MigrationDestination: @unchecked Sendable {
         if registered.load(ordering: .acquiring) {
             for r in regions { try? handle.unregister(r) }
         }
-        // The source closes both connections once it has the report.
-        _ = stream.waitReadable(milliseconds: 2_000)
+        // The source closes both connections once it has the report. One that drops
+        // instead may have lost it: take the source back and answer its COMPLETE again.
+        if !closedByPeer(stream) { answerLateResume(report) }
         stopReceivers()
         var stats = MigrationStatistics()
         stats.regionBytes = table.totalPages * table.pageSize

@@ -37,7 +37,9 @@ extension MigrationSource {
                 return try connectPair(endpoint, id: id, resume: true, until: deadline)
             } catch {
                 switch error.kind {
-                case .connectionLost: last = error
+                // The destination may refuse a hello that a stalled path delivered late
+                // (the reason comes as a peer error): try again while time remains.
+                case .connectionLost, .peer: last = error
                 default: throw error
                 }
             }
