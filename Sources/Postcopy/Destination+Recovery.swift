@@ -51,9 +51,7 @@ extension MigrationDestination {
     /// handshake is bounded by it.
     func recover() -> MigrationError? {
         let deadline = monotonicNanoseconds() + UInt64(max(0, options.recoveryTimeoutMilliseconds)) * 1_000_000
-        var acceptor = HelloAcceptor(listener: listener, token: options.token,
-                                     helloTimeoutMilliseconds: options.helloTimeoutMilliseconds,
-                                     onRefusal: options.onRefusedConnection)
+        var acceptor = HelloAcceptor(listener, options)
         while monotonicNanoseconds() < deadline {
             let pair: (Wire.Hello, Connection, Connection)?
             do {
@@ -75,9 +73,7 @@ extension MigrationDestination {
     /// page missing) and answer its COMPLETE again.
     func answerLateResume(_ report: DestinationReport) {
         let deadline = monotonicNanoseconds() + UInt64(max(0, options.recoveryTimeoutMilliseconds)) * 1_000_000
-        var acceptor = HelloAcceptor(listener: listener, token: options.token,
-                                     helloTimeoutMilliseconds: options.helloTimeoutMilliseconds,
-                                     onRefusal: options.onRefusedConnection)
+        var acceptor = HelloAcceptor(listener, options)
         while monotonicNanoseconds() < deadline {
             guard let (_, s, u) = try? acceptor.acceptPair(until: deadline, check: refuseUnlessResume) else { return }
             do {

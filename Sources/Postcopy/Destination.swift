@@ -118,9 +118,7 @@ public final class MigrationDestination: @unchecked Sendable {
     ///   connection was refused (`badToken`, for one) or `connectionLost` if none came.
     public static func accept(on listener: MigrationListener, options: Options) throws(MigrationError) -> MigrationDestination {
         let deadline = monotonicNanoseconds() + UInt64(max(0, options.handshakeTimeoutMilliseconds)) * 1_000_000
-        var acceptor = HelloAcceptor(listener: listener, token: options.token,
-                                     helloTimeoutMilliseconds: options.helloTimeoutMilliseconds,
-                                     onRefusal: options.onRefusedConnection)
+        var acceptor = HelloAcceptor(listener, options)
         let pair = try acceptor.acceptPair(until: deadline) { hello in
             hello.resume ? MigrationError(.malformedFrame("a resume handshake for a migration this destination does not know")) : nil
         }

@@ -42,11 +42,12 @@ struct HelloAcceptor {
     private(set) var refusals = 0
     private var pending: [Pending] = []
 
-    init(listener: MigrationListener, token: [UInt8], helloTimeoutMilliseconds: Int32, onRefusal: (@Sendable (String) -> Void)?) {
+    /// An acceptor on `listener` with a destination's token, hello timeout and refusal callback.
+    init(_ listener: MigrationListener, _ options: MigrationDestination.Options) {
         self.listener = listener
-        self.token = token
-        helloTimeoutNanoseconds = UInt64(max(1, helloTimeoutMilliseconds)) * 1_000_000
-        self.onRefusal = onRefusal
+        token = options.token
+        helloTimeoutNanoseconds = UInt64(max(1, options.helloTimeoutMilliseconds)) * 1_000_000
+        onRefusal = options.onRefusedConnection
     }
 
     /// Accepts connections until one stream and one urgent channel of the same migration
