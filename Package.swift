@@ -149,7 +149,7 @@ let package = Package(
         ),
         .testTarget(
             name: "PostcopyTests",
-            dependencies: ["Postcopy", "Userfaultfd", "postcopy-test-helper", "TestSupport"]
+            dependencies: ["Postcopy", "Userfaultfd", "postcopy-test-helper", "uffd", "TestSupport"]
         ),
         .testTarget(
             name: "FaultManagerTests",

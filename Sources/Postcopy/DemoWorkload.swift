@@ -94,6 +94,13 @@ public final class DemoWorkload: @unchecked Sendable {
         while parked.load(ordering: .acquiring) < threads.count { usleep(20) }
     }
 
+    /// Tells the workers to stop after their current operation, without waiting for them
+    /// (one waiting for a page that never comes would never be joined).
+    public func requestStop() {
+        stopping.store(true, ordering: .releasing)
+        paused.store(false, ordering: .releasing)
+    }
+
     /// Stops and joins the workers.
     public func stop() {
         stopping.store(true, ordering: .releasing)

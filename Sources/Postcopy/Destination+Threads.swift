@@ -11,14 +11,12 @@ import Musl
 extension MigrationDestination {
     func receiveLoop(_ connection: Connection, channel: Wire.Channel) {
         if channel == .urgent { preferLowLatencyScheduling() }
-        let pageSize = table.pageSize
         // Its own mapping, so that UFFDIO_MOVE can take pages out of it.
-        guard let bufferMapping = try? RegionMemory(length: Wire.maxRunPages * pageSize) else {
+        guard let bufferMapping = try? RegionMemory(length: Wire.maxRunPages * table.pageSize) else {
             failure.withLock { if $0 == nil { $0 = MigrationError(.system("cannot map a receive buffer")) } }
             return
         }
         _ = madvise(bufferMapping.base, bufferMapping.length, MADV_NOHUGEPAGE)
-        let buffer = bufferMapping.base
         let scratch = UnsafeMutableRawPointer.allocate(byteCount: Wire.headerSize, alignment: 8)
         var histogram = Histogram<UInt64>(highestTrackableValue: 600_000_000_000, numberOfSignificantValueDigits: .three)
         var blocktime: UInt64 = 0
@@ -31,44 +29,12 @@ extension MigrationDestination {
             }
         }
         do throws(MigrationError) {
+            // The urgent channel is quiet while nothing faults; the stream never is for long.
             while true {
-                let header = try connection.receiveHeader(scratch: scratch, pageSize: pageSize)
-                switch header.type {
-                case .pages:
-                    let g = try table.check(region: header.region, first: header.first, count: UInt64(header.count))
-                    try connection.receive(into: buffer, Int(header.payloadLength))
-                    try install(g, count: Int(header.count), region: Int(header.region), first: header.first,
-                                data: buffer, channel: channel, histogram: &histogram, blocktime: &blocktime)
-                case .zeros:
-                    let g = try table.check(region: header.region, first: header.first, count: UInt64(header.count))
-                    try install(g, count: Int(header.count), region: Int(header.region), first: header.first,
-                                data: nil, channel: channel, histogram: &histogram, blocktime: &blocktime)
-                case .switchover where channel == .stream:
-                    let payload = UnsafeMutableRawPointer.allocate(byteCount: max(1, Int(header.payloadLength)), alignment: 8)
-                    defer { payload.deallocate() }
-                    try connection.receive(into: payload, Int(header.payloadLength))
-                    let runs = try Wire.decodeRuns([UInt8](UnsafeRawBufferPointer(start: payload, count: Int(header.payloadLength))))
-                    try switchover(invalidating: runs, final: header.count == 1, connection: connection)
-                case .discard where channel == .stream:
-                    if registered.load(ordering: .acquiring) {
-                        throw MigrationError(.malformedFrame("a discard frame after the switchover"))
-                    }
-                    let payload = UnsafeMutableRawPointer.allocate(byteCount: max(1, Int(header.payloadLength)), alignment: 8)
-                    defer { payload.deallocate() }
-                    try connection.receive(into: payload, Int(header.payloadLength))
-                    try forget(Wire.decodeRuns([UInt8](UnsafeRawBufferPointer(start: payload, count: Int(header.payloadLength)))))
-                    try connection.send(.discarded)
-                case .complete where channel == .stream:
-                    completeSeen.store(true, ordering: .releasing)
-                    return
-                case .error:
-                    let payload = UnsafeMutableRawPointer.allocate(byteCount: max(1, Int(header.payloadLength)), alignment: 8)
-                    defer { payload.deallocate() }
-                    try connection.receive(into: payload, Int(header.payloadLength))
-                    throw MigrationError.fromWire([UInt8](UnsafeRawBufferPointer(start: payload, count: Int(header.payloadLength))))
-                default:
-                    throw MigrationError(.malformedFrame("unexpected \(header.type) frame on the \(channel) channel"))
-                }
+                let header = try connection.receiveHeader(scratch: scratch, pageSize: table.pageSize, quietAllowed: channel == .urgent)
+                let more = try handle(header, on: connection, channel: channel, buffer: bufferMapping.base,
+                                      histogram: &histogram, blocktime: &blocktime)
+                if !more { return }
             }
         } catch {
             if case .connectionLost(let why) = error.kind {
@@ -80,6 +46,38 @@ extension MigrationDestination {
         }
     }
 
+    /// Acts on one frame from `channel`; false once the stream is complete.
+    private func handle(
+        _ header: Wire.Header, on connection: Connection, channel: Wire.Channel, buffer: UnsafeMutableRawPointer,
+        histogram: inout Histogram<UInt64>, blocktime: inout UInt64
+    ) throws(MigrationError) -> Bool {
+        switch header.type {
+        case .pages, .zeros:
+            let g = try table.check(region: header.region, first: header.first, count: UInt64(header.count))
+            let data: UnsafeMutableRawPointer? = header.type == .pages ? buffer : nil
+            if let data { try connection.receive(into: data, Int(header.payloadLength)) }
+            try install(g, count: Int(header.count), region: Int(header.region), first: header.first,
+                        data: data, channel: channel, histogram: &histogram, blocktime: &blocktime)
+        case .switchover where channel == .stream:
+            let runs = try Wire.decodeRuns(connection.receivePayload(Int(header.payloadLength)))
+            try switchover(invalidating: runs, final: header.count == 1, connection: connection)
+        case .discard where channel == .stream:
+            if registered.load(ordering: .acquiring) || resumed.load(ordering: .acquiring) {
+                throw MigrationError(.malformedFrame("a discard frame after the switchover"))
+            }
+            try forget(Wire.decodeRuns(connection.receivePayload(Int(header.payloadLength))))
+            try connection.send(.discarded)
+        case .complete where channel == .stream:
+            completeSeen.store(true, ordering: .releasing)
+            return false
+        case .error:
+            throw MigrationError.fromWire(try connection.receivePayload(Int(header.payloadLength)))
+        default:
+            throw MigrationError(.malformedFrame("unexpected \(header.type) frame on the \(channel) channel"))
+        }
+        return true
+    }
+
     /// Installs a run of pages (`data` nil: zero pages), skipping pages already there.
     func install(
         _ g0: Int, count: Int, region: Int, first: UInt64, data: UnsafeRawPointer?, channel: Wire.Channel,
@@ -88,24 +86,7 @@ extension MigrationDestination {
         let pageSize = table.pageSize
         let base = table.regions[region].start + first * UInt64(pageSize)
         guard registered.load(ordering: .acquiring) else {
-            // Precopy: the workload is not running here and the range is not registered yet.
-            precopySeen.store(true, ordering: .relaxed)
-            if resumed.load(ordering: .acquiring) {
-                throw MigrationError(.malformedFrame("a page after the stop-and-copy switchover, with the workload running"))
-            }
-            if channel != .stream { throw MigrationError(.malformedFrame("a page on the urgent channel before the switchover")) }
-            for i in 0..<count {
-                let target = UnsafeMutableRawPointer(bitPattern: UInt(base) + UInt(i * pageSize))!
-                let wasReceived = received.testAndSet(g0 + i)
-                if !wasReceived { receivedCount.add(1, ordering: .relaxed) }
-                if let data {
-                    target.copyMemory(from: data + i * pageSize, byteCount: pageSize)
-                    zeroKnown.testAndClear(g0 + i)
-                } else {
-                    if wasReceived && !zeroKnown.test(g0 + i) { memset(target, 0, pageSize) }
-                    zeroKnown.testAndSet(g0 + i)
-                }
-            }
+            try installBeforeSwitchover(g0, count: count, base: base, data: data, channel: channel)
             return
         }
         var i = 0
@@ -155,10 +136,36 @@ extension MigrationDestination {
         }
     }
 
+    /// Precopy: the workload is not running here and the range is not registered yet,
+    /// so pages are written directly.
+    private func installBeforeSwitchover(_ g0: Int, count: Int, base: UInt64, data: UnsafeRawPointer?,
+                                         channel: Wire.Channel) throws(MigrationError) {
+        let pageSize = table.pageSize
+        precopySeen.store(true, ordering: .relaxed)
+        if resumed.load(ordering: .acquiring) {
+            throw MigrationError(.malformedFrame("a page after the stop-and-copy switchover, with the workload running"))
+        }
+        if channel != .stream { throw MigrationError(.malformedFrame("a page on the urgent channel before the switchover")) }
+        for i in 0..<count {
+            let target = UnsafeMutableRawPointer(bitPattern: UInt(base) + UInt(i * pageSize))!
+            let wasReceived = received.testAndSet(g0 + i)
+            if !wasReceived { receivedCount.add(1, ordering: .relaxed) }
+            if let data {
+                target.copyMemory(from: data + i * pageSize, byteCount: pageSize)
+                zeroKnown.testAndClear(g0 + i)
+            } else {
+                if wasReceived && !zeroKnown.test(g0 + i) { memset(target, 0, pageSize) }
+                zeroKnown.testAndSet(g0 + i)
+            }
+        }
+    }
+
     /// Switches to postcopy (or, for stop-and-copy, just resumes): forgets pages the
     /// source dirtied after sending them, registers the regions, starts the fault thread,
     /// lets the workload go and tells the source.
     func switchover(invalidating runs: [Wire.PageRun], final: Bool, connection: Connection) throws(MigrationError) {
+        // The workload runs here from the first switchover on: a second one would start it again.
+        if resumed.load(ordering: .acquiring) { throw MigrationError(.malformedFrame("a second switchover frame")) }
         try forget(runs)
         if !final && !registered.load(ordering: .acquiring) {
             do {
@@ -225,6 +232,8 @@ extension MigrationDestination {
     func sendRequest(_ g: Int, frame: UnsafeMutableRawPointer, fd: Int32) {
         let (region, page) = table.split(g)
         Wire.Header(type: .request, count: 1, region: UInt32(region), first: UInt64(page)).encode(into: frame)
-        _ = send(fd, frame, Wire.headerSize, Int32(MSG_NOSIGNAL))
+        // Never blocks the fault thread: a request that does not fit a stalled channel is
+        // asked again after the reconnect that the stall leads to.
+        _ = send(fd, frame, Wire.headerSize, Int32(MSG_NOSIGNAL | MSG_DONTWAIT))
     }
 }

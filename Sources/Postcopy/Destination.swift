@@ -28,11 +28,28 @@ public final class MigrationDestination: @unchecked Sendable {
         public var token: [UInt8]
         /// The most bytes the source may describe.
         public var maxBytes: Int = 64 << 30
-        /// How long to wait for the source's two connections and handshakes.
+        /// How long to wait for the source's two connections and handshakes. Connections
+        /// refused in between (bad token, bad hello) do not end the wait.
         public var handshakeTimeoutMilliseconds: Int32 = 10_000
+        /// How long one connection may take to deliver its complete hello.
+        public var helloTimeoutMilliseconds: Int32 = 2_000
         /// How long to wait for the source to reconnect after a connection drops during
         /// postcopy. Past it, pages that can never arrive are poisoned and the migration fails.
+        /// The wait ends on time whatever connecting peers do.
         public var recoveryTimeoutMilliseconds: Int32 = 5_000
+        /// How long the source may leave a frame unfinished, or leave the stream silent,
+        /// before the connection counts as lost (and recovery starts, after the switchover).
+        /// It bounds the source's pause at the switchover too.
+        public var stallTimeoutMilliseconds: Int32 = 10_000
+        /// Whether a failed migration poisons the pages that can never arrive, so that a
+        /// thread touching one gets SIGBUS instead of waiting forever. A process that exits
+        /// as soon as ``MigrationDestination/run(onResume:)`` fails may turn this off: its
+        /// threads waiting for such a page then stay blocked until it exits (the
+        /// destination must stay alive until then), and none of them sees a signal.
+        public var poisonOnFailure = true
+        /// Called with one line (peer text escaped) for each connection refused during a
+        /// handshake: a bad token, a bad or late hello, too many connections at once.
+        public var onRefusedConnection: (@Sendable (String) -> Void)?
         /// Install arriving pages with `UFFDIO_MOVE` out of the receive buffer instead of
         /// `UFFDIO_COPY`: no copy, but the buffer's pages are faulted in afresh by the next
         /// receive. Needs the MOVE feature (kernel 6.8+).
@@ -91,35 +108,60 @@ public final class MigrationDestination: @unchecked Sendable {
     /// Accepts a source's two connections on `listener`, checks its handshake, and maps
     /// the regions it describes.
     ///
-    /// - Throws: ``MigrationError`` with kind `badToken`, `unsupportedVersion`,
-    ///   `malformedFrame` or `badRegions` (the source is told why), or `connectionLost`
-    ///   when no source arrives in time.
+    /// Connections that fail the handshake (bad token, malformed or late hello) are
+    /// refused one by one (see ``Options/onRefusedConnection``) while listening goes on
+    /// for the whole ``Options/handshakeTimeoutMilliseconds``.
+    ///
+    /// - Throws: ``MigrationError``: `unsupportedVersion`, `malformedFrame` or
+    ///   `badRegions` when the authenticated source describes something this side refuses
+    ///   (the source is told why); when no source shook hands in time, the reason the last
+    ///   connection was refused (`badToken`, for one) or `connectionLost` if none came.
     public static func accept(on listener: MigrationListener, options: Options) throws(MigrationError) -> MigrationDestination {
-        guard let (hello, stream, urgent) = try acceptPair(listener, options: options, milliseconds: options.handshakeTimeoutMilliseconds) else {
-            throw MigrationError(.connectionLost("no source connected to \(listener.endpoint) within \(options.handshakeTimeoutMilliseconds) ms"))
+        let deadline = monotonicNanoseconds() + UInt64(max(0, options.handshakeTimeoutMilliseconds)) * 1_000_000
+        var acceptor = HelloAcceptor(listener, options)
+        let pair = try acceptor.acceptPair(until: deadline) { hello in
+            hello.resume ? MigrationError(.malformedFrame("a resume handshake for a migration this destination does not know")) : nil
+        }
+        guard let (hello, stream, urgent) = pair else {
+            throw acceptor.lastRefusal ?? MigrationError(.connectionLost(
+                "no source connected to \(listener.endpoint) within \(options.handshakeTimeoutMilliseconds) ms"))
         }
         do throws(MigrationError) {
-            if hello.resume { throw MigrationError(.malformedFrame("a resume handshake for a migration this destination does not know")) }
-            if hello.pageSize != systemPageSize {
-                throw MigrationError(.badRegions("page size \(hello.pageSize) differs from this machine's \(systemPageSize)"))
-            }
-            var total: UInt64 = 0
-            for (i, length) in hello.regionLengths.enumerated() {
-                if length == 0 || length % UInt64(systemPageSize) != 0 {
-                    throw MigrationError(.badRegions("region \(i) is \(length) bytes, not a positive multiple of \(systemPageSize)"))
-                }
-                total &+= length
-                if total > UInt64(options.maxBytes) || total < length {
-                    throw MigrationError(.badRegions("the regions exceed the \(options.maxBytes)-byte limit"))
-                }
-            }
+            try checkRegions(hello, options: options)
             let d = try MigrationDestination(hello: hello, stream: stream, urgent: urgent, listener: listener, options: options)
-            try stream.send(.welcome)
-            try urgent.send(.welcome)
+            try d.welcome(stream, urgent, bitmap: [], until: deadline)
             return d
         } catch {
             stream.sendError(error)
             throw error
+        }
+    }
+
+    private static func checkRegions(_ hello: Wire.Hello, options: Options) throws(MigrationError) {
+        if hello.pageSize != systemPageSize {
+            throw MigrationError(.badRegions("page size \(hello.pageSize) differs from this machine's \(systemPageSize)"))
+        }
+        var total: UInt64 = 0
+        for (i, length) in hello.regionLengths.enumerated() {
+            if length == 0 || length % UInt64(systemPageSize) != 0 {
+                throw MigrationError(.badRegions("region \(i) is \(length) bytes, not a positive multiple of \(systemPageSize)"))
+            }
+            total &+= length
+            if total > UInt64(options.maxBytes) || total < length {
+                throw MigrationError(.badRegions("the regions exceed the \(options.maxBytes)-byte limit"))
+            }
+        }
+    }
+
+    /// Answers both channels' hellos before `deadline`, then gives them the stall limit.
+    func welcome(_ stream: Connection, _ urgent: Connection, bitmap: [UInt8], until deadline: UInt64) throws(MigrationError) {
+        stream.deadline = deadline
+        urgent.deadline = deadline
+        try stream.send(.welcome, payload: bitmap)
+        try urgent.send(.welcome)
+        for c in [stream, urgent] {
+            c.deadline = .max
+            c.stallNanoseconds = UInt64(max(1, options.stallTimeoutMilliseconds)) * 1_000_000
         }
     }
 
@@ -233,8 +275,9 @@ public final class MigrationDestination: @unchecked Sendable {
         if registered.load(ordering: .acquiring) {
             for r in regions { try? handle.unregister(r) }
         }
-        // The source closes both connections once it has the report.
-        _ = stream.waitReadable(milliseconds: 2_000)
+        // The source closes both connections once it has the report. One that drops
+        // instead may have lost it: take the source back and answer its COMPLETE again.
+        if !closedByPeer(stream) { answerLateResume(report) }
         stopReceivers()
         var stats = MigrationStatistics()
         stats.regionBytes = table.totalPages * table.pageSize
@@ -255,121 +298,6 @@ public final class MigrationDestination: @unchecked Sendable {
                 blocktimeNanoseconds: state.1,
                 duplicates: UInt64(duplicates.load(ordering: .relaxed)),
                 latencyCount: state.0.totalCount)
-        }
-    }
-
-    /// Gives up: tells the source, stops receiving, poisons what can never arrive.
-    func fail(_ error: MigrationError) -> MigrationError {
-        stream.sendError(error)
-        stopReceivers()
-        let poisoned = poisonMissing()
-        stopFaults.raise()
-        faultThread?.join()
-        faultThread = nil
-        if case .recoveryTimedOut = error.kind { return MigrationError(.recoveryTimedOut(poisonedPages: poisoned)) }
-        return error
-    }
-
-    /// Poisons every page not received (zero-filling those known to be zero); returns how many were poisoned.
-    func poisonMissing() -> Int {
-        guard registered.load(ordering: .acquiring) else { return 0 }
-        var poisoned = 0
-        for run in table.runs(where: { !received.test($0) }) {
-            let base = table.regions[Int(run.region)].start
-            let g0 = table.regions[Int(run.region)].firstGlobal + Int(run.first)
-            var i = 0
-            while i < Int(run.count) {
-                let zero = zeroKnown.test(g0 + i)
-                var j = i + 1
-                while j < Int(run.count) && zeroKnown.test(g0 + j) == zero { j += 1 }
-                let range = MemoryRange(start: base + (run.first + UInt64(i)) * UInt64(table.pageSize), length: UInt64((j - i) * table.pageSize))
-                if zero {
-                    _ = try? handle.zeropage(range)
-                } else {
-                    _ = try? handle.poison(range)
-                    poisoned += j - i
-                }
-                for k in i..<j { received.testAndSet(g0 + k) }
-                i = j
-            }
-        }
-        return poisoned
-    }
-
-    /// Waits for the source to come back; nil once it has, the error otherwise.
-    func recover() -> MigrationError? {
-        let deadline = monotonicNanoseconds() + UInt64(options.recoveryTimeoutMilliseconds) * 1_000_000
-        while true {
-            let now = monotonicNanoseconds()
-            if now >= deadline { break }
-            let remaining = Int32(min(UInt64(Int32.max), (deadline - now) / 1_000_000 + 1))
-            let pair: (Wire.Hello, Connection, Connection)?
-            do { pair = try Self.acceptPair(listener, options: options, milliseconds: remaining) } catch { continue }
-            guard let (hello, s, u) = pair else { break }
-            let lengths = table.regions.map { UInt64($0.pages * table.pageSize) }
-            if !hello.resume || hello.migrationID != migrationID || hello.regionLengths != lengths {
-                s.sendError(MigrationError(.badRegions("not a resume of migration \(migrationID) with the same regions")))
-                continue
-            }
-            var bitmap: [UInt8] = []
-            for r in table.regions { bitmap += received.bytes(from: r.firstGlobal, count: r.pages) }
-            do {
-                try s.send(.welcome, payload: bitmap)
-                try u.send(.welcome)
-            } catch { continue }
-            retired += [stream, urgent]
-            stream = s
-            urgent = u
-            urgentFD.store(u.fd, ordering: .releasing)
-            // Ask again for every page a thread still waits on.
-            let frame = UnsafeMutableRawPointer.allocate(byteCount: Wire.headerSize, alignment: 8)
-            defer { frame.deallocate() }
-            var g = 0
-            while let next = requested.nextSet(from: g) {
-                if !received.test(next) { sendRequest(next, frame: frame, fd: u.fd) }
-                g = next + 1
-            }
-            reconnects += 1
-            return nil
-        }
-        return fail(MigrationError(.recoveryTimedOut(poisonedPages: 0)))
-    }
-
-    /// Accepts connections until one stream and one urgent channel of the same migration
-    /// have shaken hands. Nil on timeout.
-    static func acceptPair(_ listener: MigrationListener, options: Options, milliseconds: Int32) throws(MigrationError) -> (Wire.Hello, Connection, Connection)? {
-        let deadline = monotonicNanoseconds() + UInt64(milliseconds) * 1_000_000
-        var slots: [Wire.Channel: (Wire.Hello, Connection)] = [:]
-        while true {
-            let now = monotonicNanoseconds()
-            if now >= deadline { return nil }
-            let remaining = Int32(min(UInt64(Int32.max), (deadline - now) / 1_000_000 + 1))
-            guard let connection = try listener.accept(milliseconds: remaining) else { return nil }
-            let hello: Wire.Hello
-            do throws(MigrationError) {
-                guard connection.waitReadable(milliseconds: remaining) else {
-                    throw MigrationError(.connectionLost("the peer sent no handshake in time"))
-                }
-                let (header, payload) = try connection.receiveControl(pageSize: systemPageSize)
-                if header.type != .hello { throw MigrationError(.malformedFrame("expected a hello frame, got \(header.type)")) }
-                hello = try Wire.Hello.decode(payload)
-                if !Wire.tokensMatch(hello.token, options.token) { throw MigrationError(.badToken) }
-            } catch {
-                connection.sendError(error)
-                throw error
-            }
-            if let other = slots.first(where: { $0.key != hello.channel }), other.value.0.migrationID != hello.migrationID {
-                slots = [:]
-            }
-            slots[hello.channel] = (hello, connection)
-            if let s = slots[.stream], let u = slots[.urgent] {
-                if s.0.regionLengths != u.0.regionLengths || s.0.pageSize != u.0.pageSize {
-                    let error = MigrationError(.badRegions("the two channels describe different regions"))
-                    s.1.sendError(error)
-                    throw error
-                }
-                return (s.0, s.1, u.1)
-            }
         }
     }
 }

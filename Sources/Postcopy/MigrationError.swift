@@ -42,7 +42,9 @@ public struct MigrationError: Error, Equatable, Sendable, CustomStringConvertibl
         case .outOfRange(let why): return "frame out of range: \(why)"
         case .badRegions(let why): return "regions refused: \(why)"
         case .connectionLost(let why): return "connection lost: \(why)"
-        case .recoveryTimedOut(let n): return "the connection dropped and was not recovered in time; \(n) pages that can never arrive were poisoned"
+        case .recoveryTimedOut(let n):
+            return "the connection dropped and was not recovered in time; "
+                + (n > 0 ? "\(n) pages that can never arrive were poisoned" : "pages that never arrived are lost")
         case .peer(let why): return "the peer gave up: \(why)"
         case .system(let why): return why
         case .invalidArgument(let why): return "invalid argument: \(why)"
@@ -65,9 +67,10 @@ extension MigrationError {
         return [code] + Array(description.utf8.prefix(1024))
     }
 
-    /// The error a peer reported in an ERROR frame, as seen from this side.
+    /// The error a peer reported in an ERROR frame, as seen from this side. The peer's
+    /// text is escaped and shortened: it may end up in a log or on a terminal.
     static func fromWire(_ payload: [UInt8]) -> MigrationError {
-        let text = String(decoding: payload.dropFirst(), as: UTF8.self)
+        let text = UntrustedText.escaped(payload.dropFirst())
         switch payload.first {
         case 1: return MigrationError(.badToken)
         case 2: return MigrationError(.peer(text))

@@ -32,163 +32,6 @@ public enum MigrationEndpoint: Sendable, Equatable, CustomStringConvertible {
     }
 }
 
-/// A connected stream socket, closed when this object goes away.
-final class Connection: @unchecked Sendable {
-    let fd: Int32
-
-    init(fd: Int32) { self.fd = fd }
-    deinit { _ = close(fd) }
-
-    static func connect(to endpoint: MigrationEndpoint) throws(MigrationError) -> Connection {
-        let fd: Int32
-        switch endpoint {
-        case .tcp(let host, let port):
-            fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-            if fd < 0 { throw systemError("socket") }
-            var address = try ipv4(host: host, port: port)
-            let rc = withUnsafePointer(to: &address) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-            }
-            if rc != 0 {
-                let error = systemError("connect \(endpoint)")
-                _ = close(fd)
-                throw MigrationError(.connectionLost(error.description))
-            }
-            var one: Int32 = 1
-            _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
-        case .unix(let path):
-            fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-            if fd < 0 { throw systemError("socket") }
-            var address = try unixAddress(path)
-            let rc = withUnsafePointer(to: &address) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-            }
-            if rc != 0 {
-                let error = systemError("connect \(endpoint)")
-                _ = close(fd)
-                throw MigrationError(.connectionLost(error.description))
-            }
-        }
-        return Connection(fd: fd)
-    }
-
-    /// Sends all of `count` bytes at `p`.
-    func send(_ p: UnsafeRawPointer, _ count: Int) throws(MigrationError) {
-        var done = 0
-        while done < count {
-            let n = Glibc.send(fd, p + done, count - done, Int32(MSG_NOSIGNAL))
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw MigrationError(.connectionLost("send: \(String(cString: strerror(errno)))"))
-            }
-            done += n
-        }
-    }
-
-    /// Sends a header and its payload (which may live anywhere, e.g. in migrated memory) with one `sendmsg`.
-    func send(header: Wire.Header, payload: UnsafeRawPointer?, scratch: UnsafeMutableRawPointer) throws(MigrationError) {
-        header.encode(into: scratch)
-        let length = Int(header.payloadLength)
-        var iov = (iovec(iov_base: scratch, iov_len: Wire.headerSize),
-                   iovec(iov_base: UnsafeMutableRawPointer(mutating: payload), iov_len: length))
-        var sent = 0
-        let total = Wire.headerSize + length
-        while sent < total {
-            let n: Int = withUnsafeMutableBytes(of: &iov) { raw in
-                let v = raw.baseAddress!.assumingMemoryBound(to: iovec.self)
-                var msg = msghdr()
-                if sent < Wire.headerSize {
-                    v[0].iov_base = scratch + sent
-                    v[0].iov_len = Wire.headerSize - sent
-                    msg.msg_iov = v
-                    msg.msg_iovlen = length > 0 ? 2 : 1
-                } else {
-                    v[1].iov_base = UnsafeMutableRawPointer(mutating: payload!) + (sent - Wire.headerSize)
-                    v[1].iov_len = total - sent
-                    msg.msg_iov = v + 1
-                    msg.msg_iovlen = 1
-                }
-                return Glibc.sendmsg(fd, &msg, Int32(MSG_NOSIGNAL))
-            }
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw MigrationError(.connectionLost("send: \(String(cString: strerror(errno)))"))
-            }
-            sent += n
-        }
-    }
-
-    /// Sends a frame whose payload is a byte array (control frames).
-    func send(_ type: Wire.FrameType, payload: [UInt8] = [], count: UInt32 = 0) throws(MigrationError) {
-        let total = Wire.headerSize + payload.count
-        let frame = UnsafeMutableRawPointer.allocate(byteCount: total, alignment: 8)
-        defer { frame.deallocate() }
-        Wire.Header(type: type, payloadLength: UInt32(payload.count), count: count).encode(into: frame)
-        if !payload.isEmpty { payload.withUnsafeBytes { (frame + Wire.headerSize).copyMemory(from: $0.baseAddress!, byteCount: $0.count) } }
-        try send(frame, total)
-    }
-
-    /// Receives exactly `count` bytes; throws `connectionLost` at end of stream.
-    func receive(into p: UnsafeMutableRawPointer, _ count: Int) throws(MigrationError) {
-        var done = 0
-        while done < count {
-            let n = recv(fd, p + done, count - done, 0)
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw MigrationError(.connectionLost("recv: \(String(cString: strerror(errno)))"))
-            }
-            if n == 0 {
-                // A frame cut short is what a dropped connection looks like: recoverable, not malformed.
-                throw MigrationError(.connectionLost(done == 0 ? "the peer closed the connection"
-                                                     : "truncated frame: the connection closed after \(done) of \(count) bytes"))
-            }
-            done += n
-        }
-    }
-
-    /// Receives one header (validated) into `scratch`.
-    func receiveHeader(scratch: UnsafeMutableRawPointer, pageSize: Int) throws(MigrationError) -> Wire.Header {
-        try receive(into: scratch, Wire.headerSize)
-        return try Wire.Header.decode(scratch, pageSize: pageSize)
-    }
-
-    /// Receives one control frame; its payload as bytes.
-    func receiveControl(pageSize: Int) throws(MigrationError) -> (Wire.Header, [UInt8]) {
-        let scratch = UnsafeMutableRawPointer.allocate(byteCount: Wire.headerSize, alignment: 8)
-        defer { scratch.deallocate() }
-        let header = try receiveHeader(scratch: scratch, pageSize: pageSize)
-        let length = Int(header.payloadLength)
-        let raw = UnsafeMutableRawPointer.allocate(byteCount: max(length, 1), alignment: 8)
-        defer { raw.deallocate() }
-        if length > 0 { try receive(into: raw, length) }
-        let payload = [UInt8](UnsafeRawBufferPointer(start: raw, count: length))
-        if header.type == .error {
-            throw MigrationError.fromWire(payload)
-        }
-        return (header, payload)
-    }
-
-    /// Tells the peer why this side gives up (best effort).
-    func sendError(_ error: MigrationError) {
-        try? send(.error, payload: error.wirePayload)
-    }
-
-    /// Caps the kernel's send buffer: bytes queued here delay whatever is sent after them.
-    func limitSendBuffer(_ bytes: Int) {
-        var value = Int32(clamping: bytes)
-        _ = setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &value, socklen_t(MemoryLayout<Int32>.size))
-    }
-
-    /// Ends both directions: a thread blocked in `recv` on it returns.
-    func shutdown() { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
-
-    /// Waits until data can be read, up to `milliseconds`.
-    func waitReadable(milliseconds: Int32) -> Bool {
-        var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-        return poll(&p, 1, milliseconds) > 0
-    }
-}
-
 /// A listening socket a destination accepts migration connections on.
 public final class MigrationListener: @unchecked Sendable {
     let fd: Int32
@@ -205,7 +48,7 @@ public final class MigrationListener: @unchecked Sendable {
         var bound = endpoint
         switch endpoint {
         case .tcp(let host, let port):
-            fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
             if fd < 0 { throw systemError("socket") }
             var one: Int32 = 1
             _ = setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
@@ -221,7 +64,7 @@ public final class MigrationListener: @unchecked Sendable {
             }
             bound = .tcp(host: host, port: UInt16(bigEndian: address.sin_port))
         case .unix(let path):
-            fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
             if fd < 0 { throw systemError("socket") }
             var address: sockaddr_un
             do { address = try unixAddress(path) } catch { _ = close(fd); throw error }
@@ -244,19 +87,26 @@ public final class MigrationListener: @unchecked Sendable {
         if case .unix(let path) = endpoint { _ = unlink(path) }
     }
 
-    /// Accepts one connection, waiting at most `milliseconds` (-1: forever). Nil on timeout.
-    func accept(milliseconds: Int32) throws(MigrationError) -> Connection? {
-        var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+    /// Accepts one pending connection without waiting (the listener is non-blocking);
+    /// nil when none is pending.
+    func acceptNow() throws(MigrationError) -> Connection? {
         while true {
-            let n = poll(&p, 1, milliseconds)
-            if n < 0 { if errno == EINTR { continue }; throw systemError("poll listener") }
-            if n == 0 { return nil }
             let c = Glibc.accept(fd, nil, nil)
-            if c < 0 { if errno == EINTR || errno == EAGAIN { continue }; throw systemError("accept") }
-            _ = fcntl(c, F_SETFD, FD_CLOEXEC)
-            var one: Int32 = 1
-            _ = setsockopt(c, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
-            return Connection(fd: c)
+            if c >= 0 {
+                // Accepted sockets inherit neither O_NONBLOCK nor FD_CLOEXEC on Linux.
+                _ = fcntl(c, F_SETFD, FD_CLOEXEC)
+                var one: Int32 = 1
+                _ = setsockopt(c, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+                return Connection(fd: c)
+            }
+            switch errno {
+            case EINTR: continue
+            // A connection that was reset before it was accepted, or none pending.
+            case EAGAIN, ECONNABORTED, EPROTO: return nil
+            // Out of descriptors or memory: refuse, keep listening.
+            case EMFILE, ENFILE, ENOBUFS, ENOMEM: return nil
+            default: throw systemError("accept")
+            }
         }
     }
 }
@@ -265,7 +115,7 @@ func systemError(_ operation: String) -> MigrationError {
     MigrationError(.system("\(operation) failed: \(String(cString: strerror(errno))) (errno \(errno))"))
 }
 
-private func ipv4(host: String, port: UInt16) throws(MigrationError) -> sockaddr_in {
+func ipv4(host: String, port: UInt16) throws(MigrationError) -> sockaddr_in {
     var address = sockaddr_in()
     address.sin_family = sa_family_t(AF_INET)
     address.sin_port = port.bigEndian
@@ -276,7 +126,7 @@ private func ipv4(host: String, port: UInt16) throws(MigrationError) -> sockaddr
     return address
 }
 
-private func unixAddress(_ path: String) throws(MigrationError) -> sockaddr_un {
+func unixAddress(_ path: String) throws(MigrationError) -> sockaddr_un {
     var address = sockaddr_un()
     address.sun_family = sa_family_t(AF_UNIX)
     let bytes = Array(path.utf8)

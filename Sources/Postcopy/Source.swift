@@ -40,6 +40,11 @@ public final class MigrationSource: @unchecked Sendable {
         public var reconnect: Bool = true
         /// How long to keep trying to reconnect.
         public var recoveryTimeoutMilliseconds: Int32 = 5_000
+        /// How long connecting and the destination's answer to the hellos may take.
+        public var handshakeTimeoutMilliseconds: Int32 = 10_000
+        /// How long the destination may leave a send without progress or an awaited answer
+        /// unsent before the connection counts as lost (and, during postcopy, is re-established).
+        public var stallTimeoutMilliseconds: Int32 = 10_000
         /// For tests of recovery: shut the stream connection down once this many pages were
         /// sent after the switchover, as a network failure would.
         public var _dropConnectionsAfterPages: Int?
@@ -54,7 +59,7 @@ public final class MigrationSource: @unchecked Sendable {
     public let regions: [MemoryRange]
     let table: RegionTable
     let options: Options
-    private let missing: PageBitmap
+    let missing: PageBitmap
     private let sentOnce: PageBitmap
     private let seek = Atomic<Int>(-1)
     private let linkDown = Atomic<Bool>(false)
@@ -115,166 +120,124 @@ public final class MigrationSource: @unchecked Sendable {
         stats.mode = options.mode
         stats.regionBytes = table.totalPages * table.pageSize
         let migrationID = UInt64.random(in: 1...UInt64.max)
-        var (stream, urgent, _) = try connectPair(endpoint, id: migrationID, resume: false)
+        let deadline = start + UInt64(max(0, options.handshakeTimeoutMilliseconds)) * 1_000_000
+        var channels = try connectPair(endpoint, id: migrationID, resume: false, until: deadline)
         let scratch = UnsafeMutableRawPointer.allocate(byteCount: Wire.headerSize, alignment: 8)
-        defer {
-            scratch.deallocate()
-        }
+        defer { scratch.deallocate() }
         var urgentThread: DedicatedThread?
         defer {
-            stream.shutdown()
-            urgent.shutdown()
+            channels.stream.shutdown()
+            channels.urgent.shutdown()
             urgentThread?.join()
         }
         do throws(MigrationError) {
-            // Precopy while the workload runs.
-            var tracker: DirtyTracker?
-            if options.mode != .postcopy && options.precopyRounds > 0 {
-                tracker = try DirtyTracker(table: table)
-                phase.store(MigrationProgress.Phase.precopy.rawValue, ordering: .relaxed)
-                for r in 1...options.precopyRounds {
-                    round.store(r, ordering: .relaxed)
-                    stats.precopyRounds = r
-                    try sendMissing(stream, scratch: scratch, phase: .precopy)
-                    let dirty = try tracker!.scan { g in missing.testAndSet(g) }
-                    if dirty <= options.convergencePages { break }
-                }
-            }
-            // Pages that keep changing would each cost the destination an madvise while the
-            // workload is stopped: have it forget them now, and pull them after the switchover.
-            if let t = tracker, options.mode == .precopyPostcopy {
-                for _ in 0..<options.discardPasses {
-                    let hot = table.runs(setInBoth: missing, sentOnce)
-                    if hot.isEmpty { break }
-                    for run in hot {
-                        let base = table.regions[Int(run.region)].firstGlobal + Int(run.first)
-                        for g in base..<(base + Int(run.count)) { sentOnce.testAndClear(g) }
-                    }
-                    try stream.send(.discard, payload: Wire.encodeRuns(hot))
-                    let (ack, _) = try stream.receiveControl(pageSize: table.pageSize)
-                    if ack.type != .discarded { throw MigrationError(.malformedFrame("expected discarded, got \(ack.type)")) }
-                    stats.discardedPages += hot.reduce(0) { $0 + Int($1.count) }
-                    if try t.scan({ g in missing.testAndSet(g) }) <= options.convergencePages { break }
-                }
-            }
-            round.store(0, ordering: .relaxed)
-
-            // Switchover.
-            pause()
-            let stopped = monotonicNanoseconds()
-            phase.store(MigrationProgress.Phase.switchover.rawValue, ordering: .relaxed)
-            if let t = tracker { try t.scan { g in missing.testAndSet(g) } }
-
-            if options.mode == .stopAndCopy {
-                try sendMissing(stream, scratch: scratch, phase: .pause)
-                try stream.send(.switchover, payload: Wire.encodeRuns([]), count: 1)
-            } else {
-                let runs = table.runs(setInBoth: missing, sentOnce)
-                try stream.send(.switchover, payload: Wire.encodeRuns(runs))
-            }
-            let (resumed, _) = try stream.receiveControl(pageSize: table.pageSize)
-            if resumed.type != .resumed { throw MigrationError(.malformedFrame("expected resumed, got \(resumed.type)")) }
-            stats.switchoverPauseMicroseconds = Double(monotonicNanoseconds() - stopped) / 1000
-            stats.pausePages = pausePages.load(ordering: .relaxed)
-
-            // Postcopy: stream the rest, answer requests at once.
+            var tracker = try precopy(channels.stream, scratch: scratch, stats: &stats)
+            try switchover(channels.stream, tracker: tracker, scratch: scratch, pause: pause, stats: &stats)
             phase.store(MigrationProgress.Phase.postcopy.rawValue, ordering: .relaxed)
-            let streamStart = monotonicNanoseconds()
-            var streamEnd = streamStart
-            urgentThread = startUrgent(urgent)
-            while true {
-                do throws(MigrationError) {
-                    try sendMissing(stream, scratch: scratch, phase: .stream)
-                    streamEnd = monotonicNanoseconds()
-                    try stream.send(.complete)
-                    let (done, payload) = try stream.receiveControl(pageSize: table.pageSize)
-                    if done.type != .done { throw MigrationError(.malformedFrame("expected done, got \(done.type)")) }
-                    try DestinationReport.decode(payload).apply(to: &stats)
-                    break
-                } catch {
-                    guard case .connectionLost = error.kind, options.reconnect else { throw error }
-                    if let f = failure.withLock({ $0 }) { throw f }
-                    stream.shutdown()
-                    urgent.shutdown()
-                    urgentThread?.join()
-                    (stream, urgent) = try reconnect(endpoint, id: migrationID)
-                    stats.reconnects += 1
-                    linkDown.store(false, ordering: .releasing)
-                    urgentThread = startUrgent(urgent)
-                }
-            }
-            stats.streamSeconds = Double(streamEnd - streamStart) / 1e9
+            try postcopy(endpoint, id: migrationID, channels: &channels, urgentThread: &urgentThread,
+                         scratch: scratch, stats: &stats)
             // Unregistering takes tens of milliseconds and holds the address space: only
             // once the destination has every page.
             tracker = nil
         } catch {
             phase.store(MigrationProgress.Phase.failed.rawValue, ordering: .relaxed)
-            stream.sendError(error)
+            channels.stream.sendError(error)
             throw error
         }
         phase.store(MigrationProgress.Phase.finished.rawValue, ordering: .relaxed)
         stats.totalSeconds = Double(monotonicNanoseconds() - start) / 1e9
         stats.precopyBytes = precopyBytes.load(ordering: .relaxed)
         stats.streamBytes = streamBytes.load(ordering: .relaxed)
-        stats.zeroPagesBytesDuringStream = streamZeroPages.load(ordering: .relaxed) * table.pageSize
+        stats.streamZeroPages = streamZeroPages.load(ordering: .relaxed)
         stats.requestBytes = requestBytes.load(ordering: .relaxed)
         stats.zeroPages = zeroPages.load(ordering: .relaxed)
         stats.requestedPages = requestedPages.load(ordering: .relaxed)
         return stats
     }
 
-    // MARK: Connections
+    // MARK: Phases
 
-    private func connectPair(_ endpoint: MigrationEndpoint, id: UInt64, resume: Bool) throws(MigrationError) -> (Connection, Connection, [UInt8]) {
-        func hello(_ channel: Wire.Channel) -> [UInt8] {
-            Wire.Hello(channel: channel, resume: resume, pageSize: table.pageSize, migrationID: id,
-                       regionLengths: regions.map(\.length), token: options.token).encode()
+    /// Precopy rounds while the workload runs, then passes that have the destination
+    /// forget pages that keep changing. Returns the dirty tracker (nil for pure postcopy).
+    private func precopy(_ stream: Connection, scratch: UnsafeMutableRawPointer,
+                         stats: inout MigrationStatistics) throws(MigrationError) -> DirtyTracker? {
+        guard options.mode != .postcopy && options.precopyRounds > 0 else { return nil }
+        let tracker = try DirtyTracker(table: table)
+        phase.store(MigrationProgress.Phase.precopy.rawValue, ordering: .relaxed)
+        for r in 1...options.precopyRounds {
+            round.store(r, ordering: .relaxed)
+            stats.precopyRounds = r
+            try sendMissing(stream, scratch: scratch, phase: .precopy)
+            let dirty = try tracker.scan { g in missing.testAndSet(g) }
+            if dirty <= options.convergencePages { break }
         }
-        let stream = try Connection.connect(to: endpoint)
-        stream.limitSendBuffer(options.streamBufferBytes)
-        try stream.send(.hello, payload: hello(.stream))
-        let urgent = try Connection.connect(to: endpoint)
-        try urgent.send(.hello, payload: hello(.urgent))
-        let (h1, bitmap) = try stream.receiveControl(pageSize: table.pageSize)
-        let (h2, _) = try urgent.receiveControl(pageSize: table.pageSize)
-        if h1.type != .welcome || h2.type != .welcome {
-            throw MigrationError(.malformedFrame("expected welcome, got \(h1.type) and \(h2.type)"))
+        // Pages that keep changing would each cost the destination an madvise while the
+        // workload is stopped: have it forget them now, and pull them after the switchover.
+        if options.mode == .precopyPostcopy {
+            for _ in 0..<options.discardPasses {
+                let hot = table.runs(setInBoth: missing, sentOnce)
+                if hot.isEmpty { break }
+                for run in hot {
+                    let base = table.regions[Int(run.region)].firstGlobal + Int(run.first)
+                    for g in base..<(base + Int(run.count)) { sentOnce.testAndClear(g) }
+                }
+                try stream.send(.discard, payload: Wire.encodeRuns(hot))
+                try expect(.discarded, on: stream)
+                stats.discardedPages += hot.reduce(0) { $0 + Int($1.count) }
+                if try tracker.scan({ g in missing.testAndSet(g) }) <= options.convergencePages { break }
+            }
         }
-        return (stream, urgent, bitmap)
+        round.store(0, ordering: .relaxed)
+        return tracker
     }
 
-    /// Reconnects after a drop and rebuilds the missing bitmap from what the destination has.
-    private func reconnect(_ endpoint: MigrationEndpoint, id: UInt64) throws(MigrationError) -> (Connection, Connection) {
-        let deadline = monotonicNanoseconds() + UInt64(options.recoveryTimeoutMilliseconds) * 1_000_000
-        var last = MigrationError(.connectionLost("no attempt to reconnect was made"))
-        while monotonicNanoseconds() < deadline {
-            do throws(MigrationError) {
-                let (s, u, bitmap) = try connectPair(endpoint, id: id, resume: true)
-                let expected = table.regions.reduce(0) { $0 + ($1.pages + 7) / 8 }
-                if bitmap.count != expected {
-                    throw MigrationError(.malformedFrame("the received bitmap has \(bitmap.count) bytes, not \(expected)"))
-                }
-                var offset = 0
-                for r in table.regions {
-                    for p in 0..<r.pages {
-                        if bitmap[offset + p >> 3] & (1 << UInt8(p & 7)) != 0 {
-                            missing.testAndClear(r.firstGlobal + p)
-                        } else {
-                            missing.testAndSet(r.firstGlobal + p)
-                        }
-                    }
-                    offset += (r.pages + 7) / 8
-                }
-                return (s, u)
-            } catch {
-                switch error.kind {
-                case .connectionLost: last = error
-                default: throw error
-                }
-            }
-            usleep(20_000)
+    /// Pauses the workload, sends what must travel while it is stopped, and waits until
+    /// the destination has resumed it.
+    private func switchover(_ stream: Connection, tracker: DirtyTracker?, scratch: UnsafeMutableRawPointer,
+                            pause: @Sendable () -> Void, stats: inout MigrationStatistics) throws(MigrationError) {
+        pause()
+        let stopped = monotonicNanoseconds()
+        phase.store(MigrationProgress.Phase.switchover.rawValue, ordering: .relaxed)
+        if let t = tracker { try t.scan { g in missing.testAndSet(g) } }
+        if options.mode == .stopAndCopy {
+            try sendMissing(stream, scratch: scratch, phase: .pause)
+            try stream.send(.switchover, payload: Wire.encodeRuns([]), count: 1)
+        } else {
+            try stream.send(.switchover, payload: Wire.encodeRuns(table.runs(setInBoth: missing, sentOnce)))
         }
-        throw MigrationError(.connectionLost("could not resume within \(options.recoveryTimeoutMilliseconds) ms: \(last)"))
+        try expect(.resumed, on: stream)
+        stats.switchoverPauseMicroseconds = Double(monotonicNanoseconds() - stopped) / 1000
+        stats.pausePages = pausePages.load(ordering: .relaxed)
+    }
+
+    /// Streams the rest while the urgent thread answers requests; reconnects after a drop.
+    private func postcopy(_ endpoint: MigrationEndpoint, id: UInt64, channels: inout (stream: Connection, urgent: Connection),
+                          urgentThread: inout DedicatedThread?, scratch: UnsafeMutableRawPointer,
+                          stats: inout MigrationStatistics) throws(MigrationError) {
+        let streamStart = monotonicNanoseconds()
+        var streamEnd = streamStart
+        urgentThread = startUrgent(channels.urgent)
+        while true {
+            do throws(MigrationError) {
+                try sendMissing(channels.stream, scratch: scratch, phase: .stream)
+                streamEnd = monotonicNanoseconds()
+                try channels.stream.send(.complete)
+                let payload = try expect(.done, on: channels.stream)
+                try DestinationReport.decode(payload).apply(to: &stats)
+                break
+            } catch {
+                guard case .connectionLost = error.kind, options.reconnect else { throw error }
+                if let f = failure.withLock({ $0 }) { throw f }
+                channels.stream.shutdown()
+                channels.urgent.shutdown()
+                urgentThread?.join()
+                channels = try reconnect(endpoint, id: id)
+                stats.reconnects += 1
+                linkDown.store(false, ordering: .releasing)
+                urgentThread = startUrgent(channels.urgent)
+            }
+        }
+        stats.streamSeconds = Double(streamEnd - streamStart) / 1e9
     }
 
     // MARK: Sending
@@ -354,12 +317,10 @@ public final class MigrationSource: @unchecked Sendable {
         }
         do throws(MigrationError) {
             while true {
-                let header = try connection.receiveHeader(scratch: scratch, pageSize: table.pageSize)
+                // Quiet while nothing faults on the destination.
+                let header = try connection.receiveHeader(scratch: scratch, pageSize: table.pageSize, quietAllowed: true)
                 if header.type == .error {
-                    let payload = UnsafeMutableRawPointer.allocate(byteCount: max(1, Int(header.payloadLength)), alignment: 8)
-                    defer { payload.deallocate() }
-                    try connection.receive(into: payload, Int(header.payloadLength))
-                    throw MigrationError.fromWire([UInt8](UnsafeRawBufferPointer(start: payload, count: Int(header.payloadLength))))
+                    throw MigrationError.fromWire(try connection.receivePayload(Int(header.payloadLength)))
                 }
                 if header.type != .request {
                     throw MigrationError(.malformedFrame("unexpected \(header.type) frame on the urgent channel"))

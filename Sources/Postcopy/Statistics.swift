@@ -1,7 +1,10 @@
-/// What a migration did and how long it took, as a value and as JSON.
-public struct MigrationStatistics: Sendable, Equatable {
+import Foundation
+
+/// What a migration did and how long it took, as a value and as JSON (the same figures
+/// `uffd migrate` shows in its table).
+public struct MigrationStatistics: Sendable, Equatable, Codable {
     /// How memory moved.
-    public enum Mode: String, Sendable, CaseIterable {
+    public enum Mode: String, Sendable, CaseIterable, Codable {
         /// The workload stops at once and resumes on the destination, which pulls pages on demand.
         case postcopy
         /// Rounds of precopy while the workload runs, then postcopy for what was dirtied last.
@@ -11,7 +14,8 @@ public struct MigrationStatistics: Sendable, Equatable {
     }
 
     /// Remote-fault latency: from the fault being read to its page installed, in microseconds.
-    public struct Latency: Sendable, Equatable {
+    public struct Latency: Sendable, Equatable, Codable {
+        /// Remote faults measured.
         public var count: Int = 0
         public var p50: Double = 0
         public var p90: Double = 0
@@ -46,6 +50,8 @@ public struct MigrationStatistics: Sendable, Equatable {
     public var blocktimeMicroseconds: Double = 0
     /// Page data bytes sent by the background stream after switchover.
     public var streamBytes: Int = 0
+    /// Pages the background stream sent as zero markers (no data on the wire).
+    public var streamZeroPages: Int = 0
     /// Page data bytes sent in answer to requests.
     public var requestBytes: Int = 0
     /// Pages that travelled as zero markers.
@@ -61,41 +67,87 @@ public struct MigrationStatistics: Sendable, Equatable {
 
     public init() {}
 
-    /// Background stream throughput in bytes per second (page data and zero markers at 4 KiB each).
+    /// Background stream throughput: page data bytes sent per second. Zero markers carry
+    /// no data and count nothing (``streamZeroPages`` says how many there were).
     public var streamBytesPerSecond: Double {
-        streamSeconds > 0 ? Double(streamBytes + zeroPagesBytesDuringStream) / streamSeconds : 0
+        streamSeconds > 0 ? Double(streamBytes) / streamSeconds : 0
     }
-    var zeroPagesBytesDuringStream = 0
 
-    /// The same figures as a JSON object.
-    public var json: String {
-        func n(_ v: Double) -> String {
-            let r = (v * 1000).rounded() / 1000
-            return r == r.rounded() ? String(Int(r)) : String(r)
-        }
-        let fields: [(String, String)] = [
-            ("mode", "\"\(mode.rawValue)\""),
-            ("regionBytes", String(regionBytes)),
-            ("totalSeconds", n(totalSeconds)),
-            ("precopyRounds", String(precopyRounds)),
-            ("precopyBytes", String(precopyBytes)),
-            ("discardedPages", String(discardedPages)),
-            ("switchoverPauseMicroseconds", n(switchoverPauseMicroseconds)),
-            ("pausePages", String(pausePages)),
-            ("postcopyFaults", String(postcopyFaults)),
-            ("localZeroFaults", String(localZeroFaults)),
-            ("latencyMicroseconds", "{\"count\":\(latency.count),\"p50\":\(n(latency.p50)),\"p90\":\(n(latency.p90)),\"p99\":\(n(latency.p99)),\"max\":\(n(latency.max))}"),
-            ("blocktimeMicroseconds", n(blocktimeMicroseconds)),
-            ("streamBytes", String(streamBytes)),
-            ("requestBytes", String(requestBytes)),
-            ("zeroPages", String(zeroPages)),
-            ("requestedPages", String(requestedPages)),
-            ("duplicatesDropped", String(duplicatesDropped)),
-            ("reconnects", String(reconnects)),
-            ("streamSeconds", n(streamSeconds)),
-            ("streamBytesPerSecond", n(streamBytesPerSecond)),
-        ]
-        return "{" + fields.map { "\"\($0.0)\":\($0.1)" }.joined(separator: ",") + "}"
+    private enum CodingKeys: String, CodingKey {
+        case mode, regionBytes, totalSeconds, precopyRounds, precopyBytes, discardedPages
+        case switchoverPauseMicroseconds, pausePages, postcopyFaults, localZeroFaults
+        case latency = "latencyMicroseconds"
+        case blocktimeMicroseconds, streamBytes, streamZeroPages, requestBytes, zeroPages, requestedPages
+        case duplicatesDropped, reconnects, streamSeconds, streamBytesPerSecond
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(mode, forKey: .mode)
+        try c.encode(regionBytes, forKey: .regionBytes)
+        try c.encode(totalSeconds, forKey: .totalSeconds)
+        try c.encode(precopyRounds, forKey: .precopyRounds)
+        try c.encode(precopyBytes, forKey: .precopyBytes)
+        try c.encode(discardedPages, forKey: .discardedPages)
+        try c.encode(switchoverPauseMicroseconds, forKey: .switchoverPauseMicroseconds)
+        try c.encode(pausePages, forKey: .pausePages)
+        try c.encode(postcopyFaults, forKey: .postcopyFaults)
+        try c.encode(localZeroFaults, forKey: .localZeroFaults)
+        try c.encode(latency, forKey: .latency)
+        try c.encode(blocktimeMicroseconds, forKey: .blocktimeMicroseconds)
+        try c.encode(streamBytes, forKey: .streamBytes)
+        try c.encode(streamZeroPages, forKey: .streamZeroPages)
+        try c.encode(requestBytes, forKey: .requestBytes)
+        try c.encode(zeroPages, forKey: .zeroPages)
+        try c.encode(requestedPages, forKey: .requestedPages)
+        try c.encode(duplicatesDropped, forKey: .duplicatesDropped)
+        try c.encode(reconnects, forKey: .reconnects)
+        try c.encode(streamSeconds, forKey: .streamSeconds)
+        // Derived, written for readers of the JSON; ignored when decoding.
+        try c.encode(streamBytesPerSecond, forKey: .streamBytesPerSecond)
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        mode = try c.decode(Mode.self, forKey: .mode)
+        regionBytes = try c.decode(Int.self, forKey: .regionBytes)
+        totalSeconds = try c.decode(Double.self, forKey: .totalSeconds)
+        precopyRounds = try c.decode(Int.self, forKey: .precopyRounds)
+        precopyBytes = try c.decode(Int.self, forKey: .precopyBytes)
+        discardedPages = try c.decode(Int.self, forKey: .discardedPages)
+        switchoverPauseMicroseconds = try c.decode(Double.self, forKey: .switchoverPauseMicroseconds)
+        pausePages = try c.decode(Int.self, forKey: .pausePages)
+        postcopyFaults = try c.decode(Int.self, forKey: .postcopyFaults)
+        localZeroFaults = try c.decode(Int.self, forKey: .localZeroFaults)
+        latency = try c.decode(Latency.self, forKey: .latency)
+        blocktimeMicroseconds = try c.decode(Double.self, forKey: .blocktimeMicroseconds)
+        streamBytes = try c.decode(Int.self, forKey: .streamBytes)
+        streamZeroPages = try c.decode(Int.self, forKey: .streamZeroPages)
+        requestBytes = try c.decode(Int.self, forKey: .requestBytes)
+        zeroPages = try c.decode(Int.self, forKey: .zeroPages)
+        requestedPages = try c.decode(Int.self, forKey: .requestedPages)
+        duplicatesDropped = try c.decode(Int.self, forKey: .duplicatesDropped)
+        reconnects = try c.decode(Int.self, forKey: .reconnects)
+        streamSeconds = try c.decode(Double.self, forKey: .streamSeconds)
+    }
+
+    /// The same figures as a JSON object (keys in a fixed order).
+    public var json: String { MigrationJSON.encode(self) }
+}
+
+/// The one place migration reports become JSON.
+public enum MigrationJSON {
+    /// `value` as compact JSON with sorted keys; "{}" if it cannot be encoded.
+    public static func encode<T: Encodable>(_ value: T) -> String {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        guard let data = try? encoder.encode(value) else { return "{}" }
+        return String(decoding: data, as: UTF8.self)
+    }
+
+    /// Decodes a report written by ``encode(_:)``.
+    public static func decode<T: Decodable>(_ type: T.Type, from text: String) throws -> T {
+        try JSONDecoder().decode(type, from: Data(text.utf8))
     }
 }
 

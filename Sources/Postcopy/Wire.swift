@@ -25,6 +25,10 @@ enum Wire {
     static let maxControlPayload = 1 << 24
     static let maxTokenLength = 256
     static let maxRegions = 64
+    /// The largest hello payload: fixed fields, every region's length, the longest token.
+    static let maxHelloPayload = 24 + 8 * maxRegions + maxTokenLength
+    /// The largest ERROR payload: a kind code and a short text.
+    static let maxErrorPayload = 4096
 
     enum FrameType: UInt8 {
         case hello = 1
@@ -102,6 +106,10 @@ enum Wire {
                 if length != 0 { throw MigrationError(.malformedFrame("a \(type) frame has a \(length)-byte payload")) }
             case .resumed, .complete, .discarded:
                 if length != 0 { throw MigrationError(.malformedFrame("a \(type) frame has a \(length)-byte payload")) }
+            case .hello where length > Wire.maxHelloPayload:
+                throw MigrationError(.malformedFrame("a hello frame announces \(length) payload bytes (at most \(Wire.maxHelloPayload))"))
+            case .error where length > Wire.maxErrorPayload:
+                throw MigrationError(.malformedFrame("an error frame announces \(length) payload bytes (at most \(Wire.maxErrorPayload))"))
             case .hello, .welcome, .switchover, .discard, .done, .error:
                 if length > Wire.maxControlPayload {
                     throw MigrationError(.malformedFrame("a \(type) frame announces \(length) payload bytes (at most \(Wire.maxControlPayload))"))

@@ -17,16 +17,21 @@ struct Migrate: ParsableCommand {
 
 /// Options every `uffd migrate` subcommand shares.
 struct MigrateCommonOptions: ParsableArguments {
-    @Option(help: "The pre-shared token (default: $UFFD_MIGRATE_TOKEN). Both sides must use the same one.")
+    @Option(help: "A file holding the pre-shared token (mode 600; a trailing newline is ignored). Default: $UFFD_MIGRATE_TOKEN.")
+    var tokenFile: String?
+
+    @Option(help: "The pre-shared token. Other local users can read it in /proc/PID/cmdline: prefer --token-file or $UFFD_MIGRATE_TOKEN.")
     var token: String?
 
     @Flag(help: "Print the results as JSON instead of a table.")
     var json = false
 
+    /// The token from --token-file, --token (with a warning) or the environment.
     func resolvedToken() throws -> [UInt8] {
-        if let token, !token.isEmpty { return Array(token.utf8) }
-        if let env = getenv("UFFD_MIGRATE_TOKEN"), env.pointee != 0 { return Array(String(cString: env).utf8) }
-        throw ValidationError("no token: pass --token or set UFFD_MIGRATE_TOKEN (no token, no migration)")
+        let environment = getenv(MigrationToken.environmentVariable).map { String(cString: $0) }
+        let resolved = try MigrationToken.resolve(commandLine: token, file: tokenFile, environment: environment)
+        for warning in resolved.warnings { writeStandardError(warning + "\n") }
+        return resolved.token
     }
 }
 
@@ -152,9 +157,10 @@ func statisticsRows(_ s: MigrationStatistics) -> [(String, String)] {
         ("precopy rounds", "\(s.precopyRounds) (\(mib(s.precopyBytes)), \(s.discardedPages) hot pages left for postcopy)"),
         ("switchover pause", format1(s.switchoverPauseMicroseconds / 1000) + " ms" + (s.pausePages > 0 ? " (\(s.pausePages) pages while stopped)" : "")),
         ("postcopy faults", "\(s.postcopyFaults) remote, \(s.localZeroFaults) local zero"),
-        ("remote-fault latency", "p50 \(format1(s.latency.p50)) µs  p90 \(format1(s.latency.p90)) µs  p99 \(format1(s.latency.p99)) µs  max \(format1(s.latency.max)) µs"),
+        ("remote-fault latency", "p50 \(format1(s.latency.p50)) µs  p90 \(format1(s.latency.p90)) µs  p99 \(format1(s.latency.p99)) µs  max \(format1(s.latency.max)) µs  (\(s.latency.count) measured)"),
         ("blocktime", format1(s.blocktimeMicroseconds / 1000) + " ms"),
-        ("sent by stream", mib(s.streamBytes) + " in " + format1(s.streamSeconds * 1000) + " ms (" + format1(s.streamBytesPerSecond / 1e9) + " GB/s)"),
+        ("sent by stream", mib(s.streamBytes) + " of page data in " + format1(s.streamSeconds * 1000) + " ms ("
+            + format1(s.streamBytesPerSecond / 1e9) + " GB/s), \(s.streamZeroPages) zero pages as markers"),
         ("sent by request", mib(s.requestBytes) + " (\(s.requestedPages) pages)"),
         ("zero pages (markers)", "\(s.zeroPages)"),
         ("duplicates dropped", "\(s.duplicatesDropped)"),

@@ -47,15 +47,64 @@ struct MigrateDemo: ParsableCommand {
     }
 }
 
+/// What `uffd migrate demo --json` prints.
+struct DemoReport: Codable {
+    var source: MigrationStatistics
+    var destinationProcess: ReceiveReport?
+    var operationsOnSource: Int
+    var verified: Bool
+}
+
 enum DemoRun {
+    /// The destination process: this executable, `migrate receive`, its stdout piped here.
+    struct Child {
+        var pid: pid_t
+        var output: Int32
+    }
+
     nonisolated static func run(_ demo: MigrateDemo) throws -> Bool {
         var random = SystemRandomNumberGenerator()
         let token = (0..<16).map { _ in String(random.next() as UInt8, radix: 16) }.joined()
         let listen = demo.transport == "unix" ? "unix:/tmp/uffd-migrate-demo-\(getpid()).sock"
                                               : "tcp:127.0.0.1:\(20_000 + Int(getpid() % 20_000))"
         guard let endpoint = MigrationEndpoint(parsing: listen) else { throw ValidationError("bad endpoint \(listen)") }
+        let child = try spawnDestination(demo, listen: listen, token: token)
+        if !demo.json {
+            writeStandardError("source pid \(getpid()) -> destination pid \(child.pid) over \(listen), \(demo.workload.size) MiB, \(demo.workload.workers) workers, \(demo.mode.rawValue)\n")
+        }
+        let source: SourceRun.Result
+        do {
+            source = try SourceRun.run(to: endpoint, token: Array(token.utf8), workload: demo.workload, mode: demo.mode,
+                                       precopyRounds: demo.precopyRounds, warmupSeconds: demo.warmup,
+                                       connectTimeoutSeconds: 30, showProgress: !demo.json)
+        } catch {
+            kill(child.pid, SIGTERM)
+            _ = finish(child)
+            throw error
+        }
+        let (output, status) = finish(child)
+        // The destination's report is its last line of output.
+        let last = String(decoding: output, as: UTF8.self).split(separator: "\n").last.map(String.init) ?? ""
+        let report = try? MigrationJSON.decode(ReceiveReport.self, from: last)
+        let pages = demo.workload.size << 20 / systemPageSize
+        let ok = status == 0 && report.map { $0.verifiedPages == pages && $0.mismatches == 0 && $0.readErrors == 0 } == true
+            && source.readErrorsOnSource == 0
+        if demo.json {
+            print(MigrationJSON.encode(DemoReport(source: source.stats, destinationProcess: report,
+                                                  operationsOnSource: source.operationsOnSource, verified: ok)))
+        } else {
+            printTable("migration (source process)", statisticsRows(source.stats))
+            printTable("workload", [
+                ("ops in source", "\(source.operationsOnSource) (\(source.readErrorsOnSource) bad reads)"),
+                ("ops in destination", report.map { "\($0.operationsOnDestination) (\($0.readErrors) bad reads)" } ?? "no report"),
+                ("verified byte for byte", report.map { "\($0.verifiedPages) of \(pages) pages, \($0.mismatches) wrong" } ?? "no report"),
+                ("result", ok ? "OK" : "FAILED (the destination process \(describe(status: status)))"),
+            ])
+        }
+        return ok
+    }
 
-        // The destination process: this executable, `migrate receive`, its stdout piped here.
+    static func spawnDestination(_ demo: MigrateDemo, listen: String, token: String) throws -> Child {
         var pipeFDs: [Int32] = [0, 0]
         guard pipe(&pipeFDs) == 0 else { throw ValidationError("pipe failed") }
         var actions = posix_spawn_file_actions_t()
@@ -63,88 +112,49 @@ enum DemoRun {
         defer { posix_spawn_file_actions_destroy(&actions) }
         posix_spawn_file_actions_adddup2(&actions, pipeFDs[1], 1)
         posix_spawn_file_actions_addclose(&actions, pipeFDs[0])
-        let exe = "/proc/self/exe"
         let arguments = ["uffd", "migrate", "receive", "--listen", listen, "--workers", "\(demo.workload.workers)",
                          "--run-after", "\(demo.runAfter)", "--json"] + (demo.installByMove ? ["--install-by-move"] : [])
-        var environment = ["UFFD_MIGRATE_TOKEN=\(token)"]
+        // The token travels in the environment, which other users cannot read.
+        var environment = ["\(MigrationToken.environmentVariable)=\(token)"]
         var e = environ
         while let entry = e.pointee {
             let s = String(cString: entry)
-            if !s.hasPrefix("UFFD_MIGRATE_TOKEN=") { environment.append(s) }
+            if !s.hasPrefix("\(MigrationToken.environmentVariable)=") { environment.append(s) }
             e += 1
         }
         let argv = arguments.map { strdup($0) } + [nil]
         let envp = environment.map { strdup($0) } + [nil]
         defer { for p in argv + envp { free(p) } }
-        var child: pid_t = 0
-        let rc = posix_spawn(&child, exe, &actions, nil, argv, envp)
+        var pid: pid_t = 0
+        let rc = posix_spawn(&pid, "/proc/self/exe", &actions, nil, argv, envp)
         close(pipeFDs[1])
         guard rc == 0 else {
             close(pipeFDs[0])
             throw ValidationError("could not start the destination process: errno \(rc)")
         }
-        if !demo.json {
-            writeStandardError("source pid \(getpid()) -> destination pid \(child) over \(listen), \(demo.workload.size) MiB, \(demo.workload.workers) workers, \(demo.mode.rawValue)\n")
-        }
+        return Child(pid: pid, output: pipeFDs[0])
+    }
 
-        let source: SourceRun.Result
-        do {
-            source = try SourceRun.run(to: endpoint, token: Array(token.utf8), workload: demo.workload, mode: demo.mode,
-                                       precopyRounds: demo.precopyRounds, warmupSeconds: demo.warmup,
-                                       connectTimeoutSeconds: 30, showProgress: !demo.json)
-        } catch {
-            kill(child, SIGTERM)
-            var status: Int32 = 0
-            waitpid(child, &status, 0)
-            close(pipeFDs[0])
-            throw error
-        }
-
-        // The destination's report is its last line of output.
+    /// Reads the child's output to its end and reaps it: the output and the wait status.
+    static func finish(_ child: Child) -> ([UInt8], Int32) {
         var output: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 4096)
         while true {
-            let n = chunk.withUnsafeMutableBytes { read(pipeFDs[0], $0.baseAddress, $0.count) }
+            let n = chunk.withUnsafeMutableBytes { read(child.output, $0.baseAddress, $0.count) }
             if n < 0 && errno == EINTR { continue }
             if n <= 0 { break }
             output += chunk[0..<n]
         }
-        close(pipeFDs[0])
+        close(child.output)
         var status: Int32 = 0
-        while waitpid(child, &status, 0) < 0 && errno == EINTR {}
-        let text = String(decoding: output, as: UTF8.self)
-        let report = text.split(separator: "\n").last.map(String.init) ?? ""
-        let verified = number("verifiedPages", in: report) ?? 0
-        let mismatches = number("mismatches", in: report) ?? -1
-        let readErrors = number("readErrors", in: report) ?? -1
-        let opsThere = number("operationsOnDestination", in: report) ?? 0
-        let pages = demo.workload.size << 20 / systemPageSize
-        let ok = status == 0 && verified == pages && mismatches == 0 && readErrors == 0 && source.readErrorsOnSource == 0
-
-        if demo.json {
-            print("{\"source\":\(source.stats.json),\"destinationProcess\":\(report.isEmpty ? "null" : report),"
-                  + "\"operationsOnSource\":\(source.operationsOnSource),\"verified\":\(ok)}")
-        } else {
-            printTable("migration (source process)", statisticsRows(source.stats))
-            printTable("workload", [
-                ("ops in source", "\(source.operationsOnSource) (\(source.readErrorsOnSource) bad reads)"),
-                ("ops in destination", "\(opsThere) (\(readErrors) bad reads)"),
-                ("verified byte for byte", "\(verified) of \(pages) pages, \(mismatches) wrong"),
-                ("result", ok ? "OK" : "FAILED (destination exit status \(status))"),
-            ])
-        }
-        return ok
+        while waitpid(child.pid, &status, 0) < 0 && errno == EINTR {}
+        return (output, status)
     }
 
-    /// The integer after `"key":` in a flat JSON text.
-    static func number(_ key: String, in text: String) -> Int? {
-        let needle = Array("\"\(key)\":".utf8)
-        let bytes = Array(text.utf8)
-        guard bytes.count >= needle.count else { return nil }
-        for i in 0...(bytes.count - needle.count) where Array(bytes[i..<(i + needle.count)]) == needle {
-            let digits = bytes[(i + needle.count)...].prefix { $0 == UInt8(ascii: "-") || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains($0) }
-            return Int(String(decoding: digits, as: UTF8.self))
-        }
-        return nil
+    /// "exited with status 1", "was killed by signal 7 (Bus error)".
+    static func describe(status: Int32) -> String {
+        let signal = status & 0x7f
+        if signal == 0 { return "exited with status \((status >> 8) & 0xff)" }
+        return "was killed by signal \(signal) (\(String(cString: strsignal(signal))))"
     }
 }

@@ -34,43 +34,42 @@ struct MigrateReceive: ParsableCommand {
         guard let endpoint = MigrationEndpoint(parsing: listen) else {
             throw ValidationError("--listen '\(listen)' is not host:port, tcp:host:port or unix:/path")
         }
-        let result = try ReceiveRun.run(listen: endpoint, token: common.resolvedToken(), workers: workers,
+        let report = try ReceiveRun.run(listen: endpoint, token: common.resolvedToken(), workers: workers,
                                         runAfter: runAfter, recoveryTimeout: recoveryTimeout, installByMove: installByMove)
         if common.json {
-            print(result.json)
+            print(MigrationJSON.encode(report))
         } else {
-            printTable("destination", statisticsRows(result.stats) + result.rows)
+            printTable("destination", statisticsRows(report.destination) + report.rows)
         }
-        if result.mismatches > 0 || result.readErrors > 0 { throw ExitCode(1) }
+        if report.mismatches > 0 || report.readErrors > 0 { throw ExitCode(1) }
+    }
+}
+
+/// What `uffd migrate receive` reports: the migration, then the workload's check.
+struct ReceiveReport: Codable {
+    var destination: MigrationStatistics
+    var verifiedPages: Int
+    var mismatches: Int
+    var readErrors: Int
+    var operationsOnDestination: Int
+
+    var rows: [(String, String)] {
+        [("workload ops here", "\(operationsOnDestination)"),
+         ("verified pages", "\(verifiedPages), \(mismatches) wrong, \(readErrors) bad reads")]
     }
 }
 
 enum ReceiveRun {
-    struct Result {
-        var stats: MigrationStatistics
-        var verifiedPages: Int
-        var mismatches: Int
-        var readErrors: Int
-        var operations: Int
-
-        var json: String {
-            "{\"destination\":\(stats.json),\"verifiedPages\":\(verifiedPages),\"mismatches\":\(mismatches),"
-                + "\"readErrors\":\(readErrors),\"operationsOnDestination\":\(operations)}"
-        }
-
-        var rows: [(String, String)] {
-            [("workload ops here", "\(operations)"),
-             ("verified pages", "\(verifiedPages), \(mismatches) wrong, \(readErrors) bad reads")]
-        }
-    }
-
     nonisolated static func run(listen: MigrationEndpoint, token: [UInt8], workers: Int, runAfter: Double,
-                                recoveryTimeout: Int32, installByMove: Bool) throws -> Result {
+                                recoveryTimeout: Int32, installByMove: Bool) throws -> ReceiveReport {
         let listener = try MigrationListener(listen)
         var options = MigrationDestination.Options(token: token)
         options.recoveryTimeoutMilliseconds = recoveryTimeout
         options.handshakeTimeoutMilliseconds = 60_000
         options.installByMove = installByMove
+        // This process ends when the migration fails: no page is poisoned under the workload.
+        options.poisonOnFailure = false
+        options.onRefusedConnection = { line in writeStandardError(line + "\n") }
         let destination = try MigrationDestination.accept(on: listener, options: options)
         let regions = destination.regions
         guard regions.count == 2,
@@ -78,11 +77,20 @@ enum ReceiveRun {
             throw ValidationError("the source did not send a demo workload (a data region and its version log)")
         }
         let workload = DemoWorkload(data: regions[0], log: regions[1], workers: workers)
-        let stats = try destination.run { workload.start() }
+        let stats: MigrationStatistics
+        do {
+            stats = try destination.run { workload.start() }
+        } catch {
+            // Workers may wait for pages that will never come: stop the others and end the
+            // process here, with the destination and its memory still in place, so that no
+            // worker touches a poisoned or unmapped page.
+            workload.requestStop()
+            withExtendedLifetime(destination) { MigrateReceive.exit(withError: error) }
+        }
         usleep(UInt32(max(0, runAfter) * 1e6))
         workload.stop()
         let (pages, wrong) = workload.verify()
-        return Result(stats: stats, verifiedPages: pages, mismatches: wrong, readErrors: workload.errors,
-                      operations: workload.operations)
+        return ReceiveReport(destination: stats, verifiedPages: pages, mismatches: wrong, readErrors: workload.errors,
+                             operationsOnDestination: workload.operations)
     }
 }

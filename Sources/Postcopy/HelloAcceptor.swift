@@ -1,0 +1,169 @@
+import Userfaultfd
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// Accepts a source's two connections and reads their hellos side by side, so that no
+/// peer can hold the listener.
+///
+/// Each connection must deliver a complete hello with the right token within the hello
+/// timeout. One that does not (silence, a single byte, garbage, another frame, a bad
+/// token) is refused: told why when it still reads, closed, and reported through the
+/// refusal callback; listening goes on until the accept window ends. At most
+/// ``maxPending`` connections are in their handshake at once; over the cap, the oldest
+/// is refused. A hello is read into a buffer sized to what its header announces (a few
+/// hundred bytes at most), never a preallocated one.
+struct HelloAcceptor {
+    /// Connections in their handshake at once.
+    static let maxPending = 8
+
+    private struct Pending {
+        let connection: Connection
+        let deadline: UInt64
+        var bytes: [UInt8] = []
+    }
+
+    private enum Progress {
+        case more
+        case refused(MigrationError)
+        case hello(Wire.Hello)
+    }
+
+    let listener: MigrationListener
+    let token: [UInt8]
+    let helloTimeoutNanoseconds: UInt64
+    let onRefusal: (@Sendable (String) -> Void)?
+    /// Why the last connection was refused (nil: none was).
+    private(set) var lastRefusal: MigrationError?
+    /// Connections refused so far.
+    private(set) var refusals = 0
+    private var pending: [Pending] = []
+
+    /// An acceptor on `listener` with a destination's token, hello timeout and refusal callback.
+    init(_ listener: MigrationListener, _ options: MigrationDestination.Options) {
+        self.listener = listener
+        token = options.token
+        helloTimeoutNanoseconds = UInt64(max(1, options.helloTimeoutMilliseconds)) * 1_000_000
+        onRefusal = options.onRefusedConnection
+    }
+
+    /// Accepts connections until one stream and one urgent channel of the same migration
+    /// have shaken hands, or `deadline` (monotonic nanoseconds) passes: nil then.
+    ///
+    /// - Parameter check: whether an authentic hello belongs here; the error it returns
+    ///   refuses that connection.
+    /// - Throws: when the two channels of one migration describe different regions, or the
+    ///   listener fails.
+    mutating func acceptPair(
+        until deadline: UInt64, check: (Wire.Hello) -> MigrationError?
+    ) throws(MigrationError) -> (Wire.Hello, Connection, Connection)? {
+        var slots: [Wire.Channel: (Wire.Hello, Connection)] = [:]
+        defer { pending = [] }
+        while true {
+            let now = monotonicNanoseconds()
+            if now >= deadline { return nil }
+            expire(now)
+            var fds = [pollfd(fd: listener.fd, events: Int16(POLLIN), revents: 0)]
+                + pending.map { pollfd(fd: $0.connection.fd, events: Int16(POLLIN), revents: 0) }
+            let wake = min(deadline, pending.map(\.deadline).min() ?? deadline)
+            let n = poll(&fds, nfds_t(fds.count), Int32(clamping: (wake - now + 999_999) / 1_000_000))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw systemError("poll listener")
+            }
+            for i in stride(from: pending.count - 1, through: 0, by: -1) where fds[i + 1].revents != 0 {
+                switch read(i) {
+                case .more: break
+                case .refused(let error): refuse(pending.remove(at: i).connection, error)
+                case .hello(let hello):
+                    let connection = pending.remove(at: i).connection
+                    if let error = check(hello) { refuse(connection, error); continue }
+                    if let other = slots.first(where: { $0.key != hello.channel }), other.value.0.migrationID != hello.migrationID {
+                        slots = [:]
+                    }
+                    slots[hello.channel] = (hello, connection)
+                }
+            }
+            if let s = slots[.stream], let u = slots[.urgent] {
+                if s.0.regionLengths != u.0.regionLengths || s.0.pageSize != u.0.pageSize {
+                    let error = MigrationError(.badRegions("the two channels describe different regions"))
+                    s.1.sendError(error)
+                    throw error
+                }
+                return (s.0, s.1, u.1)
+            }
+            if fds[0].revents != 0 { try acceptWaiting(now: now) }
+        }
+    }
+
+    private mutating func acceptWaiting(now: UInt64) throws(MigrationError) {
+        var accepted = 0
+        while accepted < Self.maxPending, let connection = try listener.acceptNow() {
+            accepted += 1
+            if pending.count >= Self.maxPending {
+                refuse(pending.removeFirst().connection,
+                       MigrationError(.connectionLost("more than \(Self.maxPending) connections in their handshake at once")))
+            }
+            pending.append(Pending(connection: connection, deadline: now + helloTimeoutNanoseconds))
+        }
+        // Readable but nothing to accept (out of descriptors, for one): do not spin.
+        if accepted == 0 { usleep(10_000) }
+    }
+
+    private mutating func expire(_ now: UInt64) {
+        for i in stride(from: pending.count - 1, through: 0, by: -1) where pending[i].deadline <= now {
+            let p = pending.remove(at: i)
+            refuse(p.connection, MigrationError(.connectionLost(
+                "no complete hello within \(helloTimeoutNanoseconds / 1_000_000) ms (\(p.bytes.count) bytes arrived)")))
+        }
+    }
+
+    /// Reads what connection `i` has sent so far, without waiting.
+    private mutating func read(_ i: Int) -> Progress {
+        let header: Wire.Header?
+        do throws(MigrationError) { header = try decodedHeader(pending[i].bytes) } catch { return .refused(error) }
+        let wanted = Wire.headerSize + Int(header?.payloadLength ?? 0)
+        var chunk = [UInt8](repeating: 0, count: wanted - pending[i].bytes.count)
+        let n = chunk.withUnsafeMutableBytes { recv(pending[i].connection.fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
+        if n == 0 {
+            return .refused(MigrationError(.connectionLost("closed the connection after \(pending[i].bytes.count) bytes of its hello")))
+        }
+        if n < 0 {
+            if errno == EAGAIN || errno == EINTR { return .more }
+            return .refused(MigrationError(.connectionLost("recv: \(String(cString: strerror(errno)))")))
+        }
+        pending[i].bytes += chunk[0..<n]
+        do throws(MigrationError) {
+            guard let header = try decodedHeader(pending[i].bytes) else { return .more }
+            if pending[i].bytes.count < Wire.headerSize + Int(header.payloadLength) { return .more }
+            let hello = try Wire.Hello.decode(Array(pending[i].bytes[Wire.headerSize...]))
+            if !Wire.tokensMatch(hello.token, token) { throw MigrationError(.badToken) }
+            return .hello(hello)
+        } catch {
+            return .refused(error)
+        }
+    }
+
+    /// The header once its 32 bytes are in; it must be a hello's.
+    private func decodedHeader(_ bytes: [UInt8]) throws(MigrationError) -> Wire.Header? {
+        if bytes.count < Wire.headerSize { return nil }
+        let decoded: Result<Wire.Header, MigrationError> = bytes.withUnsafeBytes { raw in
+            Result { () throws(MigrationError) in try Wire.Header.decode(raw.baseAddress!, pageSize: systemPageSize) }
+        }
+        let header = try decoded.get()
+        // The text of an unauthenticated peer's error frame is not worth reading.
+        if header.type == .error { throw MigrationError(.malformedFrame("an error frame instead of a hello")) }
+        if header.type != .hello { throw MigrationError(.malformedFrame("expected a hello frame, got \(header.type)")) }
+        return header
+    }
+
+    private mutating func refuse(_ connection: Connection, _ error: MigrationError) {
+        connection.sendError(error)
+        lastRefusal = error
+        refusals += 1
+        onRefusal?("refused a connection from \(connection.peerDescription): \(error)")
+    }
+}
