@@ -77,6 +77,15 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // `uffd trace`: which pages a workload touches, recorded to a file and drawn as a page.
+        .target(
+            name: "FaultTrace",
+            dependencies: [
+                "FaultEngine",
+                "Userfaultfd",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
         // The command-line tool.
         .executableTarget(
             name: "uffd",
@@ -86,6 +95,7 @@ let package = Package(
                 "FaultBench",
                 "Postcopy",
                 "FaultManager",
+                "FaultTrace",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -130,6 +140,10 @@ let package = Package(
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Logging", package: "swift-log"),
             ]
+        ),
+        .testTarget(
+            name: "FaultTraceTests",
+            dependencies: ["FaultTrace", "FaultEngine", "Userfaultfd"]
         ),
         .testTarget(
             name: "FaultBenchTests",

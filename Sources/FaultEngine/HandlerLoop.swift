@@ -33,6 +33,7 @@ final class HandlerLoop<Source: PageSource> {
     let counters: StatisticsCounters
     let onEvent: (@Sendable (FaultServerEvent) -> Void)?
     let recorder: WorkingSetRecorder?
+    let trace: FaultTraceRing?
     /// The handler's number; -1 for the prefetch thread.
     let index: Int
     let ps: UInt64
@@ -80,6 +81,7 @@ final class HandlerLoop<Source: PageSource> {
         self.counters = server.counters
         self.onEvent = onEvent
         self.recorder = server.recorder
+        self.trace = index < 0 ? nil : server.traceSink?.makeRing(for: server, regions: server.regions, pageSize: server.pageSize)
         self.index = index
         self.ps = UInt64(server.pageSize)
         let configuration = server.configuration
