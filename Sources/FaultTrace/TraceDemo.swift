@@ -72,6 +72,9 @@ public struct TraceDemo: Sendable {
         _ = try uffd.handle.register(sweep, mode: .missing)
         _ = try uffd.handle.register(hot, mode: tracksWrites ? [.missing, .writeProtect] : .missing)
         _ = try uffd.handle.register(random, mode: .missing)
+        // Protect the unpopulated pages too (WP_UNPOPULATED markers): a scan counts a page
+        // that was never protected as written.
+        if tracksWrites { _ = try uffd.handle.writeProtect(hot, protect: true) }
         let regions = [sweep, hot, random].map { ServedRegion(range: $0, sourceOffset: $0.start - sweep.start) }
         let server = try FaultServer(userfaultfd: uffd, regions: regions, source: source,
                                      configuration: FaultServerConfiguration(strategy: .copy(chunkPages: 1)))

@@ -12,7 +12,9 @@ import Musl
 ///
 /// The ranges must be registered for write-protect on a uffd handshaken with
 /// FEATURE_WP_ASYNC (see ``WriteSampler/armWriteTracking(_:)`` for memory of one's own
-/// process), in this process or in the process `pid`. Each scan reports the pages
+/// process), in this process or in the process `pid`, and write-protected once
+/// (`UFFDIO_WRITEPROTECT`; with WP_UNPOPULATED this covers pages not yet populated):
+/// the first scan counts a page that was never protected as written. Each scan reports the pages
 /// written since the previous one and write-protects them again in the same call, so
 /// a write costs the writer no fault round trip. A page installed by `UFFDIO_COPY`
 /// without its WP mode counts as written in the interval it was installed.

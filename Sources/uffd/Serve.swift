@@ -1,6 +1,7 @@
 import ArgumentParser
 import FaultEngine
 import FaultManager
+import FaultTrace
 
 /// `uffd serve`: the manager daemon.
 struct Serve: ParsableCommand {
@@ -45,6 +46,9 @@ struct Serve: ParsableCommand {
     @Option(name: .long, help: "Seconds a connection may take to send its handshake.")
     var handshakeTimeout: Double = 5
 
+    @Option(name: .long, help: "Trace every client's served faults to this file (`uffd trace render` draws it); --chunk-pages 1 --read-ahead 0 traces every page touched.")
+    var trace: String?
+
     @Flag(name: .long, help: "Print statistics as JSON (on SIGUSR1 and on exit).")
     var json = false
 
@@ -80,10 +84,13 @@ struct Serve: ParsableCommand {
     func run() throws {
         let server = Self.serverConfiguration(chunkPages: chunkPages, readAhead: readAhead, handlerThreads: handlerThreads,
                                               handlerPriority: handlerPriority)
-        let configuration = ManagerConfiguration(
+        var configuration = ManagerConfiguration(
             socketPath: socket, memoryFile: memoryFile, allowedUIDs: Set(allowUIDs), server: server,
             recordWorkingSet: record, replayWorkingSet: replay, handshakeTimeout: handshakeTimeout)
+        let recorder = try trace.map { try TraceRecorder(path: $0) }
+        configuration.traceSink = recorder?.sink
         let manager = try Manager(configuration, logger: ServeRunner.standardErrorLogger(level: verbose ? .debug : .info))
         try ServeRunner.run(manager, json: json)
+        try recorder?.finish()
     }
 }
