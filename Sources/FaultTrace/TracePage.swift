@@ -16,7 +16,7 @@ public enum TracePage {
             table { border-collapse: collapse; } td, th { padding: 2px 10px; text-align: right; border-bottom: 1px solid #ddd; }
             th:first-child, td:first-child { text-align: left; }
             .lbl { font: 12px sans-serif; fill: #222; } .sub { font: 10px sans-serif; fill: #555; }
-            p.note { color: #555; max-width: 900px; }
+            p.note { color: #555; max-width: 900px; } pre { white-space: pre-wrap; }
             </style></head><body>
             <h1>\(e(title))</h1>
 
