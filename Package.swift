@@ -55,7 +55,7 @@ let package = Package(
         // `uffd bench`: every contender interleaved in one run, verified byte for byte.
         .target(
             name: "FaultBench",
-            dependencies: ["FaultEngine", "_CBenchReference"]
+            dependencies: ["FaultEngine", "_CBenchReference", "FaultTrace"]
         ),
         // Postcopy live migration of memory between processes and machines.
         .target(

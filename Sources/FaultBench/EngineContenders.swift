@@ -115,11 +115,11 @@ enum EngineContenders {
     static func serve<Source: PageSource>(
         _ workload: Workload, source: Source, _ configuration: FaultServerConfiguration,
         features: Userfaultfd.Features = [], memory: MemoryMapping.Kind = .anonymous,
-        regionPages: UInt64, order: [UInt64]
+        regionPages: UInt64, order: [UInt64], traceSink: FaultTraceSink? = nil
     ) -> RunOutcome {
         do {
             return try serveOrThrow(workload, source: source, configuration, features: features, memory: memory,
-                                    regionPages: regionPages, order: order)
+                                    regionPages: regionPages, order: order, traceSink: traceSink)
         } catch {
             if error.operation.hasPrefix("FaultServer"), case .invalidArgument = error.kind {
                 return .notMeasured("not available: the engine refuses this configuration: \(error)")
@@ -130,7 +130,8 @@ enum EngineContenders {
 
     private static func serveOrThrow<Source: PageSource>(
         _ workload: Workload, source: Source, _ configuration: FaultServerConfiguration,
-        features: Userfaultfd.Features, memory: MemoryMapping.Kind, regionPages: UInt64, order: [UInt64]
+        features: Userfaultfd.Features, memory: MemoryMapping.Kind, regionPages: UInt64, order: [UInt64],
+        traceSink: FaultTraceSink?
     ) throws(UserfaultfdError) -> RunOutcome {
         let length = Int(regionPages) * workload.pageSize
         let region = try MemoryMapping(kind: memory, length: length, name: "uffd-bench")
@@ -149,6 +150,7 @@ enum EngineContenders {
             userfaultfd: uffd,
             regions: [ServedRegion(range: region.range, sourceOffset: 0, pageCacheAlias: alias.map { UInt64(UInt(bitPattern: $0)) })],
             source: source, configuration: configuration)
+        server.traceSink = traceSink
         let problems = ProblemLog()
         server.onEvent = { event in
             switch event {
