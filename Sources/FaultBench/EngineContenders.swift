@@ -61,6 +61,8 @@ enum EngineContenders {
             return "working set recorded by an untimed run in the same order, then replayed"
         case .scale1GiB, .scale1TiB:
             return "served by the engine with one page per fault (.handler4k), so that only the region size differs"
+        case .swiftHandler4kTraced:
+            return "every fault recorded into a ring holding the run, written to the trace file after the timed part"
         default:
             return nil
         }

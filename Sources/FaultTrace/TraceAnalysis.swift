@@ -33,9 +33,9 @@ extension TraceReport {
         let ps = UInt64(trace.pageSize)
         let placed = Self.place(trace)
         let lastTime = max(placed.touches.map(\.time).max() ?? 0, trace.writeSamples.map(\.time).max() ?? 0)
-        let duration = max(trace.duration, lastTime + 1)
+        let duration = max(trace.duration, lastTime == .max ? .max : lastTime + 1)
         let bins = options.timeBins
-        let binNs = max(1, (duration + UInt64(bins) - 1) / UInt64(bins))
+        let binNs = max(1, duration / UInt64(bins) + (duration % UInt64(bins) == 0 ? 0 : 1))
         func bin(_ t: UInt64) -> Int { min(bins - 1, Int(t / binNs)) }
 
         // The first-touch order: distinct pages by time.
@@ -47,7 +47,8 @@ extension TraceReport {
         var running = 0
         workingSet = (0..<bins).map { b in
             running += curve[b]
-            return CurvePoint(timeNanoseconds: UInt64(b + 1) * binNs, pages: running, pageWrites: writesPerBin[b])
+            let end = UInt64(b + 1).multipliedReportingOverflow(by: binNs)
+            return CurvePoint(timeNanoseconds: end.overflow ? .max : end.partialValue, pages: running, pageWrites: writesPerBin[b])
         }
 
         heatMap = Self.heatMap(trace, placed.touches, bins: bins, binNs: binNs, budget: options.addressRows)
@@ -64,7 +65,7 @@ extension TraceReport {
         firstTouchOrder = ordered.prefix(options.orderEntries).enumerated().map { k, t in
             let r = trace.regions[t.region]
             return OrderEntry(order: k, region: t.region, page: t.page, address: r.start + UInt64(t.page) * ps,
-                              sourceOffset: r.sourceOffset + UInt64(t.page) * ps, timeNanoseconds: t.time)
+                              sourceOffset: r.sourceOffset &+ UInt64(t.page) * ps, timeNanoseconds: t.time)
         }
         pageSize = trace.pageSize
         durationNanoseconds = duration

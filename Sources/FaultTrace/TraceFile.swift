@@ -24,6 +24,8 @@ public enum TraceFile {
     static let touchBytes = 24
     /// The largest file read, in bytes.
     public static let maxFileBytes = 1 << 30
+    /// The most regions a file may describe.
+    public static let maxRegions = 1024
 
     enum Tag: UInt32 {
         case region = 1
@@ -93,7 +95,9 @@ public enum TraceFile {
             var payload = ByteReader(Array(bytes[r.offset..<(r.offset + length)]))
             r.offset += length
             switch Tag(rawValue: tag) {
-            case .region: trace.regions.append(try decodeRegion(&payload, index: trace.regions.count))
+            case .region:
+                if trace.regions.count == maxRegions { throw TraceError("more than \(maxRegions) regions") }
+                trace.regions.append(try decodeRegion(&payload, index: trace.regions.count))
             case .touches: trace.touches.append(contentsOf: try decodeTouches(&payload))
             case .writeSample: trace.writeSamples.append(try decodeSample(&payload, regions: trace.regions))
             case .end:

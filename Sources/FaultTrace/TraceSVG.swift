@@ -46,7 +46,7 @@ public enum TraceSVG {
             }
             y += rows * cellHeight + regionGap
         }
-        svg += timeAxis(x: left, y: y, width: map.timeBins * cellWidth, duration: UInt64(map.timeBins) * map.binNanoseconds)
+        svg += timeAxis(x: left, y: y, width: map.timeBins * cellWidth, duration: report.workingSet.last?.timeNanoseconds ?? 0)
         svg += "</svg>\n"
         return svg
     }
@@ -142,7 +142,7 @@ public enum TraceSVG {
         for k in 0...4 {
             let tx = x + width * k / 4
             s += "<line x1=\"\(tx)\" y1=\"\(y)\" x2=\"\(tx)\" y2=\"\(y + 4)\" stroke=\"#333\"/>"
-            s += "<text x=\"\(tx)\" y=\"\(y + 16)\" text-anchor=\"middle\" class=\"sub\">\(durationText(duration * UInt64(k) / 4))</text>\n"
+            s += "<text x=\"\(tx)\" y=\"\(y + 16)\" text-anchor=\"middle\" class=\"sub\">\(durationText(duration / 4 * UInt64(k)))</text>\n"
         }
         return s
     }

@@ -82,4 +82,19 @@ import Testing
         #expect(json.contains("\"distinctPages\" : 64"))
         #expect(TracePage.summary(report).contains("64 distinct page(s)"))
     }
+
+    @Test func extremeValuesFromAFileRenderWithoutOverflow() throws {
+        let top = UInt64.max - UInt64(4 * page) + 1
+        let region = TraceRegion(space: 7, start: top, length: UInt64(4 * page), sourceOffset: .max, writeTracked: true)
+        let touches = [TraceTouch(space: 7, time: .max, address: top + UInt64(3 * page), latency: UInt64(UInt32.max)),
+                       TraceTouch(space: 7, time: 0, address: top, latency: 0)]
+        let sample = WriteSample(region: 0, time: .max, interval: .max, bucketPages: 1 << 30, written: [.max])
+        let trace = Trace(pageSize: page, duration: .max, regions: [region], touches: touches, writeSamples: [sample])
+        let decoded = try TraceFile.decode(TraceFile.encode(trace))
+        let report = TraceReport(decoded, options: TraceReport.Options(timeBins: 7, addressRows: 3))
+        #expect(report.distinctPages == 2)
+        #expect(report.workingSet.last?.pages == 2)
+        #expect(report.pageWrites == Int(UInt32.max))
+        #expect(TracePage.html(decoded, report: report).contains("</html>"))
+    }
 }
