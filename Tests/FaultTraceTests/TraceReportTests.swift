@@ -84,7 +84,7 @@ import Testing
     }
 
     @Test func extremeValuesFromAFileRenderWithoutOverflow() throws {
-        let top = UInt64.max - UInt64(4 * page) + 1
+        let top = UInt64.max - UInt64(8 * page) + 1
         let region = TraceRegion(space: 7, start: top, length: UInt64(4 * page), sourceOffset: .max, writeTracked: true)
         let touches = [TraceTouch(space: 7, time: .max, address: top + UInt64(3 * page), latency: UInt64(UInt32.max)),
                        TraceTouch(space: 7, time: 0, address: top, latency: 0)]
