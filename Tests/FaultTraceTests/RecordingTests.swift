@@ -60,7 +60,9 @@ struct RecordingTests {
         let path = temporaryPath("writes")
         defer { unlink(path) }
         let recorder = try TraceRecorder(path: path)
-        let sampler = try WriteSampler(recorder: recorder, ranges: [memory.range], intervalMilliseconds: 5, bucketPages: 1)
+        // Through /proc/<pid>/pagemap, as for another process.
+        let sampler = try WriteSampler(recorder: recorder, ranges: [memory.range], pid: getpid(),
+                                       intervalMilliseconds: 5, bucketPages: 1)
         for p in 10..<20 { (memory.base + p * page).storeBytes(of: 1, as: UInt8.self) }
         usleep(30_000)
         for p in 40..<42 { (memory.base + p * page).storeBytes(of: 2, as: UInt8.self) }
