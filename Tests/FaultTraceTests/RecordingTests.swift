@@ -64,7 +64,10 @@ struct RecordingTests {
         let sampler = try WriteSampler(recorder: recorder, ranges: [memory.range], pid: getpid(),
                                        intervalMilliseconds: 5, bucketPages: 1)
         for p in 10..<20 { (memory.base + p * page).storeBytes(of: 1, as: UInt8.self) }
-        usleep(30_000)
+        // Wait for two more samples, so that one scan began after these writes (a busy
+        // machine may delay the sampler well past its interval).
+        let seen = sampler.sampleCount
+        for _ in 0..<2000 where sampler.sampleCount < seen + 2 { usleep(5_000) }
         for p in 40..<42 { (memory.base + p * page).storeBytes(of: 2, as: UInt8.self) }
         // Reading does not count.
         var sum = 0
