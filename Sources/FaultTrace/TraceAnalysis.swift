@@ -164,3 +164,14 @@ extension TraceReport {
                        p99Nanoseconds: percentile(0.99), maxNanoseconds: sorted.last ?? 0, buckets: buckets)
     }
 }
+
+extension Trace {
+    /// The source offsets of the pages in first-touch order, each page once: a working
+    /// set that `FaultServerConfiguration.Prefetch.replay` (`--replay`) installs in this order.
+    public func firstTouchSourceOffsets() -> [UInt64] {
+        let ps = UInt64(pageSize)
+        return TraceReport.firstTouchOrder(TraceReport.place(self).touches).map { t in
+            regions[t.region].sourceOffset &+ UInt64(t.page) * ps
+        }
+    }
+}

@@ -1,4 +1,5 @@
 import ArgumentParser
+import FaultEngine
 import FaultTrace
 
 /// `uffd trace render`: one self-contained HTML page from a trace file.
@@ -22,6 +23,9 @@ struct TraceRender: ParsableCommand {
     @Flag(help: "Print the numbers as JSON instead of a summary.")
     var json = false
 
+    @Option(help: "Also write the first-touch order as a working-set file for --replay.")
+    var workingSet: String?
+
     func validate() throws {
         if !(1...2000).contains(timeBins) { throw ValidationError("--time-bins must lie in 1...2000") }
         if !(1...2000).contains(rows) { throw ValidationError("--rows must lie in 1...2000") }
@@ -30,6 +34,10 @@ struct TraceRender: ParsableCommand {
     func run() throws {
         let report = try Self.render(trace, to: output ?? trace + ".html",
                                      options: TraceReport.Options(timeBins: timeBins, addressRows: rows))
+        if let workingSet {
+            try WorkingSetFile.write(try TraceFile.read(trace).firstTouchSourceOffsets(), to: workingSet)
+            traceNote("wrote \(workingSet)")
+        }
         print(json ? report.json() : TracePage.summary(report), terminator: "")
     }
 

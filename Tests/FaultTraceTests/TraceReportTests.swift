@@ -46,6 +46,9 @@ import Testing
         #expect(report.faultsOutsideRegions == 1)
         #expect(report.firstTouchOrder.map(\.page) == [0, 1, 2, 3, 4])
         #expect(report.firstTouchOrder.map(\.sourceOffset) == [0, 1, 2, 3, 4].map { UInt64($0 * page) })
+        var moved = trace
+        moved.regions[0].sourceOffset = 1 << 20
+        #expect(moved.firstTouchSourceOffsets() == [0, 1, 2, 3, 4].map { UInt64((1 << 20) + $0 * page) })
     }
 
     @Test func latencyPercentilesAndBucketsCountEveryFault() {
