@@ -66,7 +66,7 @@ let package = Package(
         // `uffd bench`: every contender interleaved in one run, verified byte for byte.
         .target(
             name: "FaultBench",
-            dependencies: ["FaultEngine", "_CBenchReference"]
+            dependencies: ["FaultEngine", "_CBenchReference", "FaultTrace"]
         ),
         // Postcopy live migration of memory between processes and machines.
         .target(
@@ -96,6 +96,15 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // `uffd trace`: which pages a workload touches, recorded to a file and drawn as a page.
+        .target(
+            name: "FaultTrace",
+            dependencies: [
+                "FaultEngine",
+                "Userfaultfd",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
         // The command-line tool.
         .executableTarget(
             name: "uffd",
@@ -107,6 +116,7 @@ let package = Package(
                 "Postcopy",
                 "FaultManager",
                 "ManagerBench",
+                "FaultTrace",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -176,6 +186,10 @@ let package = Package(
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Logging", package: "swift-log"),
             ]
+        ),
+        .testTarget(
+            name: "FaultTraceTests",
+            dependencies: ["FaultTrace", "FaultEngine", "Userfaultfd"]
         ),
         .testTarget(
             name: "FaultBenchTests",

@@ -256,6 +256,8 @@ public enum Benchmark {
         case .swiftHandler4k, .swiftHandler64k, .swiftSigbus, .swiftMove, .swiftMinor,
              .swiftAdaptive, .swiftReplay, .swiftBest:
             return EngineContenders.run(contender, workload, pattern)
+        case .swiftHandler4kTraced:
+            return TracedContender.run(workload, pattern)
         }
     }
 }

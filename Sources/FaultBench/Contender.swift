@@ -25,6 +25,8 @@ public enum Contender: String, CaseIterable, Sendable, CustomStringConvertible {
     case swiftHandler4k = "swift-handler-4k"
     /// The engine configured like ``cHandler64k``.
     case swiftHandler64k = "swift-handler-64k"
+    /// ``swiftHandler4k`` recording every fault to a trace file (module `FaultTrace`).
+    case swiftHandler4kTraced = "swift-handler-4k-traced"
     /// The engine resolving in the faulting thread (FEATURE_SIGBUS).
     case swiftSigbus = "swift-sigbus"
     /// The engine installing chunks with UFFDIO_MOVE.
@@ -70,7 +72,7 @@ public enum Contender: String, CaseIterable, Sendable, CustomStringConvertible {
     public var usesEngine: Bool {
         switch self {
         case .swiftHandler4k, .swiftHandler64k, .swiftSigbus, .swiftMove, .swiftMinor,
-             .swiftAdaptive, .swiftReplay, .swiftBest, .scale1GiB, .scale1TiB:
+             .swiftAdaptive, .swiftReplay, .swiftBest, .scale1GiB, .scale1TiB, .swiftHandler4kTraced:
             return true
         default:
             return false

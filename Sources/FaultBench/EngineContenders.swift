@@ -65,6 +65,8 @@ enum EngineContenders {
             return "the default (automatic) configuration on a uffd handshaken preferring FEATURE_SIGBUS and MOVE"
         case .scale1GiB, .scale1TiB:
             return "served by the engine with one page per fault (.handler4k), so that only the region size differs"
+        case .swiftHandler4kTraced:
+            return "every fault recorded into a ring holding the run, written to the trace file after the timed part"
         default:
             return nil
         }
@@ -119,11 +121,11 @@ enum EngineContenders {
     static func serve<Source: PageSource>(
         _ workload: Workload, source: Source, _ configuration: FaultServerConfiguration,
         features: Userfaultfd.Features = [], preferredFeatures: Userfaultfd.Features = [],
-        memory: MemoryMapping.Kind = .anonymous, regionPages: UInt64, order: [UInt64]
+        memory: MemoryMapping.Kind = .anonymous, regionPages: UInt64, order: [UInt64], traceSink: FaultTraceSink? = nil
     ) -> RunOutcome {
         do {
             return try serveOrThrow(workload, source: source, configuration, features: features, preferred: preferredFeatures,
-                                    memory: memory, regionPages: regionPages, order: order)
+                                    memory: memory, regionPages: regionPages, order: order, traceSink: traceSink)
         } catch {
             if error.operation.hasPrefix("FaultServer"), case .invalidArgument = error.kind {
                 return .notMeasured("not available: the engine refuses this configuration: \(error)")
@@ -135,7 +137,7 @@ enum EngineContenders {
     private static func serveOrThrow<Source: PageSource>(
         _ workload: Workload, source: Source, _ configuration: FaultServerConfiguration,
         features: Userfaultfd.Features, preferred: Userfaultfd.Features, memory: MemoryMapping.Kind,
-        regionPages: UInt64, order: [UInt64]
+        regionPages: UInt64, order: [UInt64], traceSink: FaultTraceSink?
     ) throws(UserfaultfdError) -> RunOutcome {
         let length = Int(regionPages) * workload.pageSize
         let region = try MemoryMapping(kind: memory, length: length, name: "uffd-bench")
@@ -155,6 +157,7 @@ enum EngineContenders {
             userfaultfd: uffd,
             regions: [ServedRegion(range: region.range, sourceOffset: 0, pageCacheAlias: alias.map { UInt64(UInt(bitPattern: $0)) })],
             source: source, configuration: configuration)
+        server.traceSink = traceSink
         let problems = ProblemLog()
         server.onEvent = { event in
             switch event {

@@ -43,6 +43,7 @@ public struct BenchReport: Sendable, Equatable {
         for pattern in AccessPattern.allCases {
             add(.swiftHandler4k, .cHandler4k, pattern, atLeast: 0.95)
             add(.swiftHandler64k, .cHandler64k, pattern, atLeast: 0.95)
+            add(.swiftHandler4kTraced, .swiftHandler4k, pattern, atLeast: 0.95)
             add(.swiftBest, .kernelFirstTouch, pattern, atLeast: 2.0)
             add(.swiftBest, .memcpy, pattern, atLeast: 0.5)
         }

@@ -252,6 +252,13 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
         set { eventCallback.withLock { $0 = newValue } }
     }
 
+    /// Where handler threads hand each fault they resolve (see ``FaultTraceSink``); set it before ``start()``.
+    public var traceSink: FaultTraceSink? {
+        get { traceSinkStore.withLock { $0 } }
+        set { traceSinkStore.withLock { $0 = newValue } }
+    }
+    private let traceSinkStore = Mutex<FaultTraceSink?>(nil)
+
     /// A snapshot of the statistics.
     public var statistics: FaultStatistics {
         var s = counters.snapshot(inThread: signalResolver?.resolvedFaults ?? 0)

@@ -37,6 +37,7 @@ final class HandlerLoop<Source: PageSource> {
     let recorder: WorkingSetRecorder?
     /// The server's SIGBUS resolver, if it has one (set before this thread started).
     let signalResolver: SignalResolverRegistration?
+    let trace: FaultTraceRing?
     /// The handler's number; -1 for the prefetch thread.
     let index: Int
     let ps: UInt64
@@ -86,6 +87,7 @@ final class HandlerLoop<Source: PageSource> {
         self.onEvent = onEvent
         self.recorder = server.recorder
         self.signalResolver = server.signalResolver
+        self.trace = index < 0 ? nil : server.traceSink?.makeRing(for: server, regions: server.regions, pageSize: server.pageSize)
         self.index = index
         self.ps = UInt64(server.pageSize)
         let configuration = server.configuration

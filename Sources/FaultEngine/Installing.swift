@@ -19,6 +19,7 @@ extension HandlerLoop {
             StatisticsCounters.add(counters.writeProtect, 1)
             resolveWriteProtect(address)
             recordLatency(since: readAt)
+            trace?.record(address: address, kind: .writeProtect, readAt: readAt)
             return
         }
         let minorFault = fault.flags.contains(.minor)
@@ -55,6 +56,7 @@ extension HandlerLoop {
             switch installChunk(entry, from: start, to: end, faultPage: page, minorFault: minorFault) {
             case .done:
                 recordLatency(since: readAt)
+                trace?.record(address: address, kind: minorFault ? .minor : .missing, readAt: readAt)
                 return
             case .retry:
                 if !drainEvents() { return }

@@ -159,6 +159,7 @@ public final class Manager: Sendable {
             throw UserfaultfdError(operation: "serve", kind: .invalidArgument("the daemon is stopping"))
         }
         let server = try FaultServer(userfaultfd: uffd, regions: served, source: source, configuration: serverConfiguration)
+        server.traceSink = configuration.traceSink
         let session = try ClientSession(id: id, parent: parent, pid: pid, uid: uid, handshake: handshake, name: name,
                                         regions: regions, server: server, probeDescriptor: probe)
         server.onEvent = { [weak self] event in self?.handle(event, from: id, source: source) }

@@ -1,6 +1,7 @@
 import ArgumentParser
 import FaultEngine
 import FaultManager
+import FaultTrace
 
 /// `uffd serve`: the manager daemon.
 struct Serve: ParsableCommand {
@@ -28,6 +29,9 @@ struct Serve: ParsableCommand {
     @OptionGroup(title: "Serving faults") var serving: ServingOptions
 
     @OptionGroup(title: "Facing clients") var admission: AdmissionOptions
+
+    @Option(name: .long, help: "Trace every client's served faults to this file (`uffd trace render` draws it); --chunk-pages 1 --read-ahead 0 traces every page touched.")
+    var trace: String?
 
     @Flag(name: .long, help: "Print statistics as JSON (on SIGUSR1 and on exit).")
     var json = false
@@ -63,8 +67,11 @@ struct Serve: ParsableCommand {
             socketPath: socket, memoryFile: memoryFile, server: serving.configuration,
             recordWorkingSet: record, replayWorkingSet: replay)
         admission.apply(to: &configuration)
+        let recorder = try trace.map { try TraceRecorder(path: $0) }
+        configuration.traceSink = recorder?.sink
         let manager = try Manager(configuration, logger: ServeRunner.standardErrorLogger(level: verbose ? .debug : .info))
         try ServeRunner.run(manager, json: json)
+        try recorder?.finish()
     }
 }
 
