@@ -8,6 +8,7 @@ let package = Package(
         .library(name: "FaultEngine", targets: ["FaultEngine"]),
         .library(name: "Postcopy", targets: ["Postcopy"]),
         .library(name: "FaultManager", targets: ["FaultManager"]),
+        .library(name: "Snapshot", targets: ["Snapshot"]),
         .executable(name: "uffd", targets: ["uffd"]),
     ],
     dependencies: [
@@ -77,6 +78,21 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // C whose job is to be C: the CRC32C instruction the snapshot format checksums with.
+        .target(
+            name: "_CSnapshot",
+            cSettings: [.define("_GNU_SOURCE")]
+        ),
+        // Live snapshots of this process's memory: capture, file format, restore.
+        .target(
+            name: "Snapshot",
+            dependencies: [
+                "Userfaultfd",
+                "FaultEngine",
+                "_CSnapshot",
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
+            ]
+        ),
         // The command-line tool.
         .executableTarget(
             name: "uffd",
@@ -86,6 +102,7 @@ let package = Package(
                 "FaultBench",
                 "Postcopy",
                 "FaultManager",
+                "Snapshot",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -134,6 +151,10 @@ let package = Package(
         .testTarget(
             name: "FaultBenchTests",
             dependencies: ["FaultBench", "Userfaultfd"]
+        ),
+        .testTarget(
+            name: "SnapshotTests",
+            dependencies: ["Snapshot", "Userfaultfd", "FaultEngine"]
         ),
     ]
 )
