@@ -99,8 +99,10 @@ final class ImageStreamer: @unchecked Sendable {
     }
 
     /// Writes pages `first ..< end` (all claimed), classing each as data, zero or hole.
-    /// A page being migrated (compaction) or swapped has a swap entry, not a present
-    /// one: it is data too, and reading it waits for it.
+    /// A page with a swap-type entry is either one being migrated (compaction) or
+    /// swapped, or a never-touched page carrying the write-protect marker: PAGEMAP_SCAN
+    /// does not tell them apart, so such pages are read (which waits for a migration)
+    /// and stored as data unless they read as zeros.
     private func write(region: Int, first: Int, end: Int) throws(SnapshotError) {
         let start = job.address(of: first, in: region)
         let ps = job.pageSize
@@ -137,6 +139,8 @@ final class ImageStreamer: @unchecked Sendable {
                 if a > cursor { job.writer.mark(first: cursor, count: a - cursor, .hole) }
                 if present.categories.contains(.pfnZero) {
                     job.writer.mark(first: a, count: b - a, .zero)
+                } else if !present.categories.contains(.present) {
+                    try writeNonZero(a, b - a, from: start + UInt64((a - first) * ps))
                 } else {
                     try record(a, b - a, from: start + UInt64((a - first) * ps))
                 }
@@ -150,6 +154,20 @@ final class ImageStreamer: @unchecked Sendable {
             scanFrom = result.walkEnd
         }
         if cursor < end { job.writer.mark(first: cursor, count: end - cursor, .hole) }
+    }
+
+    /// Writes the pages that are not all zeros; marks the others zero.
+    private func writeNonZero(_ first: Int, _ count: Int, from address: UInt64) throws(SnapshotError) {
+        let ps = job.pageSize
+        var p = 0
+        while p < count {
+            let base = UnsafeRawPointer(bitPattern: UInt(address) + UInt(p * ps))!
+            if csnap_is_zero(base, ps) != 0 { job.writer.mark(first: first + p, count: 1, .zero); p += 1; continue }
+            var q = p + 1
+            while q < count && csnap_is_zero(UnsafeRawPointer(bitPattern: UInt(address) + UInt(q * ps))!, ps) == 0 { q += 1 }
+            try record(first + p, q - p, from: address + UInt64(p * ps))
+            p = q
+        }
     }
 
     private func record(_ first: Int, _ count: Int, from address: UInt64) throws(SnapshotError) {
