@@ -61,21 +61,14 @@ public final class Capture: @unchecked Sendable {
         quiesce?.pause()
         let armStart = monotonicNanoseconds()
         var armError: SnapshotError?
-        for r in snapshotter.regions {
-            do {
-                try snapshotter.uffd.handle.writeProtect(MemoryRange(start: r.start, length: r.length), protect: true)
-            } catch {
-                armError = SnapshotError.system("UFFDIO_WRITEPROTECT (set)", error.errno?.rawValue ?? EIO)
-                break
-            }
-        }
+        do { try snapshotter.arm(job) } catch { armError = error }
         let armEnd = monotonicNanoseconds()
         if let armError {
             job.unprotectAll()
             quiesce?.resume()
             job.stop.raise()
             handler.join()
-            snapshotter.captureEnded()
+            snapshotter.captureEnded(finished: false)
             throw armError
         }
         quiesce?.resume()
@@ -115,7 +108,7 @@ public final class Capture: @unchecked Sendable {
             streamer.join()
             handler.join()
             if fd >= 0 { close(fd) }
-            snapshotter.captureEnded()
+            snapshotter.captureEnded(finished: job.monitor.withLock { job.finished })
         }
         let outcome: Swift.Result<Result, SnapshotError> = job.monitor.withLock {
             if !job.finished { return .failure(job.failure ?? SnapshotError(.cancelled)) }

@@ -63,6 +63,14 @@ final class CaptureJob: @unchecked Sendable {
     var streamedPages = 0
     var finished = false
     var endNanoseconds: UInt64 = 0
+    /// Whether writes after the instant are tracked for the next (delta) capture: the
+    /// image writer then leaves clean pages protected, and every page written during
+    /// the capture is noted in ``nextDirty``.
+    let tracking: Bool
+    /// Pages written (or possibly written) after the instant, when tracking.
+    let nextDirty: UnsafeMutablePointer<UInt8>
+    /// Runs on the image writer's thread once the file is complete (hand-over to tracking).
+    var onFinish: (() throws(SnapshotError) -> Void)?
 
     init(layout: [RegionLayout], pageSize: Int, handle: Userfaultfd.Handle, writer: SnapshotFileWriter,
          options: Snapshotter.Options) throws(SnapshotError) {
@@ -80,16 +88,20 @@ final class CaptureJob: @unchecked Sendable {
         slots = .allocate(byteCount: capacity * pageSize, alignment: 4096)
         slotPages = .allocate(capacity: capacity)
         slotPages.initialize(repeating: 0, count: capacity)
+        tracking = options.incremental
+        nextDirty = .allocate(capacity: max(1, pageCount))
+        nextDirty.initialize(repeating: 0, count: max(1, pageCount))
     }
 
     deinit {
         state.deallocate()
         slots.deallocate()
         slotPages.deallocate()
+        nextDirty.deallocate()
     }
 
     /// Memory the capture holds besides the caller's: staging, page states, the index.
-    var extraBytes: Int { capacity * pageSize + capacity * 8 + pageCount + writer.metadataBytes }
+    var extraBytes: Int { capacity * pageSize + capacity * 8 + pageCount * (tracking ? 2 : 1) + writer.metadataBytes }
 
     /// The region and global page holding `address`, if any.
     @inline(__always)
@@ -118,6 +130,13 @@ final class CaptureJob: @unchecked Sendable {
                 throw SnapshotError.system("UFFDIO_WRITEPROTECT (clear)", error.errno?.rawValue ?? EIO)
             }
         }
+    }
+
+    /// Wakes the writers held on `pages` pages from global page `first` without
+    /// clearing protection (when tracking: they fault again and are noted dirty).
+    func wake(region: Int, first: Int, pages: Int) throws(SnapshotError) {
+        let range = MemoryRange(start: address(of: first, in: region), length: UInt64(pages * pageSize))
+        do { try handle.wake(range) } catch { throw SnapshotError.system("UFFDIO_WAKE", error.errno?.rawValue ?? EIO) }
     }
 
     /// Clears write protection everywhere (cancel, failure): no writer stays held.

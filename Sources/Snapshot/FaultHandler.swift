@@ -83,7 +83,31 @@ final class FaultHandler: @unchecked Sendable {
             i += run
         }
         if faultingState == PageState.saved || faultingState == PageState.done {
+            if job.tracking { releaseWritten(region: region, first: first, end: end); return }
             do { try job.unprotect(region: region, first: page, pages: 1) } catch { job.fail(error) }
+        }
+    }
+
+    /// When tracking: a write to a page already in the image. Notes the chunk's settled
+    /// pages as written since the instant and clears their protection.
+    private func releaseWritten(region: Int, first: Int, end: Int) {
+        var runs: [(Int, Int)] = []
+        job.monitor.withLock {
+            var p = first
+            while p < end {
+                let s = job.state[p]
+                guard s == PageState.saved || s == PageState.done else { p += 1; continue }
+                var q = p
+                while q < end && (job.state[q] == PageState.saved || job.state[q] == PageState.done) {
+                    job.nextDirty[q] = 1
+                    q += 1
+                }
+                runs.append((p, q - p))
+                p = q
+            }
+        }
+        for (p, n) in runs {
+            do { try job.unprotect(region: region, first: p, pages: n) } catch { job.fail(error) }
         }
     }
 
@@ -96,7 +120,10 @@ final class FaultHandler: @unchecked Sendable {
             job.slotPages[s] = claimed[i]
         }
         job.monitor.withLock {
-            for i in 0..<count { job.state[claimed[i]] = PageState.saved }
+            for i in 0..<count {
+                job.state[claimed[i]] = PageState.saved
+                if job.tracking { job.nextDirty[claimed[i]] = 1 }
+            }
             job.published = slot + count
             job.inFlight -= count
             job.savedPages += count

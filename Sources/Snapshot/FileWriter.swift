@@ -13,6 +13,10 @@ final class SnapshotFileWriter {
     let path: String?
     let pageSize: Int
     let pageCount: Int
+    /// The snapshot's identifier.
+    let id: [UInt8]
+    /// Whether it is a delta over a parent.
+    let isDelta: Bool
     /// One entry per global page (see ``SnapshotFormat/entry(_:record:)``), written
     /// in the machine's byte order (little-endian on the machines this runs on).
     let index: UnsafeMutablePointer<UInt64>
@@ -30,6 +34,8 @@ final class SnapshotFileWriter {
         self.fd = fd
         self.path = path
         self.pageSize = pageSize
+        self.id = id
+        self.isDelta = parentID != nil
         self.pageCount = regions.reduce(0) { $0 + Int($1.length) / pageSize }
         index = .allocate(capacity: max(1, pageCount))
         index.initialize(repeating: SnapshotFormat.entry(initialKind), count: max(1, pageCount))

@@ -47,6 +47,7 @@ final class ImageStreamer: @unchecked Sendable {
             }
             try drainUntilSettled()
             try job.writer.finish()
+            try job.onFinish?()
             job.monitor.withLock { job.finished = true }
         } catch {
             job.fail(error)
@@ -56,7 +57,8 @@ final class ImageStreamer: @unchecked Sendable {
         job.stop.raise()
     }
 
-    /// Writes the chunk's pages still pending, then clears protection on the chunk.
+    /// Writes the chunk's pages still pending, then clears protection on the chunk
+    /// (unless tracking writes for a delta).
     private func stream(region: Int, first: Int, end: Int) throws(SnapshotError) {
         var any = false
         job.monitor.withLock {
@@ -74,11 +76,16 @@ final class ImageStreamer: @unchecked Sendable {
             try write(region: region, first: p, end: q)
             p = q
         }
-        try unprotectChunk(region: region, first: first, end: end)
+        if !job.tracking {
+            try unprotectChunk(region: region, first: first, end: end)
+        }
         job.monitor.withLock {
             for p in first..<end where mine[p - first] { job.state[p] = PageState.done }
             job.streamedPages += (first..<end).reduce(0) { $0 + (mine[$1 - first] ? 1 : 0) }
         }
+        // When tracking, clean pages stay protected; a writer held on one of them is
+        // woken to fault again, and the handler then notes it written.
+        if job.tracking && any { try job.wake(region: region, first: first, pages: end - first) }
     }
 
     /// Clears protection on the chunk, in one call unless the fault handler is still

@@ -33,6 +33,11 @@ public final class Snapshotter: @unchecked Sendable {
         public var streamChunkBytes = 2 << 20
         /// The pages saved around a faulting page (aligned to the region), at most the staging capacity.
         public var faultChunkPages = 16
+        /// Track writes after each capture (WP_ASYNC + PAGEMAP_SCAN) so the next capture
+        /// is a delta holding only the pages written since. Captures then need a quiesce
+        /// hook: it is also called once more at the end of each capture, to hand the
+        /// regions over to tracking without missing a write.
+        public var incremental = false
 
         public init() {}
     }
@@ -54,6 +59,9 @@ public final class Snapshotter: @unchecked Sendable {
     public let options: Options
     let layout: [RegionLayout]
     let uffd: Userfaultfd
+    /// The WP_ASYNC userfaultfd that tracks writes between captures (incremental only).
+    let asyncHandle: Userfaultfd.Handle?
+    let tracking = Mutex(TrackingState())
     private let busy = Atomic<Bool>(false)
 
     /// Registers `regions` (anonymous or shmem/memfd memory of this process) for
@@ -94,13 +102,29 @@ public final class Snapshotter: @unchecked Sendable {
                 throw SnapshotError(.unsupported("registering 0x\(String(r.start, radix: 16)) for write protection: \(error)"))
             }
         }
+        if options.incremental {
+            do {
+                asyncHandle = Userfaultfd.Handle(
+                    fileDescriptor: try Userfaultfd(.init().requiring(features.union([.wpAsync]))).release(),
+                    features: features.union([.wpAsync]))
+            } catch {
+                throw SnapshotError(.unsupported("incremental snapshots need a userfaultfd with WP_ASYNC: \(error)"))
+            }
+        } else {
+            asyncHandle = nil
+        }
         self.regions = regions
         self.layout = layout
         self.options = options
     }
 
     deinit {
-        for r in regions { try? uffd.handle.unregister(MemoryRange(start: r.start, length: r.length)) }
+        for r in regions {
+            let range = MemoryRange(start: r.start, length: r.length)
+            try? uffd.handle.unregister(range)
+            try? asyncHandle?.unregister(range)
+        }
+        try? asyncHandle?.fileDescriptor.close()
     }
 
     /// The number of pages across the regions.
@@ -125,21 +149,32 @@ public final class Snapshotter: @unchecked Sendable {
     }
 
     func capture(fd: Int32, path: String?, ownsDescriptor: Bool, quiesce: Quiesce?) throws(SnapshotError) -> Capture {
+        if options.incremental && quiesce == nil {
+            throw SnapshotError(.invalidArgument("incremental captures need a quiesce hook (writes are handed over to tracking under it)"))
+        }
         guard busy.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged else {
             throw SnapshotError(.invalidArgument("a capture is already running on this snapshotter"))
         }
         do {
+            let parent = tracking.withLock { $0.active ? $0.parentID : nil }
             let writer = try SnapshotFileWriter(fd: fd, path: path, regions: regions, pageSize: systemPageSize,
-                                                id: Self.newID(), parentID: nil, initialKind: .hole)
+                                                id: Self.newID(), parentID: parent, initialKind: parent == nil ? .hole : .unchanged)
             let job = try CaptureJob(layout: layout, pageSize: systemPageSize, handle: uffd.handle, writer: writer, options: options)
+            if options.incremental, let quiesce {
+                job.onFinish = { [unowned self, unowned job] () throws(SnapshotError) in try self.handOver(job, quiesce: quiesce) }
+            }
             return try Capture(snapshotter: self, job: job, fd: ownsDescriptor ? fd : -1, quiesce: quiesce)
         } catch {
-            busy.store(false, ordering: .releasing)
+            captureEnded(finished: false)
             throw error
         }
     }
 
-    func captureEnded() { busy.store(false, ordering: .releasing) }
+    func captureEnded(finished: Bool) {
+        // A capture that did not finish leaves no parent to build a delta on.
+        if !finished { tracking.withLock { $0 = TrackingState() } }
+        busy.store(false, ordering: .releasing)
+    }
 
     static func newID() -> [UInt8] {
         var g = SystemRandomNumberGenerator()

@@ -85,11 +85,14 @@ final class Workload: @unchecked Sendable {
     let parked = Atomic<Int>(0)
     let stopRequested = Atomic<Bool>(false)
     let operations = Atomic<Int>(0)
+    /// Writers update only pages below this (all pages by default).
+    var hotPages: Int
     private var running: [DedicatedThread] = []
 
     init(memory: TestMemory, threads: Int) {
         self.memory = memory
         self.threads = threads
+        hotPages = memory.pages
         versions = .allocate(capacity: memory.pages)
         versions.initialize(repeating: 0, count: memory.pages)
     }
@@ -112,7 +115,7 @@ final class Workload: @unchecked Sendable {
 
     private func run(thread t: Int, seed: UInt64) {
         var state = seed | 1
-        let owned = (memory.pages - t + threads - 1) / threads
+        let owned = max(1, (hotPages - t + threads - 1) / threads)
         while !stopRequested.load(ordering: .acquiring) {
             if pauseRequested.load(ordering: .acquiring) {
                 parked.add(1, ordering: .acquiringAndReleasing)
@@ -147,10 +150,15 @@ final class Workload: @unchecked Sendable {
     }
 }
 
-/// The versions of every page at a snapshot's instant.
+/// The versions of every page at a snapshot's instant: the first pause of the hook
+/// (an incremental capture pauses the writers once more at its end).
 final class VersionLog: @unchecked Sendable {
     var versions: [UInt64] = []
-    func record(_ v: UnsafeMutablePointer<UInt64>, count: Int) { versions = Array(UnsafeBufferPointer(start: v, count: count)) }
+    var pauses = 0
+    func record(_ v: UnsafeMutablePointer<UInt64>, count: Int) {
+        pauses += 1
+        if pauses == 1 { versions = Array(UnsafeBufferPointer(start: v, count: count)) }
+    }
 }
 
 /// The pages of `bytes(page)` (each `page` bytes) that do not hold their logged version.
