@@ -87,7 +87,7 @@ extension Snapshotter {
                 for r in regions {
                     let range = MemoryRange(start: r.start, length: r.length)
                     try? asyncHandle.unregister(range)
-                    try? uffd.handle.register(range, mode: .writeProtect)
+                    _ = try? uffd.handle.register(range, mode: .writeProtect)
                 }
                 throw SnapshotError.system("handing 0x\(String(r.start, radix: 16)) over to write tracking", error.errno?.rawValue ?? 5)
             }

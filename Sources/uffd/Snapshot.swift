@@ -6,7 +6,7 @@ struct SnapshotCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "snapshot",
         abstract: "Live snapshots of memory with userfaultfd write protection: inspect, flatten, demo.",
-        subcommands: [SnapshotInspect.self, SnapshotFlatten.self])
+        subcommands: [SnapshotInspect.self, SnapshotFlatten.self, SnapshotDemoCommand.self])
 }
 
 struct SnapshotInspect: ParsableCommand {

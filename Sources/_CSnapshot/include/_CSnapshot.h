@@ -20,3 +20,25 @@ int csnap_is_zero(const void *data, size_t length);
 
 #endif
 #endif
+
+#ifdef __linux__
+// MARK: - Write tracking yardsticks (the demo measures them on one write pattern)
+
+/// Writes one byte to page `pages[i]` of `base` for i in 0..<count, in order;
+/// returns the elapsed CLOCK_MONOTONIC nanoseconds.
+uint64_t csnap_touch_write(void *base, const uint64_t *pages, size_t count, size_t page_size);
+
+/// The mprotect + SIGSEGV way to learn which pages are written: `region` is made
+/// read-only, then page `pages[i]` is written in order; a SIGSEGV handler marks
+/// the page in `written` (one byte per page) and makes it writable. Returns the
+/// elapsed nanoseconds of the writes, or 0 and sets errno if mprotect or sigaction
+/// fails (ENOMEM: out of VMAs). One run at a time per process.
+uint64_t csnap_sigsegv_track(void *region, size_t region_length, const uint64_t *pages, size_t count,
+                             size_t page_size, uint8_t *written);
+#endif
+
+#ifdef __linux__
+/// Writes `length` bytes at `data` to `fd` (for a forked child: no allocation).
+/// Returns 0 or an errno value.
+int csnap_write_all(int fd, const void *data, size_t length);
+#endif
