@@ -41,6 +41,7 @@ final class CaptureJob: @unchecked Sendable {
     let stop: StopSignal
     let streamChunkPages: Int
     let faultChunkPages: Int
+    let handlerPriority: Int32
 
     let state: UnsafeMutablePointer<UInt8>
     /// The staging ring: `capacity` page slots and the global page each holds.
@@ -83,6 +84,7 @@ final class CaptureJob: @unchecked Sendable {
         capacity = max(1, options.stagingBytes / pageSize)
         streamChunkPages = max(1, options.streamChunkBytes / pageSize)
         faultChunkPages = max(1, min(options.faultChunkPages, capacity))
+        handlerPriority = options.handlerPriority
         state = .allocate(capacity: max(1, pageCount))
         state.initialize(repeating: PageState.pending, count: max(1, pageCount))
         slots = .allocate(byteCount: capacity * pageSize, alignment: 4096)

@@ -25,6 +25,7 @@ final class FaultHandler: @unchecked Sendable {
 
     /// Serves faults until the job's stop signal is raised.
     func run() {
+        if job.handlerPriority > 0 { DedicatedThread.makeCurrentThreadRealTime(priority: job.handlerPriority) }
         let buffer = Userfaultfd.EventBuffer(capacity: 64)
         while true {
             do {

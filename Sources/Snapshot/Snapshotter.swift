@@ -38,6 +38,10 @@ public final class Snapshotter: @unchecked Sendable {
         /// hook: it is also called once more at the end of each capture, to hand the
         /// regions over to tracking without missing a write.
         public var incremental = false
+        /// SCHED_FIFO priority of the fault handler (0: time-shared). A held writer
+        /// waits for the handler; on a busy host a time-shared handler first waits
+        /// for a time slice. Without CAP_SYS_NICE it stays time-shared.
+        public var handlerPriority: Int32 = 1
 
         public init() {}
     }

@@ -27,6 +27,9 @@ public struct DemoRun: Sendable, Codable, Hashable {
     public var round: Int
     /// Nanoseconds the writers were held (parking them included).
     public var pauseNanoseconds: UInt64
+    /// Nanoseconds of the step that fixes the image once the writers are parked:
+    /// `fork()`, the write-protect ioctls, or the whole copy.
+    public var freezeNanoseconds: UInt64
     /// Nanoseconds from holding the writers to the image's last byte.
     public var totalNanoseconds: UInt64
     public var imageBytes: UInt64
@@ -94,16 +97,19 @@ extension DemoHeap {
         let start = monotonicNanoseconds()
         phase.store(method.phase, ordering: .relaxed)
         var pause: UInt64 = 0
+        var freeze: UInt64 = 0
         var declared: Int?
         switch method {
         case .fork:
-            pause = try forkAndWrite(path: path, sampler: sampler, log: &log)
+            (pause, freeze) = try forkAndWrite(path: path, sampler: sampler, log: &log)
         case .stopAndCopy:
             self.pause()
             log = versionLog()
+            let copyStart = monotonicNanoseconds()
             let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
             let e = fd < 0 ? errno : csnap_write_all(fd, base, length)
             if fd >= 0 { close(fd) }
+            freeze = monotonicNanoseconds() - copyStart
             resume()
             pause = monotonicNanoseconds() - start
             if e != 0 { throw SnapshotError.system("write image", e, path: path) }
@@ -113,6 +119,7 @@ extension DemoHeap {
                 pause: { [self] in self.pause(); logBox.withLock { $0 = versionLog() } },
                 resume: { [self] in resume() }))
             pause = capture.pauseNanoseconds
+            freeze = capture.armNanoseconds
             let result = try capture.wait()
             declared = result.extraBytes
             log = logBox.withLock { $0 }
@@ -125,22 +132,25 @@ extension DemoHeap {
         let imageBytes = stat(path, &st) == 0 ? UInt64(st.st_size) : 0
         let bad = try verify(method == .uffdWP ? .snapshot : .raw, path: path, log: log)
         return DemoRun(method: method, transparentHugePages: transparentHugePages, round: round,
-                       pauseNanoseconds: pause, totalNanoseconds: total, imageBytes: imageBytes,
+                       pauseNanoseconds: pause, freezeNanoseconds: freeze, totalNanoseconds: total, imageBytes: imageBytes,
                        bytesPerSecond: Double(length) / (Double(total) / 1e9), peakExtraBytes: peak,
                        declaredExtraBytes: declared, updatesDuring: updates,
                        dirtiedFraction: 1 - exp(-Double(updates) / Double(pages)), mismatchedPages: bad)
     }
 
-    /// Forks with the writers held; the child writes the heap and exits. Returns the pause.
-    private func forkAndWrite(path: String, sampler: MemorySampler, log: inout [UInt64]) throws(SnapshotError) -> UInt64 {
+    /// Forks with the writers held; the child writes the heap and exits. Returns the
+    /// pause and the time of `fork()` itself.
+    private func forkAndWrite(path: String, sampler: MemorySampler, log: inout [UInt64]) throws(SnapshotError) -> (UInt64, UInt64) {
         let start = monotonicNanoseconds()
         let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         if fd < 0 { throw SnapshotError.system("open", path: path) }
         defer { close(fd) }
         pause()
         log = versionLog()
+        let forkStart = monotonicNanoseconds()
         let pid = Glibc.fork()
         if pid == 0 { _exit(csnap_write_all(fd, base, length) == 0 ? 0 : 1) }
+        let forked = monotonicNanoseconds() - forkStart
         resume()
         let paused = monotonicNanoseconds() - start
         if pid < 0 { throw SnapshotError.system("fork") }
@@ -149,7 +159,7 @@ extension DemoHeap {
         while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
         sampler.child.store(0, ordering: .releasing)
         if status != 0 { throw SnapshotError.system("the forked child writing the image", EIO, path: path) }
-        return paused
+        return (paused, forked)
     }
 
     enum ImageKind { case raw, snapshot }

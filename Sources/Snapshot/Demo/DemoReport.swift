@@ -11,6 +11,7 @@ public struct SnapshotDemoReport: Sendable, Codable {
         public var method: DemoMethod
         public var transparentHugePages: Bool
         public var pauseNanoseconds: UInt64
+        public var freezeNanoseconds: UInt64
         public var totalNanoseconds: UInt64
         public var bytesPerSecond: Double
         public var peakExtraBytes: Int64
@@ -66,15 +67,17 @@ public struct SnapshotDemoReport: Sendable, Codable {
         out.append("heap \(heapBytes >> 20) MiB, \(writers) writer(s), \(rounds) round(s), staging \(stagingBytes >> 20) MiB, images in \(imageDirectory); "
             + "CRC32C \(String(format1(crc32cBytesPerSecond / 1e9))) GB/s (\(crc32cHardware ? "SSE4.2" : "table"))")
         out.append("")
-        out.append(row(["method", "THP", "pause ms", "total ms", "GB/s", "extra MiB", "dirtied", "p50/p99/max µs during", "p50/p99/max µs steady", "verified"]))
+        out.append(row(["method", "THP", "pause ms", "freeze ms", "total ms", "GB/s", "extra MiB", "dirtied", "p50/p99/max µs during", "p50/p99/max µs steady", "verified"]))
         for s in summaries {
             let extra = s.declaredExtraBytes.map { "\(format1(Double(s.peakExtraBytes) / 1048576)) (\(format1(Double($0) / 1048576)))" }
                 ?? format1(Double(s.peakExtraBytes) / 1048576)
             out.append(row([s.method.rawValue, s.transparentHugePages ? "on" : "off", format3(Double(s.pauseNanoseconds) / 1e6),
+                            format3(Double(s.freezeNanoseconds) / 1e6),
                             format1(Double(s.totalNanoseconds) / 1e6), format3(s.bytesPerSecond / 1e9), extra,
                             "\(Int(s.dirtiedFraction * 100))%", latency(s.during), latency(s.steady),
                             s.mismatchedPages == 0 ? "yes" : "NO (\(s.mismatchedPages) pages)"]))
         }
+        out.append("  (pause: writers held, parking them included; freeze: fork(), the write-protect ioctls, or the copy)")
         out.append("  (medians over rounds; extra = peak Pss growth of the process(es), in brackets what the capture declares: staging + metadata)")
         if !incremental.isEmpty {
             out.append("")
@@ -103,7 +106,7 @@ public struct SnapshotDemoReport: Sendable, Codable {
     }
 
     private func row(_ cells: [String]) -> String {
-        let widths = [14, 4, 9, 9, 7, 18, 8, 22, 22, 10]
+        let widths = [14, 4, 9, 9, 9, 7, 18, 8, 22, 22, 10]
         return cells.enumerated().map { i, c in pad(c, i < widths.count ? widths[i] : 10) }
             .joined(separator: " ")
     }

@@ -5,7 +5,8 @@ extension SnapshotDemo {
         func ms(_ ns: UInt64) -> String { format3(Double(ns) / 1e6) + " ms" }
         if let ours = r.summary(.uffdWP, thp: true), let fork = r.summary(.fork, thp: true) {
             out.append(.init(name: "pause with THP <= 1/5 of fork's",
-                             figures: "uffd-wp \(ms(ours.pauseNanoseconds)), fork \(ms(fork.pauseNanoseconds))",
+                             figures: "uffd-wp \(ms(ours.pauseNanoseconds)) (arm \(ms(ours.freezeNanoseconds))), "
+                                + "fork \(ms(fork.pauseNanoseconds)) (fork() \(ms(fork.freezeNanoseconds)))",
                              met: ours.pauseNanoseconds * 5 <= fork.pauseNanoseconds))
             out.append(.init(name: "write p99 during the snapshot with THP <= fork's",
                              figures: "uffd-wp \(format1(Double(ours.during.p99Nanoseconds) / 1000)) µs, fork \(format1(Double(fork.during.p99Nanoseconds) / 1000)) µs",
@@ -13,7 +14,8 @@ extension SnapshotDemo {
         }
         if let ours = r.summary(.uffdWP, thp: false), let fork = r.summary(.fork, thp: false) {
             out.append(.init(name: "pause with 4 KiB pages <= fork's",
-                             figures: "uffd-wp \(ms(ours.pauseNanoseconds)), fork \(ms(fork.pauseNanoseconds))",
+                             figures: "uffd-wp \(ms(ours.pauseNanoseconds)) (arm \(ms(ours.freezeNanoseconds))), "
+                                + "fork \(ms(fork.pauseNanoseconds)) (fork() \(ms(fork.freezeNanoseconds)))",
                              met: ours.pauseNanoseconds <= fork.pauseNanoseconds))
         }
         for thp in [true, false] {

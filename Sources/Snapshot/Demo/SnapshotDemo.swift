@@ -82,6 +82,7 @@ public struct SnapshotDemo: Sendable {
             guard !mine.isEmpty else { continue }
             report.summaries.append(.init(
                 method: m, transparentHugePages: thp, pauseNanoseconds: median(mine.map(\.pauseNanoseconds))!,
+                freezeNanoseconds: median(mine.map(\.freezeNanoseconds))!,
                 totalNanoseconds: median(mine.map(\.totalNanoseconds))!, bytesPerSecond: median(mine.map(\.bytesPerSecond))!,
                 peakExtraBytes: median(mine.map(\.peakExtraBytes))!, declaredExtraBytes: median(mine.compactMap(\.declaredExtraBytes)),
                 dirtiedFraction: median(mine.map(\.dirtiedFraction))!, imageBytes: median(mine.map(\.imageBytes))!,
