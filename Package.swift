@@ -9,6 +9,7 @@ let package = Package(
         .library(name: "FaultEngine", targets: ["FaultEngine"]),
         .library(name: "Postcopy", targets: ["Postcopy"]),
         .library(name: "FaultManager", targets: ["FaultManager"]),
+        .library(name: "Snapshot", targets: ["Snapshot"]),
         .executable(name: "uffd", targets: ["uffd"]),
     ],
     dependencies: [
@@ -105,6 +106,21 @@ let package = Package(
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
+        // C whose job is to be C: the CRC32C instruction the snapshot format checksums with.
+        .target(
+            name: "_CSnapshot",
+            cSettings: [.define("_GNU_SOURCE")]
+        ),
+        // Live snapshots of this process's memory: capture, file format, restore.
+        .target(
+            name: "Snapshot",
+            dependencies: [
+                "Userfaultfd",
+                "FaultEngine",
+                "_CSnapshot",
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
+            ]
+        ),
         // The command-line tool.
         .executableTarget(
             name: "uffd",
@@ -117,6 +133,7 @@ let package = Package(
                 "FaultManager",
                 "ManagerBench",
                 "FaultTrace",
+                "Snapshot",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -194,6 +211,10 @@ let package = Package(
         .testTarget(
             name: "FaultBenchTests",
             dependencies: ["FaultBench", "Userfaultfd", "TestSupport"]
+        ),
+        .testTarget(
+            name: "SnapshotTests",
+            dependencies: ["Snapshot", "Userfaultfd", "FaultEngine"]
         ),
     ]
 )

@@ -1,0 +1,125 @@
+import Userfaultfd
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// A running capture: the image is fixed; its pages are being written.
+public final class Capture: @unchecked Sendable {
+    /// What a finished capture did.
+    public struct Result: Sendable, Codable, Hashable {
+        /// Pages across the regions.
+        public var pages: Int
+        /// Pages written from memory by the image writer.
+        public var streamedPages: Int
+        /// Pages saved before a write by the fault handler.
+        public var savedBeforeWritePages: Int
+        /// Write-protect faults taken by the caller's threads.
+        public var faults: Int
+        /// Times a fault waited for room in the staging area.
+        public var stagingWaits: Int
+        /// The most pages staged at once.
+        public var peakStagedPages: Int
+        /// The staging area's size in bytes.
+        public var stagingBytes: Int
+        /// Memory the capture held besides the caller's: staging, page states, index.
+        public var extraBytes: Int
+        /// Bytes of the image file.
+        public var imageBytes: UInt64
+        /// Bytes of page data in the image.
+        public var dataBytes: UInt64
+        /// Nanoseconds from the start of the arm to the instant (all pages protected).
+        public var armNanoseconds: UInt64
+        /// Nanoseconds the caller's writers were held (quiesce hook included).
+        public var pauseNanoseconds: UInt64
+        /// Nanoseconds from the start of the arm to the image's last byte.
+        public var totalNanoseconds: UInt64
+    }
+
+    private let snapshotter: Snapshotter
+    let job: CaptureJob
+    private let fd: Int32
+    private let handler: DedicatedThread
+    private let streamer: DedicatedThread
+    private var joined = false
+    /// Nanoseconds from the start of the arm to the instant.
+    public let armNanoseconds: UInt64
+    /// Nanoseconds the writers were held, quiesce hook included.
+    public let pauseNanoseconds: UInt64
+    let startNanoseconds: UInt64
+
+    init(snapshotter: Snapshotter, job: CaptureJob, fd: Int32, quiesce: Quiesce?) throws(SnapshotError) {
+        self.snapshotter = snapshotter
+        self.job = job
+        self.fd = fd
+        let handlerBody = FaultHandler(job: job)
+        let streamerBody = try ImageStreamer(job: job)
+        handler = DedicatedThread(name: "snap-fault") { handlerBody.run() }
+        let pauseStart = monotonicNanoseconds()
+        quiesce?.pause()
+        let armStart = monotonicNanoseconds()
+        var armError: SnapshotError?
+        do { try snapshotter.arm(job) } catch { armError = error }
+        let armEnd = monotonicNanoseconds()
+        if let armError {
+            job.unprotectAll()
+            quiesce?.resume()
+            job.stop.raise()
+            handler.join()
+            snapshotter.captureEnded(finished: false)
+            throw armError
+        }
+        quiesce?.resume()
+        startNanoseconds = armStart
+        armNanoseconds = armEnd - armStart
+        pauseNanoseconds = monotonicNanoseconds() - pauseStart
+        streamer = DedicatedThread(name: "snap-writer") { streamerBody.run() }
+    }
+
+    typealias Quiesce = Snapshotter.Quiesce
+
+    deinit {
+        cancel()
+        _ = try? wait()
+    }
+
+    /// Pages settled so far (written or staged), for progress.
+    public var settledPages: Int { job.monitor.withLock { job.streamedPages + job.savedPages } }
+
+    /// Stops the capture: every page is unprotected and no writer stays held. The file
+    /// is left without a footer, so it is refused when read. Does nothing once finished.
+    public func cancel() {
+        job.monitor.withLock {
+            if !job.finished { job.cancelled = true }
+            job.monitor.broadcast()
+        }
+    }
+
+    /// Waits for the capture to end.
+    ///
+    /// - Returns: what it did.
+    /// - Throws: ``SnapshotError`` if it failed or was cancelled (nothing is protected then).
+    @discardableResult
+    public func wait() throws(SnapshotError) -> Result {
+        if !joined {
+            joined = true
+            streamer.join()
+            handler.join()
+            if fd >= 0 { close(fd) }
+            snapshotter.captureEnded(finished: job.monitor.withLock { job.finished })
+        }
+        let outcome: Swift.Result<Result, SnapshotError> = job.monitor.withLock {
+            if !job.finished { return .failure(job.failure ?? SnapshotError(.cancelled)) }
+            return .success(Result(
+                pages: job.pageCount, streamedPages: job.streamedPages, savedBeforeWritePages: job.savedPages,
+                faults: job.faults, stagingWaits: job.stagingWaits, peakStagedPages: job.peakStaged,
+                stagingBytes: job.capacity * job.pageSize, extraBytes: job.extraBytes,
+                imageBytes: job.writer.position, dataBytes: job.writer.dataBytes,
+                armNanoseconds: armNanoseconds, pauseNanoseconds: pauseNanoseconds,
+                totalNanoseconds: job.endNanoseconds - startNanoseconds))
+        }
+        return try outcome.get()
+    }
+}

@@ -1,0 +1,194 @@
+import Synchronization
+import Userfaultfd
+import _CSnapshot
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// How the demo snapshots its heap.
+public enum DemoMethod: String, Sendable, Codable, CaseIterable {
+    /// `fork`, and the child writes the heap to the image (as Redis BGSAVE does).
+    case fork
+    /// This module's capture: uffd write protection, copy before write.
+    case uffdWP = "uffd-wp"
+    /// Writers held while the heap is written out.
+    case stopAndCopy = "stop-and-copy"
+
+    var phase: Int { DemoMethod.allCases.firstIndex(of: self)! + 1 }
+}
+
+/// One snapshot the demo took, measured and verified.
+public struct DemoRun: Sendable, Codable, Hashable {
+    public var method: DemoMethod
+    public var transparentHugePages: Bool
+    public var round: Int
+    /// Nanoseconds the writers were held (parking them included).
+    public var pauseNanoseconds: UInt64
+    /// Nanoseconds of the step that fixes the image once the writers are parked:
+    /// `fork()`, the write-protect ioctls, or the whole copy.
+    public var freezeNanoseconds: UInt64
+    /// Nanoseconds from holding the writers to the image's last byte.
+    public var totalNanoseconds: UInt64
+    public var imageBytes: UInt64
+    /// Heap bytes per second of total time.
+    public var bytesPerSecond: Double
+    /// The most the snapshot added to memory: growth of the Pss of this process (and
+    /// of the forked child), sampled every 20 ms from /proc.
+    public var peakExtraBytes: Int64
+    /// For uffd-wp, what the capture holds by design (staging area and metadata).
+    public var declaredExtraBytes: Int?
+    /// Writer updates during the snapshot, and the share of the heap they dirtied
+    /// (estimated as 1 - e^(-updates/pages) for uniform random updates).
+    public var updatesDuring: Int
+    public var dirtiedFraction: Double
+    /// Pages whose image differs from the workload's log at the instant (0 = verified).
+    public var mismatchedPages: Int
+}
+
+/// Samples the Pss of this process and of one more (a forked child) from /proc.
+final class MemorySampler: @unchecked Sendable {
+    private let stopFlag = Atomic<Bool>(false)
+    let child = Atomic<Int32>(0)
+    let peak = Atomic<Int64>(0)
+    private var thread: DedicatedThread?
+
+    static func pss(_ pid: Int32) -> Int64 {
+        guard let f = fopen("/proc/\(pid)/smaps_rollup", "r") else { return 0 }
+        defer { fclose(f) }
+        var line = [CChar](repeating: 0, count: 256)
+        while fgets(&line, Int32(line.count), f) != nil {
+            let text = line.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
+            if text.hasPrefix("Pss:") {
+                return (Int64(text.dropFirst(4).split(separator: " ").first ?? "") ?? 0) * 1024
+            }
+        }
+        return 0
+    }
+
+    /// Starts sampling; the peak is the growth over `baseline`.
+    func start(baseline: Int64) {
+        thread = DedicatedThread(name: "demo-sampler") { [self] in
+            while !stopFlag.load(ordering: .acquiring) {
+                let c = child.load(ordering: .acquiring)
+                let total = Self.pss(getpid()) + (c > 0 ? Self.pss(c) : 0)
+                if total - baseline > peak.load(ordering: .relaxed) { peak.store(total - baseline, ordering: .relaxed) }
+                usleep(20_000)
+            }
+        }
+    }
+
+    func stop() -> Int64 {
+        stopFlag.store(true, ordering: .releasing)
+        thread?.join()
+        return peak.load(ordering: .acquiring)
+    }
+}
+
+extension DemoHeap {
+    /// Takes one snapshot by `method` into `path`; returns the run, verified.
+    func snapshot(_ method: DemoMethod, round: Int, to path: String, snapshotter: Snapshotter) throws(SnapshotError) -> DemoRun {
+        let sampler = MemorySampler()
+        sampler.start(baseline: MemorySampler.pss(getpid()))
+        let opsBefore = operations.load(ordering: .relaxed)
+        var log: [UInt64] = []
+        let start = monotonicNanoseconds()
+        phase.store(method.phase, ordering: .relaxed)
+        var pause: UInt64 = 0
+        var freeze: UInt64 = 0
+        var declared: Int?
+        switch method {
+        case .fork:
+            (pause, freeze) = try forkAndWrite(path: path, sampler: sampler, log: &log)
+        case .stopAndCopy:
+            self.pause()
+            log = versionLog()
+            let copyStart = monotonicNanoseconds()
+            let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+            let e = fd < 0 ? errno : csnap_write_all(fd, base, length)
+            if fd >= 0 { close(fd) }
+            freeze = monotonicNanoseconds() - copyStart
+            resume()
+            pause = monotonicNanoseconds() - start
+            if e != 0 { throw SnapshotError.system("write image", e, path: path) }
+        case .uffdWP:
+            let logBox = Mutex<[UInt64]>([])
+            let capture = try snapshotter.capture(to: path, quiesce: Snapshotter.Quiesce(
+                pause: { [self] in self.pause(); logBox.withLock { $0 = versionLog() } },
+                resume: { [self] in resume() }))
+            pause = capture.pauseNanoseconds
+            freeze = capture.armNanoseconds
+            let result = try capture.wait()
+            declared = result.extraBytes
+            log = logBox.withLock { $0 }
+        }
+        let total = monotonicNanoseconds() - start
+        phase.store(0, ordering: .relaxed)
+        let peak = sampler.stop()
+        let updates = operations.load(ordering: .relaxed) - opsBefore
+        var st = stat()
+        let imageBytes = stat(path, &st) == 0 ? UInt64(st.st_size) : 0
+        let bad = try verify(method == .uffdWP ? .snapshot : .raw, path: path, log: log)
+        return DemoRun(method: method, transparentHugePages: transparentHugePages, round: round,
+                       pauseNanoseconds: pause, freezeNanoseconds: freeze, totalNanoseconds: total, imageBytes: imageBytes,
+                       bytesPerSecond: Double(length) / (Double(total) / 1e9), peakExtraBytes: peak,
+                       declaredExtraBytes: declared, updatesDuring: updates,
+                       dirtiedFraction: 1 - exp(-Double(updates) / Double(pages)), mismatchedPages: bad)
+    }
+
+    /// Forks with the writers held; the child writes the heap and exits. Returns the
+    /// pause and the time of `fork()` itself.
+    private func forkAndWrite(path: String, sampler: MemorySampler, log: inout [UInt64]) throws(SnapshotError) -> (UInt64, UInt64) {
+        let start = monotonicNanoseconds()
+        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        if fd < 0 { throw SnapshotError.system("open", path: path) }
+        defer { close(fd) }
+        pause()
+        log = versionLog()
+        let forkStart = monotonicNanoseconds()
+        let pid = Glibc.fork()
+        if pid == 0 { _exit(csnap_write_all(fd, base, length) == 0 ? 0 : 1) }
+        let forked = monotonicNanoseconds() - forkStart
+        resume()
+        let paused = monotonicNanoseconds() - start
+        if pid < 0 { throw SnapshotError.system("fork") }
+        sampler.child.store(pid, ordering: .releasing)
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        sampler.child.store(0, ordering: .releasing)
+        if status != 0 { throw SnapshotError.system("the forked child writing the image", EIO, path: path) }
+        return (paused, forked)
+    }
+
+    enum ImageKind { case raw, snapshot }
+
+    /// Counts the pages of the image that are not the logged version of their record.
+    func verify(_ kind: ImageKind, path: String, log: [UInt64]) throws(SnapshotError) -> Int {
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: 2 << 20, alignment: 4096)
+        defer { buffer.deallocate() }
+        let ps = systemPageSize
+        var bad = 0
+        switch kind {
+        case .snapshot:
+            let chain = try SnapshotChain(paths: [path])
+            guard chain.pageCount == pages else { return pages }
+            for p in 0..<pages {
+                try chain.readPage(p, into: buffer)
+                if !Self.check(buffer, record: p, version: log[p]) { bad += 1 }
+            }
+        case .raw:
+            let fd = open(path, O_RDONLY | O_CLOEXEC)
+            if fd < 0 { throw SnapshotError.system("open", path: path) }
+            defer { close(fd) }
+            let per = (2 << 20) / ps
+            for first in stride(from: 0, to: pages, by: per) {
+                let n = min(per, pages - first)
+                try readExactly(fd, buffer, n * ps, at: UInt64(first * ps), path: path)
+                for i in 0..<n where !Self.check(buffer + i * ps, record: first + i, version: log[first + i]) { bad += 1 }
+            }
+        }
+        return bad
+    }
+}

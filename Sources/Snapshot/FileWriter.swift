@@ -1,0 +1,138 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// Writes one snapshot file front to back: header and regions, then page records as
+/// they come, then the chunk table, the index and the footer.
+///
+/// Used by one thread at a time (the capture's writer thread).
+final class SnapshotFileWriter {
+    let fd: Int32
+    let path: String?
+    let pageSize: Int
+    let pageCount: Int
+    /// The snapshot's identifier.
+    let id: [UInt8]
+    /// Whether it is a delta over a parent.
+    let isDelta: Bool
+    /// One entry per global page (see ``SnapshotFormat/entry(_:record:)``), written
+    /// in the machine's byte order (little-endian on the machines this runs on).
+    let index: UnsafeMutablePointer<UInt64>
+    private(set) var chunks = ByteWriter()
+    private(set) var chunkCount = 0
+    private(set) var position: UInt64 = 0
+    private(set) var dataBytes: UInt64 = 0
+
+    /// Starts a file on `fd` (not owned) at offset 0.
+    ///
+    /// - Parameter initialKind: the kind every page has until it is written
+    ///   (`.hole` for a full snapshot, `.unchanged` for a delta).
+    init(fd: Int32, path: String?, regions: [SnapshotFormat.Region], pageSize: Int,
+         id: [UInt8], parentID: [UInt8]?, initialKind: SnapshotFormat.PageKind) throws(SnapshotError) {
+        self.fd = fd
+        self.path = path
+        self.pageSize = pageSize
+        self.id = id
+        self.isDelta = parentID != nil
+        self.pageCount = regions.reduce(0) { $0 + Int($1.length) / pageSize }
+        index = .allocate(capacity: max(1, pageCount))
+        index.initialize(repeating: SnapshotFormat.entry(initialKind), count: max(1, pageCount))
+        var header = ByteWriter()
+        header.u64(SnapshotFormat.headerMagic)
+        header.u32(SnapshotFormat.version)
+        header.u32(UInt32(pageSize))
+        header.u32(UInt32(regions.count))
+        header.u32(parentID == nil ? 0 : 1)
+        header.raw(id)
+        header.raw(parentID ?? [UInt8](repeating: 0, count: 16))
+        var table = ByteWriter()
+        for r in regions {
+            table.u64(r.start)
+            table.u64(r.length)
+            table.u32(r.kind.rawValue)
+            table.u32(0)
+        }
+        var crcInput = header
+        crcInput.raw(table.bytes)
+        header.u32(crcInput.crc)
+        header.u32(0)
+        header.raw(table.bytes)
+        try write(header.bytes)
+    }
+
+    deinit { index.deallocate() }
+
+    /// Memory this writer holds besides the page data (index and chunk table).
+    var metadataBytes: Int { pageCount * 8 + chunks.bytes.capacity }
+
+    private func write(_ bytes: [UInt8]) throws(SnapshotError) {
+        let result: Result<Void, SnapshotError> = bytes.withUnsafeBytes { b in
+            do throws(SnapshotError) { try write(b); return .success(()) } catch { return .failure(error) }
+        }
+        try result.get()
+    }
+
+    private func write(_ bytes: UnsafeRawBufferPointer) throws(SnapshotError) {
+        var done = 0
+        while done < bytes.count {
+            let n = pwrite(fd, bytes.baseAddress! + done, bytes.count - done, off_t(position) + off_t(done))
+            if n > 0 { done += n; continue }
+            if n < 0 && errno == EINTR { continue }
+            throw SnapshotError.system("write snapshot", n == 0 ? EIO : errno, path: path)
+        }
+        position += UInt64(bytes.count)
+    }
+
+    /// Appends `count` pages starting at global page `first`, read from `bytes`.
+    func appendRecord(first: Int, count: Int, bytes: UnsafeRawPointer) throws(SnapshotError) {
+        let data = UnsafeRawBufferPointer(start: bytes, count: count * pageSize)
+        let crc = CRC32C.checksum(data)
+        var head = ByteWriter()
+        head.u32(SnapshotFormat.recordMagic)
+        head.u32(UInt32(count))
+        head.u64(UInt64(first))
+        head.u32(crc)
+        head.u32(0)
+        let offset = position
+        try write(head.bytes)
+        try write(data)
+        chunks.u64(offset)
+        chunks.u64(UInt64(first))
+        chunks.u32(UInt32(count))
+        chunks.u32(crc)
+        let entry = SnapshotFormat.entry(.data, record: UInt32(chunkCount))
+        for p in first..<(first + count) { index[p] = entry }
+        chunkCount += 1
+        dataBytes += UInt64(data.count)
+    }
+
+    /// Records `count` pages from `first` as `kind` (hole or zero).
+    func mark(first: Int, count: Int, _ kind: SnapshotFormat.PageKind) {
+        let entry = SnapshotFormat.entry(kind)
+        for p in first..<(first + count) { index[p] = entry }
+    }
+
+    /// Writes the chunk table, the index and the footer. The file is complete after this.
+    func finish() throws(SnapshotError) {
+        let chunkTableOffset = position
+        let trailer = chunks
+        let indexOffset = chunkTableOffset + UInt64(chunks.bytes.count)
+        let indexBytes = UnsafeRawBufferPointer(start: index, count: pageCount * 8)
+        var footer = ByteWriter()
+        footer.u64(SnapshotFormat.footerMagic)
+        footer.u64(chunkTableOffset)
+        footer.u64(UInt64(chunkCount))
+        footer.u64(indexOffset)
+        footer.u64(UInt64(pageCount))
+        var crc = trailer.crc
+        crc = CRC32C.checksum(indexBytes, continuing: crc)
+        crc = footer.bytes.withUnsafeBytes { CRC32C.checksum($0, continuing: crc) }
+        footer.u32(crc)
+        footer.u32(0)
+        try write(trailer.bytes)
+        try write(indexBytes)
+        try write(footer.bytes)
+    }
+}

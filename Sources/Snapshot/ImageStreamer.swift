@@ -1,0 +1,226 @@
+import Userfaultfd
+import _CSnapshot
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// The capture's image writer: walks the regions in address order a chunk at a
+/// time (2 MiB by default), writes the pages nobody saved yet straight from the
+/// still-protected memory, and clears protection on the whole chunk with one ioctl.
+/// Between chunks it drains the staging ring into the image.
+final class ImageStreamer: @unchecked Sendable {
+    let job: CaptureJob
+    private let scanner: PagemapScanner
+    private let mine: UnsafeMutablePointer<Bool>
+    private let residency: UnsafeMutablePointer<UInt8>
+
+    init(job: CaptureJob) throws(SnapshotError) {
+        self.job = job
+        do { scanner = try PagemapScanner(regionCapacity: job.streamChunkPages + 1) } catch {
+            throw SnapshotError.system("open /proc/self/pagemap", error.errno?.rawValue ?? EIO)
+        }
+        mine = .allocate(capacity: job.streamChunkPages)
+        residency = .allocate(capacity: job.streamChunkPages)
+    }
+
+    deinit {
+        mine.deallocate()
+        residency.deallocate()
+    }
+
+    /// Streams everything, waits for the staged pages, finishes the file. On failure or
+    /// cancel it clears every protection instead. Either way it raises the stop signal.
+    func run() {
+        do throws(SnapshotError) {
+            for (i, r) in job.layout.enumerated() {
+                var first = r.firstPage
+                while first < r.firstPage + r.pages {
+                    if job.monitor.withLock({ job.cancelled }) { throw job.monitor.withLock { job.failure } ?? SnapshotError(.cancelled) }
+                    try drain()
+                    let end = min(first + job.streamChunkPages, r.firstPage + r.pages)
+                    try stream(region: i, first: first, end: end)
+                    first = end
+                }
+            }
+            try drainUntilSettled()
+            try job.writer.finish()
+            try job.onFinish?()
+            job.monitor.withLock { job.finished = true }
+        } catch {
+            job.fail(error)
+            job.unprotectAll()
+        }
+        job.monitor.withLock { job.endNanoseconds = monotonicNanoseconds() }
+        job.stop.raise()
+    }
+
+    /// Writes the chunk's pages still pending, then clears protection on the chunk
+    /// (unless tracking writes for a delta).
+    private func stream(region: Int, first: Int, end: Int) throws(SnapshotError) {
+        var any = false
+        job.monitor.withLock {
+            for p in first..<end {
+                let pending = job.state[p] == PageState.pending
+                if pending { job.state[p] = PageState.streaming; any = true }
+                mine[p - first] = pending
+            }
+        }
+        var p = first
+        while any && p < end {
+            guard mine[p - first] else { p += 1; continue }
+            var q = p + 1
+            while q < end && mine[q - first] { q += 1 }
+            try write(region: region, first: p, end: q)
+            p = q
+        }
+        if !job.tracking {
+            try unprotectChunk(region: region, first: first, end: end)
+        }
+        job.monitor.withLock {
+            for p in first..<end where mine[p - first] { job.state[p] = PageState.done }
+            job.streamedPages += (first..<end).reduce(0) { $0 + (mine[$1 - first] ? 1 : 0) }
+        }
+        // When tracking, clean pages stay protected; a writer held on one of them is
+        // woken to fault again, and the handler then notes it written.
+        if job.tracking && any { try job.wake(region: region, first: first, pages: end - first) }
+    }
+
+    /// Clears protection on the chunk, in one call unless the fault handler is still
+    /// copying some of its pages (those it clears itself once copied).
+    private func unprotectChunk(region: Int, first: Int, end: Int) throws(SnapshotError) {
+        var runs: [(Int, Int)] = []
+        job.monitor.withLock {
+            var p = first
+            while p < end {
+                if job.state[p] == PageState.saving { p += 1; continue }
+                var q = p + 1
+                while q < end && job.state[q] != PageState.saving { q += 1 }
+                runs.append((p, q - p))
+                p = q
+            }
+        }
+        for (p, n) in runs { try job.unprotect(region: region, first: p, pages: n) }
+    }
+
+    /// Writes pages `first ..< end` (all claimed), classing each as data, zero or hole.
+    /// A page with a swap-type entry is either one being migrated (compaction) or
+    /// swapped, or a never-touched page carrying the write-protect marker: PAGEMAP_SCAN
+    /// does not tell them apart, so such pages are read (which waits for a migration)
+    /// and stored as data unless they read as zeros.
+    private func write(region: Int, first: Int, end: Int) throws(SnapshotError) {
+        let start = job.address(of: first, in: region)
+        let ps = job.pageSize
+        let count = end - first
+        if job.layout[region].kind == .shmem {
+            // The page cache, not the page table, says what a shared page holds.
+            if mincore(UnsafeMutableRawPointer(bitPattern: UInt(start)), count * ps, residency) != 0 {
+                throw SnapshotError.system("mincore")
+            }
+            var p = 0
+            while p < count {
+                var q = p + 1
+                let resident = residency[p] & 1 != 0
+                while q < count && (residency[q] & 1 != 0) == resident { q += 1 }
+                if resident { try record(first + p, q - p, from: start + UInt64(p * ps)) } else { job.writer.mark(first: first + p, count: q - p, .hole) }
+                p = q
+            }
+            return
+        }
+        var cursor = first
+        var scanFrom = start
+        let scanEnd = start + UInt64(count * ps)
+        while scanFrom < scanEnd {
+            let result: PagemapScanner.Result
+            do {
+                result = try scanner.scan(MemoryRange(start: scanFrom, end: scanEnd), anyOf: [.present, .swapped],
+                                           returning: [.present, .swapped, .pfnZero])
+            } catch {
+                throw SnapshotError.system("PAGEMAP_SCAN", error.errno?.rawValue ?? EIO)
+            }
+            for present in result.regions {
+                let a = first + Int((present.range.start - start) / UInt64(ps))
+                let b = a + Int(present.range.length) / ps
+                if a > cursor { job.writer.mark(first: cursor, count: a - cursor, .hole) }
+                if present.categories.contains(.pfnZero) {
+                    job.writer.mark(first: a, count: b - a, .zero)
+                } else if !present.categories.contains(.present) {
+                    try writeNonZero(a, b - a, from: start + UInt64((a - first) * ps))
+                } else {
+                    try record(a, b - a, from: start + UInt64((a - first) * ps))
+                }
+                cursor = b
+            }
+            // The walk may stop early (its output full): go on from where it stopped.
+            guard result.walkEnd > scanFrom, result.walkEnd < scanEnd else { break }
+            let stoppedAt = first + Int((result.walkEnd - start) / UInt64(ps))
+            if stoppedAt > cursor { job.writer.mark(first: cursor, count: stoppedAt - cursor, .hole) }
+            cursor = max(cursor, stoppedAt)
+            scanFrom = result.walkEnd
+        }
+        if cursor < end { job.writer.mark(first: cursor, count: end - cursor, .hole) }
+    }
+
+    /// Writes the pages that are not all zeros; marks the others zero.
+    private func writeNonZero(_ first: Int, _ count: Int, from address: UInt64) throws(SnapshotError) {
+        let ps = job.pageSize
+        var p = 0
+        while p < count {
+            let base = UnsafeRawPointer(bitPattern: UInt(address) + UInt(p * ps))!
+            if csnap_is_zero(base, ps) != 0 { job.writer.mark(first: first + p, count: 1, .zero); p += 1; continue }
+            var q = p + 1
+            while q < count && csnap_is_zero(UnsafeRawPointer(bitPattern: UInt(address) + UInt(q * ps))!, ps) == 0 { q += 1 }
+            try record(first + p, q - p, from: address + UInt64(p * ps))
+            p = q
+        }
+    }
+
+    private func record(_ first: Int, _ count: Int, from address: UInt64) throws(SnapshotError) {
+        try job.writer.appendRecord(first: first, count: count, bytes: UnsafeRawPointer(bitPattern: UInt(address))!)
+    }
+
+    /// Writes the published staged pages to the image and frees their slots.
+    private func drain() throws(SnapshotError) {
+        let (from, to) = job.monitor.withLock { (job.consumed, job.published) }
+        var i = from
+        let ps = job.pageSize
+        while i < to {
+            let slot = i % job.capacity
+            let page = job.slotPages[slot]
+            let base = job.slots + slot * ps
+            if csnap_is_zero(base, ps) != 0 {
+                job.writer.mark(first: page, count: 1, .zero)
+                i += 1
+                continue
+            }
+            var n = 1
+            while i + n < to, slot + n < job.capacity, job.slotPages[slot + n] == page + n,
+                  csnap_is_zero(base + n * ps, ps) == 0 { n += 1 }
+            try job.writer.appendRecord(first: page, count: n, bytes: base)
+            i += n
+        }
+        if to > from {
+            job.monitor.withLock {
+                job.consumed = to
+                job.monitor.broadcast()
+            }
+        }
+    }
+
+    /// After the walk, waits until every page the handler claimed is staged and written.
+    private func drainUntilSettled() throws(SnapshotError) {
+        while true {
+            try drain()
+            let settled: Bool = job.monitor.withLock {
+                if job.cancelled { return false }
+                if job.inFlight == 0 && job.consumed == job.published { return true }
+                if job.consumed == job.published { job.monitor.wait(milliseconds: 1) }
+                return false
+            }
+            if settled { return }
+            if job.monitor.withLock({ job.cancelled }) { throw job.monitor.withLock { job.failure } ?? SnapshotError(.cancelled) }
+        }
+    }
+}

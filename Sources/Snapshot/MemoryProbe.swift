@@ -1,0 +1,65 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import Userfaultfd
+
+/// What memory a range of the calling process is, from `/proc/self/smaps`.
+enum MemoryProbe {
+    /// The kind of every mapping in `range`, which must all be of one kind.
+    ///
+    /// - Throws: ``SnapshotError/Kind/unsupported(_:)`` for hugetlb memory, private file
+    ///   mappings, a range not wholly mapped, or a range mixing kinds.
+    static func kind(of range: MemoryRange) throws(SnapshotError) -> SnapshotFormat.MemoryKind {
+        guard let f = fopen("/proc/self/smaps", "r") else { throw SnapshotError.system("open /proc/self/smaps") }
+        defer { fclose(f) }
+        var kinds = Set<SnapshotFormat.MemoryKind>()
+        var covered: UInt64 = 0
+        var current: (start: UInt64, end: UInt64, shared: Bool, path: String)?
+        var line = [CChar](repeating: 0, count: 4096)
+        func close(pageSize: Int) throws(SnapshotError) {
+            guard let c = current else { return }
+            current = nil
+            let lo = max(c.start, range.start), hi = min(c.end, range.end)
+            guard lo < hi else { return }
+            covered += hi - lo
+            if pageSize > systemPageSize {
+                throw SnapshotError(.unsupported("hugetlb memory (\(pageSize / 1024) KiB pages) at \(range): "
+                    + "only anonymous (with or without transparent huge pages) and shmem/memfd memory are snapshotted"))
+            }
+            if c.shared { kinds.insert(.shmem); return }
+            if c.path.isEmpty || c.path.hasPrefix("[") { kinds.insert(.anonymous); return }
+            throw SnapshotError(.unsupported("private file mapping \(c.path) at \(range)"))
+        }
+        while fgets(&line, Int32(line.count), f) != nil {
+            let text = line.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
+            if text.hasPrefix("KernelPageSize:") {
+                let kb = Int(text.dropFirst("KernelPageSize:".count).split(separator: " ").first ?? "") ?? 4
+                try close(pageSize: kb * 1024)
+                continue
+            }
+            let fields = text.split(separator: " ", maxSplits: 5, omittingEmptySubsequences: true)
+            guard fields.count >= 5, let dash = fields[0].firstIndex(of: "-"),
+                  let s = UInt64(fields[0][..<dash], radix: 16),
+                  let e = UInt64(fields[0][fields[0].index(after: dash)...], radix: 16) else { continue }
+            let perms = fields[1]
+            let path = fields.count > 5 ? fields[5].trimmingCharacters() : ""
+            current = (s, e, perms.count == 4 && perms.last == "s", path)
+        }
+        try close(pageSize: systemPageSize)
+        guard covered == range.length else {
+            throw SnapshotError(.invalidArgument("\(range) is not wholly mapped"))
+        }
+        guard kinds.count == 1, let kind = kinds.first else {
+            throw SnapshotError(.invalidArgument("\(range) mixes anonymous and shared memory: give each part as its own region"))
+        }
+        return kind
+    }
+}
+
+extension Substring {
+    func trimmingCharacters() -> String {
+        String(self.drop(while: { $0 == " " }).reversed().drop(while: { $0 == " " || $0 == "\n" }).reversed())
+    }
+}

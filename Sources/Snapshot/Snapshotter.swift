@@ -1,0 +1,187 @@
+import Synchronization
+import Userfaultfd
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// Takes consistent snapshots of regions of the calling process while its threads
+/// keep running, with userfaultfd write protection.
+///
+/// The regions are registered for write protection once, when the snapshotter is
+/// made, and stay registered for every capture. A capture protects every page
+/// (with WP_UNPOPULATED, pages never touched too) and returns: that is the
+/// snapshot's instant. A writer thread then streams the pages in address order
+/// into the image, clearing protection a chunk at a time, while a fault handler
+/// saves any page a thread writes first (copy before write) into a bounded
+/// staging area.
+///
+/// ```swift
+/// let snapshotter = try Snapshotter(regions: [heap.range])
+/// let capture = try snapshotter.capture(to: "heap.snap")
+/// let result = try capture.wait()
+/// ```
+public final class Snapshotter: @unchecked Sendable {
+    /// How captures run.
+    public struct Options: Sendable {
+        /// The most bytes of pages saved before a write that may wait to be written
+        /// (rounded down to whole pages); a writer faulting when it is full waits.
+        public var stagingBytes = 64 << 20
+        /// The bytes the image writer streams, and unprotects with one call, at a time.
+        public var streamChunkBytes = 2 << 20
+        /// The pages saved around a faulting page (aligned to the region), at most the staging capacity.
+        public var faultChunkPages = 16
+        /// Track writes after each capture (WP_ASYNC + PAGEMAP_SCAN) so the next capture
+        /// is a delta holding only the pages written since. Captures then need a quiesce
+        /// hook: it is also called once more at the end of each capture, to hand the
+        /// regions over to tracking without missing a write.
+        public var incremental = false
+        /// SCHED_FIFO priority of the fault handler (0: time-shared). A held writer
+        /// waits for the handler; on a busy host a time-shared handler first waits
+        /// for a time slice. Without CAP_SYS_NICE it stays time-shared.
+        public var handlerPriority: Int32 = 1
+
+        public init() {}
+    }
+
+    /// A hook around the arm: `pause` stops the caller's writers, `resume` lets them go.
+    public struct Quiesce: Sendable {
+        public var pause: @Sendable () -> Void
+        public var resume: @Sendable () -> Void
+
+        public init(pause: @escaping @Sendable () -> Void, resume: @escaping @Sendable () -> Void) {
+            self.pause = pause
+            self.resume = resume
+        }
+    }
+
+    /// The regions, in the order their pages are numbered.
+    public let regions: [SnapshotFormat.Region]
+    /// The options captures run with.
+    public let options: Options
+    let layout: [RegionLayout]
+    let uffd: Userfaultfd
+    /// The WP_ASYNC userfaultfd that tracks writes between captures (incremental only).
+    let asyncHandle: Userfaultfd.Handle?
+    let tracking = Mutex(TrackingState())
+    private let busy = Atomic<Bool>(false)
+
+    /// Registers `regions` (anonymous or shmem/memfd memory of this process) for
+    /// write protection.
+    ///
+    /// - Throws: ``SnapshotError`` if a region is unaligned, overlaps another, is
+    ///   hugetlb or a private file mapping, or the kernel lacks WP_UNPOPULATED
+    ///   (anonymous) or WP_HUGETLBFS_SHMEM (shmem).
+    public init(regions ranges: [MemoryRange], options: Options = Options()) throws(SnapshotError) {
+        let ps = systemPageSize
+        var regions: [SnapshotFormat.Region] = []
+        var layout: [RegionLayout] = []
+        var first = 0
+        for range in ranges {
+            guard range.length > 0, range.isAligned(to: UInt64(ps)) else {
+                throw SnapshotError(.invalidArgument("region \(range) is empty or not page-aligned"))
+            }
+            if let other = regions.first(where: { MemoryRange(start: $0.start, length: $0.length).overlaps(range) }) {
+                throw SnapshotError(.invalidArgument("region \(range) overlaps 0x\(String(other.start, radix: 16))"))
+            }
+            let kind = try MemoryProbe.kind(of: range)
+            regions.append(.init(start: range.start, length: range.length, kind: kind))
+            layout.append(RegionLayout(start: range.start, pages: Int(range.length) / ps, firstPage: first, kind: kind))
+            first += Int(range.length) / ps
+        }
+        guard !regions.isEmpty else { throw SnapshotError(.invalidArgument("no region given")) }
+        var features: Userfaultfd.Features = [.wpUnpopulated]
+        if regions.contains(where: { $0.kind == .shmem }) { features.insert(.wpHugetlbfsShmem) }
+        do {
+            uffd = try Userfaultfd(.init().requiring(features))
+        } catch {
+            throw SnapshotError(.unsupported("a userfaultfd with \(features): \(error)"))
+        }
+        for r in regions {
+            do {
+                try uffd.handle.register(MemoryRange(start: r.start, length: r.length), mode: .writeProtect, requiring: [.writeProtect])
+            } catch {
+                throw SnapshotError(.unsupported("registering 0x\(String(r.start, radix: 16)) for write protection: \(error)"))
+            }
+        }
+        if options.incremental {
+            do {
+                asyncHandle = Userfaultfd.Handle(
+                    fileDescriptor: try Userfaultfd(.init().requiring(features.union([.wpAsync]))).release(),
+                    features: features.union([.wpAsync]))
+            } catch {
+                throw SnapshotError(.unsupported("incremental snapshots need a userfaultfd with WP_ASYNC: \(error)"))
+            }
+        } else {
+            asyncHandle = nil
+        }
+        self.regions = regions
+        self.layout = layout
+        self.options = options
+    }
+
+    deinit {
+        for r in regions {
+            let range = MemoryRange(start: r.start, length: r.length)
+            try? uffd.handle.unregister(range)
+            try? asyncHandle?.unregister(range)
+        }
+        try? asyncHandle?.fileDescriptor.close()
+    }
+
+    /// The number of pages across the regions.
+    public var pageCount: Int { layout.reduce(0) { $0 + $1.pages } }
+
+    /// Starts a capture into the file at `path` (created or truncated).
+    ///
+    /// Returns once every page is protected: the image is the memory at that instant.
+    /// - Parameters:
+    ///   - path: the image file.
+    ///   - quiesce: called around the arm, so the instant falls between operations.
+    /// - Throws: ``SnapshotError`` if a capture is running, or the file or arm fails.
+    public func capture(to path: String, quiesce: Quiesce? = nil) throws(SnapshotError) -> Capture {
+        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        if fd < 0 { throw SnapshotError.system("open", path: path) }
+        do {
+            return try capture(fd: fd, path: path, ownsDescriptor: true, quiesce: quiesce)
+        } catch {
+            close(fd)
+            throw error
+        }
+    }
+
+    func capture(fd: Int32, path: String?, ownsDescriptor: Bool, quiesce: Quiesce?) throws(SnapshotError) -> Capture {
+        if options.incremental && quiesce == nil {
+            throw SnapshotError(.invalidArgument("incremental captures need a quiesce hook (writes are handed over to tracking under it)"))
+        }
+        guard busy.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged else {
+            throw SnapshotError(.invalidArgument("a capture is already running on this snapshotter"))
+        }
+        do {
+            let parent = tracking.withLock { $0.active ? $0.parentID : nil }
+            let writer = try SnapshotFileWriter(fd: fd, path: path, regions: regions, pageSize: systemPageSize,
+                                                id: Self.newID(), parentID: parent, initialKind: parent == nil ? .hole : .unchanged)
+            let job = try CaptureJob(layout: layout, pageSize: systemPageSize, handle: uffd.handle, writer: writer, options: options)
+            if options.incremental, let quiesce {
+                job.onFinish = { [unowned self, unowned job] () throws(SnapshotError) in try self.handOver(job, quiesce: quiesce) }
+            }
+            return try Capture(snapshotter: self, job: job, fd: ownsDescriptor ? fd : -1, quiesce: quiesce)
+        } catch {
+            captureEnded(finished: false)
+            throw error
+        }
+    }
+
+    func captureEnded(finished: Bool) {
+        // A capture that did not finish leaves no parent to build a delta on.
+        if !finished { tracking.withLock { $0 = TrackingState() } }
+        busy.store(false, ordering: .releasing)
+    }
+
+    static func newID() -> [UInt8] {
+        var g = SystemRandomNumberGenerator()
+        return (0..<16).map { _ in UInt8.random(in: 0...255, using: &g) }
+    }
+}

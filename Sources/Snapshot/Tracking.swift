@@ -1,0 +1,98 @@
+import Userfaultfd
+
+/// Between incremental captures: which snapshot the next delta builds on, and the
+/// pages written during the last capture (after its instant).
+struct TrackingState: Sendable {
+    /// Whether the regions are registered on the WP_ASYNC userfaultfd, tracking writes.
+    var active = false
+    /// The last finished capture's identifier.
+    var parentID: [UInt8]?
+    /// One byte per page: written after the last instant, while that capture ran.
+    var carried: [UInt8] = []
+}
+
+extension Snapshotter {
+    /// Protects every page: the snapshot's instant. For a delta, first reads which
+    /// pages were written since the last instant (PAGEMAP_SCAN on the tracking
+    /// userfaultfd, plus those noted during the last capture), leaves the others out of
+    /// the capture, and moves the regions back to the copy-before-write userfaultfd.
+    /// Called with the caller's writers paused.
+    func arm(_ job: CaptureJob) throws(SnapshotError) {
+        let state = tracking.withLock { $0 }
+        if job.writer.isDelta, state.active, let asyncHandle {
+            let written = try scanWritten()
+            for p in 0..<job.pageCount where written[p] == 0 && state.carried[p] == 0 {
+                job.state[p] = PageState.done
+            }
+            for r in regions {
+                let range = MemoryRange(start: r.start, length: r.length)
+                do {
+                    try asyncHandle.unregister(range)
+                    try uffd.handle.register(range, mode: .writeProtect, requiring: [.writeProtect])
+                } catch {
+                    throw SnapshotError.system("moving 0x\(String(r.start, radix: 16)) back from tracking", error.errno?.rawValue ?? 5)
+                }
+            }
+            tracking.withLock { $0.active = false }
+        }
+        for r in regions {
+            do {
+                try uffd.handle.writeProtect(MemoryRange(start: r.start, length: r.length), protect: true)
+            } catch {
+                throw SnapshotError.system("UFFDIO_WRITEPROTECT (set)", error.errno?.rawValue ?? 5)
+            }
+        }
+    }
+
+    /// One byte per page: written since the tracking userfaultfd last protected it.
+    func scanWritten() throws(SnapshotError) -> [UInt8] {
+        var written = [UInt8](repeating: 0, count: pageCount)
+        let scanner: PagemapScanner
+        do { scanner = try PagemapScanner() } catch { throw SnapshotError.system("open /proc/self/pagemap", error.errno?.rawValue ?? 5) }
+        for r in layout {
+            let end = r.start + UInt64(r.pages * systemPageSize)
+            var start = r.start
+            while start < end {
+                let result: PagemapScanner.Result
+                do {
+                    result = try scanner.scan(MemoryRange(start: start, end: end), required: .written, returning: .written)
+                } catch {
+                    throw SnapshotError.system("PAGEMAP_SCAN (written)", error.errno?.rawValue ?? 5)
+                }
+                for region in result.regions {
+                    let a = r.firstPage + Int((region.range.start - r.start) / UInt64(systemPageSize))
+                    for p in a..<(a + Int(region.range.length) / systemPageSize) { written[p] = 1 }
+                }
+                if result.walkEnd >= end || result.walkEnd <= start { break }
+                start = result.walkEnd
+            }
+        }
+        return written
+    }
+
+    /// After a capture's last byte: moves the regions to the WP_ASYNC userfaultfd and
+    /// protects them there, with the writers paused so no write goes unseen. Pages
+    /// written during the capture are carried into the next delta.
+    func handOver(_ job: CaptureJob, quiesce: Quiesce) throws(SnapshotError) {
+        guard let asyncHandle else { return }
+        quiesce.pause()
+        defer { quiesce.resume() }
+        for r in regions {
+            let range = MemoryRange(start: r.start, length: r.length)
+            do {
+                try uffd.handle.unregister(range)
+                try asyncHandle.register(range, mode: .writeProtect, requiring: [.writeProtect])
+                try asyncHandle.writeProtect(range, protect: true)
+            } catch {
+                for r in regions {
+                    let range = MemoryRange(start: r.start, length: r.length)
+                    try? asyncHandle.unregister(range)
+                    _ = try? uffd.handle.register(range, mode: .writeProtect)
+                }
+                throw SnapshotError.system("handing 0x\(String(r.start, radix: 16)) over to write tracking", error.errno?.rawValue ?? 5)
+            }
+        }
+        let carried = Array(UnsafeBufferPointer(start: job.nextDirty, count: job.pageCount))
+        tracking.withLock { $0 = TrackingState(active: true, parentID: job.writer.id, carried: carried) }
+    }
+}

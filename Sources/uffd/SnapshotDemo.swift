@@ -1,0 +1,68 @@
+import ArgumentParser
+import Foundation
+import Snapshot
+
+struct SnapshotDemoCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "demo",
+        abstract: "Snapshot a heap under random updates by fork, uffd-wp and stop-and-copy (THP on and off), "
+            + "verify every image, and measure incremental capture and write-tracking cost.")
+
+    @Option(name: .customLong("heap-mib"), help: "Heap size in MiB.")
+    var heapMiB = 2048
+
+    @Option(help: "Writer threads doing random updates.")
+    var writers = 2
+
+    @Option(help: "Snapshots per method and heap (methods alternate; medians are reported).")
+    var rounds = 2
+
+    @Option(name: .customLong("staging-mib"), help: "Staging area of uffd-wp captures, in MiB.")
+    var stagingMiB = 64
+
+    @Option(help: "Transparent huge pages: on, off or both.")
+    var thp = "both"
+
+    @Option(help: "Directory for the images (tmpfs by default, the same for every method).")
+    var directory = "/dev/shm"
+
+    @Option(help: "Percent of the heap written before the incremental (delta) capture.")
+    var incrementalPercent = 1.0
+
+    @Option(help: "Rounds of the write-tracking measurement.")
+    var trackingRounds = 5
+
+    @Flag(help: "Print the report as JSON (progress still goes to standard error).")
+    var json = false
+
+    func run() throws {
+        var c = SnapshotDemo.Configuration()
+        guard heapMiB >= 2, writers >= 1, rounds >= 1, stagingMiB >= 1, trackingRounds >= 1,
+              incrementalPercent > 0, incrementalPercent <= 100 else {
+            throw ValidationError("--heap-mib >= 2, --writers, --rounds, --staging-mib, --tracking-rounds >= 1, 0 < --incremental-percent <= 100")
+        }
+        switch thp {
+        case "on": c.transparentHugePages = [true]
+        case "off": c.transparentHugePages = [false]
+        case "both": c.transparentHugePages = [true, false]
+        default: throw ValidationError("--thp is on, off or both")
+        }
+        c.heapBytes = heapMiB << 20
+        c.writers = writers
+        c.rounds = rounds
+        c.stagingBytes = stagingMiB << 20
+        c.directory = directory
+        c.incrementalFraction = incrementalPercent / 100
+        c.trackingRounds = trackingRounds
+        let report = try SnapshotDemo(c).run { line in
+            FileHandle.standardError.write(Data((line + "\n").utf8))
+        }
+        if json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            print(String(decoding: try encoder.encode(report), as: UTF8.self))
+        } else {
+            print(report.table())
+        }
+    }
+}

@@ -1,0 +1,141 @@
+import FaultEngine
+import Snapshot
+import Testing
+import Userfaultfd
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+extension SnapshotTests {
+    @Suite(.serialized, .timeLimit(.minutes(2)), .enabled(if: captureSupported, "needs WP_UNPOPULATED and WP on shmem"))
+    struct CaptureTests {
+        /// Captures `memory` under `threads` writers; returns the file, the version log and the result.
+        static func captureUnderWriters(_ memory: TestMemory, threads: Int = 2, options: Snapshotter.Options = .init(),
+                                        file: TemporaryPath) throws -> (log: [UInt64], result: Capture.Result) {
+            let workload = Workload(memory: memory, threads: threads)
+            workload.populate(stride: 3)
+            let snapshotter = try Snapshotter(regions: [memory.range], options: options)
+            workload.start(seed: 42)
+            while workload.operations.load(ordering: .relaxed) < 2000 { sched_yield() }
+            let log = VersionLog()
+            let capture = try snapshotter.capture(to: file.path, quiesce: workload.quiesce(into: log))
+            let result = try capture.wait()
+            let during = workload.operations.load(ordering: .relaxed)
+            workload.stop()
+            #expect(during > 2000, "the writers ran")
+            #expect(protectedPages(memory.range) == 0, "no page is left protected")
+            return (log.versions, result)
+        }
+
+        @Test(arguments: TestMemoryKind.allCases)
+        func everyPageHoldsItsVersionAtTheInstant(kind: TestMemoryKind) throws {
+            let memory = try TestMemory(kind: kind, length: 16 << 20)
+            let file = TemporaryPath("consistency-\(kind)")
+            let (log, result) = try Self.captureUnderWriters(memory, file: file)
+            #expect(log.contains(where: { $0 > 1 }), "some pages were written before the instant")
+            #expect(result.streamedPages + result.savedBeforeWritePages == memory.pages)
+            let chain = try SnapshotChain(paths: [file.path])
+            let bad = try mismatches(log) { p, buffer in try chain.readPage(p, into: buffer) }
+            #expect(bad.isEmpty, "pages differing from their version at the instant: \(bad.prefix(10)) of \(bad.count)")
+            let kinds = chain.files[0].kindCounts()
+            if kind != .memfd {
+                #expect((kinds[.hole] ?? 0) + (kinds[.zero] ?? 0) > 0, "never-touched pages are holes or zero: \(kinds)")
+            }
+        }
+
+        @Test func stagingBoundHoldsUnderAWriteStorm() throws {
+            let memory = try TestMemory(kind: .anonymous, length: 32 << 20)
+            var options = Snapshotter.Options()
+            options.stagingBytes = 64 * page
+            options.faultChunkPages = 16
+            options.streamChunkBytes = 256 << 10
+            let file = TemporaryPath("storm")
+            let (log, result) = try Self.captureUnderWriters(memory, threads: 2, options: options, file: file)
+            #expect(result.peakStagedPages <= 64, "peak \(result.peakStagedPages) pages staged, bound 64")
+            #expect(result.stagingBytes == 64 * page)
+            #expect(result.savedBeforeWritePages > 0, "writers hit protected pages: \(result)")
+            let chain = try SnapshotChain(paths: [file.path])
+            let bad = try mismatches(log) { p, buffer in try chain.readPage(p, into: buffer) }
+            let buffer = UnsafeMutableRawPointer.allocate(byteCount: page, alignment: 4096)
+            defer { buffer.deallocate() }
+            let described: [String] = try bad.prefix(6).map { p in
+                try chain.readPage(p, into: buffer)
+                let w0 = buffer.load(as: UInt64.self)
+                let found = (0..<UInt64(1000)).first { word(page: p, version: $0, index: 0) == w0 }
+                return "page \(p) kind \(chain.files[0].kind(of: p)) logged v\(log[p]) found v\(found.map(String.init) ?? "?")"
+            }
+            #expect(bad.isEmpty, "\(bad.count) pages wrong: \(described)")
+        }
+
+        @Test func cancelLeavesNothingProtectedAndNoWriterHeld() throws {
+            let memory = try TestMemory(kind: .anonymous, length: 32 << 20)
+            let workload = Workload(memory: memory, threads: 2)
+            workload.populate(stride: 1)
+            var options = Snapshotter.Options()
+            options.streamChunkBytes = 64 << 10
+            let snapshotter = try Snapshotter(regions: [memory.range], options: options)
+            let file = TemporaryPath("cancel")
+            workload.start(seed: 7)
+            let capture = try snapshotter.capture(to: file.path, quiesce: workload.quiesce(into: VersionLog()))
+            capture.cancel()
+            #expect(throws: SnapshotError.self) { try capture.wait() }
+            #expect(protectedPages(memory.range) == 0, "no page is left protected")
+            // The writers go on, and every page can be written: a protected one would hold
+            // this thread forever.
+            let before = workload.operations.load(ordering: .relaxed)
+            while workload.operations.load(ordering: .relaxed) < before + 1000 { sched_yield() }
+            workload.stop()
+            for p in 0..<memory.pages { memory.write(page: p, version: 99) }
+            #expect(throws: SnapshotError.self) { try SnapshotFile(path: file.path) }
+            // The snapshotter takes another capture after a cancel.
+            let again = TemporaryPath("after-cancel")
+            try snapshotter.capture(to: again.path).wait()
+            let chain = try SnapshotChain(paths: [again.path])
+            let bad = try mismatches([UInt64](repeating: 99, count: memory.pages)) { p, b in try chain.readPage(p, into: b) }
+            #expect(bad.isEmpty, "\(bad.count) pages wrong, first \(bad.prefix(5))")
+        }
+
+        @Test(.enabled(if: getuid() == 0, "mounts a small tmpfs (needs root)"))
+        func anImageWriterDyingMidCaptureLeavesNothingProtected() throws {
+            // A 1 MiB tmpfs: the image writer fails with ENOSPC part way through 8 MiB.
+            let dir = TemporaryPath("full-dir")
+            try #require(mkdir(dir.path, 0o700) == 0)
+            defer { rmdir(dir.path) }
+            try #require(mount("none", dir.path, "tmpfs", 0, "size=1m") == 0)
+            defer { umount2(dir.path, Int32(MNT_DETACH)) }
+            let memory = try TestMemory(kind: .anonymous, length: 8 << 20)
+            let workload = Workload(memory: memory, threads: 2)
+            workload.populate(stride: 1)
+            let snapshotter = try Snapshotter(regions: [memory.range])
+            workload.start(seed: 9)
+            let capture = try snapshotter.capture(to: dir.path + "/image", quiesce: workload.quiesce(into: VersionLog()))
+            #expect {
+                try capture.wait()
+            } throws: { error in
+                guard let e = error as? SnapshotError, case .system(_, let errno) = e.kind else { return false }
+                return errno == ENOSPC
+            }
+            #expect(protectedPages(memory.range) == 0)
+            let before = workload.operations.load(ordering: .relaxed)
+            while workload.operations.load(ordering: .relaxed) < before + 1000 { sched_yield() }
+            workload.stop()
+            for p in 0..<memory.pages { memory.write(page: p, version: 5) }
+            #expect(throws: SnapshotError.self) { try SnapshotFile(path: dir.path + "/image") }
+            unlink(dir.path + "/image")
+        }
+
+        @Test func hugetlbIsRefusedByName() throws {
+            guard HugePages.ensureFree(1) else { return }
+            let memory = try MemoryMapping(kind: .hugetlb, length: HugePages.size)
+            #expect {
+                _ = try Snapshotter(regions: [memory.range])
+            } throws: { error in
+                guard let e = error as? SnapshotError, case .unsupported(let why) = e.kind else { return false }
+                return why.contains("hugetlb")
+            }
+        }
+    }
+}
