@@ -8,6 +8,7 @@ let package = Package(
         .library(name: "FaultEngine", targets: ["FaultEngine"]),
         .library(name: "Postcopy", targets: ["Postcopy"]),
         .library(name: "FaultManager", targets: ["FaultManager"]),
+        .library(name: "PagedMemory", targets: ["PagedMemory"]),
         .executable(name: "uffd", targets: ["uffd"]),
     ],
     dependencies: [
@@ -77,6 +78,20 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // Open flags that need _GNU_SOURCE (O_DIRECT, O_TMPFILE). No logic.
+        .target(
+            name: "_CPagedMemory",
+            cSettings: [.define("_GNU_SOURCE")]
+        ),
+        // Data larger than memory: a bounded page buffer over a store, with eviction and write-back.
+        .target(
+            name: "PagedMemory",
+            dependencies: [
+                "Userfaultfd",
+                "_CPagedMemory",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
         // The command-line tool.
         .executableTarget(
             name: "uffd",
@@ -130,6 +145,15 @@ let package = Package(
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Logging", package: "swift-log"),
             ]
+        ),
+        // A process of its own for the PagedMemory tests whose outcome is a signal or an exit.
+        .executableTarget(
+            name: "paged-memory-test-helper",
+            dependencies: ["PagedMemory"]
+        ),
+        .testTarget(
+            name: "PagedMemoryTests",
+            dependencies: ["PagedMemory", "Userfaultfd", "paged-memory-test-helper"]
         ),
         .testTarget(
             name: "FaultBenchTests",

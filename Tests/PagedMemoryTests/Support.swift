@@ -1,0 +1,81 @@
+import Foundation
+import PagedMemory
+import SystemPackage
+import Testing
+import Userfaultfd
+
+/// A temporary file whose 8-byte word `i` holds `pattern(i)`; removed on deinit.
+final class PatternFile: @unchecked Sendable {
+    let path: String
+    let size: Int
+
+    static func pattern(_ i: Int) -> UInt64 { UInt64(i) &* 0x9E37_79B9_7F4A_7C15 ^ 0xA5A5 }
+
+    init(size: Int, name: String = "paged") throws {
+        path = NSTemporaryDirectory() + "/\(name)-\(getpid())-\(UInt32.random(in: 0 ... .max)).bin"
+        self.size = size
+        let fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        if fd < 0 { throw Errno(rawValue: errno) }
+        defer { close(fd) }
+        let chunk = 1 << 20
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: chunk, alignment: 8)
+        defer { buffer.deallocate() }
+        var offset = 0
+        while offset < size {
+            let n = min(chunk, size - offset)
+            for w in 0..<n / 8 { buffer.storeBytes(of: Self.pattern(offset / 8 + w), toByteOffset: w * 8, as: UInt64.self) }
+            if pwrite(fd, buffer, n, off_t(offset)) != n { throw Errno(rawValue: errno) }
+            offset += n
+        }
+    }
+
+    deinit { unlink(path) }
+
+    /// Word `i` as the file holds it now (read with `pread`, not through a mapping).
+    func word(_ i: Int) -> UInt64 {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        defer { close(fd) }
+        var value: UInt64 = 0
+        _ = pread(fd, &value, 8, off_t(i * 8))
+        return value
+    }
+
+    /// Every word of the file.
+    func words() -> [UInt64] {
+        var out = [UInt64](repeating: 0, count: size / 8)
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        defer { close(fd) }
+        _ = out.withUnsafeMutableBytes { pread(fd, $0.baseAddress, size, 0) }
+        return out
+    }
+}
+
+/// Runs `paged-memory-test-helper` (built next to the test bundle) and returns its exit status and output.
+func runHelper(_ arguments: [String]) throws -> (status: Int32, reason: Process.TerminationReason, output: String) {
+    let exe = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")
+    let path = URL(fileURLWithPath: exe).deletingLastPathComponent().appendingPathComponent("paged-memory-test-helper").path
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: path)
+    process.arguments = arguments
+    let pipe = Pipe()
+    process.standardOutput = pipe
+    try process.run()
+    let data = pipe.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    return (process.terminationStatus, process.terminationReason, String(decoding: data, as: UTF8.self))
+}
+
+/// Whether this process may create a userfaultfd.
+let canUseUserfaultfd: Bool = (try? Userfaultfd.probe()) != nil
+
+/// A small deterministic generator for the tests.
+struct SplitMix: RandomNumberGenerator {
+    var state: UInt64
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
