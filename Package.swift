@@ -92,6 +92,11 @@ let package = Package(
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
+        // `uffd map bench`: out-of-core workloads over the kernel's mmap and PagedMemory in a memory cgroup.
+        .target(
+            name: "MapBench",
+            dependencies: ["PagedMemory", "Userfaultfd"]
+        ),
         // The command-line tool.
         .executableTarget(
             name: "uffd",
@@ -101,6 +106,8 @@ let package = Package(
                 "FaultBench",
                 "Postcopy",
                 "FaultManager",
+                "PagedMemory",
+                "MapBench",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -153,7 +160,7 @@ let package = Package(
         ),
         .testTarget(
             name: "PagedMemoryTests",
-            dependencies: ["PagedMemory", "Userfaultfd", "paged-memory-test-helper"]
+            dependencies: ["PagedMemory", "MapBench", "Userfaultfd", "paged-memory-test-helper"]
         ),
         .testTarget(
             name: "FaultBenchTests",

@@ -25,7 +25,8 @@ final class StagingBuffer {
 extension Pager {
     /// The filler threads' loop: read fault messages, serve each.
     func fillLoop() {
-        let events = Userfaultfd.EventBuffer(capacity: 16)
+        // One message per read: the other fillers take the next faults, so slow reads overlap.
+        let events = Userfaultfd.EventBuffer(capacity: 1)
         let staging = StagingBuffer(capacity: max(configuration.maxReadAheadBytes, 2 << 20))
         while true {
             guard let ready = try? handle.wait(stop: stopSignal), ready == .ready else { return }
