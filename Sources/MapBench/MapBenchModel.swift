@@ -29,6 +29,8 @@ public struct MapBenchOptions: Codable, Sendable, Equatable {
     public var edgeFactor: Int = 64
     /// The workloads to run (all by default).
     public var workloads: [Workload] = Workload.allCases
+    /// Pages of the dirty-tracking comparison (0: skip it).
+    public var dirtyTrackingPages: Int = 16_384
     /// Drop the page cache before every run (needs root); otherwise `POSIX_FADV_DONTNEED` on the files.
     public var dropCaches: Bool = true
 
@@ -121,4 +123,6 @@ public struct MapBenchReport: Codable, Sendable {
     /// How the cache was made cold before each run.
     public var coldCache: String
     public var rows: [MapBenchRow]
+    /// Synchronous write protection against WP_ASYNC + PAGEMAP_SCAN, if measured.
+    public var dirtyTracking: DirtyTracking.Result?
 }

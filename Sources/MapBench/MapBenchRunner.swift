@@ -20,6 +20,12 @@ public struct MapBenchRunner {
     }
 
     public func run() throws -> MapBenchReport {
+        var dirty: DirtyTracking.Result?
+        if options.dirtyTrackingPages > 0 {
+            dirty = try DirtyTracking.measure(pages: options.dirtyTrackingPages, repetitions: max(3, options.repetitions))
+            progress(String(format: "dirty tracking: synchronous WP %.0f ns/page, WP_ASYNC + PAGEMAP_SCAN %.0f ns/page",
+                            dirty!.synchronousNanosecondsPerPage, dirty!.asyncNanosecondsPerPage))
+        }
         try DataFiles.prepare(options, progress: progress)
         var cgroup: MemoryCgroup?
         var cgroupNote: String
@@ -48,7 +54,8 @@ public struct MapBenchRunner {
                 }
             }
         }
-        return MapBenchReport(options: options, cgroup: cgroupNote, coldCache: cold, rows: Self.rows(results, options))
+        return MapBenchReport(options: options, cgroup: cgroupNote, coldCache: cold, rows: Self.rows(results, options),
+                              dirtyTracking: dirty)
     }
 
     private func runChild(_ w: Workload, _ c: Contender, cgroup: String?) throws -> RunResult {
@@ -119,6 +126,11 @@ extension MapBenchReport {
                          r.verified ? "yes" : "NO", mib(r.bytesRead), mib(r.bytesWritten), mib(r.peakRSS),
                          mib(r.cgroupPeak), r.pagerFaults.map(String.init) ?? "-"]
             lines.append(zip(cells, header).map { pad($0, $1.1) }.joined())
+        }
+        if let d = dirtyTracking {
+            lines.append(String(format: "dirty tracking over %d pages: synchronous write protection %.0f ns/page (all found: %@), "
+                                + "WP_ASYNC + PAGEMAP_SCAN %.0f ns/page (all found: %@)", d.pages, d.synchronousNanosecondsPerPage,
+                                d.synchronousFoundAll ? "yes" : "NO", d.asyncNanosecondsPerPage, d.asyncFoundAll ? "yes" : "NO"))
         }
         return lines.joined(separator: "\n")
     }

@@ -28,12 +28,12 @@ extension Pager {
                 lock.wait(milliseconds: 50)
                 continue
             }
-            while residentBytes > lowWaterBytes && !isStopping {
+            while residentBytes > lowWaterBytes && !isStopping && queue.count > 0 {
                 victims.removeAll(keepingCapacity: true)
                 takeVictims(&victims)
-                if victims.isEmpty { break }
                 lock.unlock()
-                evict(victims)
+                // Let fillers in between rounds: a round that only spent credits holds the lock briefly.
+                if !victims.isEmpty { evict(victims) }
                 lock.lock()
             }
             if residentBytes > highWaterBytes { lock.wait(milliseconds: 5) }
@@ -46,7 +46,7 @@ extension Pager {
     /// that no write lands after their contents are saved.
     private func takeVictims(_ victims: inout [TakenPage]) {
         var looked = 0
-        let bound = queue.count * 4 + Self.evictionBatch
+        let bound = 16 * Self.evictionBatch
         while victims.count < Self.evictionBatch && looked < bound, let e = queue.pop() {
             looked += 1
             guard let (t, page) = table(for: e) else { continue }

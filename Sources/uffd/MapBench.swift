@@ -40,8 +40,10 @@ struct MapBenchCommand: ParsableCommand {
     var graphScale: Int = 22
     @Option(name: .long, help: "R-MAT edges per vertex.")
     var edgeFactor: Int = 64
-    @Option(name: .long, parsing: .upToNextOption, help: "Workloads to run (default: all).")
+    @Option(name: .long, parsing: .upToNextOption, help: "Workloads to run (default: all; `none` for the dirty-tracking comparison alone).")
     var workloads: [String] = []
+    @Option(name: .long, help: "Pages of the dirty-tracking comparison (0: skip it).")
+    var dirtyTrackingPages: Int = 16_384
     @Option(name: .long, help: "Directory for the data files (reused between runs).")
     var directory: String = "/var/tmp/uffd-map-bench"
     @Flag(name: .long, help: "Print the report as JSON.")
@@ -51,7 +53,7 @@ struct MapBenchCommand: ParsableCommand {
         if fileMib < 4 * limitMib { throw ValidationError("--file-mib must be at least 4x --limit-mib") }
         if reserveMib >= limitMib { throw ValidationError("--reserve-mib must be below --limit-mib") }
         if FileStore.IOMode(rawValue: store) == nil { throw ValidationError("--store is direct or buffered") }
-        for w in workloads where Workload(rawValue: w) == nil {
+        for w in workloads where Workload(rawValue: w) == nil && workloads != ["none"] {
             throw ValidationError("unknown workload \(w); known: \(Workload.allCases.map(\.rawValue).joined(separator: ", "))")
         }
         if repetitions < 1 || seconds <= 0 || fillers < 1 { throw ValidationError("repetitions, seconds and fillers must be positive") }
@@ -72,7 +74,12 @@ struct MapBenchCommand: ParsableCommand {
         o.graphScale = graphScale
         o.edgeFactor = edgeFactor
         o.directory = directory
-        if !workloads.isEmpty { o.workloads = workloads.compactMap(Workload.init(rawValue:)) }
+        o.dirtyTrackingPages = dirtyTrackingPages
+        if workloads == ["none"] {
+            o.workloads = []
+        } else if !workloads.isEmpty {
+            o.workloads = workloads.compactMap(Workload.init(rawValue:))
+        }
         let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
         let runner = MapBenchRunner(options: o, childCommand: [exe, "map", "bench-child"]) { line in
             FileHandle.standardError.write(Data((line + "\n").utf8))
