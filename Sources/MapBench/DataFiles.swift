@@ -46,7 +46,8 @@ public enum DataFiles {
         return stat(path, &st) == 0 ? Int(st.st_size) : nil
     }
 
-    private static func writeData(_ path: String, bytes: Int) throws {
+    /// Writes a file of `bytes` whose word `i` is ``pattern(_:)``.
+    public static func writeData(_ path: String, bytes: Int) throws {
         let fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
         if fd < 0 { throw Errno(rawValue: errno) }
         defer { close(fd) }

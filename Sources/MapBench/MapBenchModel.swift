@@ -22,6 +22,8 @@ public struct MapBenchOptions: Codable, Sendable, Equatable {
     public var storeMode: FileStore.IOMode = .direct
     /// The pager's filler threads.
     public var fillers: Int = 4
+    /// `SCHED_FIFO` priority of the pager's fillers (0: time-shared).
+    public var fillerPriority: Int32 = 0
     /// Keys the sort sorts (8 bytes each), taken from the start of the data file.
     public var sortKeys: Int = 64 << 20
     /// R-MAT graph: 2^scale vertices, edgeFactor × 2^scale directed edges.

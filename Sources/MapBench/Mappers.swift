@@ -20,6 +20,7 @@ final class Mapper {
         if contender == .pager || contender == .pagerFIFO {
             var c = PagerConfiguration(bufferBytes: options.limitBytes - options.reserveBytes)
             c.fillers = options.fillers
+            c.fillerPriority = options.fillerPriority
             c.policy = contender == .pagerFIFO ? .fifo : .clock
             pager = try Pager(c)
         }

@@ -94,11 +94,12 @@ enum RandomWorkloads {
     }
 }
 
-/// SplitMix64, a small fast generator.
-struct SplitMix64: RandomNumberGenerator {
-    var state: UInt64
+/// SplitMix64, a small fast generator whose sequence is fixed by its seed.
+public struct SplitMix64: RandomNumberGenerator {
+    public var state: UInt64
+    public init(state: UInt64) { self.state = state }
     @inline(__always)
-    mutating func next() -> UInt64 {
+    public mutating func next() -> UInt64 {
         state &+= 0x9E37_79B9_7F4A_7C15
         var z = state
         z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9

@@ -25,6 +25,7 @@ final class StagingBuffer {
 extension Pager {
     /// The filler threads' loop: read fault messages, serve each.
     func fillLoop() {
+        if configuration.fillerPriority > 0 { DedicatedThread.makeCurrentThreadRealTime(priority: configuration.fillerPriority) }
         // One message per read: the other fillers take the next faults, so slow reads overlap.
         let events = Userfaultfd.EventBuffer(capacity: 1)
         let staging = StagingBuffer(capacity: max(configuration.maxReadAheadBytes, 2 << 20))

@@ -8,6 +8,11 @@ public struct PagerConfiguration: Sendable, Codable, Equatable {
     public var lowWater: Double = 0.7
     /// Threads that read fault messages and fill pages from the stores, in parallel.
     public var fillers: Int = 4
+    /// `SCHED_FIFO` priority of the filler threads (0: time-shared). A fault waits for
+    /// a filler to wake; on a busy host a time-shared filler first waits for a time
+    /// slice. Fillers block on the userfaultfd or on store reads, never spin. Without
+    /// CAP_SYS_NICE they stay time-shared.
+    public var fillerPriority: Int32 = 0
     /// Threads that choose victims, write back the dirty ones and drop them.
     public var evictors: Int = 1
     /// How victims are chosen.

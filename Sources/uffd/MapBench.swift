@@ -34,6 +34,8 @@ struct MapBenchCommand: ParsableCommand {
     var store: String = "direct"
     @Option(name: .long, help: "Pager filler threads.")
     var fillers: Int = 4
+    @Option(name: .long, help: "SCHED_FIFO priority of the pager's filler threads (0: time-shared).")
+    var fillerPriority: Int32 = 0
     @Option(name: .long, help: "Keys to sort, in millions (2^20).")
     var sortMegakeys: Int = 64
     @Option(name: .long, help: "R-MAT scale (2^scale vertices).")
@@ -70,6 +72,7 @@ struct MapBenchCommand: ParsableCommand {
         o.bulkPageSize = bulkPageKib << 10
         o.storeMode = FileStore.IOMode(rawValue: store) ?? .direct
         o.fillers = fillers
+        o.fillerPriority = fillerPriority
         o.sortKeys = sortMegakeys << 20
         o.graphScale = graphScale
         o.edgeFactor = edgeFactor

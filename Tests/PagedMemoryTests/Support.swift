@@ -1,4 +1,5 @@
 import Foundation
+import MapBench
 import PagedMemory
 import SystemPackage
 import Testing
@@ -9,24 +10,12 @@ final class PatternFile: @unchecked Sendable {
     let path: String
     let size: Int
 
-    static func pattern(_ i: Int) -> UInt64 { UInt64(i) &* 0x9E37_79B9_7F4A_7C15 ^ 0xA5A5 }
+    static func pattern(_ i: Int) -> UInt64 { DataFiles.pattern(i) }
 
     init(size: Int, name: String = "paged") throws {
         path = NSTemporaryDirectory() + "/\(name)-\(getpid())-\(UInt32.random(in: 0 ... .max)).bin"
         self.size = size
-        let fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        if fd < 0 { throw Errno(rawValue: errno) }
-        defer { close(fd) }
-        let chunk = 1 << 20
-        let buffer = UnsafeMutableRawPointer.allocate(byteCount: chunk, alignment: 8)
-        defer { buffer.deallocate() }
-        var offset = 0
-        while offset < size {
-            let n = min(chunk, size - offset)
-            for w in 0..<n / 8 { buffer.storeBytes(of: Self.pattern(offset / 8 + w), toByteOffset: w * 8, as: UInt64.self) }
-            if pwrite(fd, buffer, n, off_t(offset)) != n { throw Errno(rawValue: errno) }
-            offset += n
-        }
+        try DataFiles.writeData(path, bytes: size)
     }
 
     deinit { unlink(path) }
@@ -68,14 +57,5 @@ func runHelper(_ arguments: [String]) throws -> (status: Int32, reason: Process.
 /// Whether this process may create a userfaultfd.
 let canUseUserfaultfd: Bool = (try? Userfaultfd.probe()) != nil
 
-/// A small deterministic generator for the tests.
-struct SplitMix: RandomNumberGenerator {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
+/// The tests' generator.
+typealias SplitMix = SplitMix64
