@@ -10,6 +10,7 @@ let package = Package(
         .library(name: "Postcopy", targets: ["Postcopy"]),
         .library(name: "FaultManager", targets: ["FaultManager"]),
         .library(name: "Snapshot", targets: ["Snapshot"]),
+        .library(name: "PagedMemory", targets: ["PagedMemory"]),
         .executable(name: "uffd", targets: ["uffd"]),
     ],
     dependencies: [
@@ -121,6 +122,25 @@ let package = Package(
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ]
         ),
+        // Open flags that need _GNU_SOURCE (O_DIRECT, O_TMPFILE). No logic.
+        .target(
+            name: "_CPagedMemory",
+            cSettings: [.define("_GNU_SOURCE")]
+        ),
+        // Data larger than memory: a bounded page buffer over a store, with eviction and write-back.
+        .target(
+            name: "PagedMemory",
+            dependencies: [
+                "Userfaultfd",
+                "_CPagedMemory",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
+        // `uffd map bench`: out-of-core workloads over the kernel's mmap and PagedMemory in a memory cgroup.
+        .target(
+            name: "MapBench",
+            dependencies: ["PagedMemory", "Userfaultfd"]
+        ),
         // The command-line tool.
         .executableTarget(
             name: "uffd",
@@ -134,6 +154,8 @@ let package = Package(
                 "ManagerBench",
                 "FaultTrace",
                 "Snapshot",
+                "PagedMemory",
+                "MapBench",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -203,6 +225,15 @@ let package = Package(
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Logging", package: "swift-log"),
             ]
+        ),
+        // A process of its own for the PagedMemory tests whose outcome is a signal or an exit.
+        .executableTarget(
+            name: "paged-memory-test-helper",
+            dependencies: ["PagedMemory"]
+        ),
+        .testTarget(
+            name: "PagedMemoryTests",
+            dependencies: ["PagedMemory", "MapBench", "Userfaultfd", "paged-memory-test-helper"]
         ),
         .testTarget(
             name: "FaultTraceTests",

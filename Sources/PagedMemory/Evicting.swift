@@ -1,0 +1,154 @@
+import SystemPackage
+import Userfaultfd
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// A page an evictor or a flush took out of circulation.
+struct TakenPage {
+    let table: PageTable
+    let page: Int
+    let dirty: Bool
+}
+
+extension Pager {
+    /// The most pages one eviction round takes.
+    static let evictionBatch = 32
+
+    /// The evictor threads' loop: above the high-water mark, evict down to the low one.
+    func evictLoop() {
+        var victims: [TakenPage] = []
+        victims.reserveCapacity(Self.evictionBatch)
+        lock.lock()
+        while !isStopping {
+            if residentBytes <= highWaterBytes {
+                lock.wait(milliseconds: 50)
+                continue
+            }
+            while residentBytes > lowWaterBytes && !isStopping && queue.count > 0 {
+                victims.removeAll(keepingCapacity: true)
+                takeVictims(&victims)
+                lock.unlock()
+                // Let fillers in between rounds: a round that only spent credits holds the lock briefly.
+                if !victims.isEmpty { evict(victims) }
+                lock.lock()
+            }
+            if residentBytes > highWaterBytes { lock.wait(milliseconds: 5) }
+        }
+        lock.unlock()
+    }
+
+    /// Takes up to a batch of victims from the queue (lock held): pages with credit
+    /// go round again with one credit less; dirty victims are write-protected now so
+    /// that no write lands after their contents are saved.
+    private func takeVictims(_ victims: inout [TakenPage]) {
+        var looked = 0
+        let bound = 16 * Self.evictionBatch
+        while victims.count < Self.evictionBatch && looked < bound, let e = queue.pop() {
+            looked += 1
+            guard let (t, page) = table(for: e) else { continue }
+            switch t.state(page) {
+            case .resident:
+                break
+            case .cleaning, .filling:
+                requeue(e)
+                continue
+            default:
+                continue
+            }
+            if t.closing { requeue(e); continue }
+            let credit = t.credit(page)
+            if credit > 0 && configuration.policy == .clock {
+                t.setCredit(page, credit - 1)
+                requeue(e)
+                continue
+            }
+            let dirty = t.isDirty(page)
+            if dirty {
+                if (try? handle.writeProtect(t.range(page), protect: true)) == nil {
+                    requeue(e)
+                    continue
+                }
+            }
+            t.setState(page, .evicting)
+            t.busyPages += 1
+            victims.append(TakenPage(table: t, page: page, dirty: dirty))
+        }
+    }
+
+    private func requeue(_ e: UInt64) {
+        _ = queue.push(e) { _ in true }
+    }
+
+    /// Writes back the dirty victims, drops all of them, wakes anyone who faulted on them.
+    private func evict(_ victims: [TakenPage]) {
+        var written = 0
+        var failed = 0
+        for v in victims {
+            if v.dirty {
+                if let errno = writeBack(v) {
+                    failed += 1
+                    lock.withLock {
+                        v.table.record(PagedMappingError(kind: .writeFailed(errno: errno.rawValue), offset: v.page * v.table.pageSize))
+                        stats.errors += 1
+                        v.table.setState(v.page, .resident)
+                        v.table.setCredit(v.page, PageTable.maxCredit)
+                        v.table.busyPages -= 1
+                        enqueue(v.table, v.page)
+                    }
+                    try? handle.wake(v.table.range(v.page))
+                    continue
+                }
+                written += 1
+            }
+            _ = madvise(UnsafeMutableRawPointer(bitPattern: UInt(v.table.address(v.page))), v.table.pageSize, MADV_DONTNEED)
+        }
+        lock.withLock {
+            for v in victims where v.table.state(v.page) == .evicting {
+                let t = v.table
+                if v.dirty && t.isPrivate { t.setInScratch(v.page) }
+                t.setDirty(v.page, false)
+                t.setState(v.page, .absent)
+                t.busyPages -= 1
+                t.residentPages -= 1
+                residentBytes -= t.pageSize
+            }
+            stats.pagesEvicted += victims.count - failed
+            stats.pagesWrittenBack += written
+            lock.broadcast()
+        }
+        for v in victims { try? handle.wake(v.table.range(v.page)) }
+    }
+
+    /// Writes one page (write-protected, so stable) to its store, or to the scratch
+    /// file of a private mapping. - Returns: nil, or the error.
+    func writeBack(_ v: TakenPage) -> Errno? {
+        let t = v.table
+        let source = UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(t.address(v.page))), count: t.pageSize)
+        do {
+            if t.isPrivate {
+                try scratchStore(t).write(source, at: v.page * t.pageSize)
+            } else {
+                try t.store.write(source, at: v.page * t.pageSize)
+            }
+        } catch {
+            return error
+        }
+        lock.withLock { stats.bytesWritten += t.pageSize }
+        return nil
+    }
+
+    /// The scratch file of a private mapping, created on first use.
+    private func scratchStore(_ t: PageTable) throws(Errno) -> FileStore {
+        if let s = lock.withLock({ t.scratch }) { return s }
+        let s = try FileStore.scratch(size: t.length, directory: configuration.scratchDirectory)
+        return lock.withLock {
+            if let existing = t.scratch { return existing }
+            t.scratch = s
+            return s
+        }
+    }
+}

@@ -1,0 +1,172 @@
+import SystemPackage
+import Userfaultfd
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// Maps stores larger than memory into the process through one userfaultfd and a
+/// bounded buffer of resident pages shared by all of its mappings.
+///
+/// Filler threads read fault messages and fill pages from the stores (several at
+/// once, with sequential read-ahead). Pages arrive write-protected; the first write
+/// to a page faults once and marks it dirty. Above the high-water mark the evictors
+/// take victims (``ReplacementPolicy``), write the dirty ones back, drop them with
+/// `MADV_DONTNEED` (the range stays registered, so the next access faults again) and
+/// stop at the low-water mark. A failed read poisons the page: the faulting thread
+/// gets SIGBUS and the mapping records the error.
+///
+/// ```swift
+/// let pager = try Pager(PagerConfiguration(bufferBytes: 256 << 20))
+/// let mapping = try pager.map(FileStore(path: "data.bin"), pageSize: 64 << 10)
+/// mapping.base.storeBytes(of: 42, toByteOffset: 8 << 30, as: UInt64.self)
+/// try mapping.flush()
+/// ```
+public final class Pager: @unchecked Sendable {
+    /// How this pager runs.
+    public let configuration: PagerConfiguration
+    let uffd: Userfaultfd
+    let handle: Userfaultfd.Handle
+    let stopSignal: StopSignal
+    let lock = PagerLock()
+    private var threads: [DedicatedThread] = []
+    private var stopped = false
+
+    // Guarded by `lock`.
+    var tables: [PageTable?] = []
+    var generations: [UInt32] = []
+    var freeSlots: [Int] = []
+    /// Live tables sorted by base address, for the fault lookup.
+    var sorted: [PageTable] = []
+    var queue: VictimQueue
+    var residentBytes = 0
+    var stats = PagerStatistics()
+    var isStopping = false
+
+    var capacityBytes: Int { configuration.bufferBytes }
+    var highWaterBytes: Int { Int(Double(configuration.bufferBytes) * configuration.highWater) }
+    var lowWaterBytes: Int { Int(Double(configuration.bufferBytes) * configuration.lowWater) }
+
+    /// Creates the userfaultfd and starts the filler and evictor threads.
+    ///
+    /// - Parameter configuration: the buffer size, thread counts and policy.
+    /// - Throws: `UserfaultfdError` if the userfaultfd cannot be created, or
+    ///   ``UserfaultfdError/Kind/invalidArgument(_:)`` for a buffer under 64 KiB or bad marks.
+    public init(_ configuration: PagerConfiguration) throws(UserfaultfdError) {
+        let c = configuration
+        if c.bufferBytes < 64 << 10 || !(0 < c.lowWater && c.lowWater < c.highWater && c.highWater <= 1)
+            || c.fillers < 1 || c.evictors < 1 {
+            throw UserfaultfdError(operation: "Pager", kind: .invalidArgument(
+                "need a buffer of at least 64 KiB, 0 < lowWater < highWater <= 1, and at least one filler and evictor"))
+        }
+        self.configuration = c
+        let fd = try Userfaultfd()
+        handle = fd.handle
+        uffd = fd
+        stopSignal = try StopSignal()
+        queue = VictimQueue(capacity: c.bufferBytes / 4096 + 1024)
+        for i in 0..<c.fillers {
+            threads.append(DedicatedThread(name: "pager-fill-\(i)") { [unowned self] in self.fillLoop() })
+        }
+        for i in 0..<c.evictors {
+            threads.append(DedicatedThread(name: "pager-evict-\(i)") { [unowned self] in self.evictLoop() })
+        }
+    }
+
+    deinit { shutdown() }
+
+    /// Stops the threads. Unmap the mappings first: their pages are not written back
+    /// after this, and a fault on them is no longer served.
+    public func shutdown() {
+        if stopped { return }
+        stopped = true
+        lock.withLock {
+            isStopping = true
+            lock.broadcast()
+        }
+        stopSignal.raise()
+        for t in threads { t.join() }
+    }
+
+    /// What the pager has done so far.
+    public var statistics: PagerStatistics {
+        lock.withLock { stats }
+    }
+
+    /// The bytes of mapped pages in memory now.
+    public var residentSize: Int {
+        lock.withLock { residentBytes }
+    }
+
+    /// The mappings alive now.
+    public var mappingCount: Int {
+        lock.withLock { sorted.count }
+    }
+
+    /// The table whose range holds `address` (lock held). Allocates nothing.
+    @inline(__always)
+    func table(containing address: UInt64) -> PageTable? {
+        var low = 0
+        var high = sorted.count
+        while low < high {
+            let mid = (low + high) / 2
+            if sorted[mid].end <= address { low = mid + 1 } else { high = mid }
+        }
+        if low < sorted.count, sorted[low].base <= address { return sorted[low] }
+        return nil
+    }
+
+    /// The table a queue entry names, if it is still alive (lock held).
+    @inline(__always)
+    func table(for entry: UInt64) -> (PageTable, Int)? {
+        let (slot, generation, page) = VictimQueue.decode(entry)
+        guard slot < tables.count, let t = tables[slot], t.generation & 0xFFF == generation, page < t.pageCount else {
+            return nil
+        }
+        return (t, page)
+    }
+
+    /// Queues `page` of `t` as resident (lock held).
+    func enqueue(_ t: PageTable, _ page: Int) {
+        let e = VictimQueue.entry(slot: t.slot, generation: t.generation, page: page)
+        let pushed = queue.push(e) { [unowned self] e in
+            guard let (t, p) = self.table(for: e) else { return false }
+            let s = t.state(p)
+            return s == .resident || s == .cleaning || s == .filling
+        }
+        if !pushed { t.record(PagedMappingError(kind: .bufferExhausted, offset: page * t.pageSize)) }
+    }
+
+    /// Adds `t` to the lookup structures (lock held).
+    func insert(_ t: PageTable) {
+        var low = 0
+        var high = sorted.count
+        while low < high {
+            let mid = (low + high) / 2
+            if sorted[mid].base < t.base { low = mid + 1 } else { high = mid }
+        }
+        sorted.insert(t, at: low)
+        tables[t.slot] = t
+    }
+
+    /// Removes `t` from the lookup structures (lock held).
+    func remove(_ t: PageTable) {
+        if let i = sorted.firstIndex(where: { $0 === t }) { sorted.remove(at: i) }
+        tables[t.slot] = nil
+        generations[t.slot] = generations[t.slot] &+ 1
+        freeSlots.append(t.slot)
+        residentBytes -= t.residentPages * t.pageSize
+        lock.broadcast()
+    }
+
+    /// Takes a free slot and its generation (lock held).
+    func takeSlot() -> (Int, UInt32)? {
+        if let s = freeSlots.popLast() { return (s, generations[s]) }
+        if tables.count >= 1 << 20 { return nil }
+        tables.append(nil)
+        generations.append(0)
+        return (tables.count - 1, 0)
+    }
+}
