@@ -245,7 +245,7 @@ let package = Package(
         ),
         .testTarget(
             name: "SnapshotTests",
-            dependencies: ["Snapshot", "Userfaultfd", "FaultEngine"]
+            dependencies: ["Snapshot", "Userfaultfd", "UserfaultfdDiagnostics", "FaultEngine", "TestSupport"]
         ),
     ]
 )

@@ -71,7 +71,7 @@ public struct BenchProgress: Sendable {
 /// `uffd bench`: every contender, interleaved, over the same source and touch orders.
 public enum Benchmark {
     /// Runs the bench: for each repetition, every contender on every pattern in turn
-    /// (A, B, C, … then again), each run verified byte for byte.
+    /// (A, B, C, then C, B, A, …), each run verified byte for byte.
     ///
     /// - Parameters:
     ///   - configuration: what to measure.
@@ -100,8 +100,8 @@ public enum Benchmark {
                            results: results, notMeasured: notMeasured)
     }
 
-    /// Runs every entry of `plan` once per repetition, alternating (A, B, C, … then
-    /// again); returns the outcomes of each entry in repetition order.
+    /// Runs every entry of `plan` once per repetition, alternating (A, B, C, then
+    /// C, B, A, …); returns the outcomes of each entry in repetition order.
     static func runInterleaved(
         _ plan: [(Contender, AccessPattern)], _ workload: Workload, _ configuration: BenchConfiguration,
         progress: (BenchProgress) -> Void
@@ -110,7 +110,12 @@ public enum Benchmark {
         let total = plan.count * configuration.repetitions
         var completed = 0
         for repetition in 1...configuration.repetitions {
-            for (index, (contender, pattern)) in plan.enumerated() {
+            // Odd repetitions run the plan forwards, even ones backwards (A, B, C, then
+            // C, B, A): whatever running first or second does to a figure falls on
+            // every contender alike.
+            let order = repetition % 2 == 1 ? Array(plan.indices) : plan.indices.reversed()
+            for index in order {
+                let (contender, pattern) = plan[index]
                 let outcome = runOnce(contender, pattern, workload, configuration)
                 outcomes[index].append(outcome)
                 completed += 1
@@ -169,51 +174,6 @@ public enum Benchmark {
             return .notMeasured(NotMeasured(contender: contender, pattern: pattern, reason: notes.joined(separator: "; ")))
         }
         return .measured(BenchResult(contender: contender, pattern: pattern, usPerPage: median,
-                                    verified: verified, samples: samples,
-                                    note: notes.isEmpty ? nil : notes.joined(separator: "; "),
-                                    remark: EngineContenders.remark(contender), foundWrongBytes: wrongBytes))
-    }
-
-    /// A contender's figure on one pattern, or why it has none.
-    enum Summary {
-        case measured(BenchResult)
-        case notMeasured(NotMeasured)
-    }
-
-    /// The median of a contender's repetitions on one pattern, with the notes of what
-    /// went wrong (the first of each kind, and in how many repetitions if not all);
-    /// a ``NotMeasured`` entry if no repetition gave a figure.
-    static func summarize(_ contender: Contender, _ pattern: AccessPattern, _ runs: [RunOutcome]) -> Summary {
-        let samples = runs.compactMap(\.microsecondsPerPage)
-        var kinds: [(first: String, count: Int)] = []
-        func note(_ kind: Int, _ text: String?) {
-            guard let text else { return }
-            while kinds.count <= kind { kinds.append(("", 0)) }
-            if kinds[kind].count == 0 { kinds[kind].first = text }
-            kinds[kind].count += 1
-        }
-        var verified = true
-        var wrongBytes = false
-        for outcome in runs {
-            switch outcome {
-            case .measured(let run):
-                verified = verified && run.verified
-                wrongBytes = wrongBytes || run.mismatch != nil
-                note(0, run.failure)
-                note(1, run.mismatch)
-            case .notMeasured(let reason):
-                verified = false
-                note(2, reason)
-            }
-        }
-        let notes = kinds.filter { $0.count > 0 }.map { kind in
-            kind.count == runs.count ? kind.first
-                : "\(kind.first) (in \(kind.count) of \(runs.count) repetitions)"
-        }
-        if samples.isEmpty {
-            return .notMeasured(NotMeasured(contender: contender, pattern: pattern, reason: notes.joined(separator: "; ")))
-        }
-        return .measured(BenchResult(contender: contender, pattern: pattern, usPerPage: median(samples),
                                     verified: verified, samples: samples,
                                     note: notes.isEmpty ? nil : notes.joined(separator: "; "),
                                     remark: EngineContenders.remark(contender), foundWrongBytes: wrongBytes))

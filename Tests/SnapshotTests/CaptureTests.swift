@@ -1,5 +1,6 @@
 import FaultEngine
 import Snapshot
+import UserfaultfdDiagnostics
 import Testing
 import Userfaultfd
 
