@@ -181,6 +181,7 @@ let package = Package(
         // What the test targets share: the process gate every suite carries, fixtures.
         .target(
             name: "TestSupport",
+            dependencies: ["Userfaultfd"],
             path: "Tests/TestSupport"
         ),
         .testTarget(

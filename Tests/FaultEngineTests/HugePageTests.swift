@@ -11,20 +11,6 @@ import Glibc
 import Musl
 #endif
 
-/// Whether four free 2 MiB huge pages can be had here (reserved on first use, as root).
-enum HugePageProbe {
-    static let available: Bool = HugePages.ensureFree(4)
-}
-
-extension Trait where Self == ConditionTrait {
-    /// Runs the test only where four 2 MiB huge pages are free or can be reserved.
-    static var needsFreeHugePages: Self {
-        .enabled(
-            if: HugePageProbe.available,
-            "four free 2 MiB huge pages are needed: as root, `echo 16 > /proc/sys/vm/nr_hugepages`")
-    }
-}
-
 let hugePage = HugePages.size
 
 /// The configuration for 2 MiB pages with the given chunk (in base pages) and prefetch.
@@ -61,7 +47,7 @@ extension FaultEngineTests {
     struct HugePageTests {
         static let pages = 4
 
-        @Test(.needsFreeHugePages)
+        @Test(.needsFreeHugePages(4))
         func memorySourceServesHugePagesByteForByte() throws {
             let pages = Self.pages
             let memory = try MemoryMapping(kind: .hugetlb, length: pages * hugePage)
@@ -82,7 +68,7 @@ extension FaultEngineTests {
             #expect(stats.lastError == nil)
         }
 
-        @Test(.needsFreeHugePages, arguments: FileSource.Access.allCases)
+        @Test(.needsFreeHugePages(4), arguments: FileSource.Access.allCases)
         func fileSourceServesHugePagesInChunks(access: FileSource.Access) throws {
             let pages = Self.pages
             let file = try ImageFile(pages: pages * hugePage / page)
@@ -106,7 +92,7 @@ extension FaultEngineTests {
             #expect(stats.pagesPrefetched == 2)
         }
 
-        @Test(.needsFreeHugePages)
+        @Test(.needsFreeHugePages(4))
         func hugePagesReleasedByRemoveComeBackAsZeros() throws {
             let pages = Self.pages
             let memory = try MemoryMapping(kind: .hugetlb, length: pages * hugePage)
@@ -130,7 +116,7 @@ extension FaultEngineTests {
             #expect(stats.lastError == nil)
         }
 
-        @Test(.needsFreeHugePages)
+        @Test(.needsFreeHugePages(4))
         func recordedWorkingSetReplaysWholeHugePages() throws {
             let pages = Self.pages
             let path = "/tmp/fault-engine-huge-ws-\(getpid())"
@@ -160,7 +146,7 @@ extension FaultEngineTests {
             #expect(firstMismatch(memory.base + 3 * hugePage, count: hugePage, sourceOffset: 3 * hugePage) == nil)
         }
 
-        @Test(.needsFreeHugePages)
+        @Test(.needsFreeHugePages(4))
         func adaptiveReadAheadGrowsInWholeHugePages() throws {
             let pages = Self.pages
             let memory = try MemoryMapping(kind: .hugetlb, length: pages * hugePage)
@@ -178,7 +164,7 @@ extension FaultEngineTests {
             #expect(stats.pagesPrefetched == 1)
         }
 
-        @Test(.needsFreeHugePages)
+        @Test(.needsFreeHugePages(4))
         func backgroundPopulateInstallsEveryHugePageWithoutFaults() throws {
             let pages = Self.pages
             let memory = try MemoryMapping(kind: .hugetlb, length: pages * hugePage)
@@ -195,7 +181,7 @@ extension FaultEngineTests {
             #expect(firstMismatch(memory.base, count: pages * hugePage) == nil)
         }
 
-        @Test(.needsFreeHugePages)
+        @Test(.needsFreeHugePages(4))
         func failingSourceGivesSIGBUSOnAHugePage() async {
             await #expect(processExitsWith: .signal(SIGBUS)) {
                 let memory = try MemoryMapping(kind: .hugetlb, length: 2 * hugePage)
@@ -209,7 +195,7 @@ extension FaultEngineTests {
             }
         }
 
-        @Test(.needsFreeHugePages)
+        @Test(.needsFreeHugePages(4))
         func hugePageOutsideTheServedRegionGivesSIGBUS() async {
             await #expect(processExitsWith: .signal(SIGBUS)) {
                 let memory = try MemoryMapping(kind: .hugetlb, length: 2 * hugePage)
@@ -267,7 +253,7 @@ extension FaultEngineTests {
     @Suite(.serialized, .usesHugePages, .timeLimit(.minutes(5)),
            .enabled(if: getenv("FAULT_ENGINE_MEASURE_HUGE") != nil, "set FAULT_ENGINE_MEASURE_HUGE=<rounds> to measure"))
     struct HugePageMeasureTests {
-        @Test(.needsFreeHugePages)
+        @Test(.needsFreeHugePages(4))
         func hugeVersusBasePages() throws {
             let rounds = getenv("FAULT_ENGINE_MEASURE_HUGE").flatMap { Int(String(cString: $0)) } ?? 5
             let bytes = 16 << 20

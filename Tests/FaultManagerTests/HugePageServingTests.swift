@@ -11,20 +11,6 @@ import Glibc
 import Musl
 #endif
 
-/// Whether four free 2 MiB huge pages can be had here (reserved on first use, as root).
-enum HugePageProbe {
-    static let available: Bool = HugePages.ensureFree(4)
-}
-
-extension Trait where Self == ConditionTrait {
-    /// Runs the test only where four 2 MiB huge pages are free or can be reserved.
-    static var needsFreeHugePages: Self {
-        .enabled(
-            if: HugePageProbe.available,
-            "four free 2 MiB huge pages are needed: as root, `echo 16 > /proc/sys/vm/nr_hugepages`")
-    }
-}
-
 extension ManagerTests {
     /// Clients whose guest memory is hugetlb (2 MiB pages), as Firecracker maps it with
     /// `"page_size": 2097152`.
@@ -32,7 +18,7 @@ extension ManagerTests {
     struct HugePageServingTests {
         static let hugePage = UInt64(HugePages.size)
 
-        @Test(.needsFreeHugePages, arguments: ["firecracker", "native"])
+        @Test(.needsFreeHugePages(4), arguments: ["firecracker", "native"])
         func hugetlbClientIsServedByteForByte(handshake: String) throws {
             // 8 MiB: two regions of two huge pages each.
             let fixture = try Fixture(imageLength: 8 << 20)
@@ -52,7 +38,7 @@ extension ManagerTests {
             #expect(report.endReason == "the process exited")
         }
 
-        @Test(.needsFreeHugePages)
+        @Test(.needsFreeHugePages(4))
         func releasedHugePagesReadZerosAfterwards() throws {
             let fixture = try Fixture(imageLength: 8 << 20)
             let client = try fixture.client(["--handshake", "firecracker", "--memory", "hugetlb", "--scenario", "remove"])
@@ -66,7 +52,7 @@ extension ManagerTests {
         }
 
         // (The "layout" scenario needs eight pages per region: sixteen huge pages, too many here.)
-        @Test(.needsFreeHugePages, arguments: ["fork", "remap", "unmap"])
+        @Test(.needsFreeHugePages(4), arguments: ["fork", "remap", "unmap"])
         func layoutChangesOnHugePages(scenario: String) throws {
             let fixture = try Fixture(imageLength: 8 << 20)
             for handshake in ["firecracker", "native"] {
@@ -85,7 +71,7 @@ extension ManagerTests {
             }
         }
 
-        @Test(.needsFreeHugePages)
+        @Test(.needsFreeHugePages(4))
         func workingSetOfHugePagesIsRecordedAndReplayed() throws {
             var template = Array("/tmp/uffd-ws-XXXXXX".utf8CString)
             let dir = String(cString: try #require(mkdtemp(&template)))
@@ -115,7 +101,7 @@ extension ManagerTests {
             #expect(replayed.statistics.missingFaults <= 1)
         }
 
-        @Test(.needsFreeHugePages)
+        @Test(.needsFreeHugePages(4))
         func daemonConfiguredForAnotherStrategyServesHugePagesWithCopy() throws {
             let fixture = try Fixture(imageLength: 8 << 20) { $0.server.strategy = .move(chunkPages: 16) }
             let client = try fixture.client(["--handshake", "native", "--memory", "hugetlb", "--scenario", "verify"])

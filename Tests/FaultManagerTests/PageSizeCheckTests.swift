@@ -33,7 +33,7 @@ extension ManagerTests {
             return nil
         }
 
-        @Test(.needsFreeHugePages, .usesHugePages)
+        @Test(.needsFreeHugePages(4), .usesHugePages)
         func hugetlbMemoryDeclaredAsBasePagesIsRefused() throws {
             let memory = try MemoryMapping(kind: .hugetlb, length: Self.hugePage)
             let why = try #require(try refusal(memory.range, declaring: systemPageSize), "accepted")

@@ -1,5 +1,6 @@
 import Glibc
 import Synchronization
+import TestSupport
 import Testing
 import Userfaultfd
 
@@ -9,13 +10,13 @@ extension Matrix {
         @Test("contents byte for byte, one fault per page, EEXIST once present", arguments: MemoryKind.ordinary)
         func contents(_ kind: MemoryKind) throws { try checkCopy(kind) }
 
-        @Test("contents byte for byte on hugetlb", .needsHugePages)
+        @Test("contents byte for byte on hugetlb", .needsFreeHugePages(8))
         func contentsHugetlb() throws { try checkCopy(.hugetlb) }
 
         @Test("a copy over a present page stops there: partial", arguments: MemoryKind.ordinary)
         func partial(_ kind: MemoryKind) throws { try checkPartialCopy(kind) }
 
-        @Test("partial copy on hugetlb", .needsHugePages)
+        @Test("partial copy on hugetlb", .needsFreeHugePages(8))
         func partialHugetlb() throws { try checkPartialCopy(.hugetlb) }
 
         @Test("DONTWAKE leaves the faulting thread asleep until WAKE", arguments: MemoryKind.ordinary)
@@ -109,7 +110,7 @@ extension Matrix {
         @Test("reads zeros, EEXIST through the alias", arguments: MemoryKind.ordinary)
         func zeropage(_ kind: MemoryKind) throws { try checkZeropage(kind) }
 
-        @Test("hugetlb offers no ZEROPAGE and refuses it", .needsHugePages)
+        @Test("hugetlb offers no ZEROPAGE and refuses it", .needsFreeHugePages(8))
         func zeropageHugetlb() throws { try checkZeropage(.hugetlb) }
     }
 }

@@ -22,10 +22,10 @@ extension Matrix {
         @Test("events+wp on anonymous memory")
         func eventsWriteProtectAnonymous() throws { try checkEvents(.anonymous, writeProtect: true) }
 
-        @Test("events on hugetlb", .needsHugePages)
+        @Test("events on hugetlb", .needsFreeHugePages(8))
         func eventsHugetlb() throws { try checkEvents(.hugetlb, writeProtect: false) }
 
-        @Test("events+wp on hugetlb", .needsHugePages)
+        @Test("events+wp on hugetlb", .needsFreeHugePages(8))
         func eventsWriteProtectHugetlb() throws { try checkEvents(.hugetlb, writeProtect: true) }
     }
 }
@@ -120,7 +120,7 @@ extension Matrix {
         @Test("every resolving ioctl returns retryAfterEvents until the REMOVE is read", arguments: MemoryKind.ordinary)
         func retry(_ kind: MemoryKind) throws { try checkMmapChanging(kind) }
 
-        @Test("mmap-changing on hugetlb", .needsHugePages)
+        @Test("mmap-changing on hugetlb", .needsFreeHugePages(8))
         func retryHugetlb() throws { try checkMmapChanging(.hugetlb) }
     }
 }

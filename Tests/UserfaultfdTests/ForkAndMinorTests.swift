@@ -13,10 +13,10 @@ extension Matrix {
         @Test("with EVENT_FORK the child's pages keep the WP bit", arguments: MemoryKind.ordinary)
         func withEvent(_ kind: MemoryKind) throws { try checkWriteProtectFork(kind, withEvent: true) }
 
-        @Test("without EVENT_FORK on hugetlb", .needsHugePages)
+        @Test("without EVENT_FORK on hugetlb", .needsFreeHugePages(8))
         func withoutEventHugetlb() throws { try checkWriteProtectFork(.hugetlb, withEvent: false) }
 
-        @Test("with EVENT_FORK on hugetlb", .needsHugePages)
+        @Test("with EVENT_FORK on hugetlb", .needsFreeHugePages(8))
         func withEventHugetlb() throws { try checkWriteProtectFork(.hugetlb, withEvent: true) }
     }
 
@@ -28,10 +28,10 @@ extension Matrix {
         @Test("minor+wp: CONTINUE maps write-protected")
         func minorWriteProtect() throws { try checkMinor(.shmem, writeProtect: true) }
 
-        @Test("minor on hugetlb", .needsHugePages)
+        @Test("minor on hugetlb", .needsFreeHugePages(8))
         func minorHugetlb() throws { try checkMinor(.hugetlb, writeProtect: false) }
 
-        @Test("minor+wp on hugetlb", .needsHugePages)
+        @Test("minor+wp on hugetlb", .needsFreeHugePages(8))
         func minorWriteProtectHugetlb() throws { try checkMinor(.hugetlb, writeProtect: true) }
     }
 }

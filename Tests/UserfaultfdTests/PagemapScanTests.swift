@@ -1,4 +1,5 @@
 import Glibc
+import TestSupport
 import Testing
 import Userfaultfd
 
@@ -8,7 +9,7 @@ extension Matrix {
         @Test("PAGEMAP_SCAN finds exactly the written pages and re-protects them", arguments: MemoryKind.ordinary)
         func scan(_ kind: MemoryKind) throws { try checkDirtyTracking(kind) }
 
-        @Test("dirty tracking on hugetlb", .needsHugePages)
+        @Test("dirty tracking on hugetlb", .needsFreeHugePages(8))
         func scanHugetlb() throws { try checkDirtyTracking(.hugetlb) }
     }
 }

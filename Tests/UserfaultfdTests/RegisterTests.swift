@@ -1,4 +1,5 @@
 import Glibc
+import TestSupport
 import Testing
 import Userfaultfd
 
@@ -8,10 +9,10 @@ extension Matrix {
         @Test("all 8 mode combinations", arguments: MemoryKind.ordinary)
         func modes(_ kind: MemoryKind) throws { try checkRegisterModes(kind) }
 
-        @Test("all 8 mode combinations on hugetlb", .needsHugePages)
+        @Test("all 8 mode combinations on hugetlb", .needsFreeHugePages(8))
         func modesHugetlb() throws { try checkRegisterModes(.hugetlb) }
 
-        @Test("a required ioctl the range lacks fails and leaves it unregistered", .needsHugePages)
+        @Test("a required ioctl the range lacks fails and leaves it unregistered", .needsFreeHugePages(8))
         func requiredIoctls() throws {
             let m = try MemoryKind.hugetlb.map(pages: 1)
             let first = try Userfaultfd(features: [.missingHugetlbfs])

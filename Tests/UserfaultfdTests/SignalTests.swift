@@ -1,4 +1,5 @@
 import Glibc
+import TestSupport
 import Testing
 import Userfaultfd
 
@@ -11,7 +12,7 @@ extension Matrix {
               arguments: MemoryKind.ordinary, [false, true])
         func sigbus(_ kind: MemoryKind, writeProtect: Bool) async { await expectSigbusCase(kind, writeProtect) }
 
-        @Test("sigbus on hugetlb", .needsHugePages, arguments: [false, true])
+        @Test("sigbus on hugetlb", .needsFreeHugePages(8), arguments: [false, true])
         func sigbusHugetlb(writeProtect: Bool) async { await expectSigbusCase(.hugetlb, writeProtect) }
     }
 
@@ -20,7 +21,7 @@ extension Matrix {
         @Test("exactly half the pages poisoned give exactly that many SIGBUS", arguments: MemoryKind.ordinary)
         func poison(_ kind: MemoryKind) async { await expectPoisonCase(kind) }
 
-        @Test("poison on hugetlb", .needsHugePages)
+        @Test("poison on hugetlb", .needsFreeHugePages(8))
         func poisonHugetlb() async { await expectPoisonCase(.hugetlb) }
     }
 }

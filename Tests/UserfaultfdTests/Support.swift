@@ -58,20 +58,6 @@ extension Trait where Self == ConditionTrait {
     }
 }
 
-/// Whether 2 MiB huge pages can be had here (reserved on first use, as root).
-enum HugePageReservation {
-    static let available: Bool = HugePages.ensureFree(8)
-}
-
-extension Trait where Self == ConditionTrait {
-    /// Runs the test only where 2 MiB huge pages can be reserved.
-    static var needsHugePages: Self {
-        .enabled(
-            if: HugePageReservation.available,
-            "no 2 MiB huge page could be reserved: as root, `echo 16 > /proc/sys/vm/nr_hugepages`")
-    }
-}
-
 /// A userfaultfd a test owns and can close early, which wakes any thread blocked on
 /// one of its faults (the fault is then handled as if nothing were registered).
 final class Session: @unchecked Sendable {

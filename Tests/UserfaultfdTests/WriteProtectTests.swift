@@ -1,4 +1,5 @@
 import Glibc
+import TestSupport
 import Testing
 import Userfaultfd
 
@@ -8,13 +9,13 @@ extension Matrix {
         @Test("a write to a protected page faults with the WP flag; unprotect wakes the writer", arguments: MemoryKind.ordinary)
         func protect(_ kind: MemoryKind) throws { try checkWriteProtect(kind) }
 
-        @Test("WP faults on hugetlb", .needsHugePages)
+        @Test("WP faults on hugetlb", .needsFreeHugePages(8))
         func protectHugetlb() throws { try checkWriteProtect(.hugetlb) }
 
         @Test("MISSING+WP: copy write-protected, then the write faults again", arguments: MemoryKind.ordinary)
         func missingAndProtect(_ kind: MemoryKind) throws { try checkMissingWriteProtect(kind) }
 
-        @Test("MISSING+WP on hugetlb", .needsHugePages)
+        @Test("MISSING+WP on hugetlb", .needsFreeHugePages(8))
         func missingAndProtectHugetlb() throws { try checkMissingWriteProtect(.hugetlb) }
 
         @Test("wp-unpopulated: protecting a page never touched")
