@@ -11,12 +11,12 @@ import Glibc
 extension ManagerTests {
     @Test func unauthorisedPeersAreRefusedBeforeTheySendAnything() throws {
         // A handshake timeout far beyond the test's waits: a refusal that waited for it would not come in time.
-        let fixture = try Fixture { $0.handshakeTimeout = 120 }
+        let fixture = try Fixture { $0.handshakeTimeout = 300 }
         let flood = try ClientProcess(["--socket", fixture.socketPath, "--image", fixture.imagePath, "--scenario", "flood",
                                        "--flood", "silent", "--connections", "40", "--as-user", "65534"])
         #expect(flood.waitForOutput("FLOODING 40"), "flood said: \(flood.text)")
         // Refused on the accept thread while every connection is still open and silent.
-        #expect(fixture.wait(seconds: 20) { fixture.manager.refusedCount == 40 }, "refused \(fixture.manager.refusedCount)")
+        #expect(fixture.wait(seconds: 60) { fixture.manager.refusedCount == 40 }, "refused \(fixture.manager.refusedCount)")
         #expect(fixture.log.contains("refused handshake from pid \(flood.pid) uid 65534", "uid 65534 is not allowed"))
         let client = try fixture.client(["--handshake", "native", "--scenario", "verify"])
         #expect(client.waitForExit() == 0, "client said: \(client.text)")
@@ -24,12 +24,12 @@ extension ManagerTests {
 
     @Test func connectionsOverThePerUIDCapAreRefusedAtOnce() throws {
         // Default caps: 64 connections in handshake, 16 per uid.
-        let fixture = try Fixture { $0.handshakeTimeout = 120 }
+        let fixture = try Fixture { $0.handshakeTimeout = 300 }
         var silent: [FileDescriptor] = []
         defer { for fd in silent { try? fd.close() } }
         for _ in 0..<20 { silent.append(try connect(fixture.socketPath)) }
         // The four beyond the cap are answered and closed while the first sixteen wait.
-        #expect(fixture.wait { fixture.manager.refusedCount == 4 }, "refused \(fixture.manager.refusedCount)")
+        #expect(fixture.wait(seconds: 60) { fixture.manager.refusedCount == 4 }, "refused \(fixture.manager.refusedCount)")
         let answers = silent.map { readReply($0, seconds: 0.1) }
         let refused = answers.filter { $0?.contains("too many connections in handshake from uid 0") == true }
         #expect(refused.count == 4, "answers: \(answers)")
@@ -37,7 +37,7 @@ extension ManagerTests {
         // Once the silent ones go, a real client is served.
         for fd in silent { try? fd.close() }
         silent = []
-        #expect(fixture.wait { fixture.manager.refusedCount == 20 })
+        #expect(fixture.wait(seconds: 60) { fixture.manager.refusedCount == 20 })
         let client = try fixture.client(["--handshake", "firecracker", "--scenario", "verify"])
         #expect(client.waitForExit() == 0, "client said: \(client.text)")
     }
@@ -46,7 +46,7 @@ extension ManagerTests {
         let fixture = try Fixture()
         // 300 KB of name: more than one recvmsg takes from a stream socket.
         try withRegisteredMemory { bytes, uffd, regions in
-            let id = try ManagerClient.handOver(uffd, regions: regions, to: fixture.socketPath, name: String(repeating: "n", count: 300_000))
+            let id = try ManagerClient.handOver(uffd, regions: regions, to: fixture.socketPath, name: String(repeating: "n", count: 300_000), timeout: 60)
             #expect(id >= 1)
             try expectImage(bytes, fixture)
         }
@@ -61,7 +61,7 @@ extension ManagerTests {
             try DescriptorPassing.send(uffd.fileDescriptor, payload: Array(body[..<20]), over: socket)
             usleep(200_000)
             _ = body[20...].withUnsafeBytes { send(socket.rawValue, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
-            let reply = readReply(socket, seconds: 10)
+            let reply = readReply(socket, seconds: 60)
             // Required: touching memory whose uffd nobody serves would wait forever.
             try #require(reply?.contains("\"accepted\":true") == true, "reply: \(reply ?? "none"); log: \(fixture.log.all)")
             try expectImage(bytes, fixture)
@@ -75,7 +75,7 @@ extension ManagerTests {
                 try ManagerClient.handOver(uffd, regions: regions, to: fixture.socketPath, name: String(repeating: "n", count: 1 << 20))
             }
         }
-        #expect(fixture.wait { fixture.log.contains("refused handshake", "longer than the limit of 1048576 bytes") }, "log: \(fixture.log.all)")
+        #expect(fixture.wait(seconds: 60) { fixture.log.contains("refused handshake", "longer than the limit of 1048576 bytes") }, "log: \(fixture.log.all)")
     }
 
     @Test func clientTextReachesTheLogEscaped() throws {
@@ -85,8 +85,8 @@ extension ManagerTests {
         defer { try? socket.close() }
         let forged = #"{"protocol":"x\nrefused handshake from pid 1 uid 0: forged \u001b[2J","version":1}"#
         try DescriptorPassing.send(uffd.fileDescriptor, payload: Array(forged.utf8), over: socket)
-        #expect(readReply(socket, seconds: 10)?.contains("\"accepted\":false") == true)
-        #expect(fixture.wait { fixture.manager.refusedCount == 1 })
+        #expect(readReply(socket, seconds: 60)?.contains("\"accepted\":false") == true)
+        #expect(fixture.wait(seconds: 60) { fixture.manager.refusedCount == 1 })
         let lines = fixture.log.all
         #expect(lines.allSatisfy { !$0.contains("\n") && !$0.contains("\u{1B}") }, "log: \(lines)")
         #expect(fixture.log.contains(#"\"x\nrefused handshake from pid 1 uid 0: forged \x1b[2J\""#), "log: \(lines)")
@@ -98,7 +98,7 @@ extension ManagerTests {
         let socket = try connect(fixture.socketPath)
         defer { try? socket.close() }
         try DescriptorPassing.send(uffd.fileDescriptor, payload: Array(Self.region(0, 4096).utf8), over: socket)
-        #expect(fixture.wait { fixture.manager.refusedCount == 1 }, "log: \(fixture.log.all)")
+        #expect(fixture.wait(seconds: 60) { fixture.manager.refusedCount == 1 }, "log: \(fixture.log.all)")
         #expect(fixture.log.contains("refused handshake from pid \(getpid())", "never did its UFFDIO_API handshake"))
         #expect(fixture.manager.clients.isEmpty)
     }
