@@ -16,7 +16,28 @@ final class Connection: @unchecked Sendable {
     /// Monotonic nanoseconds after which every send and receive fails (`.max`: none).
     var deadline: UInt64 = .max
     /// The longest a send or receive may wait without moving a byte (`.max`: forever).
-    var stallNanoseconds: UInt64 = .max
+    ///
+    /// Without a deadline, sends and receives block in the kernel (the fast path of a
+    /// running migration) and this limit is the socket's SO_SNDTIMEO/SO_RCVTIMEO; with a
+    /// deadline they poll.
+    var stallNanoseconds: UInt64 = .max {
+        didSet {
+            let limit = stallNanoseconds == .max ? 0 : max(1_000, stallNanoseconds / 1_000)
+            var t = timeval(tv_sec: Int(limit / 1_000_000), tv_usec: Int(limit % 1_000_000))
+            _ = setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &t, socklen_t(MemoryLayout<timeval>.size))
+            _ = setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &t, socklen_t(MemoryLayout<timeval>.size))
+        }
+    }
+
+    /// Flags for a send or receive: non-blocking when a deadline must be polled for.
+    private var waitFlags: Int32 { deadline == .max ? 0 : Int32(MSG_DONTWAIT) }
+
+    /// After EAGAIN: past a blocking call it means the stall limit passed; otherwise poll.
+    private func waitAfterAgain(_ events: Int16, quietAllowed: Bool, doing what: String) throws(MigrationError) {
+        if deadline != .max { return try wait(events, quietAllowed: quietAllowed, doing: what) }
+        if quietAllowed { return }
+        throw MigrationError(.connectionLost("\(what): the peer made no progress for \(stallNanoseconds / 1_000_000) ms"))
+    }
 
     init(fd: Int32) { self.fd = fd }
     deinit { _ = close(fd) }
@@ -87,10 +108,10 @@ final class Connection: @unchecked Sendable {
     func send(_ p: UnsafeRawPointer, _ count: Int) throws(MigrationError) {
         var done = 0
         while done < count {
-            let n = Glibc.send(fd, p + done, count - done, Int32(MSG_NOSIGNAL | MSG_DONTWAIT))
+            let n = Glibc.send(fd, p + done, count - done, Int32(MSG_NOSIGNAL) | waitFlags)
             if n >= 0 { done += n; continue }
             if errno == EINTR { continue }
-            if errno == EAGAIN { try wait(Int16(POLLOUT), quietAllowed: false, doing: "send"); continue }
+            if errno == EAGAIN { try waitAfterAgain(Int16(POLLOUT), quietAllowed: false, doing: "send"); continue }
             throw MigrationError(.connectionLost("send: \(String(cString: strerror(errno)))"))
         }
     }
@@ -103,6 +124,7 @@ final class Connection: @unchecked Sendable {
                    iovec(iov_base: UnsafeMutableRawPointer(mutating: payload), iov_len: length))
         var sent = 0
         let total = Wire.headerSize + length
+        let flags = waitFlags
         while sent < total {
             let n: Int = withUnsafeMutableBytes(of: &iov) { raw in
                 let v = raw.baseAddress!.assumingMemoryBound(to: iovec.self)
@@ -118,11 +140,11 @@ final class Connection: @unchecked Sendable {
                     msg.msg_iov = v + 1
                     msg.msg_iovlen = 1
                 }
-                return Glibc.sendmsg(fd, &msg, Int32(MSG_NOSIGNAL | MSG_DONTWAIT))
+                return Glibc.sendmsg(fd, &msg, Int32(MSG_NOSIGNAL) | flags)
             }
             if n >= 0 { sent += n; continue }
             if errno == EINTR { continue }
-            if errno == EAGAIN { try wait(Int16(POLLOUT), quietAllowed: false, doing: "send"); continue }
+            if errno == EAGAIN { try waitAfterAgain(Int16(POLLOUT), quietAllowed: false, doing: "send"); continue }
             throw MigrationError(.connectionLost("send: \(String(cString: strerror(errno)))"))
         }
     }
@@ -150,7 +172,7 @@ final class Connection: @unchecked Sendable {
     func receive(into p: UnsafeMutableRawPointer, _ count: Int, quietAllowed: Bool = false) throws(MigrationError) {
         var done = 0
         while done < count {
-            let n = recv(fd, p + done, count - done, Int32(MSG_DONTWAIT))
+            let n = recv(fd, p + done, count - done, waitFlags)
             if n > 0 { done += n; continue }
             if n == 0 {
                 // A frame cut short is what a dropped connection looks like: recoverable, not malformed.
@@ -159,7 +181,7 @@ final class Connection: @unchecked Sendable {
             }
             if errno == EINTR { continue }
             if errno == EAGAIN {
-                try wait(Int16(POLLIN), quietAllowed: quietAllowed && done == 0, doing: "receive")
+                try waitAfterAgain(Int16(POLLIN), quietAllowed: quietAllowed && done == 0, doing: "receive")
                 continue
             }
             throw MigrationError(.connectionLost("recv: \(String(cString: strerror(errno)))"))

@@ -95,13 +95,15 @@ struct HelloAcceptor {
                 }
                 return (s.0, s.1, u.1)
             }
-            if fds[0].revents != 0 { try acceptWaiting(now: now) }
+            if fds[0].revents != 0 { try acceptWaiting() }
         }
     }
 
-    private mutating func acceptWaiting(now: UInt64) throws(MigrationError) {
+    private mutating func acceptWaiting() throws(MigrationError) {
         var accepted = 0
         while accepted < Self.maxPending, let connection = try listener.acceptNow() {
+            // Its hello timeout runs from now, not from when the wait for it began.
+            let now = monotonicNanoseconds()
             accepted += 1
             if pending.count >= Self.maxPending {
                 refuse(pending.removeFirst().connection,

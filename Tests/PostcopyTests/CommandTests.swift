@@ -29,6 +29,8 @@ struct MigrateCommandTests {
 
     @Test func aFailedMigrationEndsReceiveWithAnErrorNotASignal() throws {
         let path = "/tmp/uffd-pc-receive-\(getpid()).sock"
+        // The receiver ends by exiting with the error: its socket file stays behind.
+        defer { unlink(path) }
         let secret = "cli test token"
         let child = try ChildProcess(try builtExecutable("uffd"),
                                      ["migrate", "receive", "--listen", "unix:\(path)", "--recovery-timeout", "300",

@@ -34,6 +34,16 @@ struct HardeningTests {
         _ = sloth
     }
 
+    @Test func aSourceThatComesLaterThanTheHelloTimeoutGetsItsFullHelloTimeout() throws {
+        let run = try DestinationRun(options: { $0.helloTimeoutMilliseconds = 300 })
+        // The destination has been waiting longer than one hello timeout when the source connects.
+        usleep(800_000)
+        let source = try migrateOneMiB(to: run.listener.endpoint)
+        run.wait()
+        _ = try #require(try run.result?.get())
+        #expect(differingPages(source.range, try #require(run.destination).regions[0]) == 0)
+    }
+
     @Test func badPeersAreRefusedAndTheRealSourceStillGetsIn() throws {
         let refusals = Mutex<[String]>([])
         let run = try DestinationRun(options: {

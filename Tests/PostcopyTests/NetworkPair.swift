@@ -22,7 +22,8 @@ final class NetworkPair: @unchecked Sendable {
     private static let counter = Atomic<Int>(0)
 
     init() throws {
-        let id = "\(getpid() % 100_000)x\(Self.counter.add(1, ordering: .relaxed).newValue)"
+        Self.removeStale()
+        let id = "\(getpid())x\(Self.counter.add(1, ordering: .relaxed).newValue)"
         destinationNamespace = "uffdpc-d\(id)"
         sourceNamespace = "uffdpc-s\(id)"
         destinationLink = "pcd\(id)"
@@ -50,6 +51,19 @@ final class NetworkPair: @unchecked Sendable {
     /// Deletes both namespaces (and with them the veth pair); safe to call twice.
     func remove() {
         for ns in [destinationNamespace, sourceNamespace] { try? Self.ip(["netns", "delete", ns], quiet: true) }
+    }
+
+    /// Deletes namespaces this suite made in a test process that no longer exists (one
+    /// killed by a signal cannot run its clean-up).
+    static func removeStale() {
+        guard let dir = opendir("/var/run/netns") else { return }
+        defer { closedir(dir) }
+        while let entry = readdir(dir) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            guard name.hasPrefix("uffdpc-"), name.count > 8,
+                  let pid = Int32(name.dropFirst(8).prefix { $0 != "x" }) else { continue }
+            if kill(pid, 0) != 0 && errno == ESRCH { try? ip(["netns", "delete", name], quiet: true) }
+        }
     }
 
     /// Sets the destination's end of the link down or up.
