@@ -28,6 +28,8 @@ public enum SnapshotFormat {
     static let footerSize = 48
     /// The most regions a file may declare.
     static let maxRegions = 4096
+    /// The most bytes of memory a file may describe (keeps every size computation in range).
+    static let maxBytes: UInt64 = 1 << 46
 
     /// What the index says about one page.
     public enum PageKind: UInt8, Sendable, Codable, CaseIterable {

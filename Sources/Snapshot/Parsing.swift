@@ -78,6 +78,9 @@ struct Parsed {
             guard length > 0, length % UInt64(pageSize) == 0, start % UInt64(pageSize) == 0, start <= UInt64.max - length else {
                 throw SnapshotError(.corrupted("region \(i) (start 0x\(String(start, radix: 16)), \(length) bytes) is not page-aligned"), path: path)
             }
+            guard length <= SnapshotFormat.maxBytes, UInt64(pageCount) * UInt64(pageSize) + length <= SnapshotFormat.maxBytes else {
+                throw SnapshotError(.corrupted("regions total more than \(SnapshotFormat.maxBytes >> 40) TiB"), path: path)
+            }
             regions.append(SnapshotFormat.Region(start: start, length: length, kind: kind))
             pageCount += Int(length / UInt64(pageSize))
         }

@@ -46,6 +46,10 @@ public struct DemoRun: Sendable, Codable, Hashable {
     public var dirtiedFraction: Double
     /// Pages whose image differs from the workload's log at the instant (0 = verified).
     public var mismatchedPages: Int
+    /// AnonHugePages of the process just before this snapshot (a fork's copy-on-write
+    /// and uffd-wp's partial unprotects split huge pages; THP heaps are collapsed
+    /// again with MADV_COLLAPSE before each snapshot).
+    public var hugePageBytesBefore: Int64
 }
 
 /// Samples the Pss of this process and of one more (a forked child) from /proc.
@@ -55,14 +59,17 @@ final class MemorySampler: @unchecked Sendable {
     let peak = Atomic<Int64>(0)
     private var thread: DedicatedThread?
 
-    static func pss(_ pid: Int32) -> Int64 {
+    static func pss(_ pid: Int32) -> Int64 { rollup(pid, "Pss:") }
+
+    /// One field of `/proc/PID/smaps_rollup`, in bytes.
+    static func rollup(_ pid: Int32, _ field: String) -> Int64 {
         guard let f = fopen("/proc/\(pid)/smaps_rollup", "r") else { return 0 }
         defer { fclose(f) }
         var line = [CChar](repeating: 0, count: 256)
         while fgets(&line, Int32(line.count), f) != nil {
             let text = line.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
-            if text.hasPrefix("Pss:") {
-                return (Int64(text.dropFirst(4).split(separator: " ").first ?? "") ?? 0) * 1024
+            if text.hasPrefix(field) {
+                return (Int64(text.dropFirst(field.count).split(separator: " ").first ?? "") ?? 0) * 1024
             }
         }
         return 0
@@ -90,6 +97,8 @@ final class MemorySampler: @unchecked Sendable {
 extension DemoHeap {
     /// Takes one snapshot by `method` into `path`; returns the run, verified.
     func snapshot(_ method: DemoMethod, round: Int, to path: String, snapshotter: Snapshotter) throws(SnapshotError) -> DemoRun {
+        if transparentHugePages { _ = madvise(base, length, 25 /* MADV_COLLAPSE */) }
+        let hugeBefore = MemorySampler.rollup(getpid(), "AnonHugePages:")
         let sampler = MemorySampler()
         sampler.start(baseline: MemorySampler.pss(getpid()))
         let opsBefore = operations.load(ordering: .relaxed)
@@ -135,7 +144,8 @@ extension DemoHeap {
                        pauseNanoseconds: pause, freezeNanoseconds: freeze, totalNanoseconds: total, imageBytes: imageBytes,
                        bytesPerSecond: Double(length) / (Double(total) / 1e9), peakExtraBytes: peak,
                        declaredExtraBytes: declared, updatesDuring: updates,
-                       dirtiedFraction: 1 - exp(-Double(updates) / Double(pages)), mismatchedPages: bad)
+                       dirtiedFraction: 1 - exp(-Double(updates) / Double(pages)), mismatchedPages: bad,
+                       hugePageBytesBefore: hugeBefore)
     }
 
     /// Forks with the writers held; the child writes the heap and exits. Returns the

@@ -49,6 +49,9 @@ public struct SnapshotDemoReport: Sendable, Codable {
     public var imageDirectory: String
     public var crc32cBytesPerSecond: Double
     public var crc32cHardware: Bool
+    /// AnonHugePages of the process once each heap was populated, by THP setting ("on"/"off"):
+    /// whether the kernel really backed the heap with huge pages.
+    public var anonHugePagesBytes: [String: Int64] = [:]
     public var runs: [DemoRun] = []
     public var summaries: [MethodSummary] = []
     public var incremental: [IncrementalRun] = []
@@ -66,6 +69,9 @@ public struct SnapshotDemoReport: Sendable, Codable {
         var out: [String] = []
         out.append("heap \(heapBytes >> 20) MiB, \(writers) writer(s), \(rounds) round(s), staging \(stagingBytes >> 20) MiB, images in \(imageDirectory); "
             + "CRC32C \(String(format1(crc32cBytesPerSecond / 1e9))) GB/s (\(crc32cHardware ? "SSE4.2" : "table"))")
+        for (k, v) in anonHugePagesBytes.sorted(by: { $0.key < $1.key }) {
+            out.append("THP \(k): \(v >> 20) MiB of the heap in transparent huge pages after populating")
+        }
         out.append("")
         out.append(row(["method", "THP", "pause ms", "freeze ms", "total ms", "GB/s", "extra MiB", "dirtied", "p50/p99/max µs during", "p50/p99/max µs steady", "verified"]))
         for s in summaries {

@@ -56,6 +56,7 @@ public struct SnapshotDemo: Sendable {
         progress("heap \(c.heapBytes >> 20) MiB, THP \(thp ? "on" : "off"): populating")
         let heap = try DemoHeap(bytes: c.heapBytes, transparentHugePages: thp, writers: c.writers)
         heap.populate()
+        report.anonHugePagesBytes[thp ? "on" : "off"] = MemorySampler.rollup(getpid(), "AnonHugePages:")
         var options = Snapshotter.Options()
         options.stagingBytes = c.stagingBytes
         var snapshotter: Snapshotter? = try Snapshotter(regions: [heap.range], options: options)
@@ -70,7 +71,7 @@ public struct SnapshotDemo: Sendable {
                 let run = try heap.snapshot(method, round: round, to: image, snapshotter: snapshotter!)
                 progress("  round \(round + 1) \(method.rawValue): pause \(format3(Double(run.pauseNanoseconds) / 1e6)) ms, total "
                     + "\(format1(Double(run.totalNanoseconds) / 1e6)) ms, extra \(format1(Double(run.peakExtraBytes) / 1048576)) MiB, "
-                    + "dirtied \(Int(run.dirtiedFraction * 100))%, \(run.mismatchedPages == 0 ? "verified" : "\(run.mismatchedPages) pages WRONG")")
+                    + "dirtied \(Int(run.dirtiedFraction * 100))%, THP before \(run.hugePageBytesBefore >> 20) MiB, \(run.mismatchedPages == 0 ? "verified" : "\(run.mismatchedPages) pages WRONG")")
                 runs.append(run)
                 usleep(UInt32(c.steadySeconds * 0.3e6))
             }
