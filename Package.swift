@@ -181,7 +181,7 @@ let package = Package(
         // What the test targets share: the process gate every suite carries, fixtures.
         .target(
             name: "TestSupport",
-            dependencies: ["Userfaultfd"],
+            dependencies: ["Userfaultfd", "UserfaultfdDiagnostics"],
             path: "Tests/TestSupport"
         ),
         .testTarget(
@@ -225,6 +225,7 @@ let package = Package(
                 "FaultManager",
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Logging", package: "swift-log"),
+                "TestSupport",
             ]
         ),
         // A process of its own for the PagedMemory tests whose outcome is a signal or an exit.
@@ -234,11 +235,11 @@ let package = Package(
         ),
         .testTarget(
             name: "PagedMemoryTests",
-            dependencies: ["PagedMemory", "MapBench", "Userfaultfd", "paged-memory-test-helper"]
+            dependencies: ["PagedMemory", "MapBench", "Userfaultfd", "paged-memory-test-helper", "TestSupport"]
         ),
         .testTarget(
             name: "FaultTraceTests",
-            dependencies: ["FaultTrace", "FaultEngine", "Userfaultfd"]
+            dependencies: ["FaultTrace", "FaultEngine", "Userfaultfd", "TestSupport"]
         ),
         .testTarget(
             name: "FaultBenchTests",

@@ -70,7 +70,7 @@ extension MigrationError {
     /// The error a peer reported in an ERROR frame, as seen from this side. The peer's
     /// text is escaped and shortened: it may end up in a log or on a terminal.
     static func fromWire(_ payload: [UInt8]) -> MigrationError {
-        let text = UntrustedText.escaped(payload.dropFirst())
+        let text = UntrustedText(payload.dropFirst()).description
         switch payload.first {
         case 1: return MigrationError(.badToken)
         case 2: return MigrationError(.peer(text))

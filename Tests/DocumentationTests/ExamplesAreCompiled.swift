@@ -1,9 +1,10 @@
+import TestSupport
 import Foundation
 import Testing
 
 /// Every ```swift block in a doc comment under Sources and in a DocC article must appear,
 /// line for line, in one of the files of this target: that is what compiles it.
-@Suite("documentation examples")
+@Suite("documentation examples", .sharesProcess)
 struct ExamplesAreCompiled {
     /// The package root, from this file's path.
     static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()

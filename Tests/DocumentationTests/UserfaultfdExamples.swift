@@ -1,3 +1,4 @@
+import TestSupport
 import Glibc
 import SystemPackage
 import Testing
@@ -136,7 +137,7 @@ func probing() -> String {
     return probe.text
 }
 
-@Suite("Userfaultfd examples run", .serialized)
+@Suite("Userfaultfd examples run", .sharesProcess, .serialized)
 struct UserfaultfdExamplesRun {
     @Test("the copy examples install the page, then find it present")
     func copies() throws {

@@ -1,3 +1,4 @@
+import TestSupport
 import FaultManager
 import Testing
 
@@ -15,7 +16,7 @@ private var canFloodAsAnotherUser: Bool { geteuid() == 0 && DaemonProcess.availa
 ///
 /// Short by default; `UFFD_FLOOD_CONNECTIONS=500` and `UFFD_SOAK_SECONDS=300` give the
 /// long forms, and `UFFD_SERVE_EXECUTABLE` measures another build of `uffd`.
-@Suite(.serialized, .timeLimit(.minutes(30)))
+@Suite(.sharesProcess, .serialized, .timeLimit(.minutes(30)))
 struct DaemonLoadTests {
     /// The most of `samples` readings of the daemon's usage, taken `interval` apart.
     func peakUsage(_ daemon: DaemonProcess, samples: Int = 10, intervalMicroseconds: UInt32 = 100_000) -> DaemonProcess.Usage {

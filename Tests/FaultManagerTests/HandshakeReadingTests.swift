@@ -1,4 +1,5 @@
 @testable import FaultManager
+import TestSupport
 import SystemPackage
 import Testing
 import Userfaultfd
@@ -8,7 +9,7 @@ import Glibc
 #endif
 
 /// Reading a handshake off a socket: complete, over the limit, late; the caps; the uffd's state.
-@Suite(.timeLimit(.minutes(1)))
+@Suite(.sharesProcess, .timeLimit(.minutes(1)))
 struct HandshakeReadingTests {
     @Test func framingFindsTheEndOfTheOutermostValue() {
         #expect(HandshakeFraming.scan(Array("  [{\"a\":[1,2]}]".utf8)) == .complete(length: 15))

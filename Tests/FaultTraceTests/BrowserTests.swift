@@ -1,3 +1,4 @@
+import TestSupport
 import FaultEngine
 import FaultTrace
 import Foundation
@@ -7,7 +8,7 @@ import Testing
 /// screenshot. Set UFFD_TRACE_BROWSER=1 to run it (`.ci/run` then installs Chromium).
 let browserTestEnabled = ProcessInfo.processInfo.environment["UFFD_TRACE_BROWSER"] == "1"
 
-@Suite(.serialized, .timeLimit(.minutes(3)))
+@Suite(.sharesProcess, .serialized, .timeLimit(.minutes(3)))
 struct BrowserTests {
     /// Decodes an 8-bit RGB(A) PNG (zlib + the five row filters) and prints
     /// "width height non-white-pixels distinct-colours".

@@ -1,3 +1,4 @@
+import TestSupport
 import FaultEngine
 import FaultTrace
 import Testing
@@ -12,7 +13,7 @@ import Musl
 let userfaultfdAvailable = (try? Userfaultfd.probe()) != nil
 let writeTrackingAvailable = ((try? Userfaultfd.probe().features) ?? []).isSuperset(of: [.wpAsync, .wpUnpopulated])
 
-@Suite(.serialized, .timeLimit(.minutes(1)))
+@Suite(.sharesProcess, .serialized, .timeLimit(.minutes(1)))
 struct RecordingTests {
     @Test(.enabled(if: userfaultfdAvailable, "needs userfaultfd"))
     func theEngineRecordsEveryFirstTouchInOrder() throws {

@@ -1,3 +1,4 @@
+import TestSupport
 import FaultEngine
 import FaultTrace
 import Testing
@@ -8,7 +9,7 @@ import Glibc
 import Musl
 #endif
 
-@Suite struct TraceFileTests {
+@Suite(.sharesProcess) struct TraceFileTests {
     @Test func aTraceReadsBackAsWritten() throws {
         let trace = knownTrace()
         let path = temporaryPath("roundtrip")

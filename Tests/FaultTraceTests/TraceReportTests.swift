@@ -1,8 +1,9 @@
+import TestSupport
 import FaultEngine
 import FaultTrace
 import Testing
 
-@Suite struct TraceReportTests {
+@Suite(.sharesProcess) struct TraceReportTests {
     let options = TraceReport.Options(timeBins: 64, addressRows: 96, orderEntries: 10)
 
     @Test func theHeatMapShowsTheSweepAsADiagonalAndTheHotBandAsAStripe() throws {

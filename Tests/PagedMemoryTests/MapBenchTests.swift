@@ -1,8 +1,9 @@
+import TestSupport
 import Foundation
 @testable import MapBench
 import Testing
 
-@Suite(.serialized, .enabled(if: canUseUserfaultfd, "this process cannot create a userfaultfd"))
+@Suite(.sharesProcess, .serialized, .enabled(if: canUseUserfaultfd, "this process cannot create a userfaultfd"))
 struct MapBenchTests {
     @Test("the out-of-core sort sorts and its check rejects a wrong output")
     func sortChecks() {

@@ -1,10 +1,11 @@
+import TestSupport
 import Foundation
 import PagedMemory
 import SystemPackage
 import Testing
 import Userfaultfd
 
-@Suite(.serialized, .enabled(if: canUseUserfaultfd, "this process cannot create a userfaultfd"))
+@Suite(.sharesProcess, .serialized, .enabled(if: canUseUserfaultfd, "this process cannot create a userfaultfd"))
 struct PagerTests {
     static let buffer = 1 << 20
 

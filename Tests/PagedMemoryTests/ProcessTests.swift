@@ -1,8 +1,9 @@
+import TestSupport
 import Foundation
 import PagedMemory
 import Testing
 
-@Suite(.serialized, .enabled(if: canUseUserfaultfd, "this process cannot create a userfaultfd"))
+@Suite(.sharesProcess, .serialized, .enabled(if: canUseUserfaultfd, "this process cannot create a userfaultfd"))
 struct ProcessTests {
     @Test("flush is durable: another process reads the written bytes after the writer exits without unmapping", .timeLimit(.minutes(2)))
     func flushIsDurable() throws {

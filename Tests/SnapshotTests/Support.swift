@@ -1,3 +1,4 @@
+import TestSupport
 import Snapshot
 import Synchronization
 import Testing
@@ -10,7 +11,7 @@ import Musl
 #endif
 
 /// Every suite that write-protects runs inside this one, one test at a time.
-@Suite(.serialized)
+@Suite(.sharesProcess, .serialized)
 struct SnapshotTests {}
 
 let page = systemPageSize

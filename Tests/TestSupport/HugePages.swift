@@ -1,5 +1,6 @@
 import Testing
 import Userfaultfd
+import UserfaultfdDiagnostics
 
 extension Trait where Self == ConditionTrait {
     /// Runs the test only where `count` 2 MiB huge pages are free or can be reserved

@@ -1,3 +1,4 @@
+import TestSupport
 import Glibc
 import Testing
 import Userfaultfd
@@ -14,7 +15,7 @@ func reserveAddressSpace(_ length: Int) throws -> UInt {
     return UInt(bitPattern: p)
 }
 
-@Suite("MemoryMapping: partial unmap, split and remap")
+@Suite("MemoryMapping: partial unmap, split and remap", .sharesProcess)
 struct MappingTests {
     let ps = systemPageSize
 

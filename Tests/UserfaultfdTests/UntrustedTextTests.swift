@@ -1,8 +1,9 @@
+import TestSupport
 import Testing
 import Userfaultfd
 
 /// Peer text on its way to a log: escaped and capped.
-@Suite("untrusted text") struct UntrustedTextTests {
+@Suite("untrusted text", .sharesProcess) struct UntrustedTextTests {
     @Test("printable ASCII is kept as is")
     func printable() {
         #expect(UntrustedText("swift-userfaultfd-manager v1").description == "swift-userfaultfd-manager v1")
