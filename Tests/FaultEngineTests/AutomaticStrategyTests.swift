@@ -1,4 +1,5 @@
 import FaultEngine
+import TestSupport
 import Testing
 import Userfaultfd
 
@@ -89,7 +90,7 @@ extension FaultEngineTests {
                            expect: .sigbus(chunkPages: 16))
         }
 
-        @Test(.needsFreeHugePages) func hugetlbIsFilledThroughThePageCacheAndContinued() throws {
+        @Test(.needsFreeHugePages(4), .usesHugePages) func hugetlbIsFilledThroughThePageCacheAndContinued() throws {
             let huge = 4
             let memory = try MemoryMapping(kind: .hugetlb, length: huge * hugePage, name: "automatic-hugetlb")
             let alias = try memory.alias()
@@ -98,7 +99,7 @@ extension FaultEngineTests {
                            alias: alias.range.start, pageSize: hugePage, expect: .minor(chunkPages: 16))
         }
 
-        @Test(.needsFreeHugePages) func hugetlbWithoutAnAliasIsCopied() throws {
+        @Test(.needsFreeHugePages(4), .usesHugePages) func hugetlbWithoutAnAliasIsCopied() throws {
             let huge = 4
             let memory = try MemoryMapping(kind: .hugetlb, length: huge * hugePage, name: "automatic-hugetlb")
             try Self.check(try imageSource(pages: huge * hugePage / page), memory,

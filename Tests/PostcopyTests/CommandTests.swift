@@ -33,7 +33,7 @@ struct MigrateCommandTests {
         // The receiver ends by exiting with the error: its socket file stays behind.
         defer { unlink(path) }
         let secret = "cli test token"
-        let child = try ChildProcess(try builtExecutable("uffd"),
+        let child = try ChildProcess(try #require(builtExecutable("uffd"), "uffd is built next to the tests"),
                                      ["migrate", "receive", "--listen", "unix:\(path)", "--recovery-timeout", "300",
                                       "--workers", "2", "--run-after", "0"],
                                      environment: ["UFFD_MIGRATE_TOKEN=\(secret)"])
@@ -49,7 +49,7 @@ struct MigrateCommandTests {
     @Test func aTokenOnTheCommandLineWorksButWarns() throws {
         let listener = try MigrationListener(.tcp(host: "127.0.0.1", port: 0))
         let endpoint = listener.endpoint.description
-        let child = try ChildProcess(try builtExecutable("uffd"),
+        let child = try ChildProcess(try #require(builtExecutable("uffd"), "uffd is built next to the tests"),
                                      ["migrate", "send", "--to", endpoint, "--token", "s3cr3t-on-argv", "--size", "1",
                                       "--warmup", "0", "--json"])
         // Refuse it: only the warning matters here.

@@ -262,7 +262,7 @@ struct EndToEndTests {
 
 /// Runs the helper executable built next to the test bundle; returns its wait status.
 func runHelper(_ argument: String) throws -> Int32 {
-    let path = try builtExecutable("postcopy-test-helper")
+    let path = try #require(builtExecutable("postcopy-test-helper"), "postcopy-test-helper is built next to the tests")
     var pid: pid_t = 0
     let argv: [UnsafeMutablePointer<CChar>?] = [strdup(path), strdup(argument), nil]
     defer { for a in argv { free(a) } }

@@ -64,18 +64,6 @@ func failure(of run: DestinationRun) -> MigrationError? {
     return nil
 }
 
-/// The path of an executable built next to the test bundle.
-func builtExecutable(_ name: String) throws -> String {
-    var buffer = [CChar](repeating: 0, count: 4096)
-    let n = readlink("/proc/self/exe", &buffer, buffer.count - 1)
-    try #require(n > 0)
-    var directory = String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
-    while !directory.hasSuffix("/") { directory.removeLast() }
-    let path = directory + name
-    try #require(access(path, X_OK) == 0, "\(name) is built at \(path)")
-    return path
-}
-
 /// A child process with its standard error in a file.
 struct ChildProcess {
     let pid: pid_t
