@@ -247,7 +247,7 @@ let package = Package(
         ),
         .testTarget(
             name: "SnapshotTests",
-            dependencies: ["Snapshot", "Userfaultfd", "UserfaultfdDiagnostics", "FaultEngine", "TestSupport"]
+            dependencies: ["Snapshot", "Userfaultfd", "FaultEngine", "TestSupport"]
         ),
     ]
 )

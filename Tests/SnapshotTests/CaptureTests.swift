@@ -1,6 +1,6 @@
 import FaultEngine
 import Snapshot
-import UserfaultfdDiagnostics
+import TestSupport
 import Testing
 import Userfaultfd
 
@@ -128,8 +128,7 @@ extension SnapshotTests {
             unlink(dir.path + "/image")
         }
 
-        @Test func hugetlbIsRefusedByName() throws {
-            guard HugePages.ensureFree(1) else { return }
+        @Test(.needsFreeHugePages(1), .usesHugePages) func hugetlbIsRefusedByName() throws {
             let memory = try MemoryMapping(kind: .hugetlb, length: HugePages.size)
             #expect {
                 _ = try Snapshotter(regions: [memory.range])
