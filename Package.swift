@@ -223,6 +223,8 @@ let package = Package(
                 "FaultEngine",
                 "Postcopy",
                 "FaultManager",
+                "PagedMemory",
+                "Snapshot",
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Logging", package: "swift-log"),
                 "TestSupport",
