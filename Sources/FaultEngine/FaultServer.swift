@@ -270,8 +270,9 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
 
     /// Starts the handler threads (and the prefetch thread, if any).
     ///
-    /// - Throws: `UserfaultfdError` if the server was already started or stopped, or the
-    ///   SIGBUS resolver cannot be installed.
+    /// - Throws: `UserfaultfdError` if the server was already started or stopped, the
+    ///   SIGBUS resolver cannot be installed, or a thread cannot be created (the server is
+    ///   then stopped, its uffd closed).
     public func start() throws(UserfaultfdError) {
         let callback = onEvent
         try state.withLock { (s: inout State) throws(UserfaultfdError) in
@@ -296,23 +297,32 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
         let needsPrefetcher = configuration.backgroundPopulate || !replayOffsets.isEmpty
         runningThreads.store(threadCount + (needsPrefetcher ? 1 : 0), ordering: .sequentiallyConsistent)
         var threads: [DedicatedThread] = []
-        for i in 0..<threadCount {
-            threads.append(DedicatedThread(name: "uffd-handler-\(i)") { [self] in
-                self.registerCurrentThread()
-                let loop = HandlerLoop(server: self, index: i, onEvent: callback)
-                self.readyThreads.wrappingAdd(1, ordering: .releasing)
-                loop.run()
-                self.threadFinished()
-            })
-        }
-        if needsPrefetcher {
-            threads.append(DedicatedThread(name: "uffd-prefetch") { [self] in
-                self.registerCurrentThread()
-                let loop = HandlerLoop(server: self, index: -1, onEvent: callback)
-                self.readyThreads.wrappingAdd(1, ordering: .releasing)
-                loop.prefetch(replay: self.replayOffsets, populate: self.configuration.backgroundPopulate)
-                self.threadFinished()
-            })
+        do {
+            for i in 0..<threadCount {
+                threads.append(try DedicatedThread.start(name: "uffd-handler-\(i)") { [self] in
+                    self.registerCurrentThread()
+                    let loop = HandlerLoop(server: self, index: i, onEvent: callback)
+                    self.readyThreads.wrappingAdd(1, ordering: .releasing)
+                    loop.run()
+                    self.threadFinished()
+                })
+            }
+            if needsPrefetcher {
+                threads.append(try DedicatedThread.start(name: "uffd-prefetch") { [self] in
+                    self.registerCurrentThread()
+                    let loop = HandlerLoop(server: self, index: -1, onEvent: callback)
+                    self.readyThreads.wrappingAdd(1, ordering: .releasing)
+                    loop.prefetch(replay: self.replayOffsets, populate: self.configuration.backgroundPopulate)
+                    self.threadFinished()
+                })
+            }
+        } catch {
+            // No thread could be had (a pids limit, RLIMIT_NPROC): the threads already
+            // running are stopped and joined and the uffd is closed, so that its faults
+            // fall back to the kernel instead of waiting for a handler that never comes.
+            state.withLock { $0.threads = threads }
+            stop()
+            throw error
         }
         state.withLock { $0.threads = threads }
         // Return only once every thread has allocated what it needs: a fork() of this

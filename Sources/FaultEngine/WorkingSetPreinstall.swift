@@ -63,14 +63,22 @@ public enum WorkingSetPreinstall {
         if count == 1 { return worker.install(offsets[...]) }
         let share = (offsets.count + count - 1) / count
         let results = Mutex<[Result]>([])
-        let helpers = (1..<count).map { k in
+        var helpers: [DedicatedThread] = []
+        var unstarted: [ArraySlice<UInt64>] = []
+        for k in 1..<count {
             let slice = offsets[(k * share)..<min(offsets.count, (k + 1) * share)]
-            return DedicatedThread(name: "uffd-preload-\(k)") {
+            // A thread that cannot be had (a pids limit) leaves its share to this one.
+            if let helper = try? DedicatedThread.start(name: "uffd-preload-\(k)", {
                 let r = worker.install(slice)
                 results.withLock { $0.append(r) }
+            }) {
+                helpers.append(helper)
+            } else {
+                unstarted.append(slice)
             }
         }
         var total = worker.install(offsets[0..<min(offsets.count, share)])
+        for slice in unstarted { results.withLock { $0.append(worker.install(slice)) } }
         for h in helpers { h.join() }
         for r in results.withLock({ $0 }) {
             total.pagesInstalled += r.pagesInstalled
