@@ -122,7 +122,7 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
     ///     non-empty, not overlapping, each within the source's length, with a source
     ///     offset aligned to the page size.
     ///   - source: where page contents come from.
-    ///   - configuration: strategy, prefetch and threads.
+    ///   - requested: strategy, prefetch and threads (an automatic strategy is resolved here).
     /// - Throws: `UserfaultfdError` (`.invalidArgument`) naming
     ///   the region or setting that is wrong, the feature the strategy needs, or the
     ///   strategy that huge pages do not support.

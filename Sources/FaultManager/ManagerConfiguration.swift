@@ -27,7 +27,7 @@ public struct ManagerConfiguration: Sendable {
     public var maxPendingHandshakesPerUID: Int
     /// How often each client's watcher checks that its process still exists, in milliseconds.
     public var livenessPollMilliseconds: Int32
-    /// Where every client's server hands the faults it resolves (``FaultServer/traceSink``), if anywhere.
+    /// Where every client's server hands the faults it resolves (`FaultServer.traceSink`), if anywhere.
     public var traceSink: FaultTraceSink? = nil
 
     public init(

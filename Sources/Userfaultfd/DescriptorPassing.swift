@@ -85,7 +85,7 @@ public enum DescriptorPassing {
     /// only counted. A message longer than `maxPayload` (on a stream socket: one that
     /// fills the buffer with more bytes already waiting) is refused and every
     /// descriptor received is closed. A server facing untrusted peers reads with
-    /// ``receiveWaiting(from:upTo:)`` instead, into buffers sized to what arrived.
+    /// ``receiveWaiting(from:upTo:keeping:)`` instead, into buffers sized to what arrived.
     ///
     /// - Parameters:
     ///   - socket: A connected unix socket.
