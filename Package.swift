@@ -139,7 +139,7 @@ let package = Package(
         // `uffd map bench`: out-of-core workloads over the kernel's mmap and PagedMemory in a memory cgroup.
         .target(
             name: "MapBench",
-            dependencies: ["PagedMemory", "Userfaultfd"]
+            dependencies: ["PagedMemory", "Userfaultfd", "FaultEngine"]
         ),
         // The command-line tool.
         .executableTarget(
@@ -237,7 +237,7 @@ let package = Package(
         ),
         .testTarget(
             name: "PagedMemoryTests",
-            dependencies: ["PagedMemory", "MapBench", "Userfaultfd", "paged-memory-test-helper", "TestSupport"]
+            dependencies: ["PagedMemory", "MapBench", "Userfaultfd", "FaultEngine", "paged-memory-test-helper", "TestSupport"]
         ),
         .testTarget(
             name: "FaultTraceTests",

@@ -1,3 +1,4 @@
+import FaultEngine
 import Foundation
 import PagedMemory
 import Userfaultfd
@@ -23,7 +24,7 @@ enum RandomWorkloads {
             DedicatedThread(name: "bench-\(t)") {
                 let p = UnsafeMutableRawPointer(bitPattern: address)!
                 let c = UnsafeMutablePointer<Int>(bitPattern: countsAddress)!
-                var rng = SplitMix64(state: UInt64(t) &+ 77)
+                var rng = SplitMix64(seed: UInt64(t) &+ 77)
                 var ops = 0, wrong = 0
                 while true {
                     for _ in 0..<64 {
@@ -48,7 +49,7 @@ enum RandomWorkloads {
     /// `seconds`. - Returns: operations and the words touched, in order.
     static func readModifyWrite(_ base: UnsafeMutableRawPointer, bytes: Int, seconds: Double) -> (Int, [Int32]) {
         let pages = bytes / 4096
-        var rng = SplitMix64(state: 99)
+        var rng = SplitMix64(seed: 99)
         var touched: [Int32] = []
         touched.reserveCapacity(1 << 20)
         let deadline = Date().addingTimeInterval(seconds)
@@ -91,20 +92,6 @@ enum RandomWorkloads {
         var sum: UInt64 = 0
         for i in 0..<bytes / 8 { sum &+= words[i] }
         return sum == DataFiles.expectedSum(words: bytes / 8)
-    }
-}
-
-/// SplitMix64, a small fast generator whose sequence is fixed by its seed.
-public struct SplitMix64: RandomNumberGenerator {
-    public var state: UInt64
-    public init(state: UInt64) { self.state = state }
-    @inline(__always)
-    public mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }
 

@@ -1,3 +1,4 @@
+import FaultEngine
 import TestSupport
 import Foundation
 @testable import MapBench
@@ -8,7 +9,7 @@ struct MapBenchTests {
     @Test("the out-of-core sort sorts and its check rejects a wrong output")
     func sortChecks() {
         let n = 100_000
-        var rng = SplitMix64(state: 3)
+        var rng = SplitMix64(seed: 3)
         let input = (0..<n).map { _ in rng.next() }
         var temporary = [UInt64](repeating: 0, count: n)
         var output = [UInt64](repeating: 0, count: n)

@@ -20,7 +20,7 @@ struct PagerTests {
         let file = try PatternFile(size: 16 << 20)
         let pager = try pager()
         let mapping = try pager.map(FileStore(path: file.path))
-        var rng = SplitMix(state: 1)
+        var rng = SplitMix(seed: 1)
         var wrong = 0
         var maxResident = 0
         for step in 0..<20_000 {
@@ -92,7 +92,7 @@ struct PagerTests {
             DedicatedThread(name: "rw-\(t)") {
                 let p = UnsafeMutableRawPointer(bitPattern: base)!
                 let errors = UnsafeMutablePointer<Int>(bitPattern: errorsAddress)!
-                var rng = SplitMix(state: UInt64(t + 10))
+                var rng = SplitMix(seed: UInt64(t + 10))
                 for _ in 0..<perThread {
                     // Each thread owns the words w with w % 4 == t.
                     let w = Int.random(in: 0..<words / 4, using: &rng) * 4 + t
@@ -137,7 +137,7 @@ struct PagerTests {
         let pager = try pager(8 << 20)
         for store in [try FileStore(path: file.path), try FileStore(path: file.path, mode: .direct)] as [FileStore] {
             let mapping = try pager.map(store, pageSize: pageSize)
-            var rng = SplitMix(state: UInt64(pageSize))
+            var rng = SplitMix(seed: UInt64(pageSize))
             for _ in 0..<2000 {
                 let w = Int.random(in: 0..<file.size / 8, using: &rng)
                 #expect(mapping.base.load(fromByteOffset: w * 8, as: UInt64.self) == PatternFile.pattern(w))

@@ -1,3 +1,4 @@
+import FaultEngine
 import Foundation
 import MapBench
 import PagedMemory
