@@ -396,7 +396,7 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
         let started = state.withLock { $0.started }
         if started {
             var p = pollfd(fd: finishedSignal.fileDescriptor.rawValue, events: Int16(POLLIN), revents: 0)
-            while Glibc.poll(&p, 1, -1) < 0 && errno == EINTR {}
+            _ = retryOnInterrupt { Glibc.poll(&p, 1, -1) }
         }
         stop()
     }

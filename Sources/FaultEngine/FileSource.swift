@@ -109,12 +109,14 @@ public struct FileSource: PageSource, @unchecked Sendable {
         // in the handler thread if the file shrank after the source was made.
         var done = 0
         while done < n {
-            let r = Glibc.pread(backing.fd, destination.baseAddress! + done, n - done, off_t(offset + sourceOffset) + off_t(done))
+            let r = retryOnInterrupt {
+                Glibc.pread(backing.fd, destination.baseAddress! + done, n - done, off_t(offset + sourceOffset) + off_t(done))
+            }
             if r > 0 {
                 done += r
             } else if r == 0 {
                 throw PageSourceError(.shortRead, sourceOffset: sourceOffset, length: n)
-            } else if errno != EINTR {
+            } else {
                 throw PageSourceError(.system(Errno(rawValue: errno)), sourceOffset: sourceOffset, length: n)
             }
         }

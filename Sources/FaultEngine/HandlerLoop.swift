@@ -250,12 +250,10 @@ final class HandlerLoop<Source: PageSource> {
             pollfd(fd: requests, events: Int16(POLLIN), revents: 0)
         )
         while true {
-            let n = withUnsafeMutableBytes(of: &fds) { raw in
-                Glibc.poll(raw.baseAddress!.assumingMemoryBound(to: pollfd.self), 3, -1)
-            }
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw UserfaultfdError(operation: "poll", errno: Errno(rawValue: errno))
+            _ = try retryOnInterrupt("poll") {
+                withUnsafeMutableBytes(of: &fds) { raw in
+                    Glibc.poll(raw.baseAddress!.assumingMemoryBound(to: pollfd.self), 3, -1)
+                }
             }
             if fds.1.revents != 0 { return .stopped }
             if fds.0.revents & Int16(POLLIN) != 0 { return .ready }

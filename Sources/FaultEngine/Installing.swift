@@ -96,7 +96,7 @@ extension HandlerLoop {
     func resolveWriteProtect(_ address: UInt64) {
         while true {
             do {
-                if try handle.writeProtect(MemoryRange(start: address, length: ps), protect: false) == .retryAfterEvents {
+                if try handle.writeProtect(MemoryRange(start: address, length: ps), mode: []) == .retryAfterEvents {
                     if drainEvents() { continue }
                 }
             } catch {

@@ -56,11 +56,8 @@ public enum WorkingSetFile {
         let failure: Int32 = words.withUnsafeBytes { raw in
             var done = 0
             while done < raw.count {
-                let n = Glibc.write(fd, raw.baseAddress! + done, raw.count - done)
-                if n < 0 {
-                    if errno == EINTR { continue }
-                    return errno
-                }
+                let n = retryOnInterrupt { Glibc.write(fd, raw.baseAddress! + done, raw.count - done) }
+                if n < 0 { return errno }
                 done += n
             }
             return 0
@@ -81,11 +78,8 @@ public enum WorkingSetFile {
             var done = 0
             let failure: Int32 = words.withUnsafeMutableBytes { raw in
                 while done < want {
-                    let n = Glibc.read(fd, raw.baseAddress! + done, want - done)
-                    if n < 0 {
-                        if errno == EINTR { continue }
-                        return errno
-                    }
+                    let n = retryOnInterrupt { Glibc.read(fd, raw.baseAddress! + done, want - done) }
+                    if n < 0 { return errno }
                     if n == 0 { break }
                     done += n
                 }

@@ -128,7 +128,7 @@ final class ClientSession: Sendable {
         if fd < 0 { return false }
         let handle = Userfaultfd.Handle(fileDescriptor: FileDescriptor(rawValue: fd), features: [])
         do {
-            _ = try handle.writeProtect(probeRange, protect: false, dontWake: true)
+            _ = try handle.writeProtect(probeRange, mode: .dontWake)
             return true
         } catch {
             return !(error.errno == .noSuchProcess || error.errno == .noSpace)

@@ -34,17 +34,16 @@ extension Manager {
             pollfd(fd: listener.rawValue, events: Int16(POLLIN), revents: 0),
             pollfd(fd: stopSignal.fileDescriptor.rawValue, events: Int16(POLLIN), revents: 0)
         )
-        while true {
-            let n = withUnsafeMutableBytes(of: &fds) { raw in
+        let n = retryOnInterrupt {
+            withUnsafeMutableBytes(of: &fds) { raw in
                 poll(raw.baseAddress!.assumingMemoryBound(to: pollfd.self), 2, -1)
             }
-            if n < 0 {
-                if errno == EINTR { continue }
-                logger.error("poll on the listening socket failed: errno \(errno)")
-                return false
-            }
-            return fds.1.revents == 0
         }
+        if n < 0 {
+            logger.error("poll on the listening socket failed: errno \(errno)")
+            return false
+        }
+        return fds.1.revents == 0
     }
 
     /// Checks a new connection's credentials and the caps, then starts its handshake.

@@ -104,8 +104,9 @@ enum UnixSocket {
     static func sendAll(_ bytes: [UInt8], over socket: FileDescriptor) {
         var offset = 0
         while offset < bytes.count {
-            let n = bytes.withUnsafeBytes { Glibc.send(socket.rawValue, $0.baseAddress! + offset, $0.count - offset, Int32(MSG_NOSIGNAL)) }
-            if n < 0 && errno == EINTR { continue }
+            let n = retryOnInterrupt {
+                bytes.withUnsafeBytes { Glibc.send(socket.rawValue, $0.baseAddress! + offset, $0.count - offset, Int32(MSG_NOSIGNAL)) }
+            }
             if n <= 0 { return }
             offset += n
         }
@@ -116,11 +117,7 @@ enum UnixSocket {
         var line: [UInt8] = []
         var byte: UInt8 = 0
         while line.count < limit {
-            let n = Glibc.read(socket.rawValue, &byte, 1)
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw UserfaultfdError(operation: "read reply", errno: Errno(rawValue: errno))
-            }
+            let n = try retryOnInterrupt("read reply") { Glibc.read(socket.rawValue, &byte, 1) }
             if n == 0 { return line.isEmpty ? nil : line }
             if byte == 0x0A { return line }
             line.append(byte)

@@ -92,13 +92,12 @@ final class ClientOutput {
     func wait() -> Int32 {
         var chunk = [UInt8](repeating: 0, count: 4096)
         while true {
-            let n = chunk.withUnsafeMutableBytes { read(output, $0.baseAddress, $0.count) }
-            if n < 0 && errno == EINTR { continue }
+            let n = retryOnInterrupt { chunk.withUnsafeMutableBytes { read(output, $0.baseAddress, $0.count) } }
             if n <= 0 { break }
             collected.append(contentsOf: chunk[0..<n])
         }
         var status: Int32 = 0
-        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        _ = retryOnInterrupt { waitpid(pid, &status, 0) }
         return status & 0x7f == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
     }
 
@@ -149,8 +148,7 @@ func writeImage(_ path: String, bytes: Int) throws {
         }
         var done = 0
         while done < chunk {
-            let n = buffer.withUnsafeBytes { pwrite(fd, $0.baseAddress! + done, chunk - done, off_t(offset + done)) }
-            if n < 0 && errno == EINTR { continue }
+            let n = retryOnInterrupt { buffer.withUnsafeBytes { pwrite(fd, $0.baseAddress! + done, chunk - done, off_t(offset + done)) } }
             guard n > 0 else { throw ServeBenchError("cannot write \(path): errno \(errno)") }
             done += n
         }

@@ -43,7 +43,7 @@ public enum DirtyTracking {
         for i in 0..<pages { p.storeBytes(of: 1, toByteOffset: i * 4096, as: UInt8.self) }
         let range = MemoryRange(p, length: length)
         try handle.register(range, mode: .writeProtect)
-        try handle.writeProtect(range, protect: true)
+        try handle.writeProtect(range, mode: .writeProtect)
         return range
     }
 
@@ -66,7 +66,7 @@ public enum DirtyTracking {
                 for case .pageFault(let f) in events.events {
                     let page = f.address & ~4095
                     marks[Int(page - start) / 4096] = 1
-                    _ = try? handle.writeProtect(MemoryRange(start: page, length: 4096), protect: false)
+                    _ = try? handle.writeProtect(MemoryRange(start: page, length: 4096), mode: [])
                 }
             }
         }

@@ -1,3 +1,5 @@
+import Userfaultfd
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -108,9 +110,8 @@ final class Connection: @unchecked Sendable {
     func send(_ p: UnsafeRawPointer, _ count: Int) throws(MigrationError) {
         var done = 0
         while done < count {
-            let n = Glibc.send(fd, p + done, count - done, Int32(MSG_NOSIGNAL) | waitFlags)
+            let n = retryOnInterrupt { Glibc.send(fd, p + done, count - done, Int32(MSG_NOSIGNAL) | waitFlags) }
             if n >= 0 { done += n; continue }
-            if errno == EINTR { continue }
             if errno == EAGAIN { try waitAfterAgain(Int16(POLLOUT), quietAllowed: false, doing: "send"); continue }
             throw MigrationError(.connectionLost("send: \(String(cString: strerror(errno)))"))
         }
@@ -126,24 +127,25 @@ final class Connection: @unchecked Sendable {
         let total = Wire.headerSize + length
         let flags = waitFlags
         while sent < total {
-            let n: Int = withUnsafeMutableBytes(of: &iov) { raw in
-                let v = raw.baseAddress!.assumingMemoryBound(to: iovec.self)
-                var msg = msghdr()
-                if sent < Wire.headerSize {
-                    v[0].iov_base = scratch + sent
-                    v[0].iov_len = Wire.headerSize - sent
-                    msg.msg_iov = v
-                    msg.msg_iovlen = length > 0 ? 2 : 1
-                } else {
-                    v[1].iov_base = UnsafeMutableRawPointer(mutating: payload!) + (sent - Wire.headerSize)
-                    v[1].iov_len = total - sent
-                    msg.msg_iov = v + 1
-                    msg.msg_iovlen = 1
+            let n: Int = retryOnInterrupt {
+                withUnsafeMutableBytes(of: &iov) { raw in
+                    let v = raw.baseAddress!.assumingMemoryBound(to: iovec.self)
+                    var msg = msghdr()
+                    if sent < Wire.headerSize {
+                        v[0].iov_base = scratch + sent
+                        v[0].iov_len = Wire.headerSize - sent
+                        msg.msg_iov = v
+                        msg.msg_iovlen = length > 0 ? 2 : 1
+                    } else {
+                        v[1].iov_base = UnsafeMutableRawPointer(mutating: payload!) + (sent - Wire.headerSize)
+                        v[1].iov_len = total - sent
+                        msg.msg_iov = v + 1
+                        msg.msg_iovlen = 1
+                    }
+                    return Glibc.sendmsg(fd, &msg, Int32(MSG_NOSIGNAL) | flags)
                 }
-                return Glibc.sendmsg(fd, &msg, Int32(MSG_NOSIGNAL) | flags)
             }
             if n >= 0 { sent += n; continue }
-            if errno == EINTR { continue }
             if errno == EAGAIN { try waitAfterAgain(Int16(POLLOUT), quietAllowed: false, doing: "send"); continue }
             throw MigrationError(.connectionLost("send: \(String(cString: strerror(errno)))"))
         }
@@ -172,14 +174,13 @@ final class Connection: @unchecked Sendable {
     func receive(into p: UnsafeMutableRawPointer, _ count: Int, quietAllowed: Bool = false) throws(MigrationError) {
         var done = 0
         while done < count {
-            let n = recv(fd, p + done, count - done, waitFlags)
+            let n = retryOnInterrupt { recv(fd, p + done, count - done, waitFlags) }
             if n > 0 { done += n; continue }
             if n == 0 {
                 // A frame cut short is what a dropped connection looks like: recoverable, not malformed.
                 throw MigrationError(.connectionLost(done == 0 ? "the peer closed the connection"
                                                      : "truncated frame: the connection closed after \(done) of \(count) bytes"))
             }
-            if errno == EINTR { continue }
             if errno == EAGAIN {
                 try waitAfterAgain(Int16(POLLIN), quietAllowed: quietAllowed && done == 0, doing: "receive")
                 continue

@@ -16,7 +16,7 @@ final class DirtyTracker {
             for r in table.regions {
                 let range = MemoryRange(start: r.start, length: UInt64(r.pages * table.pageSize))
                 try uffd.handle.register(range, mode: .writeProtect, requiring: [.writeProtect])
-                try uffd.handle.writeProtect(range, protect: true)
+                try uffd.handle.writeProtect(range, mode: .writeProtect)
             }
         } catch {
             throw MigrationError(error)

@@ -1,3 +1,5 @@
+import Userfaultfd
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -66,8 +68,7 @@ public enum MigrationToken {
         var bytes = [UInt8](repeating: 0, count: maxFileBytes + 1)
         var count = 0
         while count < bytes.count {
-            let n = bytes.withUnsafeMutableBytes { read(fd, $0.baseAddress! + count, $0.count - count) }
-            if n < 0 && errno == EINTR { continue }
+            let n = retryOnInterrupt { bytes.withUnsafeMutableBytes { read(fd, $0.baseAddress! + count, $0.count - count) } }
             if n < 0 { throw MigrationError(.invalidArgument("cannot read the token file: \(String(cString: strerror(errno)))")) }
             if n == 0 { break }
             count += n

@@ -90,23 +90,20 @@ public final class MigrationListener: @unchecked Sendable {
     /// Accepts one pending connection without waiting (the listener is non-blocking);
     /// nil when none is pending.
     func acceptNow() throws(MigrationError) -> Connection? {
-        while true {
-            let c = Glibc.accept(fd, nil, nil)
-            if c >= 0 {
-                // Accepted sockets inherit neither O_NONBLOCK nor FD_CLOEXEC on Linux.
-                _ = fcntl(c, F_SETFD, FD_CLOEXEC)
-                var one: Int32 = 1
-                _ = setsockopt(c, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
-                return Connection(fd: c)
-            }
-            switch errno {
-            case EINTR: continue
-            // A connection that was reset before it was accepted, or none pending.
-            case EAGAIN, ECONNABORTED, EPROTO: return nil
-            // Out of descriptors or memory: refuse, keep listening.
-            case EMFILE, ENFILE, ENOBUFS, ENOMEM: return nil
-            default: throw systemError("accept")
-            }
+        let c = retryOnInterrupt { Glibc.accept(fd, nil, nil) }
+        if c >= 0 {
+            // Accepted sockets inherit neither O_NONBLOCK nor FD_CLOEXEC on Linux.
+            _ = fcntl(c, F_SETFD, FD_CLOEXEC)
+            var one: Int32 = 1
+            _ = setsockopt(c, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+            return Connection(fd: c)
+        }
+        switch errno {
+        // A connection that was reset before it was accepted, or none pending.
+        case EAGAIN, ECONNABORTED, EPROTO: return nil
+        // Out of descriptors or memory: refuse, keep listening.
+        case EMFILE, ENFILE, ENOBUFS, ENOMEM: return nil
+        default: throw systemError("accept")
         }
     }
 }

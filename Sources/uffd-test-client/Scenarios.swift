@@ -93,7 +93,7 @@ func fork(_ guest: Guest) {
         _exit(bad ? 1 : 0)
     }
     var status: Int32 = 0
-    while waitpid(child, &status, 0) < 0 && errno == EINTR {}
+    _ = retryOnInterrupt { waitpid(child, &status, 0) }
     if status != 0 { fail(1, "the forked child saw wrong bytes (wait status \(status))") }
     guest.expect(0, "parent after fork")
     guest.expect(1, "parent after fork")
@@ -164,7 +164,7 @@ func layout(_ guest: Guest) {
         let child = Glibc.fork()
         if child == 0 { _exit(guest.mismatch(1, pages: pages / 4, count: pages / 2) == nil ? 0 : 1) }
         var status: Int32 = 0
-        while waitpid(child, &status, 0) < 0 && errno == EINTR {}
+        _ = retryOnInterrupt { waitpid(child, &status, 0) }
         if status != 0 { fail(1, "the forked child saw wrong bytes (wait status \(status))") }
     }
     guest.expect(0, "region 0 at the end")

@@ -140,14 +140,13 @@ enum DemoRun {
         var output: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 4096)
         while true {
-            let n = chunk.withUnsafeMutableBytes { read(child.output, $0.baseAddress, $0.count) }
-            if n < 0 && errno == EINTR { continue }
+            let n = retryOnInterrupt { chunk.withUnsafeMutableBytes { read(child.output, $0.baseAddress, $0.count) } }
             if n <= 0 { break }
             output += chunk[0..<n]
         }
         close(child.output)
         var status: Int32 = 0
-        while waitpid(child.pid, &status, 0) < 0 && errno == EINTR {}
+        _ = retryOnInterrupt { waitpid(child.pid, &status, 0) }
         return (output, status)
     }
 
