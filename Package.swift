@@ -225,6 +225,7 @@ let package = Package(
                 "FaultManager",
                 "PagedMemory",
                 "Snapshot",
+                "FaultTrace",
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Logging", package: "swift-log"),
                 "TestSupport",

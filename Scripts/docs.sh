@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(Userfaultfd UserfaultfdDiagnostics FaultEngine Postcopy FaultManager)
+    targets=(Userfaultfd UserfaultfdDiagnostics FaultEngine Postcopy FaultManager Snapshot PagedMemory FaultTrace)
 fi
 
 log=$(mktemp)

@@ -40,7 +40,7 @@ public struct Trace: Sendable, Equatable {
 
 /// One range of memory a trace covers.
 public struct TraceRegion: Sendable, Equatable, Codable {
-    /// The address space it lies in: a ``FaultTraceSink`` space (one per server), or the
+    /// The address space it lies in: a `FaultTraceSink` space (one per server), or the
     /// number a write sampler was given.
     public var space: Int
     /// The first address.

@@ -51,8 +51,8 @@ public final class TraceWriter {
     }
 }
 
-/// Records a trace to a file while servers run: give ``sink`` to each ``FaultServer``
-/// (``FaultServer/traceSink``) before starting it, let a ``WriteSampler`` add write
+/// Records a trace to a file while servers run: give ``sink`` to each `FaultServer`
+/// (`FaultServer.traceSink`) before starting it, let a ``WriteSampler`` add write
 /// samples, and ``finish()`` when done.
 ///
 /// A background thread drains the handlers' buffers into the file every
@@ -60,7 +60,7 @@ public final class TraceWriter {
 public final class TraceRecorder: @unchecked Sendable {
     /// Where the servers hand their faults.
     public let sink: FaultTraceSink
-    /// The `CLOCK_MONOTONIC` time (``FaultTraceSink/now()``) the trace's times count from.
+    /// The `CLOCK_MONOTONIC` time (`FaultTraceSink.now()`) the trace's times count from.
     public let startTime: UInt64
 
     private struct State {

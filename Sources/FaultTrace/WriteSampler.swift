@@ -41,7 +41,7 @@ public final class WriteSampler: @unchecked Sendable {
     ///   - recorder: the trace the samples go to.
     ///   - ranges: page-aligned ranges registered for WP_ASYNC write-protect.
     ///   - space: the address space the ranges belong to in the trace (the same number
-    ///     as the ``FaultTraceSink`` space of a server over them, if any).
+    ///     as the `FaultTraceSink` space of a server over them, if any).
     ///   - pid: the process whose pagemap is scanned (nil: this one).
     ///   - intervalMilliseconds: the sampling interval.
     ///   - bucketPages: pages counted together.

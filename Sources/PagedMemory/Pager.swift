@@ -53,7 +53,7 @@ public final class Pager: @unchecked Sendable {
     ///
     /// - Parameter configuration: the buffer size, thread counts and policy.
     /// - Throws: `UserfaultfdError` if the userfaultfd cannot be created, or
-    ///   ``UserfaultfdError/Kind/invalidArgument(_:)`` for a buffer under 64 KiB or bad marks.
+    ///   `UserfaultfdError.Kind.invalidArgument` for a buffer under 64 KiB or bad marks.
     public init(_ configuration: PagerConfiguration) throws(UserfaultfdError) {
         let c = configuration
         if c.bufferBytes < 64 << 10 || !(0 < c.lowWater && c.lowWater < c.highWater && c.highWater <= 1)

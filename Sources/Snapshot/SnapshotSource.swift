@@ -1,6 +1,6 @@
 import FaultEngine
 
-/// A page source reading a snapshot chain, so a ``FaultEngine/FaultServer`` restores
+/// A page source reading a snapshot chain, so a `FaultServer` restores
 /// the memory lazily: each faulting page is read from the newest file holding it.
 ///
 /// Source offset 0 is the first byte of the first region; the regions follow one
