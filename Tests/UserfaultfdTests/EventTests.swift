@@ -84,6 +84,9 @@ func checkEvents(_ kind: MemoryKind, writeProtect: Bool) throws {
                     try uffd.wake(MemoryRange(start: start, length: UInt64(ps)))
                 }
             } catch {
+                // ESRCH: the child is gone. UNREGISTER woke its fault, it went on and
+                // exited before this stale message was served; nothing is left to wake.
+                if error.errno == .noSuchProcess { return }
                 if error.errno != .noSuchFileOrDirectory { throw error }
                 try uffd.wake(MemoryRange(start: start, length: UInt64(ps)))
             }

@@ -19,7 +19,8 @@ func reserveAddressSpace(_ length: Int) throws -> UInt {
 struct MappingTests {
     let ps = systemPageSize
 
-    @Test("unmapping a head or a tail keeps the rest; the middle is refused")
+    // Checks that unmapped addresses stay unmapped: runs alone, like the remap test.
+    @Test("unmapping a head or a tail keeps the rest; the middle is refused", .ownsProcess)
     func unmapHeadAndTail() throws {
         var m = try MemoryMapping.anonymous(length: 4 * ps)
         let start = UInt(m.range.start)
@@ -56,7 +57,9 @@ struct MappingTests {
         #expect(try m.alias().bytes[0] == 1)
     }
 
-    @Test("remap moves the mapping; going away unmaps the new place, not the old base")
+    // Checks what is mapped at an address: another test mapping memory meanwhile can
+    // land on the freed old base, so this one runs alone.
+    @Test("remap moves the mapping; going away unmaps the new place, not the old base", .ownsProcess)
     func remapAndDeinit() throws {
         let landing = try reserveAddressSpace(2 * ps)
         let oldBase: UInt
