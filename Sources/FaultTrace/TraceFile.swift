@@ -1,5 +1,6 @@
 import FaultEngine
 import SystemPackage
+import Userfaultfd
 
 /// The trace file: a 32-byte header, then chunks, the last of which is the end chunk.
 ///
@@ -168,7 +169,7 @@ public enum TraceFile {
     // MARK: - Encoding
 
     static func header(pageSize: Int, startedAt: UInt64) -> [UInt8] {
-        var w = ByteWriter()
+        var w = LittleEndianWriter()
         w.bytes.append(contentsOf: magic)
         w.u16(version)
         w.u16(UInt16(headerBytes))
@@ -178,10 +179,10 @@ public enum TraceFile {
         return w.bytes
     }
 
-    static func chunk(_ tag: Tag, _ body: (inout ByteWriter) -> Void) -> [UInt8] {
-        var payload = ByteWriter()
+    static func chunk(_ tag: Tag, _ body: (inout LittleEndianWriter) -> Void) -> [UInt8] {
+        var payload = LittleEndianWriter()
         body(&payload)
-        var w = ByteWriter()
+        var w = LittleEndianWriter()
         w.u32(tag.rawValue)
         w.u32(UInt32(payload.bytes.count))
         w.bytes.append(contentsOf: payload.bytes)
@@ -260,38 +261,13 @@ public enum TraceFile {
     }
 }
 
-/// Little-endian integers appended to a byte array.
-struct ByteWriter {
-    var bytes: [UInt8] = []
+/// Reads the integers of a trace file; a read past the end is a ``TraceError``.
+typealias ByteReader = LittleEndianReader<TraceError>
 
-    mutating func u16(_ v: UInt16) { withUnsafeBytes(of: v.littleEndian) { bytes.append(contentsOf: $0) } }
-    mutating func u32(_ v: UInt32) { withUnsafeBytes(of: v.littleEndian) { bytes.append(contentsOf: $0) } }
-    mutating func u64(_ v: UInt64) { withUnsafeBytes(of: v.littleEndian) { bytes.append(contentsOf: $0) } }
-}
-
-/// Little-endian integers read from a byte array, refusing to read past its end.
-struct ByteReader {
-    let data: [UInt8]
-    var offset = 0
-
-    init(_ data: [UInt8]) { self.data = data }
-
-    var remaining: Int { data.count - offset }
-
-    mutating func bytes(_ n: Int) throws(TraceError) -> ArraySlice<UInt8> {
-        if n > remaining { throw TraceError("cut short at byte \(offset): \(n) bytes needed, \(remaining) left") }
-        defer { offset += n }
-        return data[offset..<(offset + n)]
+extension LittleEndianReader where Failure == TraceError {
+    init(_ data: [UInt8]) {
+        self.init(data) { offset, needed, left in
+            TraceError("cut short at byte \(offset): \(needed) bytes needed, \(left) left")
+        }
     }
-
-    mutating func integer<T: FixedWidthInteger>(_: T.Type) throws(TraceError) -> T {
-        let slice = try bytes(MemoryLayout<T>.size)
-        var v: T = 0
-        for (i, b) in slice.enumerated() { v |= T(b) << (8 * i) }
-        return v
-    }
-
-    mutating func u16() throws(TraceError) -> UInt16 { try integer(UInt16.self) }
-    mutating func u32() throws(TraceError) -> UInt32 { try integer(UInt32.self) }
-    mutating func u64() throws(TraceError) -> UInt64 { try integer(UInt64.self) }
 }
