@@ -69,12 +69,7 @@ public struct TraceDemo: Sendable {
         let wanted: Userfaultfd.Features = [.wpAsync, .wpUnpopulated]
         let tracksWrites = supported.isSuperset(of: wanted)
         let uffd = try Userfaultfd(features: tracksWrites ? wanted : [])
-        _ = try uffd.handle.register(sweep, mode: .missing)
-        _ = try uffd.handle.register(hot, mode: tracksWrites ? [.missing, .writeProtect] : .missing)
-        _ = try uffd.handle.register(random, mode: .missing)
-        // Protect the unpopulated pages too (WP_UNPOPULATED markers): a scan counts a page
-        // that was never protected as written.
-        if tracksWrites { _ = try uffd.handle.writeProtect(hot, protect: true) }
+        try Self.register(uffd.handle, sweep: sweep, hot: hot, random: random, tracksWrites: tracksWrites)
         let regions = [sweep, hot, random].map { ServedRegion(range: $0, sourceOffset: $0.start - sweep.start) }
         let server = try FaultServer(userfaultfd: uffd, regions: regions, source: source,
                                      configuration: FaultServerConfiguration(strategy: .copy(chunkPages: 1)))
@@ -87,9 +82,34 @@ public struct TraceDemo: Sendable {
         try server.start()
         let sampler = tracksWrites
             ? try WriteSampler(recorder: recorder, ranges: [hot], intervalMilliseconds: sampleMilliseconds) : nil
+        let mismatches = drive(memory.base)
+        sampler?.stop()
+        server.stop()
+        let touches = try recorder.finish()
+        return Outcome(touches: touches, writeSamples: sampler?.sampleCount ?? 0,
+                       writeTrackingUnavailable: tracksWrites ? sampler?.error : "the kernel lacks FEATURE_WP_ASYNC or WP_UNPOPULATED",
+                       mismatches: mismatches)
+    }
+
+    /// Registers the three regions for missing faults, and the hot one for write-protect
+    /// too when writes are tracked.
+    private static func register(_ handle: Userfaultfd.Handle, sweep: MemoryRange, hot: MemoryRange, random: MemoryRange,
+                                 tracksWrites: Bool) throws(UserfaultfdError) {
+        _ = try handle.register(sweep, mode: .missing)
+        _ = try handle.register(hot, mode: tracksWrites ? [.missing, .writeProtect] : .missing)
+        _ = try handle.register(random, mode: .missing)
+        // Protect the unpopulated pages too (WP_UNPOPULATED markers): a scan counts a page
+        // that was never protected as written.
+        if tracksWrites { _ = try handle.writeProtect(hot, mode: .writeProtect) }
+    }
+
+    /// Runs the steps of the workload over the mapping at `base`.
+    ///
+    /// - Returns: the pages read that did not hold the source's bytes.
+    private func drive(_ base: UnsafeMutableRawPointer) -> Int {
+        let ps = systemPageSize
         var mismatches = 0
-        var seed: UInt64 = 0x2545_F491_4F6C_DD1D
-        let base = memory.base
+        var generator = SplitMix64(seed: 0x2545_F491_4F6C_DD1D)
         let sweepSteps = max(1, steps * 2 / 3)
         let perStep = (sweepPages + sweepSteps - 1) / sweepSteps
         for step in 0..<steps {
@@ -100,17 +120,11 @@ public struct TraceDemo: Sendable {
             }
             for p in hotBand { (base + (sweepPages + p) * ps + 64).storeBytes(of: UInt64(step), as: UInt64.self) }
             for _ in 0..<randomPerStep {
-                seed ^= seed << 13; seed ^= seed >> 7; seed ^= seed << 17
-                mismatches += check(base, page: sweepPages + hotPages + Int(seed % UInt64(randomPages)))
+                mismatches += check(base, page: sweepPages + hotPages + Int(generator.next() % UInt64(randomPages)))
             }
             usleep(UInt32(stepMilliseconds * 1000))
         }
-        sampler?.stop()
-        server.stop()
-        let touches = try recorder.finish()
-        return Outcome(touches: touches, writeSamples: sampler?.sampleCount ?? 0,
-                       writeTrackingUnavailable: tracksWrites ? sampler?.error : "the kernel lacks FEATURE_WP_ASYNC or WP_UNPOPULATED",
-                       mismatches: mismatches)
+        return mismatches
     }
 
     /// 1 if page `page` of the mapping at `base` does not start with its source word.

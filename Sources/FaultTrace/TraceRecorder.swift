@@ -100,7 +100,8 @@ public final class TraceRecorder: @unchecked Sendable {
         let stop = stopSignal
         thread = DedicatedThread(name: "uffd-trace") { [self] in
             var p = pollfd(fd: stop.fileDescriptor.rawValue, events: Int16(POLLIN), revents: 0)
-            while Glibc.poll(&p, 1, drainInterval) == 0 || (p.revents == 0 && errno == EINTR) {
+            // A drain every interval until the stop signal is raised (or poll fails).
+            while retryOnInterrupt({ Glibc.poll(&p, 1, drainInterval) }) == 0 {
                 self.drain()
             }
         }

@@ -1,8 +1,7 @@
-import Foundation
 import FaultEngine
 
 /// What a trace comes to: the numbers behind the rendered page, the terminal summary
-/// and `--json` (one model, encoded with `JSONEncoder`).
+/// and `--json` (one model, encoded by `Reporting.json`).
 public struct TraceReport: Codable, Sendable, Equatable {
     /// How the numbers are binned.
     public struct Options: Sendable, Equatable {
@@ -109,11 +108,6 @@ public struct TraceReport: Codable, Sendable, Equatable {
 }
 
 extension TraceReport {
-    /// The report as pretty-printed JSON with sorted keys.
-    public func json() -> String {
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-        guard let data = try? encoder.encode(self) else { return "{}\n" }
-        return String(decoding: data, as: UTF8.self) + "\n"
-    }
+    /// The report as JSON, encoded as every report of the package is (`Reporting.json`).
+    public func json() -> String { Reporting.json(self) }
 }

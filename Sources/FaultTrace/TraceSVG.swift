@@ -169,9 +169,10 @@ public enum TraceSVG {
         region.label.isEmpty ? "region \(region.index)" : region.label
     }
 
+    /// `v` to one decimal, without it when it is 0: "12", "12.5".
     static func fmt(_ v: Double) -> String {
-        let r = (v * 10).rounded() / 10
-        return r == r.rounded() ? String(Int(r)) : String(r)
+        let text = Reporting.fixed(v, 1)
+        return text.hasSuffix(".0") ? String(text.dropLast(2)) : text
     }
 
     static func hex(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }

@@ -71,10 +71,8 @@ public final class WriteSampler: @unchecked Sendable {
         let stop = stopSignal
         thread = DedicatedThread(name: "uffd-trace-writes") { [self] in
             var p = pollfd(fd: stop.fileDescriptor.rawValue, events: Int16(POLLIN), revents: 0)
-            while true {
-                let n = Glibc.poll(&p, 1, Int32(intervalMilliseconds))
-                if n > 0 { break }
-                if n < 0 && errno != EINTR { break }
+            // A sample every interval until the stop signal is raised, poll fails or a scan fails.
+            while retryOnInterrupt({ Glibc.poll(&p, 1, Int32(intervalMilliseconds)) }) == 0 {
                 if !self.sampleOnce() { break }
             }
         }
@@ -140,7 +138,7 @@ public final class WriteSampler: @unchecked Sendable {
     public static func armWriteTracking(_ range: MemoryRange) throws(UserfaultfdError) -> Userfaultfd {
         let uffd = try Userfaultfd(features: [.wpAsync, .wpUnpopulated])
         _ = try uffd.handle.register(range, mode: .writeProtect)
-        _ = try uffd.handle.writeProtect(range, protect: true)
+        _ = try uffd.handle.writeProtect(range, mode: .writeProtect)
         return uffd
     }
 }

@@ -148,7 +148,7 @@ extension FaultEngineTests {
                                          source: try imageSource(pages: pages), configuration: .handler4k)
             try server.start()
             touch(memory.base, pages: [1])
-            try handle.writeProtect(MemoryRange(start: memory.range.start + UInt64(page), length: UInt64(page)), protect: true)
+            try handle.writeProtect(MemoryRange(start: memory.range.start + UInt64(page), length: UInt64(page)), mode: .writeProtect)
             (memory.base + page).storeBytes(of: 0x77, as: UInt8.self)   // WP fault, then the write lands
             server.stop()
             #expect((memory.base + page).load(as: UInt8.self) == 0x77)
