@@ -78,6 +78,9 @@ struct HandshakeReader {
     }
 
     /// Waits until `socket` is readable or the deadline passes.
+    ///
+    /// Its own loop rather than `retryOnInterrupt`: after an interruption the timeout is
+    /// recomputed from the deadline, so that signals cannot stretch the wait.
     private func waitReadable(_ socket: FileDescriptor, received: Int) throws(HandshakeError) {
         while true {
             let left = deadline - ContinuousClock.now

@@ -1,5 +1,4 @@
 import FaultEngine
-import FoundationEssentials
 import Logging
 import Synchronization
 import SystemPackage
@@ -134,7 +133,8 @@ public final class Manager: Sendable {
     /// Handshakes refused so far.
     public var refusedCount: Int { state.withLock { $0.refusals } }
 
-    /// The statistics of every client as a JSON document.
+    /// The statistics of every client as a JSON document, encoded as every report of the
+    /// package is (`Reporting.json`), without a final newline.
     public func statisticsJSON() -> String {
         struct Document: Encodable {
             var socket: String
@@ -142,11 +142,11 @@ public final class Manager: Sendable {
             var refusedHandshakes: Int
             var clients: [ClientReport]
         }
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys, .prettyPrinted]
         let doc = Document(socket: configuration.socketPath, memoryFile: configuration.memoryFile,
                            refusedHandshakes: refusedCount, clients: clients)
-        return (try? encoder.encode(doc)).map { String(decoding: $0, as: UTF8.self) } ?? "{}"
+        var text = Reporting.json(doc)
+        text.removeLast()
+        return text
     }
 
     /// Creates, registers and starts one client's server and watcher.

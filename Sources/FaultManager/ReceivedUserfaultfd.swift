@@ -1,4 +1,5 @@
 import SystemPackage
+import Userfaultfd
 
 #if canImport(Glibc)
 import Glibc
@@ -71,7 +72,7 @@ enum ReceivedUserfaultfd {
         if fd < 0 { return nil }
         defer { close(fd) }
         var buffer = [UInt8](repeating: 0, count: 1024)
-        let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        let n = buffer.withUnsafeMutableBytes { raw in retryOnInterrupt { read(fd, raw.baseAddress, raw.count) } }
         if n <= 0 { return nil }
         return String(decoding: buffer[0..<n], as: UTF8.self)
     }

@@ -29,16 +29,8 @@ public enum ServeRunner {
     ///   - manager: the manager to run.
     ///   - json: print statistics as JSON (on SIGUSR1 and on exit) instead of a table.
     ///   - output: where statistics go (a line-oriented writer, standard output by default).
-    public static func run(_ manager: Manager, json: Bool, output: @Sendable (String) -> Void = { line in
-        // Written at once: statistics asked for with SIGUSR1 must not sit in a buffer.
-        let bytes = Array((line + "\n").utf8)
-        var done = 0
-        while done < bytes.count {
-            let n = bytes.withUnsafeBytes { write(1, $0.baseAddress! + done, $0.count - done) }
-            if n <= 0 { break }
-            done += n
-        }
-    }) throws(UserfaultfdError) {
+    public static func run(_ manager: Manager, json: Bool,
+                           output: @Sendable (String) -> Void = { writeStandardOutput($0) }) throws(UserfaultfdError) {
         let signals = try makeSignalPipe()
         defer {
             signalPipe.store(-1, ordering: .sequentiallyConsistent)
@@ -50,6 +42,19 @@ public enum ServeRunner {
         waitForStop(signals.read) { output(report(manager, json: json)) }
         manager.stop()
         output(report(manager, json: json))
+    }
+
+    /// Writes `line` and a newline to standard output at once: statistics asked for with
+    /// SIGUSR1 must not sit in a buffer.
+    @usableFromInline
+    static func writeStandardOutput(_ line: String) {
+        let bytes = Array((line + "\n").utf8)
+        var done = 0
+        while done < bytes.count {
+            let n = bytes.withUnsafeBytes { raw in retryOnInterrupt { write(1, raw.baseAddress! + done, raw.count - done) } }
+            if n <= 0 { break }
+            done += n
+        }
     }
 
     /// A non-blocking, close-on-exec pipe for the signal handler.
@@ -85,7 +90,7 @@ public enum ServeRunner {
     private static func waitForStop(_ fd: Int32, onReport: () -> Void) {
         while true {
             var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-            if poll(&p, 1, -1) < 0 { continue }
+            _ = retryOnInterrupt { poll(&p, 1, -1) }
             var byte: UInt8 = 0
             while read(fd, &byte, 1) == 1 {
                 if Int32(byte) != SIGUSR1 { return }

@@ -60,31 +60,33 @@ enum UnixSocket {
     /// Connects to the socket at `path`.
     static func connect(to path: String) throws(UserfaultfdError) -> FileDescriptor {
         let fd = try newSocket()
-        while true {
-            let rc = try withAddress(path) { Glibc.connect(fd, $0, $1) }
-            if rc == 0 { return FileDescriptor(rawValue: fd) }
-            let e = Errno(rawValue: errno)
-            if e == .interrupted { continue }
+        let rc: Int32
+        do {
+            rc = try withAddress(path) { address, length in retryOnInterrupt { Glibc.connect(fd, address, length) } }
+        } catch {
+            close(fd)
+            throw error
+        }
+        if rc != 0 {
+            let e = currentErrno()
             close(fd)
             throw UserfaultfdError(operation: "connect \(path)", errno: e)
         }
+        return FileDescriptor(rawValue: fd)
     }
 
     /// Accepts one connection (close-on-exec); nil if none is pending.
     static func accept(_ listener: FileDescriptor) throws(UserfaultfdError) -> FileDescriptor? {
-        while true {
-            let fd = Glibc.accept(listener.rawValue, nil, nil)
-            if fd >= 0 {
-                // accept4 is hidden without _GNU_SOURCE; the daemon never execs, so no fd escapes meanwhile.
-                _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
-                return FileDescriptor(rawValue: fd)
-            }
-            let e = Errno(rawValue: errno)
-            switch e {
-            case .interrupted: continue
-            case .resourceTemporarilyUnavailable, .connectionAbort: return nil
-            default: throw UserfaultfdError(operation: "accept", errno: e)
-            }
+        let fd = retryOnInterrupt { Glibc.accept(listener.rawValue, nil, nil) }
+        if fd >= 0 {
+            // accept4 is hidden without _GNU_SOURCE; the daemon never execs, so no fd escapes meanwhile.
+            _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+            return FileDescriptor(rawValue: fd)
+        }
+        let e = currentErrno()
+        switch e {
+        case .resourceTemporarilyUnavailable, .connectionAbort: return nil
+        default: throw UserfaultfdError(operation: "accept", errno: e)
         }
     }
 

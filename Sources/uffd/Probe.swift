@@ -1,5 +1,5 @@
 import ArgumentParser
-import Foundation
+import FaultEngine
 import Userfaultfd
 import UserfaultfdDiagnostics
 
@@ -17,9 +17,7 @@ struct Probe: ParsableCommand {
         if reserveHugePages > 0 { HugePages.ensureFree(reserveHugePages) }
         let probe = SystemProbe.run()
         if json {
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-            print(String(decoding: try encoder.encode(probe), as: UTF8.self))
+            print(Reporting.json(probe), terminator: "")
         } else {
             print(probe.text)
         }
