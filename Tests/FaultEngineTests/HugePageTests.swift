@@ -190,7 +190,7 @@ extension FaultEngineTests {
                 }
                 let server = try serveHuge(source, mapping: memory, configuration: hugeConfiguration())
                 try server.start()
-                _ = (memory.base + hugePage + 4096).load(as: UInt8.self)   // SIGBUS here
+                _ = (memory.base + hugePage + systemPageSize).load(as: UInt8.self)   // SIGBUS here
                 server.stop()
             }
         }

@@ -97,7 +97,7 @@ extension ManagerTests {
         let uffd = try Userfaultfd.open()
         let socket = try connect(fixture.socketPath)
         defer { try? socket.close() }
-        try DescriptorPassing.send(uffd.fileDescriptor, payload: Array(Self.region(0, 4096).utf8), over: socket)
+        try DescriptorPassing.send(uffd.fileDescriptor, payload: Array(Self.region(0, Self.page).utf8), over: socket)
         #expect(fixture.wait(seconds: 60) { fixture.manager.refusedCount == 1 }, "log: \(fixture.log.all)")
         #expect(fixture.log.contains("refused handshake from pid \(getpid())", "never did its UFFDIO_API handshake"))
         #expect(fixture.manager.clients.isEmpty)

@@ -117,7 +117,7 @@ extension ManagerTests {
             // Refused before anything is registered or served: the addresses need not exist.
             let uffd = try Userfaultfd(features: [])
             let regions = [
-                ClientRegion(start: 0x4000_0000, length: 4096, backingOffset: 0, pageSize: 4096),
+                ClientRegion(start: 0x4000_0000, length: UInt64(systemPageSize), backingOffset: 0, pageSize: UInt64(systemPageSize)),
                 ClientRegion(start: 0x4020_0000, length: Self.hugePage, backingOffset: Self.hugePage, pageSize: Self.hugePage),
             ]
             do {

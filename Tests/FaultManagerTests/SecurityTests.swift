@@ -19,23 +19,26 @@ extension ManagerTests {
         var testDescription: String { name }
     }
 
+    /// The system's page size, which the regions of these handshakes use.
+    static let page = UInt64(systemPageSize)
+
     static let malformed: [Malformed] = [
-        Malformed(name: "no descriptor", body: region(0, 4096), attach: [], reason: "expected exactly one descriptor (the userfaultfd), received 0"),
-        Malformed(name: "two descriptors", body: region(0, 4096), attach: ["uffd", "uffd"], reason: "expected exactly one descriptor (the userfaultfd), received 2"),
+        Malformed(name: "no descriptor", body: region(0, page), attach: [], reason: "expected exactly one descriptor (the userfaultfd), received 0"),
+        Malformed(name: "two descriptors", body: region(0, page), attach: ["uffd", "uffd"], reason: "expected exactly one descriptor (the userfaultfd), received 2"),
         Malformed(name: "invalid JSON", body: "[{\"base_host_virt_addr\":}]", attach: ["uffd"], reason: "invalid handshake: not a JSON array"),
-        Malformed(name: "overlapping regions", body: "[" + regionObject(1 << 30, 1 << 16, 0) + "," + regionObject((1 << 30) + 4096, 4096, 0) + "]", attach: ["uffd"], reason: "overlap"),
+        Malformed(name: "overlapping regions", body: "[" + regionObject(1 << 30, 1 << 16, 0) + "," + regionObject((1 << 30) + page, page, 0) + "]", attach: ["uffd"], reason: "overlap"),
         Malformed(name: "beyond the memory file", body: region(0, 16 << 20), attach: ["uffd"], reason: "reaches beyond the memory file's 8388608 bytes"),
         Malformed(name: "page size 64 KiB", body: region(0, 1 << 20, pageSize: 65536), attach: ["uffd"], reason: "page size 65536"),
-        Malformed(name: "2 MiB pages at a 4 KiB offset", body: region(4096, 2 << 20, pageSize: 2 << 20), attach: ["uffd"], reason: "backing offset 4096, not a multiple of its page size 2097152"),
-        Malformed(name: "not a userfaultfd", body: region(0, 4096), attach: ["file"], reason: "not a userfaultfd"),
+        Malformed(name: "2 MiB pages at a base-page offset", body: region(page, 2 << 20, pageSize: 2 << 20), attach: ["uffd"], reason: "backing offset \(page), not a multiple of its page size 2097152"),
+        Malformed(name: "not a userfaultfd", body: region(0, page), attach: ["file"], reason: "not a userfaultfd"),
         Malformed(name: "native version 9", body: #"{"protocol":"swift-userfaultfd-manager","version":9}"#, attach: ["uffd"], reason: "unsupported native handshake version 9"),
     ]
 
-    static func regionObject(_ start: UInt64, _ size: UInt64, _ offset: UInt64, pageSize: UInt64 = 4096) -> String {
+    static func regionObject(_ start: UInt64, _ size: UInt64, _ offset: UInt64, pageSize: UInt64 = page) -> String {
         "{\"base_host_virt_addr\":\(start),\"size\":\(size),\"offset\":\(offset),\"page_size\":\(pageSize),\"page_size_kib\":\(pageSize)}"
     }
 
-    static func region(_ offset: UInt64, _ size: UInt64, pageSize: UInt64 = 4096) -> String {
+    static func region(_ offset: UInt64, _ size: UInt64, pageSize: UInt64 = page) -> String {
         "[" + regionObject(1 << 30, size, offset, pageSize: pageSize) + "]"
     }
 

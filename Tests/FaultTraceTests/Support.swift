@@ -1,5 +1,6 @@
 import FaultEngine
 import FaultTrace
+import Userfaultfd
 
 #if canImport(Glibc)
 import Glibc
@@ -7,7 +8,7 @@ import Glibc
 import Musl
 #endif
 
-let page = 4096
+let page = systemPageSize
 
 /// A fresh path under /tmp for this test process.
 func temporaryPath(_ name: String) -> String {

@@ -5,7 +5,7 @@ import Userfaultfd
 
 extension Matrix {
     /// The safe COPY overloads, `wait` over extra descriptors, and handing a uffd over with its features.
-    @Suite("convenience") struct ConvenienceTests {
+    @Suite("convenience", .needsUserfaultfd) struct ConvenienceTests {
         @Test("COPY from a buffer and from a span installs exactly those bytes")
         func copyFromBytes() throws {
             let ps = systemPageSize

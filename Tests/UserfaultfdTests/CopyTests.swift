@@ -6,7 +6,7 @@ import Userfaultfd
 
 extension Matrix {
     /// `copy`: faults resolved with UFFDIO_COPY, partial copies, EEXIST, DONTWAKE.
-    @Suite("copy") struct Copy {
+    @Suite("copy", .needsUserfaultfd) struct Copy {
         @Test("contents byte for byte, one fault per page, EEXIST once present", arguments: MemoryKind.ordinary)
         func contents(_ kind: MemoryKind) throws { try checkCopy(kind) }
 
@@ -106,7 +106,7 @@ func checkPartialCopy(_ kind: MemoryKind) throws {
 
 extension Matrix {
     /// `zeropage`: UFFDIO_ZEROPAGE where the range offers it, EEXIST through the alias.
-    @Suite("zeropage") struct Zeropage {
+    @Suite("zeropage", .needsUserfaultfd) struct Zeropage {
         @Test("reads zeros, EEXIST through the alias", arguments: MemoryKind.ordinary)
         func zeropage(_ kind: MemoryKind) throws { try checkZeropage(kind) }
 

@@ -6,7 +6,7 @@ import Userfaultfd
 extension Matrix {
     /// Handing a uffd to another process: SCM_RIGHTS with exactly one descriptor.
     @Suite("fd passing") struct DescriptorPassingTests {
-        @Test("one fd arrives close-on-exec and is the same userfaultfd")
+        @Test("one fd arrives close-on-exec and is the same userfaultfd", .needsUserfaultfd)
         func oneDescriptor() throws {
             let (a, b) = try DescriptorPassing.socketPair()
             defer { try? a.close(); try? b.close() }
@@ -51,7 +51,7 @@ extension Matrix {
             #expect(allWriteEndsClosed(pipe.readEnd), "a received descriptor was left open")
         }
 
-        @Test("a stream message longer than the payload buffer is refused as truncated")
+        @Test("a stream message longer than the payload buffer is refused as truncated", .needsUserfaultfd)
         func streamTruncated() throws {
             let (a, b) = try DescriptorPassing.socketPair()
             defer { try? a.close(); try? b.close() }

@@ -9,7 +9,7 @@ extension Matrix {
     /// `events`, `events-wp`: a forked child faults, mremaps and releases its memory
     /// while the parent serves it through the FORK event's userfaultfd.
     // They fork this process (see `.ownsProcess`).
-    @Suite("events", .ownsProcess) struct Events {
+    @Suite("events", .ownsProcess, .needsUserfaultfd) struct Events {
         @Test("FORK, REMAP and REMOVE reach the manager; released memory reads zero", arguments: [MemoryKind.shmem])
         func events(_ kind: MemoryKind) throws { try checkEvents(kind, writeProtect: false) }
 
@@ -119,7 +119,7 @@ func checkEvents(_ kind: MemoryKind, writeProtect: Bool) throws {
 
 extension Matrix {
     /// `mmap-changing`: while a REMOVE event is unread, every resolving ioctl asks to retry.
-    @Suite("mmap-changing") struct MmapChanging {
+    @Suite("mmap-changing", .needsUserfaultfd) struct MmapChanging {
         @Test("every resolving ioctl returns retryAfterEvents until the REMOVE is read", arguments: MemoryKind.ordinary)
         func retry(_ kind: MemoryKind) throws { try checkMmapChanging(kind) }
 
@@ -191,7 +191,7 @@ func checkMmapChanging(_ kind: MemoryKind) throws {
 
 extension Matrix {
     /// The `AsyncSequence` of events, fed by a dedicated thread.
-    @Suite("event stream") struct EventStream {
+    @Suite("event stream", .needsUserfaultfd) struct EventStream {
         @Test("page faults arrive as events and are resolved from async code")
         func stream() async throws {
             let session = try Session(features: [.threadID])
@@ -240,7 +240,7 @@ extension Matrix {
 
 extension Matrix {
     /// EVENT_UNMAP: munmap of a registered range waits until the manager reads the event.
-    @Suite("unmap event") struct UnmapEvent {
+    @Suite("unmap event", .needsUserfaultfd) struct UnmapEvent {
         @Test("munmap of a registered range delivers UNMAP with the range")
         func unmap() throws {
             let session = try Session(features: [.eventUnmap])

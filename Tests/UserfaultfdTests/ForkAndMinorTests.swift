@@ -6,7 +6,7 @@ import Userfaultfd
 extension Matrix {
     /// `wp-fork`, `wp-fork-with-event`: does a child inherit the write protection?
     // They fork this process (see `.ownsProcess`).
-    @Suite("wp-fork", .ownsProcess) struct WriteProtectFork {
+    @Suite("wp-fork", .ownsProcess, .needsUserfaultfd) struct WriteProtectFork {
         @Test("without EVENT_FORK the child's pages lose the WP bit", arguments: MemoryKind.ordinary)
         func withoutEvent(_ kind: MemoryKind) throws { try checkWriteProtectFork(kind, withEvent: false) }
 
@@ -21,7 +21,7 @@ extension Matrix {
     }
 
     /// `minor`, `minor-wp`: MINOR faults on shmem and hugetlb, resolved with CONTINUE.
-    @Suite("minor") struct Minor {
+    @Suite("minor", .needsUserfaultfd) struct Minor {
         @Test("exactly one minor fault per page; CONTINUE maps the page cache")
         func minor() throws { try checkMinor(.shmem, writeProtect: false) }
 

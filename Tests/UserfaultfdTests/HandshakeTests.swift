@@ -5,7 +5,7 @@ import Userfaultfd
 extension Matrix {
     /// `api`: the UFFDIO_API handshake, through the syscall and through the device.
     @Suite("api") struct Handshake {
-        @Test("bad api value, unknown bit 63 refused, second handshake fails")
+        @Test("bad api value, unknown bit 63 refused, second handshake fails", .needsUserfaultfd)
         func api() throws { try checkAPI(.syscall) }
 
         @Test("the same through /dev/userfaultfd", .needsDevice)
@@ -38,7 +38,7 @@ extension Matrix {
             #expect(second?.errno == .invalidArgument)
         }
 
-        @Test("the probe reports every feature and each can be enabled")
+        @Test("the probe reports every feature and each can be enabled", .needsUserfaultfd)
         func probe() throws {
             let support = try Userfaultfd.probe()
             #expect(support.ioctls.isSuperset(of: [.api, .register, .unregister]))
@@ -58,7 +58,7 @@ extension Matrix {
             #expect(Userfaultfd.Ioctls(rawValue: 1 << 3 | 1 << 20).description == "[COPY, 0x100000]")
         }
 
-        @Test("required features the kernel lacks fail before any fd is made")
+        @Test("required features the kernel lacks fail before any fd is made", .needsUserfaultfd)
         func requiredFeatures() throws {
             let missing = Userfaultfd.Features(rawValue: 1 << 62)
             do {

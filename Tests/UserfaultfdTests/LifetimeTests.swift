@@ -7,7 +7,7 @@ import Userfaultfd
 extension Matrix {
     /// Owners and the handles they lend: close, release, use after close.
     @Suite("lifetimes") struct LifetimeTests {
-        @Test("a handle used after close() fails with EBADF, even when its number names a new uffd")
+        @Test("a handle used after close() fails with EBADF, even when its number names a new uffd", .needsUserfaultfd)
         func handleAfterClose() throws {
             let uffd = try Userfaultfd(features: [])
             let stale = uffd.handle
@@ -30,7 +30,7 @@ extension Matrix {
             #expect(waited?.errno == .badFileDescriptor)
         }
 
-        @Test("a handle stops working when its owner goes out of scope")
+        @Test("a handle stops working when its owner goes out of scope", .needsUserfaultfd)
         func handleAfterDeinit() throws {
             var stale: Userfaultfd.Handle?
             do {
@@ -44,7 +44,7 @@ extension Matrix {
             #expect(e?.errno == .badFileDescriptor)
         }
 
-        @Test("handles taken before release() keep working; the caller owns the descriptor")
+        @Test("handles taken before release() keep working; the caller owns the descriptor", .needsUserfaultfd)
         func release() throws {
             let uffd = try Userfaultfd(features: [.threadID])
             let handle = uffd.handle
@@ -56,14 +56,14 @@ extension Matrix {
             #expect(fcntl(fd.rawValue, F_GETFD) >= 0)
         }
 
-        @Test("a handle made from a raw descriptor cannot know its owner and reports open")
+        @Test("a handle made from a raw descriptor cannot know its owner and reports open", .needsUserfaultfd)
         func borrowedHandle() throws {
             let uffd = try Userfaultfd(features: [])
             let borrowed = Userfaultfd.Handle(fileDescriptor: uffd.fileDescriptor, features: [])
             #expect(borrowed.isOpen)
         }
 
-        @Test("EBUSY from REGISTER says the range belongs to another userfaultfd")
+        @Test("EBUSY from REGISTER says the range belongs to another userfaultfd", .needsUserfaultfd)
         func busyHint() throws {
             let m = try MemoryMapping.anonymous(length: 2 * systemPageSize)
             let first = try Userfaultfd(features: [])

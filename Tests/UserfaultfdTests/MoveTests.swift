@@ -4,7 +4,7 @@ import Userfaultfd
 
 extension Matrix {
     /// `move`, `move-pmd`: faults resolved by moving pages from another range (anonymous memory only).
-    @Suite("move", .needsKernel(.move)) struct Move {
+    @Suite("move", .needsKernel(.move), .needsUserfaultfd) struct Move {
         @Test("one page per fault")
         func pages() throws { try checkMove(chunk: systemPageSize, hugePageHint: MADV_NOHUGEPAGE) }
 

@@ -5,7 +5,7 @@ import Userfaultfd
 
 extension Matrix {
     /// Dirty tracking: WP_ASYNC lets the kernel resolve WP faults; PAGEMAP_SCAN finds the written pages.
-    @Suite("dirty tracking") struct DirtyTracking {
+    @Suite("dirty tracking", .needsUserfaultfd) struct DirtyTracking {
         @Test("PAGEMAP_SCAN finds exactly the written pages and re-protects them", arguments: MemoryKind.ordinary)
         func scan(_ kind: MemoryKind) throws { try checkDirtyTracking(kind) }
 

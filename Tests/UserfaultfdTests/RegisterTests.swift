@@ -5,7 +5,7 @@ import Userfaultfd
 
 extension Matrix {
     /// `register-ioctls`: the ioctls UFFDIO_REGISTER returns for every mode on every memory type.
-    @Suite("register-ioctls") struct Register {
+    @Suite("register-ioctls", .needsUserfaultfd) struct Register {
         @Test("all 8 mode combinations", arguments: MemoryKind.ordinary)
         func modes(_ kind: MemoryKind) throws { try checkRegisterModes(kind) }
 

@@ -7,7 +7,7 @@ extension Matrix {
     /// `sigbus`, `sigbus-wp`: with FEATURE_SIGBUS a fault raises SIGBUS in the faulting
     /// thread instead of queuing a message; a forked child inherits that. Each case runs
     /// in a process of its own (it installs a SIGBUS handler); the exit code says how it went.
-    @Suite("sigbus") struct Sigbus {
+    @Suite("sigbus", .needsUserfaultfd) struct Sigbus {
         @Test("every fault is a SIGBUS, resolved in the handler; a forked child gets them too",
               arguments: MemoryKind.ordinary, [false, true])
         func sigbus(_ kind: MemoryKind, writeProtect: Bool) async { await expectSigbusCase(kind, writeProtect) }
@@ -17,7 +17,7 @@ extension Matrix {
     }
 
     /// `poison`: UFFDIO_POISON on every other page; each poisoned page raises one SIGBUS.
-    @Suite("poison", .needsKernel(.poison)) struct Poison {
+    @Suite("poison", .needsKernel(.poison), .needsUserfaultfd) struct Poison {
         @Test("exactly half the pages poisoned give exactly that many SIGBUS", arguments: MemoryKind.ordinary)
         func poison(_ kind: MemoryKind) async { await expectPoisonCase(kind) }
 
@@ -56,7 +56,7 @@ struct SigbusContext {
     var mode = SigbusMode.replace
     var handle: Userfaultfd.Handle?
     var base: UInt64 = 0
-    var pageSize = 4096
+    var pageSize = systemPageSize
     var pages = 0
     var source: UnsafeRawPointer?
     var pageState: UnsafeMutablePointer<UInt8>?

@@ -5,7 +5,7 @@ import Userfaultfd
 
 extension Matrix {
     /// `wp`, `wp-unpopulated`: write-protect faults and their resolution.
-    @Suite("wp") struct WriteProtect {
+    @Suite("wp", .needsUserfaultfd) struct WriteProtect {
         @Test("a write to a protected page faults with the WP flag; unprotect wakes the writer", arguments: MemoryKind.ordinary)
         func protect(_ kind: MemoryKind) throws { try checkWriteProtect(kind) }
 
