@@ -11,34 +11,18 @@ struct TraceRender: ParsableCommand {
     @Argument(help: "The trace file.")
     var trace: String
 
-    @Option(name: .shortAndLong, help: "The HTML page to write (default: TRACE.html).")
-    var output: String?
-
-    @Option(help: "Time bins across the heat map and the working-set curve.")
-    var timeBins = 100
-
-    @Option(help: "About how many address rows the heat map has.")
-    var rows = 128
-
-    @Flag(help: "Print the numbers as JSON instead of a summary.")
-    var json = false
+    @OptionGroup(title: "Drawing") var drawing: TraceDrawingOptions
 
     @Option(help: "Also write the first-touch order as a working-set file for --replay.")
     var workingSet: String?
 
-    func validate() throws {
-        if !(1...2000).contains(timeBins) { throw ValidationError("--time-bins must lie in 1...2000") }
-        if !(1...2000).contains(rows) { throw ValidationError("--rows must lie in 1...2000") }
-    }
-
     func run() throws {
-        let report = try Self.render(trace, to: output ?? trace + ".html",
-                                     options: TraceReport.Options(timeBins: timeBins, addressRows: rows))
+        let report = try Self.render(trace, to: drawing.output ?? trace + ".html", options: drawing.reportOptions)
         if let workingSet {
             try WorkingSetFile.write(try TraceFile.read(trace).firstTouchSourceOffsets(), to: workingSet)
             traceNote("wrote \(workingSet)")
         }
-        print(json ? report.json() : TracePage.summary(report), terminator: "")
+        print(drawing.json ? report.json() : TracePage.summary(report), terminator: "")
     }
 
     /// Reads `path`, writes its page to `html` and returns the numbers.
@@ -50,4 +34,26 @@ struct TraceRender: ParsableCommand {
         traceNote("wrote \(html)")
         return report
     }
+}
+
+/// How `uffd trace render` and `uffd trace demo` draw a trace and report its numbers.
+struct TraceDrawingOptions: ParsableArguments {
+    @Option(name: .shortAndLong, help: "The HTML page to write (default: TRACE.html; for `demo`, uffd-trace-demo.html).")
+    var output: String?
+
+    @Option(help: "Time bins across the heat map and the working-set curve.")
+    var timeBins = 100
+
+    @Option(help: "About how many address rows the heat map has.")
+    var rows = 128
+
+    @Flag(help: "Print the numbers as JSON instead of a summary.")
+    var json = false
+
+    func validate() throws {
+        if !(1...2000).contains(timeBins) { throw ValidationError("--time-bins must lie in 1...2000") }
+        if !(1...2000).contains(rows) { throw ValidationError("--rows must lie in 1...2000") }
+    }
+
+    var reportOptions: TraceReport.Options { TraceReport.Options(timeBins: timeBins, addressRows: rows) }
 }
