@@ -328,11 +328,7 @@ func runFaulting<T: Sendable>(
 /// Whether `fd` became readable within the timeout.
 func waitReadable(_ fd: FileDescriptor, milliseconds: Int32) -> Bool {
     var p = pollfd(fd: fd.rawValue, events: Int16(POLLIN), revents: 0)
-    while true {
-        let n = poll(&p, 1, milliseconds)
-        if n < 0 && errno == EINTR { continue }
-        return n == 1
-    }
+    return retryOnInterrupt { poll(&p, 1, milliseconds) } == 1
 }
 
 /// Compares `count` bytes; returns the offset of the first difference, or nil.
