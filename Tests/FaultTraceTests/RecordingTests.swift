@@ -10,12 +10,11 @@ import Glibc
 import Musl
 #endif
 
-let userfaultfdAvailable = (try? Userfaultfd.probe()) != nil
 let writeTrackingAvailable = ((try? Userfaultfd.probe().features) ?? []).isSuperset(of: [.wpAsync, .wpUnpopulated])
 
 @Suite(.sharesProcess, .serialized, .timeLimit(.minutes(1)))
 struct RecordingTests {
-    @Test(.enabled(if: userfaultfdAvailable, "needs userfaultfd"))
+    @Test(.needsUserfaultfd)
     func theEngineRecordsEveryFirstTouchInOrder() throws {
         let pages = 64
         let memory = try MemoryMapping.anonymous(length: pages * page)
@@ -53,7 +52,7 @@ struct RecordingTests {
         #expect(trace.dropped == 0)
     }
 
-    @Test(.enabled(if: writeTrackingAvailable, "needs FEATURE_WP_ASYNC and WP_UNPOPULATED"))
+    @Test(.needsUserfaultfd, .enabled(if: writeTrackingAvailable, "needs FEATURE_WP_ASYNC and WP_UNPOPULATED"))
     func theWriteSamplerCountsEachWrittenPageOnce() throws {
         let pages = 64
         let memory = try MemoryMapping.anonymous(length: pages * page)
@@ -92,7 +91,7 @@ struct RecordingTests {
         #expect(firstWithEarly != nil && firstWithLate != nil && firstWithEarly! < firstWithLate!)
     }
 
-    @Test(.enabled(if: writeTrackingAvailable, "needs FEATURE_WP_ASYNC and WP_UNPOPULATED"))
+    @Test(.needsUserfaultfd, .enabled(if: writeTrackingAvailable, "needs FEATURE_WP_ASYNC and WP_UNPOPULATED"))
     func theDemoTracesItsKnownShape() throws {
         var demo = TraceDemo()
         demo.sweepPages = 512

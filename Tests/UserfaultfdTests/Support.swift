@@ -47,29 +47,11 @@ enum MemoryKind: String, Codable, Sendable, CaseIterable, CustomTestStringConver
 let kernelFeatures: Userfaultfd.Features =
     (try? Userfaultfd.probe().features) ?? (try? Userfaultfd.probe(userModeOnly: true).features) ?? []
 
-/// Why this process cannot create a userfaultfd that also traps kernel-mode faults, or nil
-/// if it can. Unprivileged, that takes `vm.unprivileged_userfaultfd=1`, CAP_SYS_PTRACE or
-/// access to /dev/userfaultfd; the matrix's tests create such userfaultfds.
-let userfaultfdRefusal: String? = {
-    do {
-        _ = try Userfaultfd.open()
-        return nil
-    } catch {
-        return "this process may not create a userfaultfd without USER_MODE_ONLY: \(error)"
-    }
-}()
-
 extension Trait where Self == ConditionTrait {
     /// Runs the test only where the running kernel offers `features`.
     static func needsKernel(_ features: Userfaultfd.Features) -> Self {
         .enabled(if: kernelFeatures.isSuperset(of: features),
                  "the running kernel does not offer \(features.subtracting(kernelFeatures))")
-    }
-
-    /// Runs the test only where this process may create a userfaultfd without USER_MODE_ONLY
-    /// (root, CAP_SYS_PTRACE, `vm.unprivileged_userfaultfd=1` or access to /dev/userfaultfd).
-    static var needsUserfaultfd: Self {
-        .enabled(if: userfaultfdRefusal == nil, Comment(rawValue: userfaultfdRefusal ?? ""))
     }
 
     /// Runs the test only where this process may open /dev/userfaultfd (mode 0600 root).
