@@ -34,7 +34,7 @@ struct HandshakeReadingTests {
 
     static let big: [UInt8] = Array(("[\"" + String(repeating: "x", count: 400_000) + "\"]").utf8)
 
-    @Test(arguments: ["stream", "seqpacket"])
+    @Test(.needsUserfaultfd, arguments: ["stream", "seqpacket"])
     func aMessageLargerThanOneReceiveArrivesWhole(kind: String) throws {
         let (a, b) = try pair(Int32(kind == "stream" ? SOCK_STREAM.rawValue : SOCK_SEQPACKET.rawValue))
         defer { try? a.close(); try? b.close() }
@@ -52,7 +52,7 @@ struct HandshakeReadingTests {
         #expect(message.descriptors.count == 1)
     }
 
-    @Test func aStreamSplitOverWritesIsJoined() throws {
+    @Test(.needsUserfaultfd) func aStreamSplitOverWritesIsJoined() throws {
         let (a, b) = try pair(Int32(SOCK_STREAM.rawValue))
         defer { try? a.close(); try? b.close() }
         let body = Array("[{\"base_host_virt_addr\":1,\"size\":2}]".utf8)
@@ -65,7 +65,7 @@ struct HandshakeReadingTests {
         #expect(message.descriptors.count == 1)
     }
 
-    @Test func anIncompleteMessageEndsAtTheDeadlineAndItsDescriptorsAreClosed() throws {
+    @Test(.needsUserfaultfd) func anIncompleteMessageEndsAtTheDeadlineAndItsDescriptorsAreClosed() throws {
         let (a, b) = try pair(Int32(SOCK_STREAM.rawValue))
         defer { try? a.close(); try? b.close() }
         let memory = try MemoryMapping.anonymous(length: systemPageSize)
@@ -114,7 +114,7 @@ struct HandshakeReadingTests {
         #expect(admission.perUID.isEmpty)
     }
 
-    @Test func theUserfaultfdStateIsReadWithoutChangingIt() throws {
+    @Test(.needsUserfaultfd) func theUserfaultfdStateIsReadWithoutChangingIt() throws {
         let fresh = try Userfaultfd.open()
         #expect(ReceivedUserfaultfd.inspect(fresh.fileDescriptor) == .noHandshake)
         // Still without a handshake after the look: the client's own UFFDIO_API would still work.

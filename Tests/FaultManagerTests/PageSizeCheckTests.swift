@@ -33,7 +33,7 @@ extension ManagerTests {
             return nil
         }
 
-        @Test(.needsFreeHugePages(4), .usesHugePages)
+        @Test(.needsUserfaultfd, .needsFreeHugePages(4), .usesHugePages)
         func hugetlbMemoryDeclaredAsBasePagesIsRefused() throws {
             let memory = try MemoryMapping(kind: .hugetlb, length: Self.hugePage)
             let why = try #require(try refusal(memory.range, declaring: systemPageSize), "accepted")
@@ -41,7 +41,7 @@ extension ManagerTests {
             #expect(why.contains("with \(Self.hugePage)-byte pages"), "\(why)")
         }
 
-        @Test func baseMemoryDeclaredAsHugePagesIsRefused() throws {
+        @Test(.needsUserfaultfd) func baseMemoryDeclaredAsHugePagesIsRefused() throws {
             // 2 MiB of ordinary memory at a 2 MiB-aligned address, so that only the page size is wrong.
             guard let p = mmap(nil, 2 * Self.hugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0),
                   p != MAP_FAILED else { throw UserfaultfdError(operation: "mmap", errno: .init(rawValue: errno)) }
@@ -52,7 +52,7 @@ extension ManagerTests {
             #expect(why.contains("with \(systemPageSize)-byte pages"), "\(why)")
         }
 
-        @Test func matchingPageSizeIsAccepted() throws {
+        @Test(.needsUserfaultfd) func matchingPageSizeIsAccepted() throws {
             let memory = try MemoryMapping.anonymous(length: 4 * systemPageSize)
             #expect(try refusal(memory.range, declaring: systemPageSize) == nil)
         }

@@ -42,7 +42,7 @@ extension ManagerTests {
         "[" + regionObject(1 << 30, size, offset, pageSize: pageSize) + "]"
     }
 
-    @Test(.ownsProcess, arguments: malformed)
+    @Test(.ownsProcess, .needsUserfaultfd, arguments: malformed)
     func malformedHandshakeIsRefusedAndLogged(_ bad: Malformed) throws {
         let fixture = try Fixture()
         let baseline = openDescriptors()

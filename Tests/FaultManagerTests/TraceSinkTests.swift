@@ -1,5 +1,6 @@
 import FaultEngine
 import FaultManager
+import TestSupport
 import Testing
 import Userfaultfd
 
@@ -7,7 +8,7 @@ extension ManagerTests {
     /// `uffd serve --trace`: every client's server hands its faults to the configured sink.
     @Suite(.serialized, .timeLimit(.minutes(1)))
     struct TraceSinkTests {
-        @Test func eachServedFaultReachesTheTraceSinkInOrder() throws {
+        @Test(.needsUserfaultfd) func eachServedFaultReachesTheTraceSinkInOrder() throws {
             let sink = FaultTraceSink()
             let fixture = try Fixture(imageLength: 1 << 20) {
                 $0.server = FaultServerConfiguration(strategy: .copy(chunkPages: 1))
