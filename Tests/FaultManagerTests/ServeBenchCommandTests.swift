@@ -8,7 +8,8 @@ import Glibc
 #endif
 
 extension ManagerTests {
-    @Test(.enabled(if: access(ManagerTests.uffdPath, X_OK) == 0, "the uffd executable is built next to the tests"))
+    // The restore measurement reserves huge pages (as root) for its 2 MiB contender.
+    @Test(.enabled(if: access(ManagerTests.uffdPath, X_OK) == 0, "the uffd executable is built next to the tests"), .usesHugePages)
     func serveBenchReportsEveryRunOfBothMeasurements() throws {
         let fixture = try Fixture()
         let bench = try ClientProcess(["serve-bench", "--image-mib", "8", "--client-mib", "4", "--repetitions", "2",
@@ -57,7 +58,7 @@ extension ManagerTests {
         }
     }
 
-    @Test(.enabled(if: access(ManagerTests.uffdPath, X_OK) == 0, "the uffd executable is built next to the tests"))
+    @Test(.enabled(if: access(ManagerTests.uffdPath, X_OK) == 0, "the uffd executable is built next to the tests"), .usesHugePages)
     func serveBenchTakesOnlyThePartsAskedFor() throws {
         let fixture = try Fixture()
         let bench = try ClientProcess(["serve-bench", "--image-mib", "8", "--client-mib", "4", "--repetitions", "1",
