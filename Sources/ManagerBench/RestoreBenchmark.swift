@@ -52,6 +52,7 @@ enum RestoreBenchmark {
         let (contenders, skipped, restoreTotal) = contenders(imageMiB: c.imageMiB)
         defer { if let restoreTotal { HugePages.setTotal(restoreTotal) } }
         var times: [String: [UInt64]] = [:]
+        var served: [String: Served] = [:]
         func key(_ contender: Contender, _ pass: String) -> String { contender.name + "\u{0}" + pass }
         var bytes = 0
         // One untimed write pass each first: the first use of freshly reserved huge pages,
@@ -65,8 +66,9 @@ enum RestoreBenchmark {
                 let order = r % 2 == 0 ? contenders : contenders.reversed()
                 for contender in order {
                     progress("restore \(r + 1) of \(c.repetitions), \(pass) pass, \(contender.name)")
-                    let (t, n) = try run(contender, pass: pass, c, bench)
+                    let (t, n, how) = try run(contender, pass: pass, c, bench)
                     times[key(contender, pass), default: []].append(t)
+                    if let how { served[key(contender, pass)] = how }
                     bytes = n
                 }
             }
@@ -75,23 +77,39 @@ enum RestoreBenchmark {
         for pass in ["write", "read"] {
             let baseline = Reporting.median(times[key(contenders[0], pass)] ?? [])
             for contender in contenders {
-                rows.append(ServeBenchResult.RestoreRow(
+                var row = ServeBenchResult.RestoreRow(
                     contender: contender.name, pageSize: contender.pageSize, pass: pass, bytes: bytes,
-                    nanoseconds: times[key(contender, pass)] ?? [], mapPrivateMedian: baseline))
+                    nanoseconds: times[key(contender, pass)] ?? [], mapPrivateMedian: baseline)
+                let how = served[key(contender, pass)]
+                row.daemonStrategy = how?.strategy
+                row.daemonFaults = how?.faults
+                rows.append(row)
             }
         }
         return ServeBenchResult.Restore(imageMiB: c.imageMiB, repetitions: c.repetitions, rows: rows, skipped: skipped)
     }
 
-    /// One restore; returns the client's time and the bytes it restored.
+    /// How the daemon served a restore: its strategy and the faults that reached it.
+    struct Served {
+        var strategy: String
+        var faults: UInt64
+    }
+
+    /// One restore; returns the client's time, the bytes it restored and, through the
+    /// daemon, how the daemon served it.
     static func run(_ contender: Contender, pass: String, _ c: ServeBenchConfiguration,
-                    _ bench: ManagedClients) throws -> (UInt64, Int) {
+                    _ bench: ManagedClients) throws -> (UInt64, Int, Served?) {
         var arguments = ["--image", bench.image, "--pass", pass]
         let output: ClientOutput
+        var served: Served? = nil
         if contender.throughDaemon {
             arguments += ["--scenario", "restore", "--handshake", "firecracker"]
             if contender.pageSize != systemPageSize { arguments += ["--memory", "hugetlb"] }
-            output = try bench.serve(record: nil, replay: nil, clients: [arguments], server: c.server).outputs[0]
+            let outcome = try bench.serve(record: nil, replay: nil, clients: [arguments], server: c.server)
+            output = outcome.outputs[0]
+            if let report = outcome.reports.first {
+                served = Served(strategy: report.statistics.strategy ?? "unknown", faults: report.statistics.faults)
+            }
         } else {
             output = try ClientOutput(bench.client, arguments + ["--scenario", "restore-file"])
             let status = output.wait()
@@ -100,6 +118,6 @@ enum RestoreBenchmark {
         guard let t = output.value(after: "TIME_NS "), let n = output.value(after: "TIME_NS \(t) bytes ") else {
             throw ServeBenchError("the restore client printed no time: \(output.text)")
         }
-        return (t, Int(n))
+        return (t, Int(n), served)
     }
 }

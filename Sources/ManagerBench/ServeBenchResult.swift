@@ -50,6 +50,10 @@ public struct ServeBenchResult: Codable, Sendable, Equatable {
         public var target: String?
         /// Whether the median meets ``target``.
         public var met: Bool?
+        /// Through the daemon: the strategy it served the client with, and the faults
+        /// that reached it in the last run (the rest were installed ahead of them).
+        public var daemonStrategy: String?
+        public var daemonFaults: UInt64?
 
         public init(contender: String, pageSize: Int, pass: String, bytes: Int, nanoseconds: [UInt64], mapPrivateMedian: UInt64) {
             self.contender = contender
@@ -169,7 +173,11 @@ public struct ServeBenchResult: Codable, Sendable, Equatable {
                 + "\(Reporting.fixed(row.secondsPerGiB, 3)) s/GiB  \(Reporting.fixed(row.speedOverMapPrivate, 2))x MAP_PRIVATE"
             if let target = row.target, let met = row.met { line += "  target \(target): \(met ? "met" : "missed")" }
             lines.append(line)
-            lines.append("        runs: \(row.nanoseconds.map(ms).joined(separator: ", "))")
+            var runs = "        runs: \(row.nanoseconds.map(ms).joined(separator: ", "))"
+            if let strategy = row.daemonStrategy, let faults = row.daemonFaults {
+                runs += "; served with \(strategy), \(faults) faults"
+            }
+            lines.append(runs)
         }
         for why in r.skipped { lines.append("  skipped: \(why)") }
         return lines

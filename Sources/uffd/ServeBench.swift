@@ -42,6 +42,9 @@ struct ServeBench: ParsableCommand {
     @Option(name: .long, help: "SCHED_FIFO priority of the handler threads, as `uffd serve` (0: time-shared only).")
     var handlerPriority: Int = 1
 
+    @Flag(name: .long, help: "Serve with background populate (every page installed ahead of the faults), to compare with the daemon's default.")
+    var backgroundPopulate = false
+
     @Option(name: .long, help: "Where to create the image and sockets (a fresh directory is made inside).")
     var directory: String = "/tmp"
 
@@ -67,6 +70,7 @@ struct ServeBench: ParsableCommand {
         }
         var configuration = ServeBenchConfiguration(server: Serve.serverConfiguration(handlerPriority: handlerPriority),
                                                     clientExecutable: client)
+        configuration.server.backgroundPopulate = backgroundPopulate
         configuration.imageMiB = imageMib
         configuration.touchPercent = touchPercent
         configuration.repetitions = repetitions

@@ -55,6 +55,9 @@ extension ManagerTests {
             let baseline = try #require(restore.rows.first { $0.pass == row.pass })
             #expect(row.speedOverMapPrivate == Double(baseline.median) / Double(row.median))
             #expect((row.target != nil) == (row.pass == "write" && row.contender.hasPrefix("uffd")))
+            // Through the daemon, the row says how it was served; MAP_PRIVATE has no daemon.
+            #expect((row.daemonStrategy != nil) == row.contender.hasPrefix("uffd"))
+            if let faults = row.daemonFaults { #expect(faults > 0) }
         }
     }
 
