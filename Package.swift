@@ -93,6 +93,7 @@ let package = Package(
             name: "ManagerBench",
             dependencies: [
                 "Userfaultfd",
+                "UserfaultfdDiagnostics",
                 "FaultEngine",
                 "FaultManager",
                 .product(name: "Logging", package: "swift-log"),

@@ -39,6 +39,12 @@ public enum Contender: String, CaseIterable, Sendable, CustomStringConvertible {
     case swiftReplay = "swift-replay"
     /// The engine's default configuration.
     case swiftBest = "swift-best"
+    /// The default configuration serving the image file (pread) on a uffd without
+    /// FEATURE_SIGBUS: the source cannot give its pages up, so it copies.
+    case swiftFileCopy = "swift-file-copy"
+    /// As ``swiftFileCopy``, but installing with UFFDIO_MOVE from the staging buffer
+    /// the file is read into (same chunks, read-ahead and background populate).
+    case swiftFileMove = "swift-file-move"
     /// Scale run: random pages of a 1 GiB region, served by the engine one page per fault.
     case scale1GiB = "scale-1gib"
     /// Scale run: as many random pages of a 1 TiB sparse region, served the same way.
@@ -72,7 +78,8 @@ public enum Contender: String, CaseIterable, Sendable, CustomStringConvertible {
     public var usesEngine: Bool {
         switch self {
         case .swiftHandler4k, .swiftHandler64k, .swiftSigbus, .swiftMove, .swiftMinor,
-             .swiftAdaptive, .swiftReplay, .swiftBest, .scale1GiB, .scale1TiB, .swiftHandler4kTraced:
+             .swiftAdaptive, .swiftReplay, .swiftBest, .scale1GiB, .scale1TiB, .swiftHandler4kTraced,
+             .swiftFileCopy, .swiftFileMove:
             return true
         default:
             return false

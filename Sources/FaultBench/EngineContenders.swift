@@ -36,6 +36,8 @@ enum EngineContenders {
             return serve(workload, source: workload.source, .default,
                          preferredFeatures: FaultServerConfiguration.automaticFeatures(for: .anonymous),
                          regionPages: pages, order: order)
+        case .swiftFileCopy, .swiftFileMove:
+            return file(workload, move: contender == .swiftFileMove, order: order)
         default:
             return .notMeasured("\(contender) is not an engine contender")
         }
@@ -63,6 +65,10 @@ enum EngineContenders {
             return "working set recorded by an untimed run in the same order, then replayed"
         case .swiftBest:
             return "the default (automatic) configuration on a uffd handshaken preferring FEATURE_SIGBUS and MOVE"
+        case .swiftFileCopy:
+            return "the default (automatic) configuration over the image file read with pread, uffd with MOVE and without SIGBUS"
+        case .swiftFileMove:
+            return "as swift-file-copy, but each chunk read into the staging buffer is installed with UFFDIO_MOVE"
         case .scale1GiB, .scale1TiB:
             return "served by the engine with one page per fault (.handler4k), so that only the region size differs"
         case .swiftHandler4kTraced:
@@ -70,6 +76,28 @@ enum EngineContenders {
         default:
             return nil
         }
+    }
+
+    /// `swift-file-copy` / `swift-file-move`: the image file as a `pread` source on a uffd
+    /// with MOVE and without SIGBUS; the default configuration (which copies, since a
+    /// file cannot give its pages up), or the same read-ahead and populate installing
+    /// with MOVE from the staging buffer.
+    static func file(_ workload: Workload, move: Bool, order: [UInt64]) -> RunOutcome {
+        let source: FileSource
+        do {
+            // The image file is unlinked: open it again through its descriptor.
+            source = try FileSource(path: "/proc/self/fd/\(try workload.imageFile())")
+        } catch {
+            return .notMeasured("cannot open the image file as a source: \(error)")
+        }
+        var configuration = FaultServerConfiguration.default
+        if move {
+            configuration = FaultServerConfiguration(
+                strategy: .move(chunkPages: FaultServerConfiguration.Strategy.automatic.chunkPages),
+                prefetch: .adaptive(maxPages: 512), backgroundPopulate: true)
+        }
+        return serve(workload, source: source, configuration, features: [.move],
+                     regionPages: UInt64(workload.pageCount), order: order)
     }
 
     /// `swift-move`: MOVE out of a movable copy of the source, which the run consumes.

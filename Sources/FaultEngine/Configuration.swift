@@ -28,7 +28,9 @@ public struct FaultServerConfiguration: Sendable, Hashable {
         case minor(chunkPages: Int)
         /// Faults raise SIGBUS in the faulting thread (the uffd has FEATURE_SIGBUS);
         /// an async-signal-safe C resolver installs `chunkPages` pages there and then,
-        /// from memory or file sources. Other sources are served by the handler thread.
+        /// from memory or file sources. With ``Prefetch/adaptive(maxPages:)``, a thread
+        /// that faults where its last resolution ended gets a window doubling up to
+        /// `maxPages`, forward from the fault. Other sources are served by the handler thread.
         case sigbus(chunkPages: Int)
         /// The fastest safe strategy for the memory, the uffd's features and the source,
         /// chosen when the server is created (see ``FaultServer/strategyChoice``).

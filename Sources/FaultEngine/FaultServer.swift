@@ -286,7 +286,7 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
             do {
                 let resolver = try SignalResolverRegistration(
                     handle: handle, regions: table.snapshot, backing: source.signalSafeBacking, chunkPages: chunk,
-                    pageSize: pageSize, recorder: recorder)
+                    maxChunkPages: configuration.adaptiveMaxPages, pageSize: pageSize, recorder: recorder)
                 resolverSlot.withLock { $0 = resolver }
             } catch {
                 state.withLock { $0.started = false }

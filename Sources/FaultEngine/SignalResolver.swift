@@ -20,6 +20,7 @@ final class SignalResolverRegistration: @unchecked Sendable {
     private let handle: Userfaultfd.Handle
     private let backing: SignalSafeBacking?
     private let chunkPages: Int
+    private let maxChunkPages: Int
     private let pageSize: Int
     private let recorder: WorkingSetRecorder?
     /// Word 0: faults resolved in-thread; word 1: pages poisoned there.
@@ -32,7 +33,7 @@ final class SignalResolverRegistration: @unchecked Sendable {
     private let registered = Atomic<Bool>(true)
 
     init(handle: Userfaultfd.Handle, regions: [RegionEntry], backing: SignalSafeBacking?, chunkPages: Int,
-         pageSize: Int, recorder: WorkingSetRecorder?) throws(UserfaultfdError) {
+         maxChunkPages: Int, pageSize: Int, recorder: WorkingSetRecorder?) throws(UserfaultfdError) {
         let slot = cfe_resolver_claim_slot()
         if slot < 0 {
             throw UserfaultfdError(operation: "FaultServer.start", kind: .invalidArgument(
@@ -52,6 +53,7 @@ final class SignalResolverRegistration: @unchecked Sendable {
         self.handle = handle
         self.backing = backing
         self.chunkPages = chunkPages
+        self.maxChunkPages = max(chunkPages, maxChunkPages)
         self.pageSize = pageSize
         self.recorder = recorder
         self.requestPipe = pipe
@@ -79,6 +81,7 @@ final class SignalResolverRegistration: @unchecked Sendable {
         guard let table = cfe_table_allocate(regions.count) else { return }
         table.pointee.uffd = handle.fileDescriptor.rawValue
         table.pointee.chunk_pages = UInt64(chunkPages)
+        table.pointee.max_chunk_pages = UInt64(maxChunkPages)
         table.pointee.page_size = UInt64(pageSize)
         switch backing {
         case .memory(let address, let length)?:

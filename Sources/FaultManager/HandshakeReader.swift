@@ -53,7 +53,7 @@ struct HandshakeReader {
                 chunk = try DescriptorPassing.receiveWaiting(
                     from: socket, upTo: room, keeping: DescriptorPassing.maxDescriptors - message.descriptors.count)
             } catch {
-                throw .connection("recvmsg failed: \(error.errno.map { "\($0)" } ?? "\(error)")")
+                throw .connection("recvmsg failed: \(Self.describe(error))")
             }
             guard let chunk else { continue }
             message.descriptors += chunk.descriptors
@@ -75,6 +75,13 @@ struct HandshakeReader {
             case .complete, .notJSON: return
             }
         }
+    }
+
+    /// The errno of a failed receive, or the whole error. Kept out of line: inlined into
+    /// `accumulate`'s catch block, the release build's ownership verifier rejects it (Swift 6.3.1).
+    @inline(never)
+    private static func describe(_ error: UserfaultfdError) -> String {
+        error.errno.map { "\($0)" } ?? "\(error)"
     }
 
     /// Waits until `socket` is readable or the deadline passes.

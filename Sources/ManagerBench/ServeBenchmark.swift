@@ -28,6 +28,8 @@ public struct ServeBenchConfiguration: Sendable {
     public var directory = "/tmp"
     /// The `uffd-test-client` executable.
     public var clientExecutable: String
+    /// What to measure.
+    public var parts = Set(ServeBenchResult.Part.allCases)
 
     public init(server: FaultServerConfiguration, clientExecutable: String) {
         self.server = server
@@ -41,7 +43,7 @@ public struct ServeBenchError: Error, CustomStringConvertible {
     public init(_ description: String) { self.description = description }
 }
 
-/// The daemon's two targets, measured against baselines of the same run.
+/// The daemon's targets, measured against baselines of the same run.
 ///
 /// It runs `uffd-test-client` processes against managers started in this process,
 /// over a temporary image file:
@@ -49,17 +51,21 @@ public struct ServeBenchError: Error, CustomStringConvertible {
 ///   first pass over a working set, medians of alternating runs, and their ratio;
 /// - isolation: per-client p99 fault latency of N concurrent clients against the p99
 ///   of one client alone on the same image, with time-shared handler threads and with
-///   the daemon's real-time ones.
+///   the daemon's real-time ones;
+/// - restore: a Firecracker-style client restoring the whole image through the daemon
+///   (4 KiB pages, and 2 MiB hugetlb pages where free huge pages can be reserved)
+///   against the same client mapping the page-cached file `MAP_PRIVATE`, a write pass
+///   and a read pass, alternating contenders, medians and ratios to `MAP_PRIVATE`.
 /// Every client checks every byte it touched against the image; a client that finds
 /// a wrong byte fails the benchmark.
 public enum ServeBenchmark {
-    /// Runs both measurements.
+    /// Runs the measurements of ``ServeBenchConfiguration/parts``.
     ///
     /// - Parameters:
     ///   - configuration: what to measure.
     ///   - logger: the managers' logger.
     ///   - progress: called with a line before each step.
-    /// - Returns: every run of both measurements, with medians and ratios.
+    /// - Returns: every run of each measurement, with medians and ratios.
     /// - Throws: ``ServeBenchError`` or the manager's error if a run cannot take place.
     public static func run(
         _ configuration: ServeBenchConfiguration, logger: Logger, progress: (String) -> Void = { _ in }
@@ -70,9 +76,11 @@ public enum ServeBenchmark {
         progress("writing a \(configuration.imageMiB) MiB image")
         try writeImage(image, bytes: configuration.imageMiB << 20)
         let bench = ManagedClients(client: configuration.clientExecutable, image: image, work: work, logger: logger)
-        let replay = try measureReplay(configuration, bench, progress: progress)
-        let isolation = try measureIsolation(configuration, bench, progress: progress)
-        return ServeBenchResult(replay: replay, isolation: isolation)
+        let parts = configuration.parts
+        let replay = parts.contains(.replay) ? try measureReplay(configuration, bench, progress: progress) : nil
+        let isolation = parts.contains(.isolation) ? try measureIsolation(configuration, bench, progress: progress) : nil
+        let restore = parts.contains(.restore) ? try RestoreBenchmark.measure(configuration, bench, progress: progress) : nil
+        return ServeBenchResult(replay: replay, isolation: isolation, restore: restore)
     }
 
     /// Records the working set once, then alternates cold and replayed restores.

@@ -236,10 +236,49 @@ static int install_pages(const struct cfe_table *t, const struct cfe_region *r, 
         if (src_off + len > t->memory_length) return EFAULT;
         return install_run(t->uffd, dst, t->memory + src_off, len, r, i, ps, page, fault_done);
     }
+    // Read and install in pieces that fit a buffer on the faulting thread's stack.
     uint8_t buffer[CFE_STACK_CHUNK] __attribute__((aligned(4096)));
-    int rc = read_file_run(t, buffer, src_off, len);
-    if (rc == 0) rc = install_run(t->uffd, dst, buffer, len, r, i, ps, page, fault_done);
-    return rc;
+    uint64_t piece = CFE_STACK_CHUNK / ps * ps;
+    if (piece == 0) return EINVAL;
+    for (uint64_t off = 0; off < len; off += piece) {
+        uint64_t n = len - off < piece ? len - off : piece;
+        int rc = read_file_run(t, buffer, src_off + off, n);
+        if (rc == 0) rc = install_run(t->uffd, dst + off, buffer, n, r, i + off / ps, ps, page, fault_done);
+        if (rc != 0) return rc;
+    }
+    return 0;
+}
+
+/// Where the calling thread's last in-thread resolution ended, and its window in
+/// pages. Initial-exec TLS: reading it takes no lock and calls nothing, so it is
+/// safe in a signal handler.
+static __thread uint64_t thread_last_end __attribute__((tls_model("initial-exec")));
+static __thread uint64_t thread_window __attribute__((tls_model("initial-exec")));
+
+/// The pages to install for a fault on `page` of `r`: the aligned chunk around it, or,
+/// while this thread faults where its last resolution ended, a window growing forward
+/// from the fault (doubling up to `max_chunk_pages`). A fault elsewhere starts over.
+static void chunk_around(const struct cfe_table *t, const struct cfe_region *r, uint64_t page,
+                         uint64_t *first, uint64_t *end) {
+    uint64_t ps = t->page_size;
+    uint64_t pages = r->length / ps;
+    uint64_t chunk = t->chunk_pages ? t->chunk_pages : 1;
+    uint64_t max = t->max_chunk_pages > chunk ? t->max_chunk_pages : chunk;
+    uint64_t address = r->start + page * ps;
+    if (max > chunk && address == thread_last_end) {
+        uint64_t window = thread_window * 2;
+        if (window < chunk) window = chunk;
+        if (window > max) window = max;
+        thread_window = window;
+        *first = page;
+        *end = page + window;
+    } else {
+        thread_window = chunk;
+        *first = page / chunk * chunk;
+        *end = *first + chunk;
+    }
+    if (*end > pages) *end = pages;
+    thread_last_end = r->start + *end * ps;
 }
 
 /// Resolves a fault at `address` in `r` of `t`. Returns 1 if the access can run
@@ -247,7 +286,6 @@ static int install_pages(const struct cfe_table *t, const struct cfe_region *r, 
 static int resolve(int slot, const struct cfe_table *t, const struct cfe_region *r, uint64_t address) {
     uint64_t ps = t->page_size;
     uint64_t page = (address - r->start) / ps;
-    uint64_t pages = r->length / ps;
     if (cfe_bit_test(r->poisoned, r->first_bit + page)) return 0;
     if (t->record && !cfe_bit_test(r->resident, r->first_bit + page)) {
         cfe_record_append(t->record, t->record_capacity, r->source_offset + page * ps);
@@ -256,11 +294,8 @@ static int resolve(int slot, const struct cfe_table *t, const struct cfe_region 
         ask_handler(slot, t, r, page, r->start + page * ps);
         return !cfe_bit_test(r->poisoned, r->first_bit + page);
     }
-    uint64_t chunk = t->chunk_pages;
-    if (t->backing_kind == CFE_BACKING_FILE && chunk * ps > CFE_STACK_CHUNK) chunk = CFE_STACK_CHUNK / ps;
-    uint64_t first = page / chunk * chunk;
-    uint64_t end = first + chunk;
-    if (end > pages) end = pages;
+    uint64_t first, end;
+    chunk_around(t, r, page, &first, &end);
     int fault_done = 0;
     uint64_t i = first;
     while (i < end) {

@@ -7,12 +7,6 @@
 #include <unistd.h>
 #include <sys/mman.h>
 
-uint64_t cfe_bits_count(const uint64_t *words, uint64_t first, uint64_t count) {
-    uint64_t total = 0;
-    for (uint64_t i = first; i < first + count; i++) total += cfe_bit_test(words, i);
-    return total;
-}
-
 void *cfe_mremap_fixed(void *old_address, size_t size, void *new_address) {
     return mremap(old_address, size, size, MREMAP_MAYMOVE | MREMAP_FIXED, new_address);
 }
@@ -26,10 +20,6 @@ int cfe_pin_current_thread(int cpu) {
     CPU_ZERO(&set);
     CPU_SET(cpu, &set);
     return pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
-}
-
-int cfe_current_cpu(void) {
-    return sched_getcpu();
 }
 
 #endif

@@ -45,7 +45,9 @@ final class Guest: @unchecked Sendable {
     /// A page of scratch space for the expected bytes, allocated once (usable after fork).
     let scratch = UnsafeMutableRawPointer.allocate(byteCount: page, alignment: page)
 
-    init(imagePath: String, length: Int?, hugetlb: Bool) {
+    /// - Parameter fileBacked: map the image itself `MAP_PRIVATE` (the kernel's own
+    ///   restore path) instead of anonymous memory for a uffd.
+    init(imagePath: String, length: Int?, hugetlb: Bool, fileBacked: Bool = false) {
         self.hugetlb = hugetlb
         image = open(imagePath, O_RDONLY | O_CLOEXEC)
         if image < 0 { fail(2, "cannot open \(imagePath): errno \(errno)") }
@@ -57,7 +59,10 @@ final class Guest: @unchecked Sendable {
         let half = usable / 2
         regions = []
         for imageOffset in [half, 0] {
-            guard let p = mmap(nil, half, PROT_READ | PROT_WRITE, guestMappingFlags(hugetlb: hugetlb), -1, 0), p != MAP_FAILED else {
+            let p = fileBacked
+                ? mmap(nil, half, PROT_READ | PROT_WRITE, MAP_PRIVATE, image, off_t(imageOffset))
+                : mmap(nil, half, PROT_READ | PROT_WRITE, guestMappingFlags(hugetlb: hugetlb), -1, 0)
+            guard let p, p != MAP_FAILED else {
                 if hugetlb {
                     fail(2, "mmap \(half) bytes of hugetlb memory: errno \(errno) (\(half / page) free 2 MiB huge pages needed, "
                          + "\(HugePages.available) available; reserve them with `echo N > /proc/sys/vm/nr_hugepages`)")

@@ -27,15 +27,19 @@ struct Options {
     /// The flood scenario: connections held at once, and what they send.
     var connections = 100
     var flood = "silent"
+    /// The restore scenarios' pass: a word stored, or loaded, per 4 KiB.
+    var pass = "write"
 
     static let usage = """
         usage: uffd-test-client --socket PATH --image FILE [--handshake firecracker|native]
                                 [--backing memory|attached] [--scenario NAME] [--length BYTES]
                                 [--as-user USER] [--touch-percent P] [--seed N] [--name NAME]
                                 [--memory anonymous|hugetlb]
-                                [--connections N --flood silent|churn]
+                                [--connections N --flood silent|churn] [--pass write|read]
         scenarios: verify, fork, remap, remove, unmap, layout, slow, workingset, handover-only,
-                   flood (hostile connections: N held silent, or churning garbage until killed)
+                   flood (hostile connections: N held silent, or churning garbage until killed),
+                   restore (one timed --pass over all memory through the daemon, then checked),
+                   restore-file (the same over the image mapped MAP_PRIVATE; no --socket)
         exit status: 0 every byte matched, 1 a byte did not, 2 setup failed, 3 the daemon refused
         """
 
@@ -62,12 +66,13 @@ struct Options {
             case "--name": o.name = v
             case "--connections": guard let n = Int(v), n > 0 else { return nil }; o.connections = n
             case "--flood": guard ["silent", "churn"].contains(v) else { return nil }; o.flood = v
+            case "--pass": guard ["write", "read"].contains(v) else { return nil }; o.pass = v
             case "--memory": guard let m = MemoryKind(rawValue: v) else { return nil }; o.memory = m
             default: return nil
             }
             i += 1
         }
-        if o.socket.isEmpty || o.image.isEmpty { return nil }
+        if (o.socket.isEmpty && o.scenario != "restore-file") || o.image.isEmpty { return nil }
         return o
     }
 }

@@ -58,6 +58,7 @@ func runClient(_ options: Options) -> Never {
     case "layout": layout(guest)
     case "slow": slow(guest)
     case "workingset": workingSet(guest, chosen, since: handOverStarted)
+    case "restore": restore(guest, write: options.pass == "write", since: handOverStarted)
     default: fail(2, "unknown scenario \(options.scenario)")
     }
     _ = keepAlive

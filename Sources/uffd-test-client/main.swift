@@ -10,4 +10,5 @@ guard let options = Options.parse(CommandLine.arguments) else {
     exit(2)
 }
 if options.scenario == "flood" { runFlood(options) }
+if options.scenario == "restore-file" { restoreFromFile(options, write: options.pass == "write") }
 runClient(options)

@@ -13,12 +13,16 @@ import Musl
 struct ServeBench: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "serve-bench",
-        abstract: "Measure the manager daemon: working-set replay speed-up and per-client latency under concurrency.",
+        abstract: "Measure the manager daemon: working-set replay speed-up, per-client latency under concurrency, and whole-image restore against MAP_PRIVATE.",
         discussion: """
             Needs uffd-test-client next to this executable (`swift build -c release` builds both). \
-            Ratios are against baselines measured in the same run: restore without --replay, and \
-            one client served alone.
+            Ratios are against baselines measured in the same run: restore without --replay, \
+            one client served alone, and the image file mapped MAP_PRIVATE (page-cached). \
+            The restore measurement runs 2 MiB pages too where free huge pages can be reserved.
             """)
+
+    @Option(parsing: .upToNextOption, help: ArgumentHelp("Take only these measurements (replay, isolation, restore).", valueName: "part"))
+    var only: [ServeBenchResult.Part] = []
 
     @Option(name: .long, help: "Size of the image for the replay measurement, in MiB.")
     var imageMib: Int = 1024
@@ -37,6 +41,9 @@ struct ServeBench: ParsableCommand {
 
     @Option(name: .long, help: "SCHED_FIFO priority of the handler threads, as `uffd serve` (0: time-shared only).")
     var handlerPriority: Int = 1
+
+    @Flag(name: .long, help: "Serve with background populate (every page installed ahead of the faults), to compare with the daemon's default.")
+    var backgroundPopulate = false
 
     @Option(name: .long, help: "Where to create the image and sockets (a fresh directory is made inside).")
     var directory: String = "/tmp"
@@ -63,12 +70,14 @@ struct ServeBench: ParsableCommand {
         }
         var configuration = ServeBenchConfiguration(server: Serve.serverConfiguration(handlerPriority: handlerPriority),
                                                     clientExecutable: client)
+        configuration.server.backgroundPopulate = backgroundPopulate
         configuration.imageMiB = imageMib
         configuration.touchPercent = touchPercent
         configuration.repetitions = repetitions
         configuration.clients = clients
         configuration.clientMiB = clientMib
         configuration.directory = directory
+        if !only.isEmpty { configuration.parts = Set(only) }
         let quiet = json
         let result = try ServeBenchmark.run(configuration, logger: ServeRunner.standardErrorLogger(level: .warning)) { text in
             if quiet { return }
@@ -78,6 +87,8 @@ struct ServeBench: ParsableCommand {
         print(json ? result.json : result.table, terminator: json ? "" : "\n")
     }
 }
+
+extension ServeBenchResult.Part: ExpressibleByArgument {}
 
 /// The path of an executable in the same directory as this one.
 func siblingExecutable(_ name: String) throws -> String {

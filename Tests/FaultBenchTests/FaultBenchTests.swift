@@ -217,6 +217,20 @@ extension FaultBenchTests {
             }
         }
 
+        @Test("The file contenders serve the image file: copied by default, moved through the staging buffer otherwise",
+              .enabled(if: (try? Userfaultfd.probe().features.contains(.move)) == true, "the kernel offers no UFFDIO_MOVE"))
+        func fileContendersServeTheImageFile() throws {
+            let report = try Benchmark.run(BenchConfiguration(sizeMiB: 2, repetitions: 1, contenders: [.swiftFileCopy, .swiftFileMove]))
+            for contender in [Contender.swiftFileCopy, .swiftFileMove] {
+                for pattern in AccessPattern.allCases {
+                    let result = try #require(report.result(contender, pattern), "\(contender) \(pattern) not measured")
+                    #expect(result.verified, "\(contender) \(pattern): \(result.note ?? "")")
+                }
+            }
+            #expect(report.result(.swiftFileCopy, .sequential)?.remark?.contains("pread") == true)
+            #expect(report.result(.swiftFileMove, .sequential)?.remark?.contains("UFFDIO_MOVE") == true)
+        }
+
         @Test("swift-move consumes its own copy of the source, never the shared one",
               .enabled(if: (try? Userfaultfd.probe().features.contains(.move)) == true, "the kernel offers no UFFDIO_MOVE"))
         func moveLeavesTheSharedSourceIntact() throws {
@@ -237,7 +251,7 @@ extension FaultBenchTests {
 func kernelFeatures(_ contender: Contender) -> Userfaultfd.Features {
     switch contender {
     case .swiftSigbus: return [.sigbus]
-    case .swiftMove: return [.move]
+    case .swiftMove, .swiftFileCopy, .swiftFileMove: return [.move]
     case .swiftMinor: return [.minorShmem, .missingShmem]
     default: return []
     }

@@ -81,6 +81,23 @@ extension FaultEngineTests {
             try Self.check(try imageSource(pages: Self.pages), memory, features: [], expect: .copy(chunkPages: 16))
         }
 
+        @Test(arguments: FileSource.Access.allCases)
+        func aFileIsReadInTheFaultingThread(access: FileSource.Access) throws {
+            let file = try ImageFile(pages: Self.pages)
+            let memory = try MemoryMapping.anonymous(length: Self.pages * page)
+            try Self.check(try FileSource(path: file.path, access: access), memory,
+                           features: FaultServerConfiguration.automaticFeatures(for: .anonymous), expect: .sigbus(chunkPages: 16))
+        }
+
+        @Test func aFileWithoutSIGBUSIsCopiedAndTheChoiceSaysWhy() throws {
+            let file = try ImageFile(pages: Self.pages)
+            let memory = try MemoryMapping.anonymous(length: Self.pages * page)
+            let source = try FileSource(path: file.path)
+            try Self.check(source, memory, features: [.move], expect: .copy(chunkPages: 16))
+            let server = try serve(source, mapping: memory, features: [.move], configuration: .default)
+            #expect(server.strategyChoice.reason.contains("cannot give its pages up"), "\(server.strategyChoice)")
+        }
+
         @Test func aSourceTheSignalHandlerCannotReadIsServedForTheFaultingThread() throws {
             let memory = try MemoryMapping.anonymous(length: Self.pages * page)
             let source = ClosureSource(length: UInt64(Self.pages * page)) { buffer, offset in

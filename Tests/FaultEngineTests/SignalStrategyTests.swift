@@ -42,6 +42,49 @@ extension FaultEngineTests {
             #expect(server.statistics.inThreadFaults > 0)
         }
 
+        /// Sequential faults of one thread grow the in-thread chunk (doubling from 16
+        /// pages up to 2 MiB), from memory and from files alike (a file is read in
+        /// pieces that fit the faulting thread's stack); random faults keep it fixed.
+        @Test(arguments: ["memory", "pread", "mapped"])
+        func sequentialFaultsGrowTheInThreadChunk(backing: String) throws {
+            let pages = 4096   // 16 MiB
+            let memory = try MemoryMapping.anonymous(length: pages * page)
+            let file = backing == "memory" ? nil : try ImageFile(pages: pages)
+            let configuration = FaultServerConfiguration(strategy: .sigbus(chunkPages: 16), prefetch: .adaptive(maxPages: 512))
+            func run<S: PageSource>(_ source: S) throws -> FaultStatistics {
+                let server = try serve(source, mapping: memory, features: Self.features, configuration: configuration)
+                try server.start()
+                // On a fresh thread: the window is per thread.
+                let base = UInt(bitPattern: memory.base)
+                onThreads(1) { _ in touch(UnsafeMutableRawPointer(bitPattern: base)!, pages: Array(0..<pages)) }
+                server.stop()
+                return server.statistics
+            }
+            let stats = try file.map { try run(FileSource(path: $0.path, access: backing == "mapped" ? .mapped : .pread)) }
+                ?? run(try imageSource(pages: pages))
+            #expect(firstMismatch(memory.base, count: pages * page) == nil)
+            // 16, 32, ..., 512 pages (6 faults, 1008 pages), then 2 MiB at a time (7 faults, the
+            // last one short): 13 in all, where fixed 64 KiB chunks take 256.
+            #expect(stats.inThreadFaults == 13)
+            #expect(stats.missingFaults == 0)
+        }
+
+        @Test func randomFaultsKeepTheInThreadChunkFixed() throws {
+            let pages = 1024
+            let memory = try MemoryMapping.anonymous(length: pages * page)
+            let configuration = FaultServerConfiguration(strategy: .sigbus(chunkPages: 16), prefetch: .adaptive(maxPages: 512))
+            let server = try serve(try imageSource(pages: pages), mapping: memory, features: Self.features, configuration: configuration)
+            try server.start()
+            // One page per 64 KiB chunk, chunks in a scrambled order: never where the last one ended.
+            let order = permutation(pages / 16, seed: 43).map { $0 * 16 + 3 }
+            touch(memory.base, pages: order)
+            server.stop()
+            for chunk in 0..<(pages / 16) {
+                #expect(firstMismatch(memory.base + chunk * 16 * page, count: 16 * page, sourceOffset: chunk * 16 * page) == nil)
+            }
+            #expect(server.statistics.inThreadFaults == UInt64(pages / 16))
+        }
+
         @Test func otherSourcesFallBackToTheHandlerThread() throws {
             let pages = 64
             let memory = try MemoryMapping.anonymous(length: pages * page)

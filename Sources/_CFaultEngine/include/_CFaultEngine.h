@@ -54,9 +54,6 @@ static inline uint64_t cfe_atomic_load_u64(const uint64_t *p) {
     return __atomic_load_n(p, __ATOMIC_ACQUIRE);
 }
 
-/// The number of bits set in `first ..< first + count`.
-uint64_t cfe_bits_count(const uint64_t *words, uint64_t first, uint64_t count);
-
 /// Appends `value` to a record buffer: word 0 counts, words 1...capacity hold values.
 static inline void cfe_record_append(uint64_t *buffer, uint64_t capacity, uint64_t value) {
     uint64_t i = __atomic_fetch_add(&buffer[0], 1, __ATOMIC_RELAXED);
@@ -84,9 +81,6 @@ int cfe_pipe_nonblocking(int fds[2]);
 
 /// Pins the calling thread to `cpu`. Returns 0 or an errno value.
 int cfe_pin_current_thread(int cpu);
-
-/// The CPU the calling thread runs on now (-1 if unknown).
-int cfe_current_cpu(void);
 
 // MARK: - The SIGBUS resolver
 
@@ -121,7 +115,10 @@ struct cfe_table {
     int file_fd;
     uint64_t file_offset;
     uint64_t file_length;
+    /// Pages installed per fault, and the most a run of sequential faults of one
+    /// thread grows to (doubling from `chunk_pages`; at most `chunk_pages`: fixed).
     uint64_t chunk_pages;
+    uint64_t max_chunk_pages;
     uint64_t page_size;
     /// Working-set record buffer (word 0 counts), or NULL.
     uint64_t *record;
