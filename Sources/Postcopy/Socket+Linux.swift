@@ -1,3 +1,4 @@
+import FaultEngine
 import Userfaultfd
 
 #if canImport(Glibc)
@@ -74,9 +75,10 @@ public final class MigrationListener: @unchecked Sendable {
             }
             if rc != 0 { let e = systemError("bind \(endpoint)"); _ = close(fd); throw e }
         }
-        // Small receive buffers keep the stream's backlog, which a page cannot overtake once
-        // it is queued, short (accepted sockets inherit this).
-        var receiveBuffer: Int32 = 256 << 10
+        // Room for a few milliseconds of stream, so that the sender keeps going while the
+        // receive thread installs (accepted sockets inherit this). Requested pages come on
+        // their own connection and never wait behind it.
+        var receiveBuffer: Int32 = 4 << 20
         _ = setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &receiveBuffer, socklen_t(MemoryLayout<Int32>.size))
         if listen(fd, 16) != 0 { let e = systemError("listen"); _ = close(fd); throw e }
         return (fd, bound)
@@ -136,13 +138,10 @@ func unixAddress(_ path: String) throws(MigrationError) -> sockaddr_un {
     return address
 }
 
-/// Monotonic nanoseconds.
+/// Monotonic nanoseconds: the package's one clock (`CLOCK_MONOTONIC`), which fault
+/// traces and statistics read too.
 @inline(__always)
-func monotonicNanoseconds() -> UInt64 {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
-}
+func monotonicNanoseconds() -> UInt64 { FaultTraceSink.now() }
 
 /// Lets the calling thread preempt busy ones when it wakes (SCHED_FIFO, low priority).
 ///
