@@ -75,10 +75,10 @@ public final class MigrationListener: @unchecked Sendable {
             }
             if rc != 0 { let e = systemError("bind \(endpoint)"); _ = close(fd); throw e }
         }
-        // Room for a few milliseconds of stream, so that the sender keeps going while the
-        // receive thread installs (accepted sockets inherit this). Requested pages come on
-        // their own connection and never wait behind it.
-        var receiveBuffer: Int32 = 4 << 20
+        // Room for about a millisecond of stream, so that the sender keeps going while the
+        // receive thread installs, yet a page the stream has queued, which a request cannot
+        // overtake, arrives soon (accepted sockets inherit this).
+        var receiveBuffer: Int32 = 1 << 20
         _ = setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &receiveBuffer, socklen_t(MemoryLayout<Int32>.size))
         if listen(fd, 16) != 0 { let e = systemError("listen"); _ = close(fd); throw e }
         return (fd, bound)

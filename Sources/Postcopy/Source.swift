@@ -29,17 +29,18 @@ public final class MigrationSource: @unchecked Sendable {
         public var precopyRounds: Int = 4
         /// Precopy ends early once a round leaves at most this many dirty pages.
         public var convergencePages: Int = 256
-        /// The kernel send buffer of the stream connection. Large enough that the stream
-        /// never waits for the destination to be scheduled; a requested page never waits
-        /// behind it, because the urgent channel answers every request itself.
-        public var streamBufferBytes: Int = 4 << 20
+        /// The kernel send buffer of the stream connection. A page claimed by the stream waits
+        /// behind everything queued before it, so a requested page that was already queued
+        /// arrives no sooner than this many bytes later; larger lets the stream run on while
+        /// the destination is not scheduled.
+        public var streamBufferBytes: Int = 1 << 20
         /// After precopy, the most passes that have the destination forget pages dirtied
         /// again (outside the pause), so that few remain to forget during it.
         public var discardPasses: Int = 8
         /// After answering a request, the most pages that directly follow it, still missing,
         /// to send with it on the urgent channel (0...64): a workload that faults on one page
         /// tends to touch its neighbours next, and each page sent along saves a round trip.
-        public var pagesAfterRequest: Int = 15
+        public var pagesAfterRequest: Int = 31
         /// Whether to reconnect and resume after a connection drops during postcopy.
         public var reconnect: Bool = true
         /// How long to keep trying to reconnect.
@@ -317,16 +318,29 @@ public final class MigrationSource: @unchecked Sendable {
         }
     }
 
+    /// The most answered requests whose pages sent along wait for the next quiet moment.
+    private static let maxFollowUps = 32
+
+    /// Sends the still-missing pages that directly follow a requested one, in one frame:
+    /// the next faults nearby then need no request.
+    private func sendAfterRequest(_ connection: Connection, region: Int, first: Int, global: Int,
+                                  scratch: UnsafeMutableRawPointer) throws(MigrationError) {
+        let limit = min(options.pagesAfterRequest, table.regions[region].pages - first, Wire.maxRunPages)
+        var n = 0
+        while n < limit && missing.testAndClear(global + n) { n += 1 }
+        if n == 0 { return }
+        try sendRun(connection, region: region, page: first, global: global, count: n, scratch: scratch, phase: .request)
+        prefetchedPages.add(n, ordering: .relaxed)
+        seek.store(global + n, ordering: .releasing)
+    }
+
     private func startUrgent(_ connection: Connection) -> DedicatedThread {
         DedicatedThread(name: "pc-urgent") { [self] in urgentLoop(connection) }
     }
 
-    /// Answers page requests as they come, then points the stream just past them.
-    ///
-    /// A requested page goes out here even when the stream has already taken it: the
-    /// destination asks only for pages it does not have, and one the stream took may wait
-    /// behind megabytes queued in both kernels' socket buffers. The destination drops
-    /// whichever copy comes second.
+    /// Answers page requests as they come, then sends the pages that follow each
+    /// requested one and points the stream past them. Every page is sent once: one the
+    /// stream has already taken arrives on the stream.
     private func urgentLoop(_ connection: Connection) {
         preferLowLatencyScheduling()
         let cpuStart = ThreadCPU.current()
@@ -337,6 +351,9 @@ public final class MigrationSource: @unchecked Sendable {
             scratch.deallocate()
             sendScratch.deallocate()
         }
+        // Pages to send after the requested ones: (region, first page, first global page).
+        var followUps: [(Int, Int, Int)] = []
+        followUps.reserveCapacity(Self.maxFollowUps)
         do throws(MigrationError) {
             while true {
                 // Quiet while nothing faults on the destination.
@@ -348,25 +365,20 @@ public final class MigrationSource: @unchecked Sendable {
                     throw MigrationError(.malformedFrame("unexpected \(header.type) frame on the urgent channel"))
                 }
                 let g0 = try table.check(region: header.region, first: header.first, count: UInt64(header.count))
-                for k in 0..<Int(header.count) {
-                    missing.testAndClear(g0 + k)
+                for k in 0..<Int(header.count) where missing.testAndClear(g0 + k) {
                     try sendRun(connection, region: Int(header.region), page: Int(header.first) + k, global: g0 + k,
                                 count: 1, scratch: sendScratch, phase: .request)
                     requestedPages.add(1, ordering: .relaxed)
                 }
-                // The faulting thread is woken by the page above; the pages after it, still
-                // missing, follow in one frame, so that the next faults nearby need no request.
-                let region = Int(header.region)
                 let end = Int(header.first) + Int(header.count)
-                let limit = min(options.pagesAfterRequest, table.regions[region].pages - end, Wire.maxRunPages)
-                var n = 0
-                while n < limit && missing.testAndClear(g0 + Int(header.count) + n) { n += 1 }
-                if n > 0 {
-                    try sendRun(connection, region: region, page: end, global: g0 + Int(header.count),
-                                count: n, scratch: sendScratch, phase: .request)
-                    prefetchedPages.add(n, ordering: .relaxed)
+                seek.store(g0 + Int(header.count), ordering: .releasing)
+                if options.pagesAfterRequest > 0 { followUps.append((Int(header.region), end, g0 + Int(header.count))) }
+                // Requests already waiting are answered before any page sent along.
+                if followUps.count < Self.maxFollowUps && connection.waitReadable(milliseconds: 0) { continue }
+                for (region, first, global) in followUps {
+                    try sendAfterRequest(connection, region: region, first: first, global: global, scratch: sendScratch)
                 }
-                seek.store(g0 + Int(header.count) + n, ordering: .releasing)
+                followUps.removeAll(keepingCapacity: true)
             }
         } catch {
             if case .connectionLost = error.kind {} else {

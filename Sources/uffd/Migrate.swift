@@ -45,10 +45,10 @@ struct WorkloadOptions: ParsableArguments {
     var workers = 2
 
     @Option(help: "Pages after a requested one that the source sends along with it (0...64).")
-    var pagesAfterRequest = 15
+    var pagesAfterRequest = 31
 
-    @Option(help: "Kernel send buffer of the stream connection, in KiB (requested pages do not wait behind it).")
-    var streamBuffer = 4096
+    @Option(help: "Kernel send buffer of the stream connection, in KiB (smaller: shorter remote faults).")
+    var streamBuffer = 1024
 
     func validate() throws {
         guard size > 0, size <= 1 << 20 else { throw ValidationError("--size must be 1...1048576 MiB, not \(size)") }
