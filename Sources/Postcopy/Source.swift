@@ -31,9 +31,8 @@ public final class MigrationSource: @unchecked Sendable {
         public var convergencePages: Int = 256
         /// The kernel send buffer of the stream connection. A page claimed by the stream waits
         /// behind everything queued before it, so a requested page that was already queued
-        /// arrives no sooner than this many bytes later; larger lets the stream run on while
-        /// the destination is not scheduled.
-        public var streamBufferBytes: Int = 1 << 20
+        /// arrives no sooner than this many bytes later: smaller keeps remote faults short.
+        public var streamBufferBytes: Int = 256 << 10
         /// After precopy, the most passes that have the destination forget pages dirtied
         /// again (outside the pause), so that few remain to forget during it.
         public var discardPasses: Int = 8

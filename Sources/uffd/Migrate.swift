@@ -48,7 +48,7 @@ struct WorkloadOptions: ParsableArguments {
     var pagesAfterRequest = 31
 
     @Option(help: "Kernel send buffer of the stream connection, in KiB (smaller: shorter remote faults).")
-    var streamBuffer = 1024
+    var streamBuffer = 256
 
     func validate() throws {
         guard size > 0, size <= 1 << 20 else { throw ValidationError("--size must be 1...1048576 MiB, not \(size)") }
