@@ -317,8 +317,8 @@ public final class MigrationSource: @unchecked Sendable {
         }
     }
 
-    /// The most answered requests whose pages sent along wait for the next quiet moment.
-    private static let maxFollowUps = 32
+    /// The most answered requests whose pages sent along wait for a moment without requests.
+    private static let maxFollowUps = 16
 
     /// Sends the still-missing pages that directly follow a requested one, in one frame:
     /// the next faults nearby then need no request.
@@ -350,11 +350,19 @@ public final class MigrationSource: @unchecked Sendable {
             scratch.deallocate()
             sendScratch.deallocate()
         }
-        // Pages to send after the requested ones: (region, first page, first global page).
+        // Pages to send after requested ones, newest last: (region, first page, first global page).
         var followUps: [(Int, Int, Int)] = []
         followUps.reserveCapacity(Self.maxFollowUps)
         do throws(MigrationError) {
             while true {
+                // Requests first: the pages sent along with earlier ones go out one frame at
+                // a time while none waits, the newest first (the workload is there now), so
+                // a request waits behind at most one such frame.
+                if let (region, first, global) = followUps.last, !connection.waitReadable(milliseconds: 0) {
+                    followUps.removeLast()
+                    try sendAfterRequest(connection, region: region, first: first, global: global, scratch: sendScratch)
+                    continue
+                }
                 // Quiet while nothing faults on the destination.
                 let header = try connection.receiveHeader(scratch: scratch, pageSize: table.pageSize, quietAllowed: true)
                 if header.type == .error {
@@ -369,15 +377,12 @@ public final class MigrationSource: @unchecked Sendable {
                                 count: 1, scratch: sendScratch, phase: .request)
                     requestedPages.add(1, ordering: .relaxed)
                 }
-                let end = Int(header.first) + Int(header.count)
                 seek.store(g0 + Int(header.count), ordering: .releasing)
-                if options.pagesAfterRequest > 0 { followUps.append((Int(header.region), end, g0 + Int(header.count))) }
-                // Requests already waiting are answered before any page sent along.
-                if followUps.count < Self.maxFollowUps && connection.waitReadable(milliseconds: 0) { continue }
-                for (region, first, global) in followUps {
-                    try sendAfterRequest(connection, region: region, first: first, global: global, scratch: sendScratch)
+                if options.pagesAfterRequest > 0 {
+                    // The oldest are dropped: the stream reaches them in its own time.
+                    if followUps.count == Self.maxFollowUps { followUps.removeFirst() }
+                    followUps.append((Int(header.region), Int(header.first) + Int(header.count), g0 + Int(header.count)))
                 }
-                followUps.removeAll(keepingCapacity: true)
             }
         } catch {
             if case .connectionLost = error.kind {} else {
