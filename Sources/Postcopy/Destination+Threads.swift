@@ -213,8 +213,8 @@ extension MigrationDestination {
                 case .ready: break
                 }
                 try handle.readEvents(into: buffer)
-                for event in buffer.events {
-                    guard case .pageFault(let fault) = event, let (_, g) = table.locate(fault.address) else { continue }
+                for i in 0..<buffer.count {
+                    guard case .pageFault(let fault) = buffer.events[i], let (_, g) = table.locate(fault.address) else { continue }
                     if zeroKnown.test(g) {
                         let page = fault.address & ~UInt64(table.pageSize - 1)
                         _ = try handle.zeropage(MemoryRange(start: page, length: UInt64(table.pageSize)))

@@ -65,9 +65,9 @@ public final class MigrationSource: @unchecked Sendable {
     let options: Options
     let missing: PageBitmap
     private let sentOnce: PageBitmap
-    private let seek = Atomic<Int>(-1)
-    private let linkDown = Atomic<Bool>(false)
-    private let failure = Mutex<MigrationError?>(nil)
+    let seek = Atomic<Int>(-1)
+    let linkDown = Atomic<Bool>(false)
+    let failure = Mutex<MigrationError?>(nil)
     private let phase = Atomic<UInt8>(MigrationProgress.Phase.connecting.rawValue)
     private let round = Atomic<Int>(0)
     private let precopyBytes = Atomic<Int>(0)
@@ -77,11 +77,11 @@ public final class MigrationSource: @unchecked Sendable {
     private let streamZeroPages = Atomic<Int>(0)
     private let requestBytes = Atomic<Int>(0)
     private let zeroPages = Atomic<Int>(0)
-    private let requestedPages = Atomic<Int>(0)
-    private let prefetchedPages = Atomic<Int>(0)
+    let requestedPages = Atomic<Int>(0)
+    let prefetchedPages = Atomic<Int>(0)
     private let postcopySent = Atomic<Int>(0)
     /// CPU time of urgent-channel threads that have ended.
-    private let urgentCPU = Atomic<UInt64>(0)
+    let urgentCPU = Atomic<UInt64>(0)
     private var dropDone = false
 
     /// Prepares to migrate `regions` (page-aligned, non-empty).
@@ -286,7 +286,7 @@ public final class MigrationSource: @unchecked Sendable {
     }
 
     /// Sends `count` pages starting at `page` of `region`: zero runs as markers, the rest as data.
-    private func sendRun(_ connection: Connection, region: Int, page: Int, global g: Int, count: Int,
+    func sendRun(_ connection: Connection, region: Int, page: Int, global g: Int, count: Int,
                          scratch: UnsafeMutableRawPointer, phase: SendPhase) throws(MigrationError) {
         let pageSize = table.pageSize
         let base = UnsafeRawPointer(bitPattern: UInt(table.regions[region].start) + UInt(page * pageSize))!
@@ -314,81 +314,6 @@ public final class MigrationSource: @unchecked Sendable {
             }
             if phase == .pause { pausePages.add(n, ordering: .relaxed) }
             i = j
-        }
-    }
-
-    /// The most answered requests whose pages sent along wait for a moment without requests.
-    private static let maxFollowUps = 16
-
-    /// Sends the still-missing pages that directly follow a requested one, in one frame:
-    /// the next faults nearby then need no request.
-    private func sendAfterRequest(_ connection: Connection, region: Int, first: Int, global: Int,
-                                  scratch: UnsafeMutableRawPointer) throws(MigrationError) {
-        let limit = min(options.pagesAfterRequest, table.regions[region].pages - first, Wire.maxRunPages)
-        var n = 0
-        while n < limit && missing.testAndClear(global + n) { n += 1 }
-        if n == 0 { return }
-        try sendRun(connection, region: region, page: first, global: global, count: n, scratch: scratch, phase: .request)
-        prefetchedPages.add(n, ordering: .relaxed)
-        seek.store(global + n, ordering: .releasing)
-    }
-
-    private func startUrgent(_ connection: Connection) -> DedicatedThread {
-        DedicatedThread(name: "pc-urgent") { [self] in urgentLoop(connection) }
-    }
-
-    /// Answers page requests as they come, then sends the pages that follow each
-    /// requested one and points the stream past them. Every page is sent once: one the
-    /// stream has already taken arrives on the stream.
-    private func urgentLoop(_ connection: Connection) {
-        preferLowLatencyScheduling()
-        let cpuStart = ThreadCPU.current()
-        defer { urgentCPU.add(ThreadCPU.current() - cpuStart, ordering: .releasing) }
-        let scratch = UnsafeMutableRawPointer.allocate(byteCount: Wire.headerSize, alignment: 8)
-        let sendScratch = UnsafeMutableRawPointer.allocate(byteCount: Wire.headerSize, alignment: 8)
-        defer {
-            scratch.deallocate()
-            sendScratch.deallocate()
-        }
-        // Pages to send after requested ones, newest last: (region, first page, first global page).
-        var followUps: [(Int, Int, Int)] = []
-        followUps.reserveCapacity(Self.maxFollowUps)
-        do throws(MigrationError) {
-            while true {
-                // Requests first: the pages sent along with earlier ones go out one frame at
-                // a time while none waits, the newest first (the workload is there now), so
-                // a request waits behind at most one such frame.
-                if let (region, first, global) = followUps.last, !connection.waitReadable(milliseconds: 0) {
-                    followUps.removeLast()
-                    try sendAfterRequest(connection, region: region, first: first, global: global, scratch: sendScratch)
-                    continue
-                }
-                // Quiet while nothing faults on the destination.
-                let header = try connection.receiveHeader(scratch: scratch, pageSize: table.pageSize, quietAllowed: true)
-                if header.type == .error {
-                    throw MigrationError.fromWire(try connection.receivePayload(Int(header.payloadLength)))
-                }
-                if header.type != .request {
-                    throw MigrationError(.malformedFrame("unexpected \(header.type) frame on the urgent channel"))
-                }
-                let g0 = try table.check(region: header.region, first: header.first, count: UInt64(header.count))
-                for k in 0..<Int(header.count) where missing.testAndClear(g0 + k) {
-                    try sendRun(connection, region: Int(header.region), page: Int(header.first) + k, global: g0 + k,
-                                count: 1, scratch: sendScratch, phase: .request)
-                    requestedPages.add(1, ordering: .relaxed)
-                }
-                seek.store(g0 + Int(header.count), ordering: .releasing)
-                if options.pagesAfterRequest > 0 {
-                    // The oldest are dropped: the stream reaches them in its own time.
-                    if followUps.count == Self.maxFollowUps { followUps.removeFirst() }
-                    followUps.append((Int(header.region), Int(header.first) + Int(header.count), g0 + Int(header.count)))
-                }
-            }
-        } catch {
-            if case .connectionLost = error.kind {} else {
-                failure.withLock { if $0 == nil { $0 = error } }
-            }
-            linkDown.store(true, ordering: .releasing)
         }
     }
 }
