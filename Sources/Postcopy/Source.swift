@@ -39,7 +39,7 @@ public final class MigrationSource: @unchecked Sendable {
         /// After answering a request, the most pages that directly follow it, still missing,
         /// to send with it on the urgent channel (0...64): a workload that faults on one page
         /// tends to touch its neighbours next, and each page sent along saves a round trip.
-        public var pagesAfterRequest: Int = 31
+        public var pagesAfterRequest: Int = 64
         /// Whether to reconnect and resume after a connection drops during postcopy.
         public var reconnect: Bool = true
         /// How long to keep trying to reconnect.

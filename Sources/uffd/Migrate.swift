@@ -45,7 +45,7 @@ struct WorkloadOptions: ParsableArguments {
     var workers = 2
 
     @Option(help: "Pages after a requested one that the source sends along with it (0...64).")
-    var pagesAfterRequest = 31
+    var pagesAfterRequest = 64
 
     @Option(help: "Kernel send buffer of the stream connection, in KiB (smaller: shorter remote faults).")
     var streamBuffer = 256
