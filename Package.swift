@@ -75,6 +75,7 @@ let package = Package(
             name: "Postcopy",
             dependencies: [
                 "Userfaultfd",
+                "FaultEngine",
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ]
         ),

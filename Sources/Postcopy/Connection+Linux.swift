@@ -94,10 +94,9 @@ final class Connection: @unchecked Sendable {
             let limit = min(untilDeadline, stall)
             let milliseconds = limit == .max ? -1 : Int32(clamping: (limit + 999_999) / 1_000_000)
             var p = pollfd(fd: fd, events: events, revents: 0)
-            let n = poll(&p, 1, milliseconds)
+            let n = retryOnInterrupt { poll(&p, 1, milliseconds) }
             if n > 0 { return }
             if n < 0 {
-                if errno == EINTR { continue }
                 throw MigrationError(.connectionLost("\(what()): poll: \(String(cString: strerror(errno)))"))
             }
             if stall < untilDeadline {
@@ -174,7 +173,8 @@ final class Connection: @unchecked Sendable {
     func receive(into p: UnsafeMutableRawPointer, _ count: Int, quietAllowed: Bool = false) throws(MigrationError) {
         var done = 0
         while done < count {
-            let n = retryOnInterrupt { recv(fd, p + done, count - done, waitFlags) }
+            // Blocking: one wake-up for the whole frame rather than one per segment.
+            let n = retryOnInterrupt { recv(fd, p + done, count - done, waitFlags == 0 ? Int32(MSG_WAITALL) : waitFlags) }
             if n > 0 { done += n; continue }
             if n == 0 {
                 // A frame cut short is what a dropped connection looks like: recoverable, not malformed.

@@ -11,6 +11,8 @@ import Musl
 extension MigrationDestination {
     func receiveLoop(_ connection: Connection, channel: Wire.Channel) {
         if channel == .urgent { preferLowLatencyScheduling() }
+        let cpuStart = ThreadCPU.current()
+        defer { receiverCPU.add(ThreadCPU.current() - cpuStart, ordering: .releasing) }
         // Its own mapping, so that UFFDIO_MOVE can take pages out of it.
         guard let bufferMapping = try? RegionMemory(length: Wire.maxRunPages * table.pageSize) else {
             failure.withLock { if $0 == nil { $0 = MigrationError(.system("cannot map a receive buffer")) } }
@@ -198,6 +200,8 @@ extension MigrationDestination {
 
     func faultLoop() {
         preferLowLatencyScheduling()
+        if let clock = ThreadCPU.clockOfCurrentThread() { faultThreadClock.store(Int(clock), ordering: .releasing) }
+        defer { faultThreadClock.store(Int.min, ordering: .releasing) }
         let buffer = Userfaultfd.EventBuffer(capacity: 64)
         let frame = UnsafeMutableRawPointer.allocate(byteCount: Wire.headerSize, alignment: 8)
         defer { frame.deallocate() }
@@ -209,8 +213,8 @@ extension MigrationDestination {
                 case .ready: break
                 }
                 try handle.readEvents(into: buffer)
-                for event in buffer.events {
-                    guard case .pageFault(let fault) = event, let (_, g) = table.locate(fault.address) else { continue }
+                for i in 0..<buffer.count {
+                    guard case .pageFault(let fault) = buffer.events[i], let (_, g) = table.locate(fault.address) else { continue }
                     if zeroKnown.test(g) {
                         let page = fault.address & ~UInt64(table.pageSize - 1)
                         _ = try handle.zeropage(MemoryRange(start: page, length: UInt64(table.pageSize)))

@@ -83,6 +83,10 @@ public final class MigrationDestination: @unchecked Sendable {
     let faults = Atomic<Int>(0)
     let localZero = Atomic<Int>(0)
     let duplicates = Atomic<Int>(0)
+    /// CPU time of receive threads that have ended.
+    let receiverCPU = Atomic<UInt64>(0)
+    /// The fault thread's CPU-time clock while it runs (`Int.min`: none).
+    let faultThreadClock = Atomic<Int>(Int.min)
     let registered = Atomic<Bool>(false)
     /// Whether the workload was let go (after which unregistered memory is never written).
     let resumed = Atomic<Bool>(false)
@@ -289,7 +293,10 @@ public final class MigrationDestination: @unchecked Sendable {
     }
 
     func makeReport() -> DestinationReport {
-        latency.withLock { state in
+        let clock = faultThreadClock.load(ordering: .acquiring)
+        let faultCPU = clock == Int.min ? 0 : ThreadCPU.read(clockid_t(clock))
+        let cpu = receiverCPU.load(ordering: .acquiring) + faultCPU
+        return latency.withLock { state in
             DestinationReport(
                 faults: UInt64(faults.load(ordering: .relaxed)),
                 localZeroFaults: UInt64(localZero.load(ordering: .relaxed)),
@@ -297,7 +304,8 @@ public final class MigrationDestination: @unchecked Sendable {
                 p99: state.0.valueAtPercentile(99), max: state.0.max,
                 blocktimeNanoseconds: state.1,
                 duplicates: UInt64(duplicates.load(ordering: .relaxed)),
-                latencyCount: state.0.totalCount)
+                latencyCount: state.0.totalCount,
+                cpuNanoseconds: cpu)
         }
     }
 }

@@ -69,11 +69,8 @@ struct HelloAcceptor {
             var fds = [pollfd(fd: listener.fd, events: Int16(POLLIN), revents: 0)]
                 + pending.map { pollfd(fd: $0.connection.fd, events: Int16(POLLIN), revents: 0) }
             let wake = min(deadline, pending.map(\.deadline).min() ?? deadline)
-            let n = poll(&fds, nfds_t(fds.count), Int32(clamping: (wake - now + 999_999) / 1_000_000))
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw systemError("poll listener")
-            }
+            let n = retryOnInterrupt { poll(&fds, nfds_t(fds.count), Int32(clamping: (wake - now + 999_999) / 1_000_000)) }
+            if n < 0 { throw systemError("poll listener") }
             for i in stride(from: pending.count - 1, through: 0, by: -1) where fds[i + 1].revents != 0 {
                 switch read(i) {
                 case .more: break
@@ -129,12 +126,13 @@ struct HelloAcceptor {
         do throws(MigrationError) { header = try decodedHeader(pending[i].bytes) } catch { return .refused(error) }
         let wanted = Wire.headerSize + Int(header?.payloadLength ?? 0)
         var chunk = [UInt8](repeating: 0, count: wanted - pending[i].bytes.count)
-        let n = chunk.withUnsafeMutableBytes { recv(pending[i].connection.fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
+        let fd = pending[i].connection.fd
+        let n = chunk.withUnsafeMutableBytes { raw in retryOnInterrupt { recv(fd, raw.baseAddress, raw.count, Int32(MSG_DONTWAIT)) } }
         if n == 0 {
             return .refused(MigrationError(.connectionLost("closed the connection after \(pending[i].bytes.count) bytes of its hello")))
         }
         if n < 0 {
-            if errno == EAGAIN || errno == EINTR { return .more }
+            if errno == EAGAIN { return .more }
             return .refused(MigrationError(.connectionLost("recv: \(String(cString: strerror(errno)))")))
         }
         pending[i].bytes += chunk[0..<n]

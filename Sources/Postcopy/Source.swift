@@ -31,11 +31,15 @@ public final class MigrationSource: @unchecked Sendable {
         public var convergencePages: Int = 256
         /// The kernel send buffer of the stream connection. A page claimed by the stream waits
         /// behind everything queued before it, so a requested page that was already queued
-        /// arrives no sooner than this many bytes later; smaller keeps remote faults short.
+        /// arrives no sooner than this many bytes later: smaller keeps remote faults short.
         public var streamBufferBytes: Int = 256 << 10
         /// After precopy, the most passes that have the destination forget pages dirtied
         /// again (outside the pause), so that few remain to forget during it.
         public var discardPasses: Int = 8
+        /// After answering a request, the most pages that directly follow it, still missing,
+        /// to send with it on the urgent channel (0...64): a workload that faults on one page
+        /// tends to touch its neighbours next, and each page sent along saves a round trip.
+        public var pagesAfterRequest: Int = 64
         /// Whether to reconnect and resume after a connection drops during postcopy.
         public var reconnect: Bool = true
         /// How long to keep trying to reconnect.
@@ -61,9 +65,9 @@ public final class MigrationSource: @unchecked Sendable {
     let options: Options
     let missing: PageBitmap
     private let sentOnce: PageBitmap
-    private let seek = Atomic<Int>(-1)
-    private let linkDown = Atomic<Bool>(false)
-    private let failure = Mutex<MigrationError?>(nil)
+    let seek = Atomic<Int>(-1)
+    let linkDown = Atomic<Bool>(false)
+    let failure = Mutex<MigrationError?>(nil)
     private let phase = Atomic<UInt8>(MigrationProgress.Phase.connecting.rawValue)
     private let round = Atomic<Int>(0)
     private let precopyBytes = Atomic<Int>(0)
@@ -73,8 +77,11 @@ public final class MigrationSource: @unchecked Sendable {
     private let streamZeroPages = Atomic<Int>(0)
     private let requestBytes = Atomic<Int>(0)
     private let zeroPages = Atomic<Int>(0)
-    private let requestedPages = Atomic<Int>(0)
+    let requestedPages = Atomic<Int>(0)
+    let prefetchedPages = Atomic<Int>(0)
     private let postcopySent = Atomic<Int>(0)
+    /// CPU time of urgent-channel threads that have ended.
+    let urgentCPU = Atomic<UInt64>(0)
     private var dropDone = false
 
     /// Prepares to migrate `regions` (page-aligned, non-empty).
@@ -116,6 +123,7 @@ public final class MigrationSource: @unchecked Sendable {
     ///   re-established.
     public func migrate(to endpoint: MigrationEndpoint, pause: @Sendable () -> Void) throws(MigrationError) -> MigrationStatistics {
         let start = monotonicNanoseconds()
+        let cpuStart = ThreadCPU.current()
         var stats = MigrationStatistics()
         stats.mode = options.mode
         stats.regionBytes = table.totalPages * table.pageSize
@@ -145,6 +153,11 @@ public final class MigrationSource: @unchecked Sendable {
             throw error
         }
         phase.store(MigrationProgress.Phase.finished.rawValue, ordering: .relaxed)
+        // The destination has every page: the urgent thread hands in its CPU time as it ends.
+        channels.urgent.shutdown()
+        urgentThread?.join()
+        urgentThread = nil
+        stats.sourceCPUSeconds = Double(ThreadCPU.current() - cpuStart + urgentCPU.load(ordering: .acquiring)) / 1e9
         stats.totalSeconds = Double(monotonicNanoseconds() - start) / 1e9
         stats.precopyBytes = precopyBytes.load(ordering: .relaxed)
         stats.streamBytes = streamBytes.load(ordering: .relaxed)
@@ -152,6 +165,8 @@ public final class MigrationSource: @unchecked Sendable {
         stats.requestBytes = requestBytes.load(ordering: .relaxed)
         stats.zeroPages = zeroPages.load(ordering: .relaxed)
         stats.requestedPages = requestedPages.load(ordering: .relaxed)
+        stats.pagesSentAfterRequests = prefetchedPages.load(ordering: .relaxed)
+        stats.pageBytesSent = stats.precopyBytes + pauseBytes.load(ordering: .relaxed) + stats.streamBytes + stats.requestBytes
         return stats
     }
 
@@ -271,7 +286,7 @@ public final class MigrationSource: @unchecked Sendable {
     }
 
     /// Sends `count` pages starting at `page` of `region`: zero runs as markers, the rest as data.
-    private func sendRun(_ connection: Connection, region: Int, page: Int, global g: Int, count: Int,
+    func sendRun(_ connection: Connection, region: Int, page: Int, global g: Int, count: Int,
                          scratch: UnsafeMutableRawPointer, phase: SendPhase) throws(MigrationError) {
         let pageSize = table.pageSize
         let base = UnsafeRawPointer(bitPattern: UInt(table.regions[region].start) + UInt(page * pageSize))!
@@ -299,45 +314,6 @@ public final class MigrationSource: @unchecked Sendable {
             }
             if phase == .pause { pausePages.add(n, ordering: .relaxed) }
             i = j
-        }
-    }
-
-    private func startUrgent(_ connection: Connection) -> DedicatedThread {
-        DedicatedThread(name: "pc-urgent") { [self] in urgentLoop(connection) }
-    }
-
-    /// Answers page requests as they come, then points the stream just past them.
-    private func urgentLoop(_ connection: Connection) {
-        preferLowLatencyScheduling()
-        let scratch = UnsafeMutableRawPointer.allocate(byteCount: Wire.headerSize, alignment: 8)
-        let sendScratch = UnsafeMutableRawPointer.allocate(byteCount: Wire.headerSize, alignment: 8)
-        defer {
-            scratch.deallocate()
-            sendScratch.deallocate()
-        }
-        do throws(MigrationError) {
-            while true {
-                // Quiet while nothing faults on the destination.
-                let header = try connection.receiveHeader(scratch: scratch, pageSize: table.pageSize, quietAllowed: true)
-                if header.type == .error {
-                    throw MigrationError.fromWire(try connection.receivePayload(Int(header.payloadLength)))
-                }
-                if header.type != .request {
-                    throw MigrationError(.malformedFrame("unexpected \(header.type) frame on the urgent channel"))
-                }
-                let g0 = try table.check(region: header.region, first: header.first, count: UInt64(header.count))
-                for k in 0..<Int(header.count) where missing.testAndClear(g0 + k) {
-                    try sendRun(connection, region: Int(header.region), page: Int(header.first) + k, global: g0 + k,
-                                count: 1, scratch: sendScratch, phase: .request)
-                    requestedPages.add(1, ordering: .relaxed)
-                }
-                seek.store(g0 + Int(header.count), ordering: .releasing)
-            }
-        } catch {
-            if case .connectionLost = error.kind {} else {
-                failure.withLock { if $0 == nil { $0 = error } }
-            }
-            linkDown.store(true, ordering: .releasing)
         }
     }
 }

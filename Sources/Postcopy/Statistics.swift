@@ -58,12 +58,23 @@ public struct MigrationStatistics: Sendable, Equatable, Codable {
     public var zeroPages: Int = 0
     /// Pages answered on the urgent channel.
     public var requestedPages: Int = 0
+    /// Pages sent on the urgent channel right after a requested page, unasked
+    /// (``MigrationSource/Options/pagesAfterRequest``); their bytes count in ``requestBytes``.
+    public var pagesSentAfterRequests: Int = 0
     /// Pages that arrived after their fault was served and were dropped.
     public var duplicatesDropped: Int = 0
     /// Connections re-established after a drop.
     public var reconnects: Int = 0
     /// Duration of the postcopy background stream, in seconds.
     public var streamSeconds: Double = 0
+    /// Page data bytes the source sent in all phases (precopy, pause, stream, requests).
+    public var pageBytesSent: Int = 0
+    /// CPU time of the source's migration threads (sending and answering requests), in
+    /// seconds. The workload's own threads are not counted.
+    public var sourceCPUSeconds: Double = 0
+    /// CPU time of the destination's migration threads (receiving, installing, serving
+    /// faults), in seconds. The workload's own threads are not counted.
+    public var destinationCPUSeconds: Double = 0
 
     public init() {}
 
@@ -73,12 +84,30 @@ public struct MigrationStatistics: Sendable, Equatable, Codable {
         streamSeconds > 0 ? Double(streamBytes) / streamSeconds : 0
     }
 
+    /// Page data bytes per second sent after the switchover on both connections (stream
+    /// and answers to requests, with the pages sent along), over the stream's duration.
+    public var postcopyBytesPerSecond: Double {
+        streamSeconds > 0 ? Double(streamBytes + requestBytes) / streamSeconds : 0
+    }
+
+    /// The source's CPU seconds per GB (10⁹ bytes) of page data moved.
+    public var sourceCPUSecondsPerGB: Double {
+        pageBytesSent > 0 ? sourceCPUSeconds / (Double(pageBytesSent) / 1e9) : 0
+    }
+
+    /// The destination's CPU seconds per GB (10⁹ bytes) of page data moved.
+    public var destinationCPUSecondsPerGB: Double {
+        pageBytesSent > 0 ? destinationCPUSeconds / (Double(pageBytesSent) / 1e9) : 0
+    }
+
     private enum CodingKeys: String, CodingKey {
         case mode, regionBytes, totalSeconds, precopyRounds, precopyBytes, discardedPages
         case switchoverPauseMicroseconds, pausePages, postcopyFaults, localZeroFaults
         case latency = "latencyMicroseconds"
         case blocktimeMicroseconds, streamBytes, streamZeroPages, requestBytes, zeroPages, requestedPages
         case duplicatesDropped, reconnects, streamSeconds, streamBytesPerSecond
+        case pagesSentAfterRequests, pageBytesSent, sourceCPUSeconds, destinationCPUSeconds, sourceCPUSecondsPerGB, destinationCPUSecondsPerGB
+        case postcopyBytesPerSecond
     }
 
     public func encode(to encoder: any Encoder) throws {
@@ -103,8 +132,15 @@ public struct MigrationStatistics: Sendable, Equatable, Codable {
         try c.encode(duplicatesDropped, forKey: .duplicatesDropped)
         try c.encode(reconnects, forKey: .reconnects)
         try c.encode(streamSeconds, forKey: .streamSeconds)
+        try c.encode(pagesSentAfterRequests, forKey: .pagesSentAfterRequests)
+        try c.encode(pageBytesSent, forKey: .pageBytesSent)
+        try c.encode(sourceCPUSeconds, forKey: .sourceCPUSeconds)
+        try c.encode(destinationCPUSeconds, forKey: .destinationCPUSeconds)
         // Derived, written for readers of the JSON; ignored when decoding.
         try c.encode(streamBytesPerSecond, forKey: .streamBytesPerSecond)
+        try c.encode(postcopyBytesPerSecond, forKey: .postcopyBytesPerSecond)
+        try c.encode(sourceCPUSecondsPerGB, forKey: .sourceCPUSecondsPerGB)
+        try c.encode(destinationCPUSecondsPerGB, forKey: .destinationCPUSecondsPerGB)
     }
 
     public init(from decoder: any Decoder) throws {
@@ -129,6 +165,11 @@ public struct MigrationStatistics: Sendable, Equatable, Codable {
         duplicatesDropped = try c.decode(Int.self, forKey: .duplicatesDropped)
         reconnects = try c.decode(Int.self, forKey: .reconnects)
         streamSeconds = try c.decode(Double.self, forKey: .streamSeconds)
+        // Absent from reports written before CPU time was measured.
+        pagesSentAfterRequests = try c.decodeIfPresent(Int.self, forKey: .pagesSentAfterRequests) ?? 0
+        pageBytesSent = try c.decodeIfPresent(Int.self, forKey: .pageBytesSent) ?? 0
+        sourceCPUSeconds = try c.decodeIfPresent(Double.self, forKey: .sourceCPUSeconds) ?? 0
+        destinationCPUSeconds = try c.decodeIfPresent(Double.self, forKey: .destinationCPUSeconds) ?? 0
     }
 
     /// The same figures as a JSON object (keys in a fixed order).
@@ -159,10 +200,12 @@ struct DestinationReport: Equatable {
     var blocktimeNanoseconds: UInt64 = 0
     var duplicates: UInt64 = 0
     var latencyCount: UInt64 = 0
+    /// CPU time of the destination's migration threads.
+    var cpuNanoseconds: UInt64 = 0
 
     func encode() -> [UInt8] {
         var w = ByteWriter()
-        for v in [faults, localZeroFaults, p50, p90, p99, max, blocktimeNanoseconds, duplicates, latencyCount] { w.u64(v) }
+        for v in [faults, localZeroFaults, p50, p90, p99, max, blocktimeNanoseconds, duplicates, latencyCount, cpuNanoseconds] { w.u64(v) }
         return w.bytes
     }
 
@@ -172,6 +215,7 @@ struct DestinationReport: Equatable {
         d.faults = try r.u64(); d.localZeroFaults = try r.u64()
         d.p50 = try r.u64(); d.p90 = try r.u64(); d.p99 = try r.u64(); d.max = try r.u64()
         d.blocktimeNanoseconds = try r.u64(); d.duplicates = try r.u64(); d.latencyCount = try r.u64()
+        d.cpuNanoseconds = try r.u64()
         if !r.atEnd { throw MigrationError(.malformedFrame("\(r.remaining) trailing bytes in done")) }
         return d
     }
@@ -183,6 +227,7 @@ struct DestinationReport: Equatable {
                           p99: Double(p99) / 1000, max: Double(max) / 1000)
         s.blocktimeMicroseconds = Double(blocktimeNanoseconds) / 1000
         s.duplicatesDropped = Int(duplicates)
+        s.destinationCPUSeconds = Double(cpuNanoseconds) / 1e9
     }
 }
 

@@ -1,4 +1,5 @@
 import ArgumentParser
+import FaultEngine
 import Postcopy
 import Userfaultfd
 
@@ -43,11 +44,15 @@ struct WorkloadOptions: ParsableArguments {
     @Option(help: "Worker threads reading and writing the region.")
     var workers = 2
 
+    @Option(help: "Pages after a requested one that the source sends along with it (0...64).")
+    var pagesAfterRequest = 64
+
     @Option(help: "Kernel send buffer of the stream connection, in KiB (smaller: shorter remote faults).")
     var streamBuffer = 256
 
     func validate() throws {
         guard size > 0, size <= 1 << 20 else { throw ValidationError("--size must be 1...1048576 MiB, not \(size)") }
+        guard (0...64).contains(pagesAfterRequest) else { throw ValidationError("--pages-after-request must be 0...64, not \(pagesAfterRequest)") }
         guard (1...64).contains(workers) else { throw ValidationError("--workers must be 1...64, not \(workers)") }
     }
 }
@@ -76,6 +81,7 @@ enum SourceRun {
         var options = MigrationSource.Options(token: token, mode: mode)
         options.precopyRounds = precopyRounds
         options.streamBufferBytes = workload.streamBuffer << 10
+        options.pagesAfterRequest = workload.pagesAfterRequest
         let source = try MigrationSource(regions: [data.range, log.range], options: options)
         let progress = showProgress ? ProgressLine(source) : nil
         defer { progress?.finish() }
@@ -161,10 +167,14 @@ func statisticsRows(_ s: MigrationStatistics) -> [(String, String)] {
         ("blocktime", format1(s.blocktimeMicroseconds / 1000) + " ms"),
         ("sent by stream", mib(s.streamBytes) + " of page data in " + format1(s.streamSeconds * 1000) + " ms ("
             + format1(s.streamBytesPerSecond / 1e9) + " GB/s), \(s.streamZeroPages) zero pages as markers"),
-        ("sent by request", mib(s.requestBytes) + " (\(s.requestedPages) pages)"),
+        ("sent after switchover", mib(s.streamBytes + s.requestBytes) + " on both connections ("
+            + format1(s.postcopyBytesPerSecond / 1e9) + " GB/s)"),
+        ("sent by request", mib(s.requestBytes) + " (\(s.requestedPages) pages asked, \(s.pagesSentAfterRequests) sent along)"),
         ("zero pages (markers)", "\(s.zeroPages)"),
         ("duplicates dropped", "\(s.duplicatesDropped)"),
         ("reconnects", "\(s.reconnects)"),
+        ("CPU per GB moved", "source \(Reporting.fixed(s.sourceCPUSecondsPerGB, 2)) s, destination \(Reporting.fixed(s.destinationCPUSecondsPerGB, 2)) s"
+            + " (\(Reporting.fixed(s.sourceCPUSeconds, 2)) s and \(Reporting.fixed(s.destinationCPUSeconds, 2)) s for \(mib(s.pageBytesSent)))"),
     ]
 }
 
