@@ -126,7 +126,7 @@ final class CaptureJob: @unchecked Sendable {
         let range = MemoryRange(start: address(of: first, in: region), length: UInt64(pages * pageSize))
         while true {
             do {
-                if try handle.writeProtect(range, protect: false) == .retryAfterEvents { continue }
+                if try handle.writeProtect(range, mode: []) == .retryAfterEvents { continue }
                 return
             } catch {
                 throw SnapshotError.system("UFFDIO_WRITEPROTECT (clear)", error.errno?.rawValue ?? EIO)

@@ -37,7 +37,7 @@ extension Snapshotter {
         }
         for r in regions {
             do {
-                try uffd.handle.writeProtect(MemoryRange(start: r.start, length: r.length), protect: true)
+                try uffd.handle.writeProtect(MemoryRange(start: r.start, length: r.length), mode: .writeProtect)
             } catch {
                 throw SnapshotError.system("UFFDIO_WRITEPROTECT (set)", error.errno?.rawValue ?? 5)
             }
@@ -82,7 +82,7 @@ extension Snapshotter {
             do {
                 try uffd.handle.unregister(range)
                 try asyncHandle.register(range, mode: .writeProtect, requiring: [.writeProtect])
-                try asyncHandle.writeProtect(range, protect: true)
+                try asyncHandle.writeProtect(range, mode: .writeProtect)
             } catch {
                 for r in regions {
                     let range = MemoryRange(start: r.start, length: r.length)
