@@ -176,7 +176,11 @@ public final class Snapshotter: @unchecked Sendable {
 
     func captureEnded(finished: Bool) {
         // A capture that did not finish leaves no parent to build a delta on.
-        if !finished { tracking.withLock { $0 = TrackingState() } }
+        // Regions left on the tracking userfaultfd go back to the copy-before-write one.
+        if !finished {
+            if tracking.withLock({ $0.active }) { try? moveToCopyBeforeWrite() }
+            tracking.withLock { $0 = TrackingState() }
+        }
         busy.store(false, ordering: .releasing)
     }
 
