@@ -16,6 +16,9 @@ public final class Capture: @unchecked Sendable {
         public var streamedPages: Int
         /// Pages saved before a write by the fault handler.
         public var savedBeforeWritePages: Int
+        /// Pages of a delta copied to the staging area while the writers were held
+        /// (a delta that fits the staging area is taken that way; 0 otherwise).
+        public var heldCopyPages: Int
         /// Write-protect faults taken by the caller's threads.
         public var faults: Int
         /// Times a fault waited for room in the staging area.
@@ -114,6 +117,7 @@ public final class Capture: @unchecked Sendable {
             if !job.finished { return .failure(job.failure ?? SnapshotError(.cancelled)) }
             return .success(Result(
                 pages: job.pageCount, streamedPages: job.streamedPages, savedBeforeWritePages: job.savedPages,
+                heldCopyPages: job.stayedOnTracking ? job.savedPages : 0,
                 faults: job.faults, stagingWaits: job.stagingWaits, peakStagedPages: job.peakStaged,
                 stagingBytes: job.capacity * job.pageSize, extraBytes: job.extraBytes,
                 imageBytes: job.writer.position, dataBytes: job.writer.dataBytes,

@@ -63,6 +63,9 @@ final class CaptureJob: @unchecked Sendable {
     var savedPages = 0
     var streamedPages = 0
     var finished = false
+    /// Whether this delta was copied while the writers were held and the regions
+    /// stayed registered on the tracking userfaultfd.
+    var stayedOnTracking = false
     var endNanoseconds: UInt64 = 0
     /// Whether writes after the instant are tracked for the next (delta) capture: the
     /// image writer then leaves clean pages protected, and every page written during
@@ -126,7 +129,7 @@ final class CaptureJob: @unchecked Sendable {
         let range = MemoryRange(start: address(of: first, in: region), length: UInt64(pages * pageSize))
         while true {
             do {
-                if try handle.writeProtect(range, protect: false) == .retryAfterEvents { continue }
+                if try handle.writeProtect(range, mode: []) == .retryAfterEvents { continue }
                 return
             } catch {
                 throw SnapshotError.system("UFFDIO_WRITEPROTECT (clear)", error.errno?.rawValue ?? EIO)

@@ -1,3 +1,5 @@
+import Userfaultfd
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -75,29 +77,51 @@ final class SnapshotFileWriter {
     }
 
     private func write(_ bytes: UnsafeRawBufferPointer) throws(SnapshotError) {
-        var done = 0
-        while done < bytes.count {
-            let n = pwrite(fd, bytes.baseAddress! + done, bytes.count - done, off_t(position) + off_t(done))
-            if n > 0 { done += n; continue }
-            if n < 0 && errno == EINTR { continue }
-            throw SnapshotError.system("write snapshot", n == 0 ? EIO : errno, path: path)
-        }
+        try write(bytes, at: position)
         position += UInt64(bytes.count)
     }
 
+    /// Writes all of `bytes` at `offset` (retrying short writes and EINTR).
+    private func write(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws(SnapshotError) {
+        var done = 0
+        while done < bytes.count {
+            let n = retryOnInterrupt { pwrite(fd, bytes.baseAddress! + done, bytes.count - done, off_t(offset) + off_t(done)) }
+            if n <= 0 { throw SnapshotError.system("write snapshot", n == 0 ? EIO : errno, path: path) }
+            done += n
+        }
+    }
+
+    /// The bytes checksummed and then written at once: small enough that the write
+    /// reads them from cache after the checksum pulled them in.
+    static let pieceBytes = 256 << 10
+
     /// Appends `count` pages starting at global page `first`, read from `bytes`.
+    ///
+    /// The data goes first, a piece at a time, each piece checksummed just before it
+    /// is written; the record header, which holds the checksum, goes in front of it last.
     func appendRecord(first: Int, count: Int, bytes: UnsafeRawPointer) throws(SnapshotError) {
-        let data = UnsafeRawBufferPointer(start: bytes, count: count * pageSize)
-        let crc = CRC32C.checksum(data)
+        let length = count * pageSize
+        let offset = position
+        let headerBytes = SnapshotFormat.recordHeaderSize
+        var crc: UInt32 = 0
+        var done = 0
+        while done < length {
+            let piece = UnsafeRawBufferPointer(start: bytes + done, count: min(Self.pieceBytes, length - done))
+            crc = CRC32C.checksum(piece, continuing: crc)
+            try write(piece, at: offset + UInt64(headerBytes + done))
+            done += piece.count
+        }
         var head = ByteWriter()
         head.u32(SnapshotFormat.recordMagic)
         head.u32(UInt32(count))
         head.u64(UInt64(first))
         head.u32(crc)
         head.u32(0)
-        let offset = position
-        try write(head.bytes)
-        try write(data)
+        let result: Result<Void, SnapshotError> = head.bytes.withUnsafeBytes { b in
+            do throws(SnapshotError) { try write(b, at: offset); return .success(()) } catch { return .failure(error) }
+        }
+        try result.get()
+        position = offset + UInt64(headerBytes + length)
         chunks.u64(offset)
         chunks.u64(UInt64(first))
         chunks.u32(UInt32(count))
@@ -105,7 +129,7 @@ final class SnapshotFileWriter {
         let entry = SnapshotFormat.entry(.data, record: UInt32(chunkCount))
         for p in first..<(first + count) { index[p] = entry }
         chunkCount += 1
-        dataBytes += UInt64(data.count)
+        dataBytes += UInt64(length)
     }
 
     /// Records `count` pages from `first` as `kind` (hole or zero).

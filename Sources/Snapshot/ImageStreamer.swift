@@ -114,21 +114,7 @@ final class ImageStreamer: @unchecked Sendable {
         let start = job.address(of: first, in: region)
         let ps = job.pageSize
         let count = end - first
-        if job.layout[region].kind == .shmem {
-            // The page cache, not the page table, says what a shared page holds.
-            if mincore(UnsafeMutableRawPointer(bitPattern: UInt(start)), count * ps, residency) != 0 {
-                throw SnapshotError.system("mincore")
-            }
-            var p = 0
-            while p < count {
-                var q = p + 1
-                let resident = residency[p] & 1 != 0
-                while q < count && (residency[q] & 1 != 0) == resident { q += 1 }
-                if resident { try record(first + p, q - p, from: start + UInt64(p * ps)) } else { job.writer.mark(first: first + p, count: q - p, .hole) }
-                p = q
-            }
-            return
-        }
+        if job.layout[region].kind == .shmem { return try writeShared(first: first, count: count, from: start) }
         var cursor = first
         var scanFrom = start
         let scanEnd = start + UInt64(count * ps)
@@ -161,6 +147,23 @@ final class ImageStreamer: @unchecked Sendable {
             scanFrom = result.walkEnd
         }
         if cursor < end { job.writer.mark(first: cursor, count: end - cursor, .hole) }
+    }
+
+    /// Writes shared pages: the page cache, not the page table, says what a shared
+    /// page holds (mincore: resident or a hole).
+    private func writeShared(first: Int, count: Int, from start: UInt64) throws(SnapshotError) {
+        let ps = job.pageSize
+        if mincore(UnsafeMutableRawPointer(bitPattern: UInt(start)), count * ps, residency) != 0 {
+            throw SnapshotError.system("mincore")
+        }
+        var p = 0
+        while p < count {
+            var q = p + 1
+            let resident = residency[p] & 1 != 0
+            while q < count && (residency[q] & 1 != 0) == resident { q += 1 }
+            if resident { try record(first + p, q - p, from: start + UInt64(p * ps)) } else { job.writer.mark(first: first + p, count: q - p, .hole) }
+            p = q
+        }
     }
 
     /// Writes the pages that are not all zeros; marks the others zero.

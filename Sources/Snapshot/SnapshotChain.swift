@@ -1,3 +1,5 @@
+import Userfaultfd
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -108,9 +110,8 @@ public struct SnapshotChain: Sendable {
 func writeAll(_ fd: Int32, _ bytes: UnsafeRawPointer, _ count: Int, at offset: UInt64, path: String) throws(SnapshotError) {
     var done = 0
     while done < count {
-        let n = pwrite(fd, bytes + done, count - done, off_t(offset) + off_t(done))
+        let n = retryOnInterrupt { pwrite(fd, bytes + done, count - done, off_t(offset) + off_t(done)) }
         if n > 0 { done += n; continue }
-        if n < 0 && errno == EINTR { continue }
         throw SnapshotError.system("write", n == 0 ? EIO : errno, path: path)
     }
 }

@@ -1,4 +1,5 @@
 import Synchronization
+import Userfaultfd
 
 #if canImport(Glibc)
 import Glibc
@@ -135,9 +136,8 @@ public final class SnapshotFile: @unchecked Sendable {
 func readExactly(_ fd: Int32, _ destination: UnsafeMutableRawPointer, _ count: Int, at offset: UInt64, path: String) throws(SnapshotError) {
     var done = 0
     while done < count {
-        let n = pread(fd, destination + done, count - done, off_t(offset) + off_t(done))
+        let n = retryOnInterrupt { pread(fd, destination + done, count - done, off_t(offset) + off_t(done)) }
         if n > 0 { done += n; continue }
-        if n < 0 && errno == EINTR { continue }
         if n == 0 { throw SnapshotError(.truncated("\(count) bytes at offset \(offset) lie past the end of the file"), path: path) }
         throw SnapshotError.system("read", path: path)
     }

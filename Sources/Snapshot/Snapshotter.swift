@@ -36,7 +36,8 @@ public final class Snapshotter: @unchecked Sendable {
         /// Track writes after each capture (WP_ASYNC + PAGEMAP_SCAN) so the next capture
         /// is a delta holding only the pages written since. Captures then need a quiesce
         /// hook: it is also called once more at the end of each capture, to hand the
-        /// regions over to tracking without missing a write.
+        /// regions over to tracking without missing a write. A delta whose pages fit
+        /// the staging area is copied there while the writers are held.
         public var incremental = false
         /// SCHED_FIFO priority of the fault handler (0: time-shared). A held writer
         /// waits for the handler; on a busy host a time-shared handler first waits
@@ -176,7 +177,11 @@ public final class Snapshotter: @unchecked Sendable {
 
     func captureEnded(finished: Bool) {
         // A capture that did not finish leaves no parent to build a delta on.
-        if !finished { tracking.withLock { $0 = TrackingState() } }
+        // Regions left on the tracking userfaultfd go back to the copy-before-write one.
+        if !finished {
+            if tracking.withLock({ $0.active }) { try? moveToCopyBeforeWrite() }
+            tracking.withLock { $0 = TrackingState() }
+        }
         busy.store(false, ordering: .releasing)
     }
 

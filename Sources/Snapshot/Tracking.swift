@@ -1,5 +1,11 @@
 import Userfaultfd
 
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
 /// Between incremental captures: which snapshot the next delta builds on, and the
 /// pages written during the last capture (after its instant).
 struct TrackingState: Sendable {
@@ -19,33 +25,71 @@ extension Snapshotter {
     /// Called with the caller's writers paused.
     func arm(_ job: CaptureJob) throws(SnapshotError) {
         let state = tracking.withLock { $0 }
-        if job.writer.isDelta, state.active, let asyncHandle {
-            let written = try scanWritten()
-            for p in 0..<job.pageCount where written[p] == 0 && state.carried[p] == 0 {
-                job.state[p] = PageState.done
+        if job.writer.isDelta, state.active {
+            // The scan protects again what it reports written: from here on the
+            // tracking userfaultfd sees every later write.
+            let written = try scanWritten(reprotect: true)
+            var dirty = 0
+            for p in 0..<job.pageCount {
+                if written[p] == 0 && state.carried[p] == 0 { job.state[p] = PageState.done } else { dirty += 1 }
             }
-            for r in regions {
-                let range = MemoryRange(start: r.start, length: r.length)
-                do {
-                    try asyncHandle.unregister(range)
-                    try uffd.handle.register(range, mode: .writeProtect, requiring: [.writeProtect])
-                } catch {
-                    throw SnapshotError.system("moving 0x\(String(r.start, radix: 16)) back from tracking", error.errno?.rawValue ?? 5)
-                }
+            if dirty <= job.capacity {
+                copyWritten(job)
+                return
             }
-            tracking.withLock { $0.active = false }
+            try moveToCopyBeforeWrite()
         }
         for r in regions {
             do {
-                try uffd.handle.writeProtect(MemoryRange(start: r.start, length: r.length), protect: true)
+                try uffd.handle.writeProtect(MemoryRange(start: r.start, length: r.length), mode: .writeProtect)
             } catch {
                 throw SnapshotError.system("UFFDIO_WRITEPROTECT (set)", error.errno?.rawValue ?? 5)
             }
         }
     }
 
+    /// A delta whose pages fit the staging area: copies them there while the writers
+    /// are held, so the regions stay on the tracking userfaultfd (no registration
+    /// changes, no protection pass over the whole regions) and the image writer only
+    /// drains the staging area.
+    func copyWritten(_ job: CaptureJob) {
+        var n = 0
+        for r in layout {
+            for p in r.firstPage..<(r.firstPage + r.pages) where job.state[p] == PageState.pending {
+                let source = UnsafeRawPointer(bitPattern: UInt(r.start) + UInt((p - r.firstPage) * systemPageSize))!
+                memcpy(job.slots + n * systemPageSize, source, systemPageSize)
+                job.slotPages[n] = p
+                job.state[p] = PageState.saved
+                n += 1
+            }
+        }
+        job.monitor.withLock {
+            job.reserved = n
+            job.published = n
+            job.savedPages = n
+            job.peakStaged = n
+            job.stayedOnTracking = true
+        }
+    }
+
+    /// Moves the regions from the tracking userfaultfd back to the copy-before-write one.
+    func moveToCopyBeforeWrite() throws(SnapshotError) {
+        guard let asyncHandle else { return }
+        for r in regions {
+            let range = MemoryRange(start: r.start, length: r.length)
+            do {
+                try asyncHandle.unregister(range)
+                try uffd.handle.register(range, mode: .writeProtect, requiring: [.writeProtect])
+            } catch {
+                throw SnapshotError.system("moving 0x\(String(r.start, radix: 16)) back from tracking", error.errno?.rawValue ?? 5)
+            }
+        }
+        tracking.withLock { $0.active = false }
+    }
+
     /// One byte per page: written since the tracking userfaultfd last protected it.
-    func scanWritten() throws(SnapshotError) -> [UInt8] {
+    /// With `reprotect`, the same walk protects those pages again.
+    func scanWritten(reprotect: Bool = false) throws(SnapshotError) -> [UInt8] {
         var written = [UInt8](repeating: 0, count: pageCount)
         let scanner: PagemapScanner
         do { scanner = try PagemapScanner() } catch { throw SnapshotError.system("open /proc/self/pagemap", error.errno?.rawValue ?? 5) }
@@ -55,7 +99,8 @@ extension Snapshotter {
             while start < end {
                 let result: PagemapScanner.Result
                 do {
-                    result = try scanner.scan(MemoryRange(start: start, end: end), required: .written, returning: .written)
+                    result = try scanner.scan(MemoryRange(start: start, end: end), flags: reprotect ? [.writeProtectMatching, .checkWPAsync] : [],
+                                              required: .written, returning: .written)
                 } catch {
                     throw SnapshotError.system("PAGEMAP_SCAN (written)", error.errno?.rawValue ?? 5)
                 }
@@ -75,6 +120,10 @@ extension Snapshotter {
     /// written during the capture are carried into the next delta.
     func handOver(_ job: CaptureJob, quiesce: Quiesce) throws(SnapshotError) {
         guard let asyncHandle else { return }
+        if job.monitor.withLock({ job.stayedOnTracking }) {
+            tracking.withLock { $0 = TrackingState(active: true, parentID: job.writer.id, carried: [UInt8](repeating: 0, count: pageCount)) }
+            return
+        }
         quiesce.pause()
         defer { quiesce.resume() }
         for r in regions {
@@ -82,7 +131,7 @@ extension Snapshotter {
             do {
                 try uffd.handle.unregister(range)
                 try asyncHandle.register(range, mode: .writeProtect, requiring: [.writeProtect])
-                try asyncHandle.writeProtect(range, protect: true)
+                try asyncHandle.writeProtect(range, mode: .writeProtect)
             } catch {
                 for r in regions {
                     let range = MemoryRange(start: r.start, length: r.length)

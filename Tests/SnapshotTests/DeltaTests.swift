@@ -13,14 +13,17 @@ extension SnapshotTests {
     @Suite(.serialized, .timeLimit(.minutes(2)),
            .enabled(if: captureSupported && ((try? Userfaultfd.probe().features.contains(.wpAsync)) ?? false), "needs WP_ASYNC"))
     struct DeltaTests {
-        @Test(arguments: [TestMemoryKind.anonymous, .memfd])
-        func aDeltaChainRestoresEachInstantExactly(kind: TestMemoryKind) throws {
+        /// With 64 MiB of staging each delta fits and is copied while the writers are
+        /// held; with 256 KiB it does not, and the regions go back to copy before write.
+        @Test(arguments: [TestMemoryKind.anonymous, .memfd], [64 << 20, 256 << 10])
+        func aDeltaChainRestoresEachInstantExactly(kind: TestMemoryKind, stagingBytes: Int) throws {
             let memory = try TestMemory(kind: kind, length: 16 << 20)
             let workload = Workload(memory: memory, threads: 2)
             workload.hotPages = memory.pages / 8
             workload.populate(stride: 3)
             var options = Snapshotter.Options()
             options.incremental = true
+            options.stagingBytes = stagingBytes
             let snapshotter = try Snapshotter(regions: [memory.range], options: options)
             workload.start(seed: 11)
             var files: [TemporaryPath] = []
@@ -48,6 +51,14 @@ extension SnapshotTests {
             let unchanged = delta.kindCounts()[.unchanged] ?? 0
             #expect(unchanged >= memory.pages / 2, "a delta leaves untouched pages to its parent: \(delta.kindCounts())")
             #expect(results[2].streamedPages + results[2].savedBeforeWritePages < memory.pages / 2)
+            #expect(results[0].heldCopyPages == 0, "a full capture copies nothing while the writers are held")
+            for r in results[1...] {
+                if stagingBytes >= memory.range.length / 2 {
+                    #expect(r.heldCopyPages > 0 && r.heldCopyPages == r.savedBeforeWritePages && r.faults == 0, "\(r)")
+                } else {
+                    #expect(r.heldCopyPages == 0, "\(r)")
+                }
+            }
             // Out of order, or without its parent: refused.
             for paths in [[files[0].path, files[2].path], [files[1].path], [files[1].path, files[0].path]] {
                 #expect {

@@ -2,6 +2,7 @@ import FaultEngine
 import Snapshot
 import Testing
 import Userfaultfd
+import _CSnapshot
 
 #if canImport(Glibc)
 import Glibc
@@ -39,6 +40,28 @@ func writeAll(_ path: String, _ bytes: [UInt8]) {
 extension SnapshotTests {
     @Suite(.serialized, .timeLimit(.minutes(2)), .enabled(if: captureSupported, "needs WP_UNPOPULATED and WP on shmem"))
     struct FileTests {
+        /// The interleaved instruction path against the table-only one, over lengths
+        /// and alignments around the lane boundaries, continued from nonzero states.
+        @Test func theChecksumAgreesWithTheTablePath() {
+            let bytes = (0..<40_000).map { UInt8(truncatingIfNeeded: $0 &* 2_654_435_761 >> 7) }
+            var state: UInt64 = 7
+            var wrong: [(Int, Int)] = []
+            bytes.withUnsafeBytes { b in
+                for length in [0, 1, 7, 8, 3071, 3072, 3073, 4096, 6144, 9216, 12_288, 32_768] + (0..<200).map({ _ in Int.random(in: 0..<39_000) }) {
+                    state = state &* 6_364_136_223_846_793_005 &+ 1
+                    let offset = Int(state >> 60)
+                    let piece = UnsafeRawBufferPointer(rebasing: b[offset..<(offset + length)])
+                    let seed = UInt32(truncatingIfNeeded: state >> 20)
+                    if CRC32C.checksum(piece, continuing: seed) != csnap_crc32c_portable(seed, piece.baseAddress!, length) {
+                        wrong.append((offset, length))
+                    }
+                }
+            }
+            let check = Array("123456789".utf8).withUnsafeBytes { CRC32C.checksum($0) }
+            #expect(check == 0xE306_9283, "the CRC32C check value")
+            #expect(wrong.isEmpty, "\(wrong.count) lengths differ, first \(wrong.prefix(3))")
+        }
+
         @Test func aFileReadsBackWithItsKinds() throws {
             let (file, log, _) = try smallSnapshot(name: "kinds")
             let snapshot = try SnapshotFile(path: file.path)

@@ -166,7 +166,7 @@ extension DemoHeap {
         if pid < 0 { throw SnapshotError.system("fork") }
         sampler.child.store(pid, ordering: .releasing)
         var status: Int32 = 0
-        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        _ = retryOnInterrupt { waitpid(pid, &status, 0) }
         sampler.child.store(0, ordering: .releasing)
         if status != 0 { throw SnapshotError.system("the forked child writing the image", EIO, path: path) }
         return (paused, forked)

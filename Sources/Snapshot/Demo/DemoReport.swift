@@ -29,6 +29,10 @@ public struct SnapshotDemoReport: Sendable, Codable {
         public var transparentHugePages: Bool
         public var fullNanoseconds: UInt64
         public var deltaNanoseconds: UInt64
+        /// The delta's arm: the scan, and the copy of its pages when they fit the staging area.
+        public var deltaPauseNanoseconds: UInt64
+        /// Pages of the delta copied while the writers were held (0: copy before write).
+        public var deltaHeldCopyPages: Int
         public var dirtiedPages: Int
         public var deltaImageBytes: UInt64
         public var mismatchedPages: Int
@@ -87,10 +91,11 @@ public struct SnapshotDemoReport: Sendable, Codable {
         out.append("  (medians over rounds; extra = peak Pss growth of the process(es), in brackets what the capture declares: staging + metadata)")
         if !incremental.isEmpty {
             out.append("")
-            out.append(row(["incremental", "THP", "full ms", "delta ms", "ratio", "dirtied pages", "delta MiB", "verified"]))
+            out.append(row(["incremental", "THP", "full ms", "delta ms", "ratio", "delta pause ms", "held-copy pages", "dirtied pages", "delta MiB", "verified"]))
             for i in incremental {
                 out.append(row(["uffd-wp", i.transparentHugePages ? "on" : "off", format1(Double(i.fullNanoseconds) / 1e6),
-                                format1(Double(i.deltaNanoseconds) / 1e6), format3(i.ratio), "\(i.dirtiedPages)",
+                                format1(Double(i.deltaNanoseconds) / 1e6), format3(i.ratio), format3(Double(i.deltaPauseNanoseconds) / 1e6),
+                                "\(i.deltaHeldCopyPages)", "\(i.dirtiedPages)",
                                 format1(Double(i.deltaImageBytes) / 1048576), i.mismatchedPages == 0 ? "yes" : "NO"]))
             }
         }

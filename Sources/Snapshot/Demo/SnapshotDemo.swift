@@ -128,7 +128,8 @@ public struct SnapshotDemo: Sendable {
             if !DemoHeap.check(buffer, record: p, version: log[p]) { bad += 1 }
         }
         return .init(transparentHugePages: heap.transparentHugePages, fullNanoseconds: fullResult.totalNanoseconds,
-                     deltaNanoseconds: deltaResult.totalNanoseconds, dirtiedPages: count, deltaImageBytes: deltaResult.imageBytes,
+                     deltaNanoseconds: deltaResult.totalNanoseconds, deltaPauseNanoseconds: deltaResult.pauseNanoseconds,
+                     deltaHeldCopyPages: deltaResult.heldCopyPages, dirtiedPages: count, deltaImageBytes: deltaResult.imageBytes,
                      mismatchedPages: bad, ratio: Double(deltaResult.totalNanoseconds) / Double(fullResult.totalNanoseconds))
     }
 

@@ -90,14 +90,14 @@ struct TrackingBenchmark {
                 var elapsed: UInt64 = 0
                 switch method {
                 case .wpAsync:
-                    _ = try? asyncUffd.handle.writeProtect(range(asyncRegion), protect: true)
+                    _ = try? asyncUffd.handle.writeProtect(range(asyncRegion), mode: .writeProtect)
                     let start = monotonicNanoseconds()
                     _ = touch(asyncRegion)
                     let result = try? scanner.scan(range(asyncRegion), flags: .writeProtectMatching, required: .written, returning: .written)
                     elapsed = monotonicNanoseconds() - start
                     found = result?.pageCount ?? 0
                 case .syncWP:
-                    _ = try? syncUffd.handle.writeProtect(range(syncRegion), protect: true)
+                    _ = try? syncUffd.handle.writeProtect(range(syncRegion), mode: .writeProtect)
                     let handler = SyncTracker(handle: syncUffd.handle, pages: bytes / systemPageSize)
                     elapsed = touch(syncRegion)
                     found = handler.finish()
@@ -138,7 +138,7 @@ final class SyncTracker: @unchecked Sendable {
                 guard (try? handle.readEvents(into: buffer)) != nil else { return }
                 for case .pageFault(let f) in buffer.events {
                     counted.add(1, ordering: .relaxed)
-                    _ = try? handle.writeProtect(MemoryRange(start: f.address & ~(page - 1), length: page), protect: false)
+                    _ = try? handle.writeProtect(MemoryRange(start: f.address & ~(page - 1), length: page), mode: [])
                 }
             }
         }

@@ -12,6 +12,10 @@
 /// Start with 0; the result of one call is the `crc` of the next.
 uint32_t csnap_crc32c(uint32_t crc, const void *data, size_t length);
 
+/// The same CRC32C with the byte tables only (the reference the instruction path is
+/// checked against).
+uint32_t csnap_crc32c_portable(uint32_t crc, const void *data, size_t length);
+
 /// Whether `csnap_crc32c` uses the CPU's instruction (1) or the table (0).
 int csnap_crc32c_is_hardware(void);
 
