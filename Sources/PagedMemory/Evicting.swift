@@ -68,7 +68,7 @@ extension Pager {
             }
             let dirty = t.isDirty(page)
             if dirty {
-                if (try? handle.writeProtect(t.range(page), protect: true)) == nil {
+                if (try? handle.writeProtect(t.range(page), mode: .writeProtect)) == nil {
                     requeue(e)
                     continue
                 }

@@ -1,4 +1,5 @@
 import SystemPackage
+import Userfaultfd
 import _CPagedMemory
 
 #if canImport(Glibc)
@@ -70,11 +71,8 @@ public final class FileStore: PageStore, @unchecked Sendable {
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws(Errno) {
         var done = 0
         while done < buffer.count {
-            let n = pread(fd.rawValue, buffer.baseAddress! + done, buffer.count - done, off_t(offset + done))
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw Errno(rawValue: errno)
-            }
+            let n = retryOnInterrupt { pread(fd.rawValue, buffer.baseAddress! + done, buffer.count - done, off_t(offset + done)) }
+            if n < 0 { throw Errno(rawValue: errno) }
             if n == 0 { break }
             done += n
         }
@@ -103,11 +101,8 @@ public final class FileStore: PageStore, @unchecked Sendable {
     private func writeAll(_ fd: FileDescriptor, _ base: UnsafeRawPointer, _ count: Int, _ offset: Int) throws(Errno) {
         var done = 0
         while done < count {
-            let n = pwrite(fd.rawValue, base + done, count - done, off_t(offset + done))
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw Errno(rawValue: errno)
-            }
+            let n = retryOnInterrupt { pwrite(fd.rawValue, base + done, count - done, off_t(offset + done)) }
+            if n < 0 { throw Errno(rawValue: errno) }
             if n == 0 { throw Errno.ioError }
             done += n
         }

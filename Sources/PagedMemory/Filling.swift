@@ -73,7 +73,7 @@ extension Pager {
             if configuration.policy == .clock { t.setCredit(page, t.credit(page) + 1) }
             stats.writeFaults += 1
             do {
-                try handle.writeProtect(t.range(page), protect: false)
+                try handle.writeProtect(t.range(page), mode: [])
             } catch {
                 t.record(PagedMappingError(kind: .kernel(errno: error.errno?.rawValue ?? 0), offset: page * t.pageSize))
             }
@@ -128,6 +128,14 @@ extension Pager {
             return 0
         }
         let installed = install(t, page: page, count: count, write: write, staging.base)
+        settleFill(t, page: page, count: count, installed: installed, sequential: sequential)
+        if installed < count { try? handle.wake(t.range(page, count: count)) }
+        return installed
+    }
+
+    /// Marks the first `installed` pages of a filled window resident and queues them;
+    /// the rest become absent again. Takes and releases the lock.
+    private func settleFill(_ t: PageTable, page: Int, count: Int, installed: Int, sequential: Bool) {
         lock.withLock {
             for p in page..<page + count {
                 if p < page + installed {
@@ -147,11 +155,9 @@ extension Pager {
             stats.faults += sequential ? 1 : 0
             stats.pagesFilled += installed
             stats.pagesReadAhead += sequential ? max(0, installed - 1) : 0
-            stats.bytesRead += bytes
+            stats.bytesRead += count * t.pageSize
             lock.broadcast()
         }
-        if installed < count { try? handle.wake(t.range(page, count: count)) }
-        return installed
     }
 
     /// Marks the window starting at `page` as filling and counts it resident (lock held).
