@@ -68,6 +68,10 @@ public final class FileStore: PageStore, @unchecked Sendable {
         try? tailFD?.close()
     }
 
+    /// The file's descriptor: a page is one `pread` (both modes read page-aligned
+    /// buffers of whole pages).
+    public var signalReadableDescriptor: Int32? { fd.rawValue }
+
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws(Errno) {
         var done = 0
         while done < buffer.count {

@@ -17,7 +17,7 @@ public final class SparseFileStore: PageStore, @unchecked Sendable {
     /// The directory holding the files.
     public let directory: String
     private var descriptors: [Int32]
-    private let lock = PagerLock()
+    private let lock = ConditionLock()
 
     /// Opens (creating if needed) a sparse store of `size` bytes in `directory`.
     ///
