@@ -236,7 +236,7 @@ let package = Package(
         // A process of its own for the PagedMemory tests whose outcome is a signal or an exit.
         .executableTarget(
             name: "paged-memory-test-helper",
-            dependencies: ["PagedMemory"]
+            dependencies: ["PagedMemory", "MapBench", "FaultEngine"]
         ),
         .testTarget(
             name: "PagedMemoryTests",

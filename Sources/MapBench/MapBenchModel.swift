@@ -53,7 +53,7 @@ public enum Workload: String, Codable, Sendable, CaseIterable {
     public var isRate: Bool { [.randomRead1, .randomRead4, .zipfRead, .readModifyWrite].contains(self) }
     /// The contenders that run it.
     public var contenders: [Contender] {
-        self == .zipfRead ? Contender.allCases : [.mmap, .mmapRandom, .pager]
+        self == .zipfRead ? [.mmap, .mmapRandom, .pager, .pagerFIFO] : [.mmap, .mmapRandom, .pager, .pagerInThread]
     }
 }
 
@@ -67,6 +67,8 @@ public enum Contender: String, Codable, Sendable, CaseIterable {
     case pager
     /// PagedMemory with FIFO replacement (for the policy comparison).
     case pagerFIFO = "pager-fifo"
+    /// PagedMemory with CLOCK, faults resolved in the faulting thread (SIGBUS).
+    case pagerInThread = "pager-in-thread"
 }
 
 /// One contender's run of one workload, as the child process reports it.

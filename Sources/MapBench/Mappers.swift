@@ -17,11 +17,12 @@ final class Mapper {
     init(_ contender: Contender, options: MapBenchOptions) throws {
         self.contender = contender
         self.options = options
-        if contender == .pager || contender == .pagerFIFO {
+        if contender == .pager || contender == .pagerFIFO || contender == .pagerInThread {
             var c = PagerConfiguration(bufferBytes: options.limitBytes - options.reserveBytes)
             c.fillers = options.fillers
             c.fillerPriority = options.fillerPriority
             c.policy = contender == .pagerFIFO ? .fifo : .clock
+            c.resolution = contender == .pagerInThread ? .faultingThread : .handlerThreads
             pager = try Pager(c)
         }
     }

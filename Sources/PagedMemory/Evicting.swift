@@ -24,6 +24,7 @@ extension Pager {
         victims.reserveCapacity(Self.evictionBatch)
         lock.lock()
         while !isStopping {
+            queueResolvedPages()
             if residentBytes <= highWaterBytes {
                 lock.wait(milliseconds: 50)
                 continue
@@ -45,6 +46,7 @@ extension Pager {
     /// go round again with one credit less; dirty victims are write-protected now so
     /// that no write lands after their contents are saved.
     private func takeVictims(_ victims: inout [TakenPage]) {
+        queueResolvedPages()
         var looked = 0
         let bound = 16 * Self.evictionBatch
         while victims.count < Self.evictionBatch && looked < bound, let e = queue.pop() {
@@ -68,7 +70,7 @@ extension Pager {
             }
             let dirty = t.isDirty(page)
             if dirty {
-                if (try? handle.writeProtect(t.range(page), protect: true)) == nil {
+                if (try? t.handle.writeProtect(t.range(page), mode: .writeProtect)) == nil {
                     requeue(e)
                     continue
                 }
@@ -99,7 +101,7 @@ extension Pager {
                         v.table.busyPages -= 1
                         enqueue(v.table, v.page)
                     }
-                    try? handle.wake(v.table.range(v.page))
+                    try? v.table.handle.wake(v.table.range(v.page))
                     continue
                 }
                 written += 1
@@ -120,7 +122,9 @@ extension Pager {
             stats.pagesWrittenBack += written
             lock.broadcast()
         }
-        for v in victims { try? handle.wake(v.table.range(v.page)) }
+        // Threads that faulted on a victim wait in the kernel (filler-served tables) or
+        // on the lock's condition, woken above (in-thread tables): only the former need a wake.
+        for v in victims where !v.table.inThread { try? v.table.handle.wake(v.table.range(v.page)) }
     }
 
     /// Writes one page (write-protected, so stable) to its store, or to the scratch
@@ -148,6 +152,7 @@ extension Pager {
         return lock.withLock {
             if let existing = t.scratch { return existing }
             t.scratch = s
+            t.c.pointee.scratch_fd = s.signalReadableDescriptor ?? -1
             return s
         }
     }

@@ -1,4 +1,5 @@
 import SystemPackage
+import Userfaultfd
 import _CPagedMemory
 
 #if canImport(Glibc)
@@ -67,14 +68,15 @@ public final class FileStore: PageStore, @unchecked Sendable {
         try? tailFD?.close()
     }
 
+    /// The file's descriptor: a page is one `pread` (both modes read page-aligned
+    /// buffers of whole pages).
+    public var signalReadableDescriptor: Int32? { fd.rawValue }
+
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws(Errno) {
         var done = 0
         while done < buffer.count {
-            let n = pread(fd.rawValue, buffer.baseAddress! + done, buffer.count - done, off_t(offset + done))
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw Errno(rawValue: errno)
-            }
+            let n = retryOnInterrupt { pread(fd.rawValue, buffer.baseAddress! + done, buffer.count - done, off_t(offset + done)) }
+            if n < 0 { throw Errno(rawValue: errno) }
             if n == 0 { break }
             done += n
         }
@@ -103,11 +105,8 @@ public final class FileStore: PageStore, @unchecked Sendable {
     private func writeAll(_ fd: FileDescriptor, _ base: UnsafeRawPointer, _ count: Int, _ offset: Int) throws(Errno) {
         var done = 0
         while done < count {
-            let n = pwrite(fd.rawValue, base + done, count - done, off_t(offset + done))
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw Errno(rawValue: errno)
-            }
+            let n = retryOnInterrupt { pwrite(fd.rawValue, base + done, count - done, off_t(offset + done)) }
+            if n < 0 { throw Errno(rawValue: errno) }
             if n == 0 { throw Errno.ioError }
             done += n
         }

@@ -58,7 +58,7 @@ extension Pager {
             _ = fill(t, page: page, limit: t.pageCount - page, sequential: true, write: fault.flags.contains(.write), staging)
         case .resident, .poisoned:
             lock.unlock()
-            try? handle.wake(t.range(page))
+            try? t.handle.wake(t.range(page))
         case .filling, .evicting, .cleaning:
             // Whoever holds the page wakes its waiters when done.
             lock.unlock()
@@ -73,7 +73,7 @@ extension Pager {
             if configuration.policy == .clock { t.setCredit(page, t.credit(page) + 1) }
             stats.writeFaults += 1
             do {
-                try handle.writeProtect(t.range(page), protect: false)
+                try t.handle.writeProtect(t.range(page), mode: [])
             } catch {
                 t.record(PagedMappingError(kind: .kernel(errno: error.errno?.rawValue ?? 0), offset: page * t.pageSize))
             }
@@ -86,7 +86,7 @@ extension Pager {
             lock.unlock()
         case .absent, .filling, .poisoned:
             lock.unlock()
-            try? handle.wake(t.range(page))
+            try? t.handle.wake(t.range(page))
         }
     }
 
@@ -128,6 +128,14 @@ extension Pager {
             return 0
         }
         let installed = install(t, page: page, count: count, write: write, staging.base)
+        settleFill(t, page: page, count: count, installed: installed, sequential: sequential)
+        if installed < count { try? t.handle.wake(t.range(page, count: count)) }
+        return installed
+    }
+
+    /// Marks the first `installed` pages of a filled window resident and queues them;
+    /// the rest become absent again. Takes and releases the lock.
+    private func settleFill(_ t: PageTable, page: Int, count: Int, installed: Int, sequential: Bool) {
         lock.withLock {
             for p in page..<page + count {
                 if p < page + installed {
@@ -147,11 +155,9 @@ extension Pager {
             stats.faults += sequential ? 1 : 0
             stats.pagesFilled += installed
             stats.pagesReadAhead += sequential ? max(0, installed - 1) : 0
-            stats.bytesRead += bytes
+            stats.bytesRead += count * t.pageSize
             lock.broadcast()
         }
-        if installed < count { try? handle.wake(t.range(page, count: count)) }
-        return installed
     }
 
     /// Marks the window starting at `page` as filling and counts it resident (lock held).
@@ -165,7 +171,7 @@ extension Pager {
                 t.readAheadWindow = 1
             }
             t.lastFaultPage = page
-            window = min(window, t.readAheadWindow, max(1, configuration.maxReadAheadBytes / t.pageSize))
+            window = min(window, t.readAheadWindow, max(1, readAheadLimitBytes / t.pageSize))
         }
         var count = 0
         while count < max(1, window) && page + count < t.pageCount && t.state(page + count) == .absent {
@@ -210,10 +216,10 @@ extension Pager {
         residentBytes -= count * t.pageSize
         lock.broadcast()
         lock.unlock()
-        if (try? handle.poison(t.range(page))) == nil {
-            try? handle.wake(t.range(page))
+        if (try? t.handle.poison(t.range(page))) == nil {
+            try? t.handle.wake(t.range(page))
         }
-        if count > 1 { try? handle.wake(t.range(page + 1, count: count - 1)) }
+        if count > 1 { try? t.handle.wake(t.range(page + 1, count: count - 1)) }
     }
 
     /// Copies `count` pages from `source` into the mapping at `page`, write-protected
@@ -227,7 +233,7 @@ extension Pager {
             let n = writable || onePageAtATime ? 1 : count - done
             let outcome: Userfaultfd.Outcome
             do {
-                outcome = try handle.copy(to: t.address(page + done), from: source + done * t.pageSize,
+                outcome = try t.handle.copy(to: t.address(page + done), from: source + done * t.pageSize,
                                           length: n * t.pageSize, mode: writable ? [] : .writeProtect)
             } catch {
                 return done

@@ -39,11 +39,11 @@ extension Pager {
                     t.busyPages -= 1
                     if t.isDirty(v.page) {
                         // Written meanwhile (or not saved): let the writer through.
-                        _ = try? handle.writeProtect(t.range(v.page), protect: false)
+                        _ = try? t.handle.writeProtect(t.range(v.page), mode: [])
                     }
                     lock.broadcast()
                 }
-                try? handle.wake(t.range(v.page))
+                try? t.handle.wake(t.range(v.page))
             }
         }
         if let firstError { throw firstError }
@@ -63,7 +63,7 @@ extension Pager {
                 // A page written while it was being filled: wait until it is in.
                 while t.state(p) == .filling && t.isDirty(p) { lock.wait(milliseconds: 1) }
                 if t.state(p) == .resident && t.isDirty(p),
-                   (try? handle.writeProtect(t.range(p), protect: true)) != nil {
+                   (try? t.handle.writeProtect(t.range(p), mode: .writeProtect)) != nil {
                     t.setDirty(p, false)
                     t.setState(p, .cleaning)
                     t.busyPages += 1

@@ -21,4 +21,14 @@ public protocol PageStore: AnyObject, Sendable {
 
     /// Makes every completed write durable (`fsync`).
     func synchronize() throws(Errno)
+
+    /// A descriptor that `pread` at the page's offset fills a page from (bytes past
+    /// ``size`` reading as zero, short reads at the end), so that a fault can be
+    /// resolved inside the faulting thread's signal handler; nil (the default) if reads
+    /// need more than that. Such stores keep the descriptor open while they live.
+    var signalReadableDescriptor: Int32? { get }
+}
+
+extension PageStore {
+    public var signalReadableDescriptor: Int32? { nil }
 }

@@ -1,4 +1,5 @@
 import Userfaultfd
+import _CPagedMemory
 
 /// The state of one page of a mapping, in the low three bits of its flag byte.
 enum PageState: UInt8 {
@@ -17,6 +18,7 @@ enum PageState: UInt8 {
 }
 
 /// One mapping's pages and bookkeeping. Every field is guarded by the pager's lock.
+/// The fields the in-thread resolver also uses live in a C `cpaged_region`.
 ///
 /// One flag byte per page: the ``PageState`` (bits 0–2), dirty (bit 3), kept in the
 /// private scratch file (bit 4) and the replacement credit (bits 5–6). One history
@@ -30,17 +32,35 @@ final class PageTable: @unchecked Sendable {
     let isPrivate: Bool
     let slot: Int
     let generation: UInt32
+    /// The userfaultfd the range is registered on (the filler threads' one, or the in-thread one).
+    let handle: Userfaultfd.Handle
+    /// Whether faults are resolved in the faulting thread (SIGBUS) rather than by the fillers.
+    let inThread: Bool
+    /// The bookkeeping shared with the in-thread resolver.
+    let c: UnsafeMutablePointer<cpaged_region>
     /// Dirty pages of a private mapping that were evicted (created on first need).
     var scratch: FileStore?
     var flags: UnsafeMutablePointer<UInt8>
     var history: UnsafeMutablePointer<UInt8>
     /// Pages in a transient state (filling, evicting, cleaning): unmapping waits for none.
-    var busyPages = 0
-    var residentPages = 0
+    var busyPages: Int {
+        get { Int(c.pointee.busy_pages) }
+        set { c.pointee.busy_pages = Int64(newValue) }
+    }
+    var residentPages: Int {
+        get { Int(c.pointee.resident_pages) }
+        set { c.pointee.resident_pages = Int64(newValue) }
+    }
     var closing = false
     /// Sequential read-ahead: the last page a fault asked for and the current window.
-    var lastFaultPage = -2
-    var readAheadWindow = 1
+    var lastFaultPage: Int {
+        get { Int(c.pointee.last_fault_page) }
+        set { c.pointee.last_fault_page = Int64(newValue) }
+    }
+    var readAheadWindow: Int {
+        get { Int(c.pointee.read_ahead_window) }
+        set { c.pointee.read_ahead_window = Int64(newValue) }
+    }
     var errors: [PagedMappingError] = []
     var droppedErrors = 0
 
@@ -50,7 +70,8 @@ final class PageTable: @unchecked Sendable {
     static let creditShift: UInt8 = 5
     static let maxCredit: UInt8 = 3
 
-    init(base: UInt64, length: Int, pageSize: Int, store: any PageStore, isPrivate: Bool, slot: Int, generation: UInt32) {
+    init(base: UInt64, length: Int, pageSize: Int, store: any PageStore, isPrivate: Bool, slot: Int, generation: UInt32,
+         handle: Userfaultfd.Handle, inThread: Bool) {
         self.base = base
         self.length = length
         self.pageSize = pageSize
@@ -59,16 +80,56 @@ final class PageTable: @unchecked Sendable {
         self.isPrivate = isPrivate
         self.slot = slot
         self.generation = generation
+        self.handle = handle
+        self.inThread = inThread
         flags = .allocate(capacity: pageCount)
         flags.initialize(repeating: 0, count: pageCount)
         history = .allocate(capacity: pageCount)
         history.initialize(repeating: 0, count: pageCount)
         errors.reserveCapacity(Self.errorCapacity)
+        c = .allocate(capacity: 1)
+        c.initialize(to: cpaged_region())
+        c.pointee.base = base
+        c.pointee.length = UInt64(length)
+        c.pointee.page_size = Int64(pageSize)
+        c.pointee.page_count = Int64(pageCount)
+        c.pointee.flags = flags
+        c.pointee.history = history
+        c.pointee.slot = UInt32(slot)
+        c.pointee.generation = generation
+        c.pointee.uffd = handle.fileDescriptor.rawValue
+        c.pointee.file_fd = store.signalReadableDescriptor ?? -1
+        c.pointee.file_size = Int64(store.size)
+        c.pointee.scratch_fd = -1
+        c.pointee.in_thread = inThread ? 1 : 0
+        c.pointee.last_fault_page = -2
+        c.pointee.read_ahead_window = 1
     }
 
     deinit {
         flags.deallocate()
         history.deallocate()
+        c.deallocate()
+    }
+
+    /// Moves the errors the in-thread resolver saw into ``errors`` (lock held).
+    func collectResolverErrors() {
+        let n = Int(c.pointee.error_count)
+        if n == 0 { return }
+        withUnsafeBytes(of: c.pointee.errors) { raw in
+            for e in raw.bindMemory(to: cpaged_error.self).prefix(n) {
+                let kind: PagedMappingError.Kind
+                switch e.kind {
+                case CPAGED_ERROR_READ: kind = .readFailed(errno: e.error_number)
+                case CPAGED_ERROR_BUFFER: kind = .bufferExhausted
+                default: kind = .kernel(errno: e.error_number)
+                }
+                record(PagedMappingError(kind: kind, offset: Int(e.offset)))
+            }
+        }
+        droppedErrors += Int(c.pointee.errors_dropped)
+        c.pointee.error_count = 0
+        c.pointee.errors_dropped = 0
     }
 
     static let errorCapacity = 64

@@ -1,5 +1,6 @@
 import SystemPackage
 import Userfaultfd
+import _CPagedMemory
 
 #if canImport(Glibc)
 import Glibc
@@ -46,12 +47,19 @@ public final class PagedMapping: @unchecked Sendable {
 
     deinit { try? unmap() }
 
+    /// Where this mapping's faults are resolved: in the faulting thread when the pager
+    /// asked for it and the store and page size allow it, else by the filler threads.
+    public var resolution: FaultResolution { table.inThread ? .faultingThread : .handlerThreads }
+
     /// The bytes of the mapping.
     public var bytes: UnsafeMutableRawBufferPointer { UnsafeMutableRawBufferPointer(start: base, count: length) }
 
     /// The errors the pager recorded for this mapping, oldest first (at most 64 are kept).
     public var errors: [PagedMappingError] {
-        pager.lock.withLock { table.errors }
+        pager.lock.withLock {
+            table.collectResolverErrors()
+            return table.errors
+        }
     }
 
     /// Pages of this mapping in memory now.
@@ -125,8 +133,11 @@ extension Pager {
         }
         _ = madvise(memory, length, MADV_NOHUGEPAGE)
         let range = MemoryRange(memory, length: length)
+        // In the faulting thread where the store reads with one pread onto the handler's stack.
+        let inThreadHandle = store.signalReadableDescriptor != nil && pageSize <= Int(CPAGED_SIGNAL_CHUNK) ? self.inThreadHandle : nil
+        let serving = inThreadHandle ?? handle
         do {
-            try handle.register(range, mode: [.missing, .writeProtect], requiring: [.copy, .writeProtect, .wake])
+            try serving.register(range, mode: [.missing, .writeProtect], requiring: [.copy, .writeProtect, .wake])
         } catch {
             munmap(memory, length)
             throw error
@@ -134,13 +145,17 @@ extension Pager {
         let table: PageTable? = lock.withLock {
             guard let (slot, generation) = takeSlot() else { return nil }
             let t = PageTable(base: range.start, length: length, pageSize: pageSize, store: store,
-                              isPrivate: sharing == .private, slot: slot, generation: generation)
-            insert(t)
+                              isPrivate: sharing == .private, slot: slot, generation: generation,
+                              handle: serving, inThread: inThreadHandle != nil)
+            if !insert(t) {
+                freeSlots.append(slot)
+                return nil
+            }
             return t
         }
         guard let table else {
             munmap(memory, length)
-            throw UserfaultfdError(operation: "Pager.map", kind: .invalidArgument("over 1,048,576 mappings"))
+            throw UserfaultfdError(operation: "Pager.map", kind: .invalidArgument("over 1,048,576 mappings, or no memory for the lookup table"))
         }
         return PagedMapping(pager: self, table: table, sharing: sharing)
     }

@@ -1,5 +1,6 @@
 import SystemPackage
 import Userfaultfd
+import _CPagedMemory
 
 #if canImport(Glibc)
 import Glibc
@@ -16,7 +17,9 @@ import Musl
 /// take victims (``ReplacementPolicy``), write the dirty ones back, drop them with
 /// `MADV_DONTNEED` (the range stays registered, so the next access faults again) and
 /// stop at the low-water mark. A failed read poisons the page: the faulting thread
-/// gets SIGBUS and the mapping records the error.
+/// gets SIGBUS and the mapping records the error. With
+/// ``FaultResolution/faultingThread``, file-backed mappings are served inside the
+/// faulting thread instead (a SIGBUS handler does what a filler would).
 ///
 /// ```swift
 /// let pager = try Pager(PagerConfiguration(bufferBytes: 256 << 20))
@@ -30,7 +33,12 @@ public final class Pager: @unchecked Sendable {
     let uffd: Userfaultfd
     let handle: Userfaultfd.Handle
     let stopSignal: StopSignal
-    let lock = PagerLock()
+    let lock: PagerLock
+    /// The userfaultfd with FEATURE_SIGBUS for mappings resolved in the faulting thread.
+    private let inThreadUffd: Userfaultfd?
+    let inThreadHandle: Userfaultfd.Handle?
+    /// The resolver's slot for this pager (-1: none).
+    private var resolverSlot: Int32 = -1
     private var threads: [DedicatedThread] = []
     private var stopped = false
 
@@ -41,12 +49,20 @@ public final class Pager: @unchecked Sendable {
     /// Live tables sorted by base address, for the fault lookup.
     var sorted: [PageTable] = []
     var queue: VictimQueue
-    var residentBytes = 0
+    /// The bytes counted resident (kept with the in-thread resolver's state).
+    var residentBytes: Int {
+        get { Int(lock.shared.pointee.resident_bytes) }
+        set { lock.shared.pointee.resident_bytes = Int64(newValue) }
+    }
     var stats = PagerStatistics()
     var isStopping = false
 
     var capacityBytes: Int { configuration.bufferBytes }
     var highWaterBytes: Int { Int(Double(configuration.bufferBytes) * configuration.highWater) }
+    /// The most bytes one sequential fault reads: the configured limit, and at most an
+    /// eighth of the buffer. A window near the buffer's size could never fit: the
+    /// evictors stop at the low-water mark, and pages whose write-back fails stay.
+    var readAheadLimitBytes: Int { min(configuration.maxReadAheadBytes, configuration.bufferBytes / 8) }
     var lowWaterBytes: Int { Int(Double(configuration.bufferBytes) * configuration.lowWater) }
 
     /// Creates the userfaultfd and starts the filler and evictor threads.
@@ -67,6 +83,30 @@ public final class Pager: @unchecked Sendable {
         uffd = fd
         stopSignal = try StopSignal()
         queue = VictimQueue(capacity: c.bufferBytes / 4096 + 1024)
+        guard let lock = PagerLock(pendingCapacity: c.bufferBytes / 4096 + 1024) else {
+            throw UserfaultfdError(operation: "Pager", errno: .noMemory)
+        }
+        self.lock = lock
+        if c.resolution == .faultingThread {
+            let signalling = try Userfaultfd(features: [.sigbus])
+            inThreadHandle = signalling.handle
+            inThreadUffd = .some(consume signalling)
+        } else {
+            inThreadHandle = nil
+            inThreadUffd = nil
+        }
+        let shared = lock.shared
+        shared.pointee.capacity_bytes = Int64(c.bufferBytes)
+        shared.pointee.space_wait_ms = Int64(c.spaceWaitMilliseconds)
+        shared.pointee.max_read_ahead_pages = Int64(c.maxReadAheadPages)
+        shared.pointee.max_read_ahead_bytes = Int64(readAheadLimitBytes)
+        shared.pointee.clock_policy = c.policy == .clock ? 1 : 0
+        if inThreadHandle != nil {
+            resolverSlot = cpaged_resolver_publish(shared)
+            if resolverSlot < 0 {
+                throw UserfaultfdError(operation: "Pager", kind: .invalidArgument("over 16 pagers resolve faults in the faulting thread"))
+            }
+        }
         for i in 0..<c.fillers {
             threads.append(DedicatedThread(name: "pager-fill-\(i)") { [unowned self] in self.fillLoop() })
         }
@@ -84,15 +124,29 @@ public final class Pager: @unchecked Sendable {
         stopped = true
         lock.withLock {
             isStopping = true
+            lock.shared.pointee.stopping = 1
             lock.broadcast()
         }
+        if resolverSlot >= 0 { cpaged_resolver_withdraw(resolverSlot) }
         stopSignal.raise()
         for t in threads { t.join() }
     }
 
     /// What the pager has done so far.
     public var statistics: PagerStatistics {
-        lock.withLock { stats }
+        lock.withLock {
+            var s = stats
+            let c = lock.shared.pointee
+            s.faults += Int(c.faults)
+            s.writeFaults += Int(c.write_faults)
+            s.pagesFilled += Int(c.pages_filled)
+            s.pagesReadAhead += Int(c.pages_read_ahead)
+            s.bytesRead += Int(c.bytes_read)
+            s.errors += Int(c.errors)
+            s.spaceWaits += Int(c.space_waits)
+            s.peakResidentBytes = max(s.peakResidentBytes, Int(c.peak_resident_bytes))
+            return s
+        }
     }
 
     /// The bytes of mapped pages in memory now.
@@ -139,8 +193,23 @@ public final class Pager: @unchecked Sendable {
         if !pushed { t.record(PagedMappingError(kind: .bufferExhausted, offset: page * t.pageSize)) }
     }
 
+    /// Queues the pages the in-thread resolver filled since the last call (lock held).
+    func queueResolvedPages() {
+        let shared = lock.shared
+        let n = Int(shared.pointee.pending_count)
+        if n == 0 { return }
+        for i in 0..<n {
+            let e = shared.pointee.pending[i]
+            if let (t, p) = table(for: e), t.state(p) == .resident || t.state(p) == .cleaning { enqueue(t, p) }
+        }
+        shared.pointee.pending_count = 0
+    }
+
     /// Adds `t` to the lookup structures (lock held).
-    func insert(_ t: PageTable) {
+    /// - Returns: false if the in-thread resolver's table could not grow.
+    @discardableResult
+    func insert(_ t: PageTable) -> Bool {
+        if t.inThread && cpaged_insert_region(lock.shared, t.c) != 0 { return false }
         var low = 0
         var high = sorted.count
         while low < high {
@@ -149,10 +218,12 @@ public final class Pager: @unchecked Sendable {
         }
         sorted.insert(t, at: low)
         tables[t.slot] = t
+        return true
     }
 
     /// Removes `t` from the lookup structures (lock held).
     func remove(_ t: PageTable) {
+        if t.inThread { cpaged_remove_region(lock.shared, t.c) }
         if let i = sorted.firstIndex(where: { $0 === t }) { sorted.remove(at: i) }
         tables[t.slot] = nil
         generations[t.slot] = generations[t.slot] &+ 1

@@ -28,11 +28,30 @@ public struct PagerConfiguration: Sendable, Codable, Equatable {
     public var spaceWaitMilliseconds: Int = 10_000
     /// Where private mappings keep dirty pages they evict (an unnamed file).
     public var scratchDirectory: String = "/tmp"
+    /// Where faults are resolved.
+    public var resolution: FaultResolution = .handlerThreads
 
     /// A configuration with a buffer of `bufferBytes`.
     public init(bufferBytes: Int) {
         self.bufferBytes = bufferBytes
     }
+}
+
+/// Where a ``Pager`` resolves faults.
+public enum FaultResolution: String, Sendable, Codable, CaseIterable {
+    /// Filler threads read fault messages from the userfaultfd and fill the pages.
+    /// A fault costs two wake-ups across threads (faulting thread to filler and back).
+    case handlerThreads
+    /// The faulting thread resolves its own fault: the mapping's userfaultfd raises
+    /// SIGBUS instead of queueing a message, and a signal handler reads the page from
+    /// the store and installs it, with no wake-up of another thread. Applies to
+    /// mappings whose store has a ``PageStore/signalReadableDescriptor`` and whose page
+    /// size is at most 64 KiB (the handler reads onto the faulting thread's stack);
+    /// other mappings are served by the filler threads. The pager installs a process-wide
+    /// SIGBUS handler that passes signals it does not own to the handler before it.
+    /// A system call that reads or writes a page not in memory (`write(fd, mapping…)`)
+    /// fails with `EFAULT` instead of faulting it in: touch the bytes first.
+    case faultingThread
 }
 
 /// How the evictor chooses a victim.

@@ -1,4 +1,5 @@
 import SystemPackage
+import Userfaultfd
 
 #if canImport(Glibc)
 import Glibc
@@ -16,7 +17,7 @@ public final class SparseFileStore: PageStore, @unchecked Sendable {
     /// The directory holding the files.
     public let directory: String
     private var descriptors: [Int32]
-    private let lock = PagerLock()
+    private let lock = ConditionLock()
 
     /// Opens (creating if needed) a sparse store of `size` bytes in `directory`.
     ///
@@ -70,8 +71,8 @@ public final class SparseFileStore: PageStore, @unchecked Sendable {
             let fd = try descriptor(index, create: false)
             var done = 0
             while fd >= 0 && done < length {
-                let n = pread(fd, target + done, length - done, off_t(inFile + done))
-                if n < 0 { if errno == EINTR { continue }; throw Errno(rawValue: errno) }
+                let n = retryOnInterrupt { pread(fd, target + done, length - done, off_t(inFile + done)) }
+                if n < 0 { throw Errno(rawValue: errno) }
                 if n == 0 { break }
                 done += n
             }
@@ -85,8 +86,8 @@ public final class SparseFileStore: PageStore, @unchecked Sendable {
             let fd = try descriptor(index, create: true)
             var done = 0
             while done < length {
-                let n = pwrite(fd, buffer.baseAddress! + at + done, length - done, off_t(inFile + done))
-                if n < 0 { if errno == EINTR { continue }; throw Errno(rawValue: errno) }
+                let n = retryOnInterrupt { pwrite(fd, buffer.baseAddress! + at + done, length - done, off_t(inFile + done)) }
+                if n < 0 { throw Errno(rawValue: errno) }
                 done += n
             }
         }

@@ -1,6 +1,11 @@
 // Runs the PagedMemory scenarios whose outcome is a signal or a process exit:
 //   paged-memory-test-helper sigbus            a failing store read gives the toucher SIGBUS
 //   paged-memory-test-helper flush PATH SEED   write every page, flush, exit without unmapping
+//   paged-memory-test-helper cgroup CGROUP PATH BUFFER RESOLUTION
+//                                              join a memory cgroup, read random pages, report memory
+import FaultEngine
+import Foundation
+import MapBench
 import PagedMemory
 import SystemPackage
 import Userfaultfd
@@ -74,11 +79,56 @@ func flushScenario(_ path: String, _ seed: UInt64) -> Int32 {
     _exit(0)
 }
 
+/// Anonymous resident memory of this process in KiB (`RssAnon` of /proc/self/status).
+func rssAnonKiB() -> Int {
+    let status = (try? String(contentsOfFile: "/proc/self/status", encoding: .utf8)) ?? ""
+    for line in status.split(separator: "\n") where line.hasPrefix("RssAnon:") {
+        return Int(line.split(separator: " ").dropFirst().first ?? "") ?? -1
+    }
+    return -1
+}
+
+func cgroupScenario(_ cgroup: String, _ path: String, _ buffer: Int, _ resolution: FaultResolution) -> Int32 {
+    do { try MemoryCgroup.join(cgroup) } catch {
+        print("join failed: \(error)")
+        return 2
+    }
+    var configuration = PagerConfiguration(bufferBytes: buffer)
+    configuration.resolution = resolution
+    guard let pager = try? Pager(configuration),
+          let store = try? FileStore(path: path, mode: .direct, writable: false),
+          let mapping = try? pager.map(store, sharing: .private) else {
+        print("setup failed")
+        return 2
+    }
+    var rng = SplitMix64(seed: 5)
+    var wrong = 0
+    var rss = 0
+    let words = mapping.length / 8
+    for step in 0..<60_000 {
+        let w = Int(rng.next() % UInt64(words))
+        if mapping.base.load(fromByteOffset: w * 8, as: UInt64.self) != DataFiles.pattern(w) { wrong += 1 }
+        if step % 8 == 0 { mapping.base.storeBytes(of: DataFiles.pattern(w), toByteOffset: w * 8, as: UInt64.self) }
+        if step % 4096 == 0 { rss = max(rss, rssAnonKiB()) }
+    }
+    rss = max(rss, rssAnonKiB())
+    let stats = pager.statistics
+    print("resolution \(mapping.resolution.rawValue)")
+    print("wrong \(wrong)")
+    print("peak \(stats.peakResidentBytes)")
+    print("evicted \(stats.pagesEvicted)")
+    print("rss-anon-kib \(rss)")
+    fflush(nil)
+    _exit(0)
+}
+
 let arguments = CommandLine.arguments
 switch arguments.count > 1 ? arguments[1] : "" {
 case "sigbus": exit(sigbusScenario())
 case "flush" where arguments.count == 4: exit(flushScenario(arguments[2], UInt64(arguments[3]) ?? 1))
+case "cgroup" where arguments.count == 6:
+    exit(cgroupScenario(arguments[2], arguments[3], Int(arguments[4]) ?? 0, FaultResolution(rawValue: arguments[5]) ?? .handlerThreads))
 default:
-    print("usage: paged-memory-test-helper sigbus | flush PATH SEED")
+    print("usage: paged-memory-test-helper sigbus | flush PATH SEED | cgroup CGROUP PATH BUFFER RESOLUTION")
     exit(64)
 }

@@ -9,17 +9,21 @@ import Userfaultfd
 struct PagerTests {
     static let buffer = 1 << 20
 
-    func pager(_ buffer: Int = PagerTests.buffer, policy: ReplacementPolicy = .clock) throws -> Pager {
+    func pager(_ buffer: Int = PagerTests.buffer, policy: ReplacementPolicy = .clock,
+               resolution: FaultResolution = .handlerThreads) throws -> Pager {
         var c = PagerConfiguration(bufferBytes: buffer)
         c.policy = policy
+        c.resolution = resolution
         return try Pager(c)
     }
 
-    @Test("random reads see the file's bytes while resident memory stays within the buffer", .timeLimit(.minutes(2)))
-    func boundedRandomReads() throws {
+    @Test("random reads see the file's bytes while resident memory stays within the buffer", .timeLimit(.minutes(2)),
+          arguments: FaultResolution.allCases)
+    func boundedRandomReads(resolution: FaultResolution) throws {
         let file = try PatternFile(size: 16 << 20)
-        let pager = try pager()
+        let pager = try pager(resolution: resolution)
         let mapping = try pager.map(FileStore(path: file.path))
+        #expect(mapping.resolution == resolution)
         var rng = SplitMix(seed: 1)
         var wrong = 0
         var maxResident = 0
@@ -36,11 +40,13 @@ struct PagerTests {
         try mapping.unmap()
     }
 
-    @Test("dirty pages that are evicted reach the file", .timeLimit(.minutes(2)))
-    func evictedDirtyPagesReachTheFile() throws {
+    @Test("dirty pages that are evicted reach the file", .timeLimit(.minutes(2)),
+          arguments: FaultResolution.allCases)
+    func evictedDirtyPagesReachTheFile(resolution: FaultResolution) throws {
         let file = try PatternFile(size: 8 << 20)
-        let pager = try pager()
+        let pager = try pager(resolution: resolution)
         let mapping = try pager.map(FileStore(path: file.path))
+        #expect(mapping.resolution == resolution)
         let pages = file.size / 4096
         for p in 0..<pages { mapping.base.storeBytes(of: UInt64(p) | 1 << 63, toByteOffset: p * 4096, as: UInt64.self) }
         // No flush: only eviction has written anything so far.
@@ -63,12 +69,14 @@ struct PagerTests {
         try mapping.unmap()
     }
 
-    @Test("a private mapping keeps its writes across eviction and never writes the file", .timeLimit(.minutes(2)))
-    func privateMappingNeverWrites() throws {
+    @Test("a private mapping keeps its writes across eviction and never writes the file", .timeLimit(.minutes(2)),
+          arguments: FaultResolution.allCases)
+    func privateMappingNeverWrites(resolution: FaultResolution) throws {
         let file = try PatternFile(size: 4 << 20)
         let before = file.words()
-        let pager = try pager()
+        let pager = try pager(resolution: resolution)
         let mapping = try pager.map(FileStore(path: file.path, writable: false), sharing: .private)
+        #expect(mapping.resolution == resolution)
         let pages = file.size / 4096
         for p in 0..<pages { mapping.base.storeBytes(of: UInt64(p) ^ 0xFFFF, toByteOffset: p * 4096 + 8, as: UInt64.self) }
         var wrong = 0
@@ -83,11 +91,13 @@ struct PagerTests {
         #expect(file.words() == before)
     }
 
-    @Test("four threads reading and writing random pages see their own writes and the file gets them all", .timeLimit(.minutes(3)))
-    func fourThreads() throws {
+    @Test("four threads reading and writing random pages see their own writes and the file gets them all", .timeLimit(.minutes(3)),
+          arguments: FaultResolution.allCases)
+    func fourThreads(resolution: FaultResolution) throws {
         let file = try PatternFile(size: 16 << 20)
-        let pager = try pager()
+        let pager = try pager(resolution: resolution)
         let mapping = try pager.map(FileStore(path: file.path))
+        #expect(mapping.resolution == resolution)
         let words = file.size / 8
         let perThread = 5_000
         let errorCounts = UnsafeMutablePointer<Int>.allocate(capacity: 4)
