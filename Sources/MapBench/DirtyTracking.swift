@@ -70,9 +70,9 @@ public enum DirtyTracking {
                 }
             }
         }
-        let t0 = DispatchTime.now().uptimeNanoseconds
+        let t0 = MonotonicClock.nanoseconds()
         for i in 0..<pages { range.pointer.storeBytes(of: 2, toByteOffset: i * 4096, as: UInt8.self) }
-        let t1 = DispatchTime.now().uptimeNanoseconds
+        let t1 = MonotonicClock.nanoseconds()
         stop.raise()
         handler.join()
         let all = (0..<pages).allSatisfy { marked[$0] == 1 }
@@ -84,7 +84,7 @@ public enum DirtyTracking {
         let range = try protectedMemory(uffd.handle, pages: pages)
         defer { munmap(range.pointer, Int(range.length)) }
         let scanner = try PagemapScanner(regionCapacity: 4096)
-        let t0 = DispatchTime.now().uptimeNanoseconds
+        let t0 = MonotonicClock.nanoseconds()
         for i in 0..<pages { range.pointer.storeBytes(of: 2, toByteOffset: i * 4096, as: UInt8.self) }
         var found = 0
         var from = range.start
@@ -94,7 +94,7 @@ public enum DirtyTracking {
             if r.walkEnd <= from { break }
             from = r.walkEnd
         }
-        let t1 = DispatchTime.now().uptimeNanoseconds
+        let t1 = MonotonicClock.nanoseconds()
         return (Double(t1 - t0) / Double(pages), found == pages)
     }
 }

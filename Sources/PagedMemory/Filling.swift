@@ -192,9 +192,9 @@ extension Pager {
     private func waitForRoom(bytes: Int) -> Bool {
         if residentBytes > capacityBytes {
             stats.spaceWaits += 1
-            let deadline = monotonicMilliseconds() + configuration.spaceWaitMilliseconds
+            let deadline = MonotonicClock.milliseconds() + configuration.spaceWaitMilliseconds
             while residentBytes > capacityBytes {
-                if isStopping || monotonicMilliseconds() >= deadline { return false }
+                if isStopping || MonotonicClock.milliseconds() >= deadline { return false }
                 lock.broadcast()
                 lock.wait(milliseconds: 5)
             }
@@ -255,9 +255,3 @@ extension Pager {
     }
 }
 
-/// Milliseconds of the monotonic clock.
-func monotonicMilliseconds() -> Int {
-    var now = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &now)
-    return Int(now.tv_sec) * 1000 + Int(now.tv_nsec) / 1_000_000
-}

@@ -60,12 +60,12 @@ public final class Capture: @unchecked Sendable {
         let handlerBody = FaultHandler(job: job)
         let streamerBody = try ImageStreamer(job: job)
         handler = DedicatedThread(name: "snap-fault") { handlerBody.run() }
-        let pauseStart = monotonicNanoseconds()
+        let pauseStart = MonotonicClock.nanoseconds()
         quiesce?.pause()
-        let armStart = monotonicNanoseconds()
+        let armStart = MonotonicClock.nanoseconds()
         var armError: SnapshotError?
         do { try snapshotter.arm(job) } catch { armError = error }
-        let armEnd = monotonicNanoseconds()
+        let armEnd = MonotonicClock.nanoseconds()
         if let armError {
             job.unprotectAll()
             quiesce?.resume()
@@ -77,7 +77,7 @@ public final class Capture: @unchecked Sendable {
         quiesce?.resume()
         startNanoseconds = armStart
         armNanoseconds = armEnd - armStart
-        pauseNanoseconds = monotonicNanoseconds() - pauseStart
+        pauseNanoseconds = MonotonicClock.nanoseconds() - pauseStart
         streamer = DedicatedThread(name: "snap-writer") { streamerBody.run() }
     }
 

@@ -53,7 +53,7 @@ final class ImageStreamer: @unchecked Sendable {
             job.fail(error)
             job.unprotectAll()
         }
-        job.monitor.withLock { job.endNanoseconds = monotonicNanoseconds() }
+        job.monitor.withLock { job.endNanoseconds = MonotonicClock.nanoseconds() }
         job.stop.raise()
     }
 

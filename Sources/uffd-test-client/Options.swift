@@ -106,9 +106,3 @@ func become(_ user: String) {
     }
 }
 
-/// Monotonic nanoseconds.
-func now() -> UInt64 {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
-}

@@ -1,4 +1,6 @@
 // A Firecracker-style restore: one pass over all of guest memory, timed, then checked.
+import Userfaultfd
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -69,7 +71,7 @@ func checkRestored(_ guest: Guest, written: Bool) {
 /// The restore pass through the daemon, timed from the start of the hand-over.
 func restore(_ guest: Guest, write: Bool, since start: UInt64) {
     let sum = restorePass(guest, write: write)
-    let elapsed = now() - start
+    let elapsed = MonotonicClock.nanoseconds() - start
     checkRestored(guest, written: write)
     say("TIME_NS \(elapsed) bytes \(guest.regions.map(\.length).reduce(0, +)) sum \(sum)")
     say("OK restore")
@@ -78,10 +80,10 @@ func restore(_ guest: Guest, write: Bool, since start: UInt64) {
 /// The kernel's own restore: the image mapped `MAP_PRIVATE` (the same two swapped
 /// halves as ``Guest``), then the same pass, timed from opening the image.
 func restoreFromFile(_ options: Options, write: Bool) -> Never {
-    let start = now()
+    let start = MonotonicClock.nanoseconds()
     let guest = Guest(imagePath: options.image, length: options.length, hugetlb: false, fileBacked: true)
     let sum = restorePass(guest, write: write)
-    let elapsed = now() - start
+    let elapsed = MonotonicClock.nanoseconds() - start
     checkRestored(guest, written: write)
     say("TIME_NS \(elapsed) bytes \(guest.regions.map(\.length).reduce(0, +)) sum \(sum)")
     say("OK restore-file")

@@ -26,7 +26,7 @@ func runClient(_ options: Options) -> Never {
     }
     // The working-set pass is timed from the hand-over on, with its page list ready before.
     let chosen = options.scenario == "workingset" ? workingSetPages(guest, options) : []
-    let handOverStarted = now()
+    let handOverStarted = MonotonicClock.nanoseconds()
     var keepAlive: FileDescriptor? = nil
     switch options.handshake {
     case .firecracker:
@@ -211,7 +211,7 @@ func workingSet(_ guest: Guest, _ chosen: [Int], since start: UInt64) {
         let r = p / perRegion
         sum &+= UInt64(guest.regions[r].base.load(fromByteOffset: (p % perRegion) * page, as: UInt8.self))
     }
-    let elapsed = now() - start
+    let elapsed = MonotonicClock.nanoseconds() - start
     for p in chosen { guest.expect(p / perRegion, pages: p % perRegion, count: 1, "working set") }
     say("TIME_NS \(elapsed) pages \(chosen.count) sum \(sum)")
     say("OK workingset")

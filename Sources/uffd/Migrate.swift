@@ -85,7 +85,7 @@ enum SourceRun {
         let source = try MigrationSource(regions: [data.range, log.range], options: options)
         let progress = showProgress ? ProgressLine(source) : nil
         defer { progress?.finish() }
-        let deadline = monotonicSeconds() + connectTimeoutSeconds
+        let deadline = MonotonicClock.seconds() + connectTimeoutSeconds
         while true {
             do {
                 let stats = try source.migrate(to: endpoint) { demo.pause() }
@@ -95,7 +95,7 @@ enum SourceRun {
             } catch {
                 // The destination may still be starting: retry while nothing was sent.
                 guard case .connectionLost = error.kind, source.progress.phase == .connecting,
-                      monotonicSeconds() < deadline else {
+                      MonotonicClock.seconds() < deadline else {
                     demo.stop()
                     throw error
                 }
@@ -114,12 +114,12 @@ final class ProgressLine: @unchecked Sendable {
         let stop = try? StopSignal()
         self.stop = stop
         thread = DedicatedThread(name: "progress") {
-            var last = (time: monotonicSeconds(), pages: 0)
+            var last = (time: MonotonicClock.seconds(), pages: 0)
             var rate = 0.0
             while !(stop?.isRaised ?? true) {
                 usleep(200_000)
                 let p = source.progress
-                let now = monotonicSeconds()
+                let now = MonotonicClock.seconds()
                 if now > last.time { rate = Double(max(0, p.pagesSent - last.pages) * systemPageSize) / (now - last.time) }
                 last = (now, p.pagesSent)
                 let fraction = p.totalPages > 0 ? Double(p.pagesSent) / Double(p.totalPages) : 0
@@ -139,11 +139,6 @@ final class ProgressLine: @unchecked Sendable {
     }
 }
 
-func monotonicSeconds() -> Double {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
-}
 
 /// Prints rows as a two-column table.
 func printTable(_ title: String, _ rows: [(String, String)]) {

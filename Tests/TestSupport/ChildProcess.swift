@@ -1,3 +1,4 @@
+import Userfaultfd
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -6,9 +7,7 @@ import Musl
 
 /// Seconds on the monotonic clock, for test deadlines.
 public func monotonicSeconds() -> Double {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+    MonotonicClock.seconds()
 }
 
 /// The path of `name` in the directory of the test bundle (or one above it), where

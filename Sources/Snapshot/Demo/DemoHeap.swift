@@ -108,11 +108,11 @@ final class DemoHeap: @unchecked Sendable {
             state = state &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
             let p = Int((state >> 33) % UInt64(owned)) * writerCount + t
             let v = versions[p] + 1
-            let start = monotonicNanoseconds()
+            let start = MonotonicClock.nanoseconds()
             let w = (base + p * systemPageSize).assumingMemoryBound(to: UInt64.self)
             w[0] = v
             w[lastWord] = v
-            let elapsed = monotonicNanoseconds() - start
+            let elapsed = MonotonicClock.nanoseconds() - start
             versions[p] = v
             hist[phase.load(ordering: .relaxed)].record(elapsed)
             flushed += 1

@@ -103,7 +103,7 @@ extension DemoHeap {
         sampler.start(baseline: MemorySampler.pss(getpid()))
         let opsBefore = operations.load(ordering: .relaxed)
         var log: [UInt64] = []
-        let start = monotonicNanoseconds()
+        let start = MonotonicClock.nanoseconds()
         phase.store(method.phase, ordering: .relaxed)
         var pause: UInt64 = 0
         var freeze: UInt64 = 0
@@ -114,13 +114,13 @@ extension DemoHeap {
         case .stopAndCopy:
             self.pause()
             log = versionLog()
-            let copyStart = monotonicNanoseconds()
+            let copyStart = MonotonicClock.nanoseconds()
             let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
             let e = fd < 0 ? errno : csnap_write_all(fd, base, length)
             if fd >= 0 { close(fd) }
-            freeze = monotonicNanoseconds() - copyStart
+            freeze = MonotonicClock.nanoseconds() - copyStart
             resume()
-            pause = monotonicNanoseconds() - start
+            pause = MonotonicClock.nanoseconds() - start
             if e != 0 { throw SnapshotError.system("write image", e, path: path) }
         case .uffdWP:
             let logBox = Mutex<[UInt64]>([])
@@ -133,7 +133,7 @@ extension DemoHeap {
             declared = result.extraBytes
             log = logBox.withLock { $0 }
         }
-        let total = monotonicNanoseconds() - start
+        let total = MonotonicClock.nanoseconds() - start
         phase.store(0, ordering: .relaxed)
         let peak = sampler.stop()
         let updates = operations.load(ordering: .relaxed) - opsBefore
@@ -151,18 +151,18 @@ extension DemoHeap {
     /// Forks with the writers held; the child writes the heap and exits. Returns the
     /// pause and the time of `fork()` itself.
     private func forkAndWrite(path: String, sampler: MemorySampler, log: inout [UInt64]) throws(SnapshotError) -> (UInt64, UInt64) {
-        let start = monotonicNanoseconds()
+        let start = MonotonicClock.nanoseconds()
         let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         if fd < 0 { throw SnapshotError.system("open", path: path) }
         defer { close(fd) }
         pause()
         log = versionLog()
-        let forkStart = monotonicNanoseconds()
+        let forkStart = MonotonicClock.nanoseconds()
         let pid = Glibc.fork()
         if pid == 0 { _exit(csnap_write_all(fd, base, length) == 0 ? 0 : 1) }
-        let forked = monotonicNanoseconds() - forkStart
+        let forked = MonotonicClock.nanoseconds() - forkStart
         resume()
-        let paused = monotonicNanoseconds() - start
+        let paused = MonotonicClock.nanoseconds() - start
         if pid < 0 { throw SnapshotError.system("fork") }
         sampler.child.store(pid, ordering: .releasing)
         var status: Int32 = 0

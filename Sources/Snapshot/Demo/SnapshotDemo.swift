@@ -139,8 +139,8 @@ public struct SnapshotDemo: Sendable {
         let buffer = UnsafeMutableRawPointer.allocate(byteCount: n, alignment: 4096)
         defer { buffer.deallocate() }
         memset(buffer, 0x5a, n)
-        let start = monotonicNanoseconds()
+        let start = MonotonicClock.nanoseconds()
         _ = CRC32C.checksum(UnsafeRawBufferPointer(start: buffer, count: n))
-        return Double(n) / (Double(monotonicNanoseconds() - start) / 1e9)
+        return Double(n) / (Double(MonotonicClock.nanoseconds() - start) / 1e9)
     }
 }

@@ -91,10 +91,10 @@ struct TrackingBenchmark {
                 switch method {
                 case .wpAsync:
                     _ = try? asyncUffd.handle.writeProtect(range(asyncRegion), mode: .writeProtect)
-                    let start = monotonicNanoseconds()
+                    let start = MonotonicClock.nanoseconds()
                     _ = touch(asyncRegion)
                     let result = try? scanner.scan(range(asyncRegion), flags: .writeProtectMatching, required: .written, returning: .written)
-                    elapsed = monotonicNanoseconds() - start
+                    elapsed = MonotonicClock.nanoseconds() - start
                     found = result?.pageCount ?? 0
                 case .syncWP:
                     _ = try? syncUffd.handle.writeProtect(range(syncRegion), mode: .writeProtect)
