@@ -214,7 +214,8 @@ public enum Benchmark {
             let order = Workload.scaleOrder(regionPages: regionPages, touches: configuration.scaleTouches)
             return EngineContenders.scale(workload, regionPages: regionPages, order: order)
         case .swiftHandler4k, .swiftHandler64k, .swiftSigbus, .swiftMove, .swiftMinor,
-             .swiftAdaptive, .swiftReplay, .swiftBest, .swiftFileCopy, .swiftFileMove:
+             .swiftAdaptive, .swiftReplay, .swiftBest, .swiftFileCopy, .swiftFileMove,
+             .swiftStagedMove:
             return EngineContenders.run(contender, workload, pattern)
         case .swiftHandler4kTraced:
             return TracedContender.run(workload, pattern)

@@ -155,7 +155,9 @@ extension HandlerLoop {
         {
             return moveFromSource(entry, from: i, to: j, faultPage: faultPage, pages: pages)
         }
-        if kind == .copy && zeroed == 0, let bytesInPlace = source.contiguousBytes(at: sourceOffset, length: bytes) {
+        if (kind == .copy || kind == .move && Source.self is any CopiesInPlaceWhenNotMovable.Type) && zeroed == 0,
+            let bytesInPlace = source.contiguousBytes(at: sourceOffset, length: bytes)
+        {
             // The bytes are in memory already: COPY reads them in place.
             return install(entry, from: i, to: j, faultPage: faultPage, zero: false) { (off: Int) throws(UserfaultfdError) in
                 try handle.copy(to: destination &+ UInt64(off), from: bytesInPlace + off, length: bytes - off)
