@@ -85,9 +85,12 @@ public final class StagedSource<Base: PageSource>: PageSource, @unchecked Sendab
         try pool.base.fill(destination, at: sourceOffset)
     }
 
+    /// The base source's bytes in place, for the runs the server copies: the pool
+    /// stops staging the whole blocks among them (they are installed now).
     @inline(__always)
     public func contiguousBytes(at sourceOffset: UInt64, length: Int) -> UnsafeRawPointer? {
-        pool.base.contiguousBytes(at: sourceOffset, length: length)
+        pool.copied(at: sourceOffset, length: UInt64(length))
+        return pool.base.contiguousBytes(at: sourceOffset, length: length)
     }
 
     /// The staged pages of `length` bytes at `sourceOffset`, if every one is staged;
@@ -115,6 +118,8 @@ extension StagedSource {
         static var filling: UInt8 { StagingLayout.filling }
         static var staged: UInt8 { StagingLayout.staged }
         static var failed: UInt8 { StagingLayout.failed }
+        static var copied: UInt8 { StagingLayout.copied }
+        static var leadBlocks: UInt64 { StagingLayout.leadBlocks }
         static var populateWrite: Int32 { StagingLayout.populateWrite }
 
         let base: Base
@@ -210,14 +215,26 @@ extension StagedSource {
                 if state[Int(b)].load(ordering: .acquiring) != Self.staged {
                     runsNotStaged.wrappingAdd(1, ordering: .relaxed)
                     pagesNotStaged.wrappingAdd(length / page, ordering: .relaxed)
-                    // These pages are copied now: stage from the next block on.
-                    if last &+ 1 < blocks { hint.store(last &+ 2, ordering: .relaxed) }
+                    // These pages are copied now: stage from a little further on.
+                    hint.store(min(last &+ 1 &+ Self.leadBlocks, blocks &- 1) &+ 1, ordering: .relaxed)
                     return nil
                 }
                 b &+= 1
             }
             pagesMoved.wrappingAdd(length / page, ordering: .relaxed)
             return staging + Int(offset)
+        }
+
+        /// Marks the empty blocks wholly inside a run being copied, so no fill thread stages them.
+        @inline(__always)
+        func copied(at offset: UInt64, length: UInt64) {
+            let block = UInt64(Self.blockBytes)
+            var b = (offset &+ block &- 1) / block
+            let end = (offset &+ length) / block
+            while b < end && b < blocks {
+                _ = state[Int(b)].compareExchange(expected: Self.empty, desired: Self.copied, ordering: .relaxed)
+                b &+= 1
+            }
         }
 
         @inline(__always)
@@ -240,12 +257,11 @@ extension StagedSource {
             while !shouldStop {
                 let h = hint.exchange(0, ordering: .relaxed)
                 if h != 0 && h &- 1 != cursor {
-                    // Faults went past the fill: start again right after them, small.
+                    // Faults went past the fill: start again ahead of them.
                     cursor = h &- 1
-                    chunk = 1
+                    chunk = Self.maxChunkBlocks
                 }
                 guard let start = nextEmpty(from: cursor) else { return }
-                if start != cursor { chunk = 1 }
                 if !waitForRoom(at: start) { continue }
                 var n: UInt64 = 0
                 while n < chunk && start &+ n < blocks
@@ -317,7 +333,10 @@ enum StagingLayout {
     static let blockBytes = 64 << 10
     /// The largest chunk a fill thread stages at once: 2 MiB.
     static let maxChunkBlocks: UInt64 = 32
-    static let empty: UInt8 = 0, filling: UInt8 = 1, staged: UInt8 = 2, failed: UInt8 = 3
+    static let empty: UInt8 = 0, filling: UInt8 = 1, staged: UInt8 = 2, failed: UInt8 = 3, copied: UInt8 = 4
+    /// How far past a run copied because it was not staged a fill thread starts
+    /// again: 4 MiB, so the faults do not catch up with it at once.
+    static let leadBlocks: UInt64 = 64
     /// `MADV_POPULATE_WRITE` (Linux 5.14).
     static let populateWrite: Int32 = 23
 }
