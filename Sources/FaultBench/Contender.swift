@@ -46,7 +46,7 @@ public enum Contender: String, CaseIterable, Sendable, CustomStringConvertible {
     /// the file is read into (same chunks, read-ahead and background populate).
     case swiftFileMove = "swift-file-move"
     /// The move strategy over a staging pool that fill threads populate from the
-    /// source ahead of the faults (``FaultEngine/StagedSource``); COPY where not staged yet.
+    /// source ahead of the faults (`StagedSource`); COPY where not staged yet.
     case swiftStagedMove = "swift-staged-move"
     /// Scale run: random pages of a 1 GiB region, served by the engine one page per fault.
     case scale1GiB = "scale-1gib"
