@@ -95,6 +95,46 @@ extension FaultEngineTests {
             #expect(pool.pagesMoved + pool.pagesNotStaged >= UInt64(Self.pages), "\(pool)")
         }
 
+        /// A block the base source cannot fill is never handed over: its pages are served
+        /// from the base source (through the server's staging buffer), the rest are moved.
+        @Test func aBlockThatFailsToFillIsServedFromTheBase() throws {
+            let pages = 64
+            let image = try imageSource(pages: pages)
+            let bad = UInt64(5 * page)
+            let base = ClosureSource(length: UInt64(pages * page)) { (buffer, offset) throws(PageSourceError) in
+                if offset <= bad && bad < offset + UInt64(buffer.count) {
+                    throw PageSourceError(.failed("page 5 is unreadable"), sourceOffset: offset, length: buffer.count)
+                }
+                try image.fill(buffer, at: offset)
+            }
+            let source = try StagedSource(base)
+            try source.start()
+            let blockPages = UInt64(64 << 10) / UInt64(page)
+            while source.statistics.pagesStaged + source.statistics.fillFailures * blockPages < UInt64(pages) { usleep(200) }
+            let memory = try MemoryMapping.anonymous(length: pages * page)
+            let server = try serve(source, mapping: memory, features: [.move], configuration: .init(strategy: .move(chunkPages: 16)))
+            try server.start()
+            let readable = (0..<pages).filter { $0 != 5 }
+            let address = UInt(bitPattern: memory.base)
+            onThreads(Self.threads) { k in
+                let base = UnsafeMutableRawPointer(bitPattern: address)!
+                var sum: UInt8 = 0
+                for p in permutation(pages, seed: UInt64(90 + k)) where p != 5 { sum &+= (base + p * page).load(as: UInt8.self) }
+                touchSink &+= sum
+            }
+            server.stop()
+            source.stop()
+            for p in readable {
+                #expect(firstMismatch(memory.base + p * page, count: page, sourceOffset: p * page) == nil, "page \(p)")
+            }
+            let pool = source.statistics
+            #expect(pool.fillFailures == 1, "\(pool)")
+            #expect(pool.pagesStaged == UInt64(pages) - blockPages, "\(pool)")
+            #expect(pool.pagesMoved >= UInt64(pages) - blockPages, "\(pool)")
+            #expect(pool.runsNotStaged >= 1, "\(pool)")
+            #expect(server.statistics.sourceErrors >= 1)
+        }
+
         @Test func aSourceOfUnknownLengthIsRefused() throws {
             #expect(throws: UserfaultfdError.self) { _ = try StagedSource(ZeroSource()) }
             #expect(throws: UserfaultfdError.self) { _ = try StagedSource(try imageSource(pages: 4), fillThreads: 0) }
