@@ -146,7 +146,7 @@ public enum Benchmark {
     /// when not all did.
     static func summarize(_ contender: Contender, _ pattern: AccessPattern,
                           _ runs: [RunOutcome]) -> Summary {
-        var kinds: [(first: String, count: Int)] = Array(repeating: ("", 0), count: 3)
+        var kinds: [(first: String, count: Int)] = Array(repeating: ("", 0), count: 4)
         func note(_ kind: Int, _ text: String?) {
             guard let text else { return }
             if kinds[kind].count == 0 { kinds[kind].first = text }
@@ -161,6 +161,7 @@ public enum Benchmark {
                 wrongBytes = wrongBytes || run.mismatch != nil
                 note(0, run.failure)
                 note(1, run.mismatch)
+                note(3, run.paths.map { "first repetition: \($0)" })
             case .notMeasured(let reason):
                 verified = false
                 note(2, reason)

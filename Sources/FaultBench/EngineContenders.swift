@@ -143,8 +143,10 @@ enum EngineContenders {
                             regionPages: UInt64(workload.pageCount), order: order, onStart: {
             do { try staged.start() } catch { startFailure = "\(error)" }
         })
-        if let startFailure, case .measured(var run) = outcome {
-            run.failure = "the staging pool's fill thread did not start: \(startFailure)"
+        if case .measured(var run) = outcome {
+            staged.stop()
+            run.paths = "\(staged.statistics)"
+            if let startFailure { run.failure = "the staging pool's fill thread did not start: \(startFailure)" }
             outcome = .measured(run)
         }
         return outcome

@@ -150,6 +150,16 @@ extension HandlerLoop {
                 try handle.zeropage(MemoryRange(start: destination &+ UInt64(off), length: UInt64(bytes - off)))
             }
         }
+        if kind == .move && zeroed == 0 && moveFromSourceWorks, let staged = source as? any CopiesInPlaceWhenNotMovable {
+            // Move the staged part, copy the rest: split the run where staging starts or ends.
+            let uniform = staged.uniformBytes(at: sourceOffset, length: bytes)
+            if uniform < bytes {
+                let k = i &+ UInt64(uniform) / ps
+                let head = installRun(entry, from: i, to: k, faultPage: faultPage, minorFault: minorFault)
+                guard case .done = head else { return head }
+                return installRun(entry, from: k, to: j, faultPage: faultPage, minorFault: minorFault)
+            }
+        }
         if kind == .move && zeroed == 0 && moveFromSourceWorks,
             let pages = source.movablePages(at: sourceOffset, length: bytes)
         {

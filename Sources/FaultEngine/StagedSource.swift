@@ -101,12 +101,18 @@ public final class StagedSource<Base: PageSource>: PageSource, @unchecked Sendab
     }
 }
 
-/// Marks sources whose pages are either moved (staged) or copied in place: the move
-/// strategy copies their unstaged runs with `UFFDIO_COPY` from the source's own
-/// memory instead of filling its staging buffer and moving that.
-protocol CopiesInPlaceWhenNotMovable {}
+/// Sources whose pages are either moved (staged) or copied in place: the move strategy
+/// copies their unstaged runs with `UFFDIO_COPY` from the source's own memory instead
+/// of filling its staging buffer and moving that, and splits a run where staging ends.
+protocol CopiesInPlaceWhenNotMovable: AnyObject {
+    /// The bytes from `sourceOffset` on (at most `length`) that are all staged or all not.
+    func uniformBytes(at sourceOffset: UInt64, length: Int) -> Int
+}
 
-extension StagedSource: CopiesInPlaceWhenNotMovable {}
+extension StagedSource: CopiesInPlaceWhenNotMovable {
+    @inline(__always)
+    func uniformBytes(at sourceOffset: UInt64, length: Int) -> Int { pool.uniformBytes(at: sourceOffset, length: length) }
+}
 
 extension StagedSource {
     /// The staging memory, its block flags and the fill threads (which hold the pool,
@@ -223,6 +229,18 @@ extension StagedSource {
             }
             pagesMoved.wrappingAdd(length / page, ordering: .relaxed)
             return staging + Int(offset)
+        }
+
+        @inline(__always)
+        func uniformBytes(at offset: UInt64, length: Int) -> Int {
+            let block = UInt64(Self.blockBytes)
+            let end = offset &+ UInt64(length)
+            var b = offset / block
+            guard b < blocks else { return length }
+            let staged = state[Int(b)].load(ordering: .acquiring) == Self.staged
+            b &+= 1
+            while b &* block < end && b < blocks && (state[Int(b)].load(ordering: .acquiring) == Self.staged) == staged { b &+= 1 }
+            return Int(min(b &* block, end) &- offset)
         }
 
         /// Marks the empty blocks wholly inside a run being copied, so no fill thread stages them.
