@@ -146,7 +146,7 @@ public enum Benchmark {
     /// when not all did.
     static func summarize(_ contender: Contender, _ pattern: AccessPattern,
                           _ runs: [RunOutcome]) -> Summary {
-        var kinds: [(first: String, count: Int)] = Array(repeating: ("", 0), count: 3)
+        var kinds: [(first: String, count: Int)] = Array(repeating: ("", 0), count: 4)
         func note(_ kind: Int, _ text: String?) {
             guard let text else { return }
             if kinds[kind].count == 0 { kinds[kind].first = text }
@@ -161,6 +161,7 @@ public enum Benchmark {
                 wrongBytes = wrongBytes || run.mismatch != nil
                 note(0, run.failure)
                 note(1, run.mismatch)
+                note(3, run.paths.map { "first repetition: \($0)" })
             case .notMeasured(let reason):
                 verified = false
                 note(2, reason)
@@ -214,7 +215,8 @@ public enum Benchmark {
             let order = Workload.scaleOrder(regionPages: regionPages, touches: configuration.scaleTouches)
             return EngineContenders.scale(workload, regionPages: regionPages, order: order)
         case .swiftHandler4k, .swiftHandler64k, .swiftSigbus, .swiftMove, .swiftMinor,
-             .swiftAdaptive, .swiftReplay, .swiftBest, .swiftFileCopy, .swiftFileMove:
+             .swiftAdaptive, .swiftReplay, .swiftBest, .swiftFileCopy, .swiftFileMove,
+             .swiftStagedMove:
             return EngineContenders.run(contender, workload, pattern)
         case .swiftHandler4kTraced:
             return TracedContender.run(workload, pattern)

@@ -45,6 +45,9 @@ public enum Contender: String, CaseIterable, Sendable, CustomStringConvertible {
     /// As ``swiftFileCopy``, but installing with UFFDIO_MOVE from the staging buffer
     /// the file is read into (same chunks, read-ahead and background populate).
     case swiftFileMove = "swift-file-move"
+    /// The move strategy over a staging pool that fill threads populate from the
+    /// source ahead of the faults (`StagedSource`); COPY where not staged yet.
+    case swiftStagedMove = "swift-staged-move"
     /// Scale run: random pages of a 1 GiB region, served by the engine one page per fault.
     case scale1GiB = "scale-1gib"
     /// Scale run: as many random pages of a 1 TiB sparse region, served the same way.
@@ -79,7 +82,7 @@ public enum Contender: String, CaseIterable, Sendable, CustomStringConvertible {
         switch self {
         case .swiftHandler4k, .swiftHandler64k, .swiftSigbus, .swiftMove, .swiftMinor,
              .swiftAdaptive, .swiftReplay, .swiftBest, .scale1GiB, .scale1TiB, .swiftHandler4kTraced,
-             .swiftFileCopy, .swiftFileMove:
+             .swiftFileCopy, .swiftFileMove, .swiftStagedMove:
             return true
         default:
             return false

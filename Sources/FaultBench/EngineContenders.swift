@@ -38,6 +38,8 @@ enum EngineContenders {
                          regionPages: pages, order: order)
         case .swiftFileCopy, .swiftFileMove:
             return file(workload, move: contender == .swiftFileMove, order: order)
+        case .swiftStagedMove:
+            return stagedMove(workload, order: order)
         default:
             return .notMeasured("\(contender) is not an engine contender")
         }
@@ -69,6 +71,9 @@ enum EngineContenders {
             return "the default (automatic) configuration over the image file read with pread, uffd with MOVE and without SIGBUS"
         case .swiftFileMove:
             return "as swift-file-copy, but each chunk read into the staging buffer is installed with UFFDIO_MOVE"
+        case .swiftStagedMove:
+            return "one fill thread stages the source ahead of the faults (started with the server, timed); "
+                + "MOVE of 256 KiB chunks growing to 2 MiB from the pool, COPY in place where not staged yet"
         case .scale1GiB, .scale1TiB:
             return "served by the engine with one page per fault (.handler4k), so that only the region size differs"
         case .swiftHandler4kTraced:
@@ -122,6 +127,31 @@ enum EngineContenders {
         return outcome
     }
 
+    /// `swift-staged-move`: the move strategy over a ``StagedSource`` of the bench source,
+    /// whose fill thread starts with the server (inside the timed part).
+    static func stagedMove(_ workload: Workload, order: [UInt64]) -> RunOutcome {
+        let staged: StagedSource<MemorySource>
+        do {
+            staged = try StagedSource(workload.source)
+        } catch {
+            return .notMeasured("cannot reserve the staging pool: \(error)")
+        }
+        defer { staged.stop() }
+        let configuration = FaultServerConfiguration(strategy: .move(chunkPages: 64), prefetch: .adaptive(maxPages: 512))
+        var startFailure: String? = nil
+        var outcome = serve(workload, source: staged, configuration, features: [.move],
+                            regionPages: UInt64(workload.pageCount), order: order, onStart: {
+            do { try staged.start() } catch { startFailure = "\(error)" }
+        })
+        if case .measured(var run) = outcome {
+            staged.stop()
+            run.paths = "\(staged.statistics)"
+            if let startFailure { run.failure = "the staging pool's fill thread did not start: \(startFailure)" }
+            outcome = .measured(run)
+        }
+        return outcome
+    }
+
     /// `swift-replay`: records the working set of `order` once per pattern (untimed,
     /// COPY of single pages), then measures a server that replays it first.
     static func replay(_ workload: Workload, _ pattern: AccessPattern, order: [UInt64]) -> RunOutcome {
@@ -149,11 +179,12 @@ enum EngineContenders {
     static func serve<Source: PageSource>(
         _ workload: Workload, source: Source, _ configuration: FaultServerConfiguration,
         features: Userfaultfd.Features = [], preferredFeatures: Userfaultfd.Features = [],
-        memory: MemoryMapping.Kind = .anonymous, regionPages: UInt64, order: [UInt64], traceSink: FaultTraceSink? = nil
+        memory: MemoryMapping.Kind = .anonymous, regionPages: UInt64, order: [UInt64], traceSink: FaultTraceSink? = nil,
+        onStart: () -> Void = {}
     ) -> RunOutcome {
         do {
             return try serveOrThrow(workload, source: source, configuration, features: features, preferred: preferredFeatures,
-                                    memory: memory, regionPages: regionPages, order: order, traceSink: traceSink)
+                                    memory: memory, regionPages: regionPages, order: order, traceSink: traceSink, onStart: onStart)
         } catch {
             if error.operation.hasPrefix("FaultServer"), case .invalidArgument = error.kind {
                 return .notMeasured("not available: the engine refuses this configuration: \(error)")
@@ -165,7 +196,7 @@ enum EngineContenders {
     private static func serveOrThrow<Source: PageSource>(
         _ workload: Workload, source: Source, _ configuration: FaultServerConfiguration,
         features: Userfaultfd.Features, preferred: Userfaultfd.Features, memory: MemoryMapping.Kind,
-        regionPages: UInt64, order: [UInt64], traceSink: FaultTraceSink?
+        regionPages: UInt64, order: [UInt64], traceSink: FaultTraceSink?, onStart: () -> Void
     ) throws(UserfaultfdError) -> RunOutcome {
         let length = Int(regionPages) * workload.pageSize
         let region = try MemoryMapping(kind: memory, length: length, name: "uffd-bench")
@@ -198,6 +229,7 @@ enum EngineContenders {
         // Timed from start(): what a prefetcher does before the first touch is not free.
         let started = cbench_now_ns()
         try server.start()
+        onStart()
         var sink: UInt64 = 0
         let base = region.base
         _ = order.withUnsafeBufferPointer {

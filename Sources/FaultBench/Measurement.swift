@@ -8,6 +8,8 @@ struct Run: Sendable {
     var mismatch: String?
     /// Why the run stopped early or misbehaved (its figure does not count), if it did.
     var failure: String?
+    /// Which install path the run took, where the contender counts it (not a failure).
+    var paths: String? = nil
 
     /// Whether the figure counts: the run completed and every touched byte was right.
     var verified: Bool { mismatch == nil && failure == nil }

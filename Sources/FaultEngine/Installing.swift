@@ -150,12 +150,24 @@ extension HandlerLoop {
                 try handle.zeropage(MemoryRange(start: destination &+ UInt64(off), length: UInt64(bytes - off)))
             }
         }
+        if kind == .move && zeroed == 0 && moveFromSourceWorks, let staged = source as? any CopiesInPlaceWhenNotMovable {
+            // Move the staged part, copy the rest: split the run where staging starts or ends.
+            let uniform = staged.uniformBytes(at: sourceOffset, length: bytes)
+            if uniform < bytes {
+                let k = i &+ UInt64(uniform) / ps
+                let head = installRun(entry, from: i, to: k, faultPage: faultPage, minorFault: minorFault)
+                guard case .done = head else { return head }
+                return installRun(entry, from: k, to: j, faultPage: faultPage, minorFault: minorFault)
+            }
+        }
         if kind == .move && zeroed == 0 && moveFromSourceWorks,
             let pages = source.movablePages(at: sourceOffset, length: bytes)
         {
             return moveFromSource(entry, from: i, to: j, faultPage: faultPage, pages: pages)
         }
-        if kind == .copy && zeroed == 0, let bytesInPlace = source.contiguousBytes(at: sourceOffset, length: bytes) {
+        if (kind == .copy || kind == .move && Source.self is any CopiesInPlaceWhenNotMovable.Type) && zeroed == 0,
+            let bytesInPlace = source.contiguousBytes(at: sourceOffset, length: bytes)
+        {
             // The bytes are in memory already: COPY reads them in place.
             return install(entry, from: i, to: j, faultPage: faultPage, zero: false) { (off: Int) throws(UserfaultfdError) in
                 try handle.copy(to: destination &+ UInt64(off), from: bytesInPlace + off, length: bytes - off)
