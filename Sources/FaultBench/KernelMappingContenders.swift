@@ -89,8 +89,7 @@ enum KernelMappingContenders {
         defer { buffer.deallocate() }
         var done = 0
         while done < length {
-            let n = pread(fd, buffer, min(chunk, length - done), off_t(done))
-            if n < 0 && errno == EINTR { continue }
+            let n = retryOnInterrupt { pread(fd, buffer, min(chunk, length - done), off_t(done)) }
             if n <= 0 { return }
             done += n
         }
@@ -140,8 +139,7 @@ extension Workload {
         var done = 0
         let base = UnsafeRawPointer(source.baseAddress)
         while done < sourceLength {
-            let n = Glibc.write(fd, base + done, sourceLength - done)
-            if n < 0 && errno == EINTR { continue }
+            let n = retryOnInterrupt { Glibc.write(fd, base + done, sourceLength - done) }
             if n <= 0 {
                 let e = errno
                 close(fd)
