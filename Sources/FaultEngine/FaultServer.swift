@@ -143,6 +143,7 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
         let page = configuration.pageSize
         try Self.validate(regions, source: source, configuration: configuration, pageSize: page)
         try Self.checkFeatures(handle.features, for: configuration)
+        try Self.checkDeferral(source, configuration)
         var replay: [UInt64] = []
         if case .replay(let path) = configuration.prefetch {
             replay = try WorkingSetFile.read(path)
