@@ -138,7 +138,7 @@ extension MigrationDestination {
     }
 
     /// Switches to postcopy (or, for stop-and-copy, just resumes): forgets pages the
-    /// source dirtied after sending them, registers the regions, starts the fault thread,
+    /// source dirtied after sending them, registers the regions (the fault server serves them from then on),
     /// lets the workload go and tells the source.
     func switchover(invalidating runs: [Wire.PageRun], final: Bool, connection: Connection) throws(MigrationError) {
         // The workload runs here from the first switchover on: a second one would start it again.
@@ -147,11 +147,6 @@ extension MigrationDestination {
         if !final && !registered.load(ordering: .acquiring) {
             do {
                 for r in regions { try handle.register(r, mode: .missing, requiring: [.copy, .zeropage]) }
-            } catch {
-                throw MigrationError(error)
-            }
-            do {
-                try server.start()
             } catch {
                 throw MigrationError(error)
             }

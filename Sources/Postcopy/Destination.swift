@@ -211,6 +211,13 @@ public final class MigrationDestination: @unchecked Sendable {
         // The closure may well capture this destination: do not keep it past the run.
         defer { self.onResume = nil }
         let start = monotonicNanoseconds()
+        // Started now, idle until the switchover registers the regions: starting its
+        // thread then would lengthen the pause.
+        do {
+            try server.start()
+        } catch {
+            throw fail(MigrationError(error))
+        }
         startReceivers()
         var completeSince: UInt64 = 0
         while true {
