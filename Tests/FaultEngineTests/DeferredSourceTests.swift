@@ -152,6 +152,8 @@ extension FaultEngineTests {
 
             // Marked zero: zeros, without asking.
             #expect((pointer + 5 * page + 100).load(as: UInt8.self) == 0)
+            // The handler reports the zeros after the install woke this thread.
+            while queue.zeros.load(ordering: .relaxed) == 0 { usleep(100) }
             #expect(queue.zeros.load(ordering: .relaxed) == 1)
             #expect(queue.asked.load(ordering: .relaxed) == 1)
             #expect(try server.presenceBitmap(at: memory.range.start, pages: pages) == [0b0010_1100, 0])
