@@ -117,6 +117,8 @@ extension FaultServer {
     ///
     /// - Parameters:
     ///   - bytes: the pages' contents (`pages` pages), or nil for zero pages.
+    ///   - address: the first page's address, page-aligned.
+    ///   - pages: how many pages, all in the served region holding `address`.
     ///   - byMove: `UFFDIO_MOVE` the pages out of `bytes` (private anonymous memory,
     ///     the MOVE feature) instead of copying them.
     ///   - onInstalled: called after each run this call claimed and installed, with the
