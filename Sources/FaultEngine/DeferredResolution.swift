@@ -95,10 +95,19 @@ extension FaultServer {
         if case .replay = configuration.prefetch { throw bad("a deferred source cannot replay a working set") }
     }
 
+    /// The entry holding `address`: without a lock while the regions cannot change,
+    /// so that a receiving thread never waits for a handler (or a handler for it).
+    @inline(__always)
+    func lookupEntry(_ address: UInt64) -> RegionEntry? {
+        guard let fixed = fixedRegions else { return table.lookup(address) }
+        for e in fixed where address >= e.range.start && address - e.range.start < e.range.length { return e }
+        return nil
+    }
+
     /// The region entry holding `pages` pages from `address`, and the first page's index in it.
     private func entry(at address: UInt64, pages: Int, _ operation: String) throws(UserfaultfdError) -> (RegionEntry, UInt64) {
         let ps = UInt64(pageSize)
-        guard address % ps == 0, let e = table.lookup(address),
+        guard address % ps == 0, let e = lookupEntry(address),
             UInt64(pages) <= (e.range.end - address) / ps
         else {
             throw UserfaultfdError(operation: operation, kind: .invalidArgument(
@@ -205,7 +214,7 @@ extension FaultServer {
     /// present or zero, or poisoned). False outside the regions.
     public func isPresent(_ address: UInt64) -> Bool {
         let ps = UInt64(pageSize)
-        guard let e = table.lookup(address) else { return false }
+        guard let e = lookupEntry(address) else { return false }
         return e.isResident((address - e.range.start) / ps)
     }
 
