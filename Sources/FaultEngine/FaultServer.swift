@@ -85,6 +85,9 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
     /// The configuration the server runs with and why it was chosen.
     public let strategyChoice: StrategyChoice
     let table: RegionTable
+    /// The regions, when no event can change them (the uffd reports no UNMAP or REMAP),
+    /// for installs from outside the server without taking the table's lock.
+    let fixedRegions: [RegionEntry]?
     let counters: StatisticsCounters
     let stopSignal: StopSignal
     let finishedSignal: StopSignal
@@ -143,6 +146,7 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
         let page = configuration.pageSize
         try Self.validate(regions, source: source, configuration: configuration, pageSize: page)
         try Self.checkFeatures(handle.features, for: configuration)
+        try Self.checkDeferral(source, configuration)
         var replay: [UInt64] = []
         if case .replay(let path) = configuration.prefetch {
             replay = try WorkingSetFile.read(path)
@@ -161,6 +165,7 @@ public final class FaultServer<Source: PageSource>: @unchecked Sendable {
         self.strategyChoice = choice
         self.pageSize = page
         self.table = table
+        self.fixedRegions = handle.features.isDisjoint(with: [.eventUnmap, .eventRemap]) ? table.snapshot : nil
         self.counters = StatisticsCounters(handlers: configuration.handlerThreads)
         self.stopSignal = stopSignal
         self.finishedSignal = finishedSignal

@@ -29,6 +29,8 @@ final class HandlerLoop<Source: PageSource> {
     let server: FaultServer<Source>
     let handle: Userfaultfd.Handle
     let source: Source
+    /// The source, if it is a ``DeferredPageSource``: faults are handed to it.
+    let deferring: (any DeferredPageSource)?
     /// The source's length, if known (read once: the fault path does not ask again).
     let sourceLength: UInt64?
     let table: RegionTable
@@ -81,6 +83,7 @@ final class HandlerLoop<Source: PageSource> {
         self.server = server
         self.handle = server.handle
         self.source = server.source
+        self.deferring = server.source as? any DeferredPageSource
         self.sourceLength = server.source.length
         self.table = server.table
         self.counters = server.counters

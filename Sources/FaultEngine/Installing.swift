@@ -14,6 +14,7 @@ extension HandlerLoop {
 
     @inline(__always)
     func serve(_ fault: Userfaultfd.PageFault, readAt: UInt64) {
+        if let deferring { return handOver(fault, to: deferring, readAt: readAt) }
         let address = fault.address & ~(ps &- 1)
         if fault.flags.contains(.writeProtect) {
             StatisticsCounters.add(counters.writeProtect, 1)

@@ -1,3 +1,4 @@
+import FaultEngine
 import Userfaultfd
 
 #if canImport(Glibc)
@@ -12,10 +13,9 @@ extension MigrationDestination {
     func fail(_ error: MigrationError) -> MigrationError {
         stream.sendError(error)
         stopReceivers()
+        // The server keeps serving until this destination goes: without poisoning, the
+        // threads waiting for a page stay blocked rather than see empty memory.
         let poisoned = options.poisonOnFailure ? poisonMissing() : 0
-        stopFaults.raise()
-        faultThread?.join()
-        faultThread = nil
         if case .recoveryTimedOut = error.kind { return MigrationError(.recoveryTimedOut(poisonedPages: poisoned)) }
         return error
     }
@@ -23,27 +23,7 @@ extension MigrationDestination {
     /// Poisons every page not received (zero-filling those known to be zero); returns how many were poisoned.
     func poisonMissing() -> Int {
         guard registered.load(ordering: .acquiring) else { return 0 }
-        var poisoned = 0
-        for run in table.runs(where: { !received.test($0) }) {
-            let base = table.regions[Int(run.region)].start
-            let g0 = table.regions[Int(run.region)].firstGlobal + Int(run.first)
-            var i = 0
-            while i < Int(run.count) {
-                let zero = zeroKnown.test(g0 + i)
-                var j = i + 1
-                while j < Int(run.count) && zeroKnown.test(g0 + j) == zero { j += 1 }
-                let range = MemoryRange(start: base + (run.first + UInt64(i)) * UInt64(table.pageSize), length: UInt64((j - i) * table.pageSize))
-                if zero {
-                    _ = try? handle.zeropage(range)
-                } else {
-                    _ = try? handle.poison(range)
-                    poisoned += j - i
-                }
-                for k in i..<j { received.testAndSet(g0 + k) }
-                i = j
-            }
-        }
-        return poisoned
+        return server.poisonMissing()
     }
 
     /// Waits for the source to come back; nil once it has, the error otherwise. The
@@ -106,7 +86,7 @@ extension MigrationDestination {
     /// One bit per page, region after region: which pages are here.
     func receivedBitmap() -> [UInt8] {
         var bitmap: [UInt8] = []
-        for r in table.regions { bitmap += received.bytes(from: r.firstGlobal, count: r.pages) }
+        for r in table.regions { bitmap += (try? server.presenceBitmap(at: r.start, pages: r.pages)) ?? [] }
         return bitmap
     }
 
@@ -115,12 +95,10 @@ extension MigrationDestination {
         retired += [stream, urgent]
         stream = s
         urgent = u
-        urgentFD.store(u.fd, ordering: .releasing)
-        let frame = UnsafeMutableRawPointer.allocate(byteCount: Wire.headerSize, alignment: 8)
-        defer { frame.deallocate() }
+        requests.urgentFD.store(u.fd, ordering: .releasing)
         var g = 0
-        while let next = requested.nextSet(from: g) {
-            if !received.test(next) { sendRequest(next, frame: frame, fd: u.fd) }
+        while let next = requests.requested.nextSet(from: g) {
+            if !server.isPresent(table.address(next)) { requests.send(next, fd: u.fd) }
             g = next + 1
         }
         reconnects += 1

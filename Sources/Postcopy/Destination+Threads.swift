@@ -1,3 +1,4 @@
+import FaultEngine
 import Histogram
 import Userfaultfd
 
@@ -7,7 +8,7 @@ import Glibc
 import Musl
 #endif
 
-// The destination's threads: one receive thread per channel, and the fault thread.
+// The destination's receive threads, one per channel.
 extension MigrationDestination {
     func receiveLoop(_ connection: Connection, channel: Wire.Channel) {
         if channel == .urgent { preferLowLatencyScheduling() }
@@ -91,51 +92,21 @@ extension MigrationDestination {
             try installBeforeSwitchover(g0, count: count, base: base, data: data, channel: channel)
             return
         }
-        var i = 0
-        while i < count {
-            if received.testAndSet(g0 + i) {
-                duplicates.add(1, ordering: .relaxed)
-                i += 1
-                continue
-            }
-            var j = i + 1
-            while j < count && !received.testAndSet(g0 + j) { j += 1 }
-            let destination = base + UInt64(i * pageSize)
-            let length = (j - i) * pageSize
-            var done = 0
-            while done < length {
-                let outcome: Userfaultfd.Outcome
-                do {
-                    if let data, options.installByMove {
-                        outcome = try handle.move(to: destination + UInt64(done),
-                                                  from: UInt64(UInt(bitPattern: data + i * pageSize + done)), length: length - done)
-                    } else if let data {
-                        outcome = try handle.copy(to: destination + UInt64(done), from: data + i * pageSize + done, length: length - done)
-                    } else {
-                        outcome = try handle.zeropage(MemoryRange(start: destination + UInt64(done), length: UInt64(length - done)))
-                    }
-                } catch {
-                    throw MigrationError(error)
-                }
-                switch outcome {
-                case .completed: done = length
-                case .partial(let n): done += n
-                case .alreadyPresent:
-                    duplicates.add(1, ordering: .relaxed)
-                    done += pageSize
-                case .retryAfterEvents: continue
+        let result: ExternalInstallResult
+        do {
+            result = try server.install(data, at: base, pages: count, byMove: options.installByMove) { i, n in
+                receivedCount.add(n, ordering: .releasing)
+                let now = monotonicNanoseconds()
+                for g in (g0 + i)..<(g0 + i + n) where requests.requested.test(g) {
+                    let waited = now &- requests.requestTime[g]
+                    _ = histogram.record(waited)
+                    blocktime &+= waited
                 }
             }
-            receivedCount.add(j - i, ordering: .releasing)
-            let now = monotonicNanoseconds()
-            for g in (g0 + i)..<(g0 + j) where requested.test(g) {
-                let waited = now &- requestTime[g]
-                _ = histogram.record(waited)
-                blocktime &+= waited
-            }
-            if j < count { duplicates.add(1, ordering: .relaxed) }
-            i = j + 1
+        } catch {
+            throw MigrationError(error)
         }
+        if result.alreadyPresent > 0 { duplicates.add(result.alreadyPresent, ordering: .relaxed) }
     }
 
     /// Precopy: the workload is not running here and the range is not registered yet,
@@ -149,21 +120,25 @@ extension MigrationDestination {
         }
         if channel != .stream { throw MigrationError(.malformedFrame("a page on the urgent channel before the switchover")) }
         for i in 0..<count {
-            let target = UnsafeMutableRawPointer(bitPattern: UInt(base) + UInt(i * pageSize))!
-            let wasReceived = received.testAndSet(g0 + i)
-            if !wasReceived { receivedCount.add(1, ordering: .relaxed) }
+            let address = base + UInt64(i * pageSize)
+            let target = UnsafeMutableRawPointer(bitPattern: UInt(address))!
+            let before: PagePresence
+            do {
+                before = try server.markPresent(at: address, zero: data == nil)
+            } catch {
+                throw MigrationError(error)
+            }
+            if before == .missing { receivedCount.add(1, ordering: .relaxed) }
             if let data {
                 target.copyMemory(from: data + i * pageSize, byteCount: pageSize)
-                zeroKnown.testAndClear(g0 + i)
-            } else {
-                if wasReceived && !zeroKnown.test(g0 + i) { memset(target, 0, pageSize) }
-                zeroKnown.testAndSet(g0 + i)
+            } else if before == .present {
+                memset(target, 0, pageSize)
             }
         }
     }
 
     /// Switches to postcopy (or, for stop-and-copy, just resumes): forgets pages the
-    /// source dirtied after sending them, registers the regions, starts the fault thread,
+    /// source dirtied after sending them, registers the regions (the fault server serves them from then on),
     /// lets the workload go and tells the source.
     func switchover(invalidating runs: [Wire.PageRun], final: Bool, connection: Connection) throws(MigrationError) {
         // The workload runs here from the first switchover on: a second one would start it again.
@@ -175,7 +150,6 @@ extension MigrationDestination {
             } catch {
                 throw MigrationError(error)
             }
-            faultThread = DedicatedThread(name: "pc-faults") { [self] in faultLoop() }
             registered.store(true, ordering: .releasing)
         }
         resumed.store(true, ordering: .releasing)
@@ -186,58 +160,14 @@ extension MigrationDestination {
     /// Drops pages the source sent and then saw change: they are missing again.
     func forget(_ runs: [Wire.PageRun]) throws(MigrationError) {
         for run in runs {
-            let g0 = try table.check(region: run.region, first: run.first, count: run.count)
-            for g in g0..<(g0 + Int(run.count)) {
-                if received.testAndClear(g) { receivedCount.subtract(1, ordering: .relaxed) }
-                zeroKnown.testAndClear(g)
-            }
+            _ = try table.check(region: run.region, first: run.first, count: run.count)
             let start = table.regions[Int(run.region)].start + run.first * UInt64(table.pageSize)
-            _ = madvise(UnsafeMutableRawPointer(bitPattern: UInt(start)), Int(run.count) * table.pageSize, MADV_DONTNEED)
-        }
-    }
-
-    // MARK: Fault thread
-
-    func faultLoop() {
-        preferLowLatencyScheduling()
-        if let clock = ThreadCPU.clockOfCurrentThread() { faultThreadClock.store(Int(clock), ordering: .releasing) }
-        defer { faultThreadClock.store(Int.min, ordering: .releasing) }
-        let buffer = Userfaultfd.EventBuffer(capacity: 64)
-        let frame = UnsafeMutableRawPointer.allocate(byteCount: Wire.headerSize, alignment: 8)
-        defer { frame.deallocate() }
-        do {
-            while true {
-                switch try handle.wait(stop: stopFaults) {
-                case .stopped, .hangUp: return
-                case .timedOut: continue
-                case .ready: break
-                }
-                try handle.readEvents(into: buffer)
-                for i in 0..<buffer.count {
-                    guard case .pageFault(let fault) = buffer.events[i], let (_, g) = table.locate(fault.address) else { continue }
-                    if zeroKnown.test(g) {
-                        let page = fault.address & ~UInt64(table.pageSize - 1)
-                        _ = try handle.zeropage(MemoryRange(start: page, length: UInt64(table.pageSize)))
-                        localZero.add(1, ordering: .relaxed)
-                        continue
-                    }
-                    if received.test(g) || requested.testAndSet(g) { continue }
-                    requestTime[g] = monotonicNanoseconds()
-                    faults.add(1, ordering: .relaxed)
-                    sendRequest(g, frame: frame, fd: urgentFD.load(ordering: .acquiring))
-                }
+            do {
+                let present = try server.forget(at: start, pages: Int(run.count))
+                receivedCount.subtract(present, ordering: .relaxed)
+            } catch {
+                throw MigrationError(error)
             }
-        } catch {
-            failure.withLock { if $0 == nil { $0 = MigrationError(error) } }
         }
-    }
-
-    /// Sends one page request; a failure is ignored (the request is repeated after a reconnect).
-    func sendRequest(_ g: Int, frame: UnsafeMutableRawPointer, fd: Int32) {
-        let (region, page) = table.split(g)
-        Wire.Header(type: .request, count: 1, region: UInt32(region), first: UInt64(page)).encode(into: frame)
-        // Never blocks the fault thread: a request that does not fit a stalled channel is
-        // asked again after the reconnect that the stall leads to.
-        _ = send(fd, frame, Wire.headerSize, Int32(MSG_NOSIGNAL | MSG_DONTWAIT))
     }
 }

@@ -1,3 +1,4 @@
+import FaultEngine
 import Histogram
 import Synchronization
 import Userfaultfd
@@ -11,10 +12,12 @@ import Musl
 /// The receiving side of a migration: maps the regions the source describes, lets a
 /// workload run on them, and pulls every page it touches before it arrives.
 ///
-/// Three dedicated threads do the work: a fault thread reads the userfaultfd and sends
-/// one request per missing page (deduplicated) on the urgent channel; one receive thread
-/// per channel validates arriving frames and installs pages with `UFFDIO_COPY` or
-/// `UFFDIO_ZEROPAGE`. A page that arrives after it was installed is dropped.
+/// A fault server serves the userfaultfd: its handler thread hands each fault on a
+/// missing page to the network, which sends one request per page (deduplicated) on the
+/// urgent channel; one receive thread per channel validates arriving frames and installs
+/// pages through the server with `UFFDIO_COPY` or `UFFDIO_ZEROPAGE`. The server's
+/// presence bitmap says which pages are here: a page that arrives after it was
+/// installed is dropped.
 ///
 /// ```swift
 /// let listener = try MigrationListener(.tcp(host: "127.0.0.1", port: 7070))
@@ -66,27 +69,19 @@ public final class MigrationDestination: @unchecked Sendable {
     let listener: MigrationListener
     let migrationID: UInt64
     let memory: [RegionMemory]
-    let uffd: Userfaultfd
-    var handle: Userfaultfd.Handle { uffd.handle }
+    /// Serves faults by asking for pages; owns the uffd and the presence bitmap.
+    let server: FaultServer<PageRequests>
+    let requests: PageRequests
+    var handle: Userfaultfd.Handle { server.userfaultfdHandle }
 
     var stream: Connection
     var urgent: Connection
     var retired: [Connection] = []
-    let urgentFD: Atomic<Int32>
-
-    let received: PageBitmap
-    let requested: PageBitmap
-    let zeroKnown: PageBitmap
-    let requestTime: UnsafeMutablePointer<UInt64>
 
     let receivedCount = Atomic<Int>(0)
-    let faults = Atomic<Int>(0)
-    let localZero = Atomic<Int>(0)
     let duplicates = Atomic<Int>(0)
     /// CPU time of receive threads that have ended.
     let receiverCPU = Atomic<UInt64>(0)
-    /// The fault thread's CPU-time clock while it runs (`Int.min`: none).
-    let faultThreadClock = Atomic<Int>(Int.min)
     let registered = Atomic<Bool>(false)
     /// Whether the workload was let go (after which unregistered memory is never written).
     let resumed = Atomic<Bool>(false)
@@ -98,8 +93,6 @@ public final class MigrationDestination: @unchecked Sendable {
     let lostReason = Mutex<String?>(nil)
     let latency = Mutex<(Histogram<UInt64>, UInt64)>(
         (Histogram<UInt64>(highestTrackableValue: 600_000_000_000, numberOfSignificantValueDigits: .three), 0))
-    let stopFaults: StopSignal
-    var faultThread: DedicatedThread?
     var receivers: [DedicatedThread] = []
     var onResume: (@Sendable () -> Void)?
     var reconnects = 0
@@ -174,33 +167,31 @@ public final class MigrationDestination: @unchecked Sendable {
         for length in hello.regionLengths { maps.append(try RegionMemory(length: Int(length))) }
         memory = maps
         regions = maps.map { MemoryRange(start: $0.start, length: UInt64($0.length)) }
-        table = RegionTable(starts: regions.map(\.start), lengths: hello.regionLengths, pageSize: hello.pageSize)
+        let table = RegionTable(starts: regions.map(\.start), lengths: hello.regionLengths, pageSize: hello.pageSize)
+        self.table = table
+        let requests = PageRequests(table: table, urgentFD: urgent.fd)
         do {
-            uffd = try Userfaultfd(features: options.installByMove ? [.poison, .move] : [.poison])
+            let uffd = try Userfaultfd(features: options.installByMove ? [.poison, .move] : [.poison])
+            // Region i is the source's bytes from its first global page on.
+            let served = table.regions.map {
+                ServedRegion(range: MemoryRange(start: $0.start, length: UInt64($0.pages * table.pageSize)),
+                             sourceOffset: UInt64($0.firstGlobal * table.pageSize))
+            }
+            server = try FaultServer(userfaultfd: uffd, regions: served, source: requests,
+                                     configuration: .init(strategy: .copy(chunkPages: 1), handlerPriority: 1))
         } catch {
             throw MigrationError(error)
         }
-        stopFaults = try Self.stopSignal()
+        self.requests = requests
         self.stream = stream
         self.urgent = urgent
-        urgentFD = Atomic(urgent.fd)
         self.listener = listener
         self.options = options
         migrationID = hello.migrationID
-        received = PageBitmap(count: table.totalPages)
-        requested = PageBitmap(count: table.totalPages)
-        zeroKnown = PageBitmap(count: table.totalPages)
-        requestTime = .allocate(capacity: max(1, table.totalPages))
-    }
-
-    private static func stopSignal() throws(MigrationError) -> StopSignal {
-        do { return try StopSignal() } catch { throw MigrationError(error) }
     }
 
     deinit {
-        stopFaults.raise()
-        faultThread?.join()
-        requestTime.deallocate()
+        server.stop()
     }
 
     // MARK: Running
@@ -220,6 +211,13 @@ public final class MigrationDestination: @unchecked Sendable {
         // The closure may well capture this destination: do not keep it past the run.
         defer { self.onResume = nil }
         let start = monotonicNanoseconds()
+        // Started now, idle until the switchover registers the regions: starting its
+        // thread then would lengthen the pause.
+        do {
+            try server.start()
+        } catch {
+            throw fail(MigrationError(error))
+        }
         startReceivers()
         var completeSince: UInt64 = 0
         while true {
@@ -273,12 +271,10 @@ public final class MigrationDestination: @unchecked Sendable {
         receivers = []
         let report = makeReport()
         try? stream.send(.done, payload: report.encode())
-        stopFaults.raise()
-        faultThread?.join()
-        faultThread = nil
         if registered.load(ordering: .acquiring) {
             for r in regions { try? handle.unregister(r) }
         }
+        server.stop()
         // The source closes both connections once it has the report. One that drops
         // instead may have lost it: take the source back and answer its COMPLETE again.
         if !closedByPeer(stream) { answerLateResume(report) }
@@ -293,13 +289,13 @@ public final class MigrationDestination: @unchecked Sendable {
     }
 
     func makeReport() -> DestinationReport {
-        let clock = faultThreadClock.load(ordering: .acquiring)
+        let clock = requests.handlerClock.load(ordering: .acquiring)
         let faultCPU = clock == Int.min ? 0 : ThreadCPU.read(clockid_t(clock))
         let cpu = receiverCPU.load(ordering: .acquiring) + faultCPU
         return latency.withLock { state in
             DestinationReport(
-                faults: UInt64(faults.load(ordering: .relaxed)),
-                localZeroFaults: UInt64(localZero.load(ordering: .relaxed)),
+                faults: UInt64(requests.faults.load(ordering: .relaxed)),
+                localZeroFaults: UInt64(requests.localZero.load(ordering: .relaxed)),
                 p50: state.0.valueAtPercentile(50), p90: state.0.valueAtPercentile(90),
                 p99: state.0.valueAtPercentile(99), max: state.0.max,
                 blocktimeNanoseconds: state.1,

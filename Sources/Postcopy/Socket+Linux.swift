@@ -145,7 +145,7 @@ func monotonicNanoseconds() -> UInt64 { FaultTraceSink.now() }
 
 /// Lets the calling thread preempt busy ones when it wakes (SCHED_FIFO, low priority).
 ///
-/// The threads on a remote fault's path (fault thread, both urgent-channel threads) block
+/// The threads on a remote fault's path (the fault server's handler, both urgent-channel threads) block
 /// almost all the time; on a machine whose cores are busy with the workload and the
 /// stream, waiting for a time slice would otherwise dominate the fault latency.
 /// Without the privilege to do so, nothing changes.
