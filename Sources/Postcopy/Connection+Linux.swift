@@ -87,7 +87,7 @@ final class Connection: @unchecked Sendable {
     /// `quietAllowed`) the stall limit.
     func wait(_ events: Int16, quietAllowed: Bool, doing what: @autoclosure () -> String) throws(MigrationError) {
         while true {
-            let now = monotonicNanoseconds()
+            let now = MonotonicClock.nanoseconds()
             if now >= deadline { throw MigrationError(.connectionLost("\(what()): timed out")) }
             let untilDeadline = deadline == .max ? UInt64.max : deadline - now
             let stall = quietAllowed ? UInt64.max : stallNanoseconds

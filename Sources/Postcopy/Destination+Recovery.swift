@@ -30,9 +30,9 @@ extension MigrationDestination {
     /// recovery timeout holds whatever connecting peers do: each read and send of the
     /// handshake is bounded by it.
     func recover() -> MigrationError? {
-        let deadline = monotonicNanoseconds() + UInt64(max(0, options.recoveryTimeoutMilliseconds)) * 1_000_000
+        let deadline = MonotonicClock.nanoseconds() + UInt64(max(0, options.recoveryTimeoutMilliseconds)) * 1_000_000
         var acceptor = HelloAcceptor(listener, options)
-        while monotonicNanoseconds() < deadline {
+        while MonotonicClock.nanoseconds() < deadline {
             let pair: (Wire.Hello, Connection, Connection)?
             do {
                 pair = try acceptor.acceptPair(until: deadline, check: refuseUnlessResume)
@@ -52,9 +52,9 @@ extension MigrationDestination {
     /// may have missed DONE. Within the recovery timeout, take its resume (it finds no
     /// page missing) and answer its COMPLETE again.
     func answerLateResume(_ report: DestinationReport) {
-        let deadline = monotonicNanoseconds() + UInt64(max(0, options.recoveryTimeoutMilliseconds)) * 1_000_000
+        let deadline = MonotonicClock.nanoseconds() + UInt64(max(0, options.recoveryTimeoutMilliseconds)) * 1_000_000
         var acceptor = HelloAcceptor(listener, options)
-        while monotonicNanoseconds() < deadline {
+        while MonotonicClock.nanoseconds() < deadline {
             guard let (_, s, u) = try? acceptor.acceptPair(until: deadline, check: refuseUnlessResume) else { return }
             do {
                 try welcome(s, u, bitmap: receivedBitmap(), until: deadline)

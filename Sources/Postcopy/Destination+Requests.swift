@@ -1,4 +1,5 @@
 import FaultEngine
+import Userfaultfd
 import Synchronization
 
 #if canImport(Glibc)
@@ -44,7 +45,7 @@ final class PageRequests: DeferredPageSource, @unchecked Sendable {
         }
         let g = globalPage(fault)
         if requested.testAndSet(g) { return }
-        requestTime[g] = monotonicNanoseconds()
+        requestTime[g] = MonotonicClock.nanoseconds()
         faults.add(1, ordering: .relaxed)
         send(g, fd: urgentFD.load(ordering: .acquiring))
     }

@@ -96,7 +96,7 @@ extension MigrationDestination {
         do {
             result = try server.install(data, at: base, pages: count, byMove: options.installByMove) { i, n in
                 receivedCount.add(n, ordering: .releasing)
-                let now = monotonicNanoseconds()
+                let now = MonotonicClock.nanoseconds()
                 for g in (g0 + i)..<(g0 + i + n) where requests.requested.test(g) {
                     let waited = now &- requests.requestTime[g]
                     _ = histogram.record(waited)

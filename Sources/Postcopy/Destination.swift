@@ -114,7 +114,7 @@ public final class MigrationDestination: @unchecked Sendable {
     ///   (the source is told why); when no source shook hands in time, the reason the last
     ///   connection was refused (`badToken`, for one) or `connectionLost` if none came.
     public static func accept(on listener: MigrationListener, options: Options) throws(MigrationError) -> MigrationDestination {
-        let deadline = monotonicNanoseconds() + UInt64(max(0, options.handshakeTimeoutMilliseconds)) * 1_000_000
+        let deadline = MonotonicClock.nanoseconds() + UInt64(max(0, options.handshakeTimeoutMilliseconds)) * 1_000_000
         var acceptor = HelloAcceptor(listener, options)
         let pair = try acceptor.acceptPair(until: deadline) { hello in
             hello.resume ? MigrationError(.malformedFrame("a resume handshake for a migration this destination does not know")) : nil
@@ -210,7 +210,7 @@ public final class MigrationDestination: @unchecked Sendable {
         self.onResume = onResume
         // The closure may well capture this destination: do not keep it past the run.
         defer { self.onResume = nil }
-        let start = monotonicNanoseconds()
+        let start = MonotonicClock.nanoseconds()
         // Started now, idle until the switchover registers the regions: starting its
         // thread then would lengthen the pause.
         do {
@@ -227,8 +227,8 @@ public final class MigrationDestination: @unchecked Sendable {
                 if receivedCount.load(ordering: .acquiring) == table.totalPages {
                     return finish(start: start)
                 }
-                if completeSince == 0 { completeSince = monotonicNanoseconds() }
-                if monotonicNanoseconds() - completeSince > UInt64(options.recoveryTimeoutMilliseconds) * 1_000_000 {
+                if completeSince == 0 { completeSince = MonotonicClock.nanoseconds() }
+                if MonotonicClock.nanoseconds() - completeSince > UInt64(options.recoveryTimeoutMilliseconds) * 1_000_000 {
                     throw fail(MigrationError(.malformedFrame(
                         "the source declared the migration complete with \(table.totalPages - receivedPages) pages never sent")))
                 }
@@ -281,7 +281,7 @@ public final class MigrationDestination: @unchecked Sendable {
         stopReceivers()
         var stats = MigrationStatistics()
         stats.regionBytes = table.totalPages * table.pageSize
-        stats.totalSeconds = Double(monotonicNanoseconds() - start) / 1e9
+        stats.totalSeconds = Double(MonotonicClock.nanoseconds() - start) / 1e9
         stats.reconnects = reconnects
         stats.mode = !registered.load(ordering: .relaxed) ? .stopAndCopy : precopySeen.load(ordering: .relaxed) ? .precopyPostcopy : .postcopy
         report.apply(to: &stats)

@@ -63,7 +63,7 @@ struct HelloAcceptor {
         var slots: [Wire.Channel: (Wire.Hello, Connection)] = [:]
         defer { pending = [] }
         while true {
-            let now = monotonicNanoseconds()
+            let now = MonotonicClock.nanoseconds()
             if now >= deadline { return nil }
             expire(now)
             var fds = [pollfd(fd: listener.fd, events: Int16(POLLIN), revents: 0)]
@@ -100,7 +100,7 @@ struct HelloAcceptor {
         var accepted = 0
         while accepted < Self.maxPending, let connection = try listener.acceptNow() {
             // Its hello timeout runs from now, not from when the wait for it began.
-            let now = monotonicNanoseconds()
+            let now = MonotonicClock.nanoseconds()
             accepted += 1
             if pending.count >= Self.maxPending {
                 refuse(pending.removeFirst().connection,

@@ -138,11 +138,6 @@ func unixAddress(_ path: String) throws(MigrationError) -> sockaddr_un {
     return address
 }
 
-/// Monotonic nanoseconds: the package's one clock (`CLOCK_MONOTONIC`), which fault
-/// traces and statistics read too.
-@inline(__always)
-func monotonicNanoseconds() -> UInt64 { FaultTraceSink.now() }
-
 /// Lets the calling thread preempt busy ones when it wakes (SCHED_FIFO, low priority).
 ///
 /// The threads on a remote fault's path (the fault server's handler, both urgent-channel threads) block

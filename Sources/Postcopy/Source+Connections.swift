@@ -1,3 +1,4 @@
+import Userfaultfd
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -30,9 +31,9 @@ extension MigrationSource {
 
     /// Reconnects after a drop, within the recovery timeout.
     func reconnect(_ endpoint: MigrationEndpoint, id: UInt64) throws(MigrationError) -> (stream: Connection, urgent: Connection) {
-        let deadline = monotonicNanoseconds() + UInt64(max(0, options.recoveryTimeoutMilliseconds)) * 1_000_000
+        let deadline = MonotonicClock.nanoseconds() + UInt64(max(0, options.recoveryTimeoutMilliseconds)) * 1_000_000
         var last = MigrationError(.connectionLost("no attempt to reconnect was made"))
-        while monotonicNanoseconds() < deadline {
+        while MonotonicClock.nanoseconds() < deadline {
             do throws(MigrationError) {
                 return try connectPair(endpoint, id: id, resume: true, until: deadline)
             } catch {

@@ -122,7 +122,7 @@ public final class MigrationSource: @unchecked Sendable {
     ///   `connectionLost` if it could not be reached or a dropped connection could not be
     ///   re-established.
     public func migrate(to endpoint: MigrationEndpoint, pause: @Sendable () -> Void) throws(MigrationError) -> MigrationStatistics {
-        let start = monotonicNanoseconds()
+        let start = MonotonicClock.nanoseconds()
         let cpuStart = ThreadCPU.current()
         var stats = MigrationStatistics()
         stats.mode = options.mode
@@ -158,7 +158,7 @@ public final class MigrationSource: @unchecked Sendable {
         urgentThread?.join()
         urgentThread = nil
         stats.sourceCPUSeconds = Double(ThreadCPU.current() - cpuStart + urgentCPU.load(ordering: .acquiring)) / 1e9
-        stats.totalSeconds = Double(monotonicNanoseconds() - start) / 1e9
+        stats.totalSeconds = Double(MonotonicClock.nanoseconds() - start) / 1e9
         stats.precopyBytes = precopyBytes.load(ordering: .relaxed)
         stats.streamBytes = streamBytes.load(ordering: .relaxed)
         stats.streamZeroPages = streamZeroPages.load(ordering: .relaxed)
@@ -211,7 +211,7 @@ public final class MigrationSource: @unchecked Sendable {
     private func switchover(_ stream: Connection, tracker: DirtyTracker?, scratch: UnsafeMutableRawPointer,
                             pause: @Sendable () -> Void, stats: inout MigrationStatistics) throws(MigrationError) {
         pause()
-        let stopped = monotonicNanoseconds()
+        let stopped = MonotonicClock.nanoseconds()
         phase.store(MigrationProgress.Phase.switchover.rawValue, ordering: .relaxed)
         if let t = tracker { try t.scan { g in missing.testAndSet(g) } }
         if options.mode == .stopAndCopy {
@@ -221,7 +221,7 @@ public final class MigrationSource: @unchecked Sendable {
             try stream.send(.switchover, payload: Wire.encodeRuns(table.runs(setInBoth: missing, sentOnce)))
         }
         try expect(.resumed, on: stream)
-        stats.switchoverPauseMicroseconds = Double(monotonicNanoseconds() - stopped) / 1000
+        stats.switchoverPauseMicroseconds = Double(MonotonicClock.nanoseconds() - stopped) / 1000
         stats.pausePages = pausePages.load(ordering: .relaxed)
     }
 
@@ -229,13 +229,13 @@ public final class MigrationSource: @unchecked Sendable {
     private func postcopy(_ endpoint: MigrationEndpoint, id: UInt64, channels: inout (stream: Connection, urgent: Connection),
                           urgentThread: inout DedicatedThread?, scratch: UnsafeMutableRawPointer,
                           stats: inout MigrationStatistics) throws(MigrationError) {
-        let streamStart = monotonicNanoseconds()
+        let streamStart = MonotonicClock.nanoseconds()
         var streamEnd = streamStart
         urgentThread = startUrgent(channels.urgent)
         while true {
             do throws(MigrationError) {
                 try sendMissing(channels.stream, scratch: scratch, phase: .stream)
-                streamEnd = monotonicNanoseconds()
+                streamEnd = MonotonicClock.nanoseconds()
                 try channels.stream.send(.complete)
                 let payload = try expect(.done, on: channels.stream)
                 try DestinationReport.decode(payload).apply(to: &stats)

@@ -36,7 +36,7 @@ final class FaultyRelay: @unchecked Sendable {
             let fd = Glibc.accept(listener.fd, nil, nil)
             if fd < 0 { continue }
             let downstream = Connection(fd: fd)
-            guard let up = try? Connection.connect(to: upstream, deadline: monotonicNanoseconds() + 2_000_000_000) else { continue }
+            guard let up = try? Connection.connect(to: upstream, deadline: MonotonicClock.nanoseconds() + 2_000_000_000) else { continue }
             connections.add(1, ordering: .relaxed)
             live.withLock { $0.append((downstream, up)) }
             let threads = [

@@ -161,13 +161,13 @@ struct NetworkFaultTests {
     @Test func aCutLongerThanTheRecoveryTimeoutFailsClearly() throws {
         let network = try NetworkPair()
         defer { network.remove() }
-        let started = monotonicNanoseconds()
+        let started = MonotonicClock.nanoseconds()
         // No workload here: the pages that never arrive are poisoned and must not be touched.
         let outcome = try migrate(network, bytes: 256 << 20, timeouts: 500, workload: false) { _ in
             try? network.setLink(up: false)
         }
         // Stall limit plus recovery timeout on each side; the bound only says "not stuck".
-        #expect(monotonicNanoseconds() - started < 30_000_000_000)
+        #expect(MonotonicClock.nanoseconds() - started < 30_000_000_000)
         guard case .failure(let error)? = outcome.destination, case .recoveryTimedOut(let poisoned) = error.kind else {
             Issue.record("expected recoveryTimedOut on the destination, got \(String(describing: outcome.destination))")
             return
@@ -182,9 +182,9 @@ struct NetworkFaultTests {
     @Test(.enabled(if: networkSoakSeconds > 0, "the long form runs with UFFD_POSTCOPY_NETWORK_SOAK_SECONDS set"),
           .timeLimit(.minutes(60)))
     func soakWithRandomFaults() throws {
-        let end = monotonicNanoseconds() + UInt64(networkSoakSeconds * 1e9)
+        let end = MonotonicClock.nanoseconds() + UInt64(networkSoakSeconds * 1e9)
         var migrations = 0, reconnects = 0
-        while monotonicNanoseconds() < end {
+        while MonotonicClock.nanoseconds() < end {
             let network = try NetworkPair()
             defer { network.remove() }
             let relay = RelaySlot()

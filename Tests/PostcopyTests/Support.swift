@@ -35,10 +35,10 @@ enum Peer {
 
     /// Connects, retrying while nobody listens yet (up to `seconds`).
     static func connect(_ endpoint: MigrationEndpoint, seconds: Double = 10) throws -> Connection {
-        let deadline = monotonicNanoseconds() + UInt64(seconds * 1e9)
+        let deadline = MonotonicClock.nanoseconds() + UInt64(seconds * 1e9)
         while true {
             do { return try Connection.connect(to: endpoint) } catch {
-                if monotonicNanoseconds() > deadline { throw error }
+                if MonotonicClock.nanoseconds() > deadline { throw error }
                 usleep(20_000)
             }
         }
@@ -47,8 +47,8 @@ enum Peer {
     /// Accepts one connection on a listener within `seconds`.
     static func accept(_ listener: MigrationListener, seconds: Double = 10) throws -> Connection {
         var p = pollfd(fd: listener.fd, events: Int16(POLLIN), revents: 0)
-        let deadline = monotonicNanoseconds() + UInt64(seconds * 1e9)
-        while monotonicNanoseconds() < deadline {
+        let deadline = MonotonicClock.nanoseconds() + UInt64(seconds * 1e9)
+        while MonotonicClock.nanoseconds() < deadline {
             guard poll(&p, 1, 100) > 0 else { continue }
             let fd = Glibc.accept(listener.fd, nil, nil)
             if fd >= 0 { return Connection(fd: fd) }
@@ -94,9 +94,9 @@ struct ChildProcess {
 
     /// The wait status, or nil if it did not end within `seconds` (it is killed then).
     func wait(seconds: Double) -> Int32? {
-        let deadline = monotonicNanoseconds() + UInt64(seconds * 1e9)
+        let deadline = MonotonicClock.nanoseconds() + UInt64(seconds * 1e9)
         var status: Int32 = 0
-        while monotonicNanoseconds() < deadline {
+        while MonotonicClock.nanoseconds() < deadline {
             if waitpid(pid, &status, WNOHANG) == pid { return status }
             usleep(20_000)
         }
