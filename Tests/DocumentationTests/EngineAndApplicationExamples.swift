@@ -78,7 +78,7 @@ func client() throws {
     _ = client
 }
 
-@Suite("engine examples run", .sharesProcess, .serialized, .timeLimit(.minutes(1)))
+@Suite("engine examples run", .needsUserfaultfd, .sharesProcess, .serialized, .timeLimit(.minutes(1)))
 struct EngineExamplesRun {
     @Test("the in-memory serving example reads the source's byte")
     func fromMemory() throws {

@@ -137,7 +137,7 @@ func probing() -> String {
     return probe.text
 }
 
-@Suite("Userfaultfd examples run", .sharesProcess, .serialized)
+@Suite("Userfaultfd examples run", .needsUserfaultfd, .sharesProcess, .serialized)
 struct UserfaultfdExamplesRun {
     @Test("the copy examples install the page, then find it present")
     func copies() throws {

@@ -7,7 +7,7 @@ import Testing
 let uffdExecutable = builtExecutable("uffd")
 
 extension FaultBenchTests {
-    @Suite("uffd bench command", .enabled(if: uffdExecutable != nil, "the uffd executable is built next to the tests"))
+    @Suite("uffd bench command", .needsUserfaultfd, .enabled(if: uffdExecutable != nil, "the uffd executable is built next to the tests"))
     struct BenchCommandTests {
         @Test("--only takes contender names, runs just those, and prints JSON the model decodes")
         func onlyRunsTheNamedContenders() throws {

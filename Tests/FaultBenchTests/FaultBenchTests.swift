@@ -10,7 +10,7 @@ let baselineContenders: [Contender] = Contender.allCases.filter { !$0.usesEngine
 /// Those of them that install bytes from the source (all but kernel-first-touch).
 let sourceContenders: [Contender] = baselineContenders.filter { $0 != .kernelFirstTouch }
 
-@Suite("uffd bench", .serialized, .sharesProcess, .timeLimit(.minutes(1)))
+@Suite("uffd bench", .needsUserfaultfd, .serialized, .sharesProcess, .timeLimit(.minutes(1)))
 struct FaultBenchTests {
     @Test("A quick run of every C and kernel contender verifies, on both patterns")
     func quickBaselineRunVerifies() throws {
@@ -195,7 +195,7 @@ func maxMapCount() -> Int? {
 }
 
 extension FaultBenchTests {
-    @Suite("with the engine")
+    @Suite("with the engine", .needsUserfaultfd)
     struct EngineContenderTests {
         @Test("Every engine contender the running kernel supports verifies on a quick run")
         func engineContendersVerify() throws {

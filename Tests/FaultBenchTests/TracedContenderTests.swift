@@ -3,7 +3,7 @@ import Testing
 import Userfaultfd
 @testable import FaultBench
 
-@Suite("uffd bench: the traced contender", .sharesProcess, .serialized, .timeLimit(.minutes(1)))
+@Suite("uffd bench: the traced contender", .needsUserfaultfd, .sharesProcess, .serialized, .timeLimit(.minutes(1)))
 struct TracedContenderTests {
     @Test("The traced 4 KiB handler verifies, records every fault and is compared with the untraced one")
     func tracedHandlerIsMeasuredBesideTheUntracedOne() throws {

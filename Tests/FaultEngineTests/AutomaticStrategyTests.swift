@@ -13,7 +13,7 @@ extension FaultEngineTests {
     /// The default (automatic) configuration on every kind of memory and source it
     /// serves: the strategy it chooses, and every byte right while four threads fault
     /// on the region at once and the populate thread installs it in the background.
-    @Suite(.serialized, .timeLimit(.minutes(2)))
+    @Suite(.needsUserfaultfd, .serialized, .timeLimit(.minutes(2)))
     struct AutomaticStrategyTests {
         static let pages = 1024
         static let threads = 4

@@ -1,6 +1,7 @@
 import FaultEngine
 import Synchronization
 import Testing
+import TestSupport
 import Userfaultfd
 
 #if canImport(Glibc)
@@ -51,7 +52,7 @@ func imageBuffer(pages: Int) -> UnsafeMutableRawPointer {
 }
 
 extension FaultEngineTests {
-    @Suite(.serialized, .timeLimit(.minutes(1)))
+    @Suite(.needsUserfaultfd, .serialized, .timeLimit(.minutes(1)))
     struct DeferredSourceTests {
         /// Four threads fault on every page in different orders while a receiver installs
         /// what they ask for and, between requests, streams the pages in order: every

@@ -43,7 +43,7 @@ func allZero(_ base: UnsafeRawPointer, count: Int) -> Bool {
 }
 
 extension FaultEngineTests {
-    @Suite(.serialized, .usesHugePages, .timeLimit(.minutes(1)))
+    @Suite(.needsUserfaultfd, .serialized, .usesHugePages, .timeLimit(.minutes(1)))
     struct HugePageTests {
         static let pages = 4
 
@@ -250,7 +250,7 @@ extension FaultEngineTests {
     /// A quick look at serving 16 MiB as 2 MiB pages against 4 KiB pages and the
     /// kernel's own hugetlb fault (not a benchmark). Runs only with
     /// `FAULT_ENGINE_MEASURE_HUGE=<rounds>`; contenders alternate within each round.
-    @Suite(.serialized, .usesHugePages, .timeLimit(.minutes(5)),
+    @Suite(.needsUserfaultfd, .serialized, .usesHugePages, .timeLimit(.minutes(5)),
            .enabled(if: getenv("FAULT_ENGINE_MEASURE_HUGE") != nil, "set FAULT_ENGINE_MEASURE_HUGE=<rounds> to measure"))
     struct HugePageMeasureTests {
         @Test(.needsFreeHugePages(4))

@@ -1,6 +1,7 @@
 import FaultEngine
 import Synchronization
 import Testing
+import TestSupport
 import Userfaultfd
 
 #if canImport(Glibc)
@@ -13,7 +14,7 @@ import Musl
 let childReportedErrors = Atomic<Int>(0)
 
 extension FaultEngineTests {
-    @Suite(.serialized, .timeLimit(.minutes(1)))
+    @Suite(.needsUserfaultfd, .serialized, .timeLimit(.minutes(1)))
     struct InstallFailureTests {
         /// A file that shrinks after the server started: COPY from its mapping fails with
         /// EFAULT (the move strategy's pread comes up short). Retrying cannot fix that, so

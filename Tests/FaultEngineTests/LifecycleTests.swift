@@ -12,7 +12,7 @@ import Musl
 #endif
 
 extension FaultEngineTests {
-    @Suite(.serialized, .timeLimit(.minutes(1)))
+    @Suite(.needsUserfaultfd, .serialized, .timeLimit(.minutes(1)))
     struct LifecycleTests {
         @Test(.ownsProcess) func stopIsIdempotentAndLeaksNoDescriptor() throws {
             let before = openDescriptorCount()

@@ -1,5 +1,6 @@
 import FaultEngine
 import Testing
+import TestSupport
 import Userfaultfd
 import _CFaultEngine
 
@@ -12,7 +13,7 @@ import Musl
 extension FaultEngineTests {
     /// A quick look at µs per page for each named configuration (not a benchmark:
     /// `uffd bench` is). Runs only with `FAULT_ENGINE_MEASURE=<MiB>`, best in release.
-    @Suite(.serialized, .timeLimit(.minutes(10)), .enabled(if: getenv("FAULT_ENGINE_MEASURE") != nil, "set FAULT_ENGINE_MEASURE=<MiB> to measure"))
+    @Suite(.needsUserfaultfd, .serialized, .timeLimit(.minutes(10)), .enabled(if: getenv("FAULT_ENGINE_MEASURE") != nil, "set FAULT_ENGINE_MEASURE=<MiB> to measure"))
     struct MeasureTests {
         @Test func microsecondsPerPage() throws {
             let mib = getenv("FAULT_ENGINE_MEASURE").flatMap { Int(String(cString: $0)) } ?? 256

@@ -1,5 +1,6 @@
 import FaultEngine
 import Testing
+import TestSupport
 import Userfaultfd
 
 #if canImport(Glibc)
@@ -11,7 +12,7 @@ import Musl
 extension FaultEngineTests {
     /// A source whose length is not a whole number of pages: its last page is served,
     /// the bytes past the end as zeros, by every strategy and both kinds of source.
-    @Suite(.serialized, .timeLimit(.minutes(1)))
+    @Suite(.needsUserfaultfd, .serialized, .timeLimit(.minutes(1)))
     struct PartialPageSourceTests {
         static let pages = 6
         static let length = 5 * page + 100

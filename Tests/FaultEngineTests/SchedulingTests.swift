@@ -1,6 +1,7 @@
 import FaultEngine
 import Synchronization
 import Testing
+import TestSupport
 import Userfaultfd
 
 #if canImport(Glibc)
@@ -10,7 +11,7 @@ import Musl
 #endif
 
 extension FaultEngineTests {
-    @Suite(.serialized, .timeLimit(.minutes(1)))
+    @Suite(.needsUserfaultfd, .serialized, .timeLimit(.minutes(1)))
     struct SchedulingTests {
         /// The policy of the thread that fills pages: the handler thread, for the copy strategy.
         private func handlerPolicy(priority: Int) throws -> (policy: Int32, lastError: String?) {

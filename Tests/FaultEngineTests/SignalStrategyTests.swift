@@ -1,5 +1,6 @@
 import FaultEngine
 import Testing
+import TestSupport
 import Userfaultfd
 
 #if canImport(Glibc)
@@ -10,7 +11,7 @@ import Musl
 
 extension FaultEngineTests {
     /// FEATURE_SIGBUS: faults are resolved in the faulting thread by the C resolver.
-    @Suite(.serialized, .timeLimit(.minutes(1)))
+    @Suite(.needsUserfaultfd, .serialized, .timeLimit(.minutes(1)))
     struct SignalStrategyTests {
         static let features: Userfaultfd.Features = [.sigbus, .eventRemove, .eventUnmap, .eventRemap]
 

@@ -1,5 +1,6 @@
 import FaultEngine
 import Testing
+import TestSupport
 import Userfaultfd
 
 #if canImport(Glibc)
@@ -9,7 +10,7 @@ import Musl
 #endif
 
 extension FaultEngineTests {
-    @Suite(.serialized, .timeLimit(.minutes(1)))
+    @Suite(.needsUserfaultfd, .serialized, .timeLimit(.minutes(1)))
     struct SourceTests {
         @Test func zeroSourceServesZeros() throws {
             let pages = 40

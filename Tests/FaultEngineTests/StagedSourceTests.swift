@@ -1,5 +1,6 @@
 import FaultEngine
 import Testing
+import TestSupport
 import Userfaultfd
 
 #if canImport(Glibc)
@@ -11,7 +12,7 @@ import Musl
 extension FaultEngineTests {
     /// The staging pool: the move strategy takes staged pages with UFFDIO_MOVE and copies
     /// in place what is not staged yet; every byte right while four threads fault at once.
-    @Suite(.serialized, .timeLimit(.minutes(2)))
+    @Suite(.needsUserfaultfd, .serialized, .timeLimit(.minutes(2)))
     struct StagedSourceTests {
         static let pages = 1024
         static let threads = 4

@@ -1,6 +1,7 @@
 import FaultEngine
 import Synchronization
 import Testing
+import TestSupport
 import Userfaultfd
 
 #if canImport(Glibc)
@@ -17,7 +18,7 @@ extension FaultEngineTests {
     ///
     /// The short form (20 000 faults) runs in CI. `FAULT_ENGINE_STRESS_FAULTS=10000000`
     /// runs the long form (about 10 million faults; minutes in release, longer in debug).
-    @Suite(.serialized, .timeLimit(stressTimeLimit))
+    @Suite(.needsUserfaultfd, .serialized, .timeLimit(stressTimeLimit))
     struct StressTests {
         static var faultTarget: Int {
             guard let text = getenv("FAULT_ENGINE_STRESS_FAULTS") else { return 20_000 }

@@ -8,7 +8,7 @@ import Glibc
 #endif
 
 /// `uffd migrate` as a user runs it: what it prints and how it ends.
-@Suite(.sharesProcess, .serialized, .timeLimit(.minutes(1)))
+@Suite(.needsUserfaultfd, .sharesProcess, .serialized, .timeLimit(.minutes(1)))
 struct MigrateCommandTests {
     /// A source that shakes hands for the demo workload (4 MiB and its log), switches
     /// over, lets the destination's workload fault on pages it never sends, then vanishes.

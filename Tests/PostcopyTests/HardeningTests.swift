@@ -9,7 +9,7 @@ import Glibc
 #endif
 
 /// A destination and a source facing peers that misbehave: silent, slow, lying, hostile.
-@Suite(.sharesProcess, .serialized, .timeLimit(.minutes(1)))
+@Suite(.needsUserfaultfd, .sharesProcess, .serialized, .timeLimit(.minutes(1)))
 struct HardeningTests {
     func migrateOneMiB(to endpoint: MigrationEndpoint) throws -> MemoryMapping {
         let source = try MemoryMapping.anonymous(length: 1 << 20)
@@ -141,7 +141,7 @@ struct HardeningTests {
 }
 
 /// A source facing a destination that reports errors it should not be trusted with.
-@Suite(.sharesProcess, .serialized, .timeLimit(.minutes(1)))
+@Suite(.needsUserfaultfd, .sharesProcess, .serialized, .timeLimit(.minutes(1)))
 struct PeerErrorTextTests {
     /// A fake destination: takes both hellos, then sends `bytes` on the stream channel.
     func fakeDestination(sending bytes: [UInt8]) throws -> (MigrationListener, DedicatedThread) {

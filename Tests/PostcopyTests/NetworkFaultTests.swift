@@ -20,7 +20,7 @@ let networkSoakSeconds = getenv("UFFD_POSTCOPY_NETWORK_SOAK_SECONDS").flatMap { 
 /// in another, a veth pair between them, and faults on the way (the link going down and
 /// up, a relay that delays, stalls and resets). The migration must recover with every
 /// page right, or fail with a clear error within its timeouts.
-@Suite(.sharesProcess, .serialized, .timeLimit(.minutes(5)),
+@Suite(.needsUserfaultfd, .sharesProcess, .serialized, .timeLimit(.minutes(5)),
        .enabled(if: NetworkPair.available, "needs root, ip from iproute2 and setns to make network namespaces"))
 struct NetworkFaultTests {
     /// What one migration across the pair gave.

@@ -67,7 +67,7 @@ final class DestinationRun: @unchecked Sendable {
     func wait() { thread?.join() }
 }
 
-@Suite(.serialized, .sharesProcess, .timeLimit(.minutes(1)))
+@Suite(.needsUserfaultfd, .serialized, .sharesProcess, .timeLimit(.minutes(1)))
 struct EndToEndTests {
     @Test func postcopyOnlyCopiesEveryByteAndServesFaults() throws {
         let source = try MemoryMapping.anonymous(length: testBytes)
@@ -273,7 +273,7 @@ func runHelper(_ argument: String) throws -> Int32 {
     return status
 }
 
-@Suite(.serialized, .sharesProcess, .timeLimit(.minutes(1)))
+@Suite(.needsUserfaultfd, .serialized, .sharesProcess, .timeLimit(.minutes(1)))
 struct HostilePeerTests {
     /// A fake source that shakes hands (optionally wrongly) and then sends `bytes` on the stream channel.
     func fakeSource(to endpoint: MigrationEndpoint, token: [UInt8] = token, version: UInt8 = Wire.version,

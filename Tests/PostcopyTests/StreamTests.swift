@@ -10,7 +10,7 @@ import Glibc
 #endif
 
 /// The pages a source sends along with a requested one, and the CPU time both sides report.
-@Suite(.serialized, .sharesProcess, .timeLimit(.minutes(1)))
+@Suite(.needsUserfaultfd, .serialized, .sharesProcess, .timeLimit(.minutes(1)))
 struct StreamTests {
     /// Migrates `testBytes` while a destination thread touches pages far from where the
     /// stream starts, going down by 97 pages: each fault is a request.
