@@ -1,3 +1,5 @@
+import Userfaultfd
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -160,7 +162,7 @@ enum Wire {
             if tokenLength == 0 || tokenLength > Wire.maxTokenLength {
                 throw MigrationError(.badToken)
             }
-            let token = try r.take(tokenLength)
+            let token = Array(try r.bytes(tokenLength))
             if !r.atEnd { throw MigrationError(.malformedFrame("\(r.remaining) trailing bytes after hello")) }
             return Hello(channel: channel, resume: flags == 1, pageSize: pageSize, migrationID: id, regionLengths: lengths, token: token)
         }
@@ -213,32 +215,16 @@ enum Wire {
     }
 }
 
-struct ByteWriter {
-    var bytes: [UInt8] = []
-    mutating func u8(_ v: UInt8) { bytes.append(v) }
-    mutating func u16(_ v: UInt16) { withUnsafeBytes(of: v.littleEndian) { bytes.append(contentsOf: $0) } }
-    mutating func u32(_ v: UInt32) { withUnsafeBytes(of: v.littleEndian) { bytes.append(contentsOf: $0) } }
-    mutating func u64(_ v: UInt64) { withUnsafeBytes(of: v.littleEndian) { bytes.append(contentsOf: $0) } }
-}
+/// Writes the integers of a frame, little-endian.
+typealias ByteWriter = LittleEndianWriter
 
-struct ByteReader {
-    let bytes: [UInt8]
-    var offset = 0
-    init(_ bytes: [UInt8]) { self.bytes = bytes }
-    var atEnd: Bool { offset == bytes.count }
-    var remaining: Int { bytes.count - offset }
+/// Reads the integers of a frame; a read past the end is a malformed frame.
+typealias ByteReader = LittleEndianReader<MigrationError>
 
-    mutating func take(_ n: Int) throws(MigrationError) -> [UInt8] {
-        if n > remaining { throw MigrationError(.malformedFrame("payload truncated: wanted \(n) more bytes, \(remaining) left")) }
-        defer { offset += n }
-        return Array(bytes[offset..<offset + n])
-    }
-    mutating func u8() throws(MigrationError) -> UInt8 { try take(1)[0] }
-    mutating func u16() throws(MigrationError) -> UInt16 { try int(UInt16.self) }
-    mutating func u32() throws(MigrationError) -> UInt32 { try int(UInt32.self) }
-    mutating func u64() throws(MigrationError) -> UInt64 { try int(UInt64.self) }
-    private mutating func int<T: FixedWidthInteger>(_: T.Type) throws(MigrationError) -> T {
-        let raw = try take(MemoryLayout<T>.size)
-        return raw.withUnsafeBytes { T(littleEndian: $0.loadUnaligned(as: T.self)) }
+extension LittleEndianReader where Failure == MigrationError {
+    init(_ data: [UInt8]) {
+        self.init(data) { _, needed, left in
+            MigrationError(.malformedFrame("payload truncated: wanted \(needed) more bytes, \(left) left"))
+        }
     }
 }
