@@ -293,18 +293,7 @@ extension HandlerLoop {
         StatisticsCounters.add(counters.missing, 1)
         var lookups = 0
         while !gone {
-            guard let entry = table.lookup(address) else {
-                if lookups < 3 {
-                    lookups += 1
-                    sched_yield()
-                    continue
-                }
-                StatisticsCounters.add(counters.outside, 1)
-                report(.faultOutsideRegions(address: address))
-                let page = MemoryRange(start: address, length: ps)
-                if (try? handle.poison(page)) == nil { try? handle.wake(page) }
-                return
-            }
+            guard let entry = region(holding: address, lookups: &lookups) else { return }
             let page = (address &- entry.range.start) / ps
             let request = DeferredFault(address: address, sourceOffset: entry.sourceOffset &+ page &* ps)
             if entry.isZeroed(page) {

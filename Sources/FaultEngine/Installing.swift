@@ -10,6 +10,26 @@ import Musl
 /// Serving one fault: the chunk around it, the runs of missing pages in the chunk,
 /// the ioctl loop, and what happens when the source fails.
 extension HandlerLoop {
+    /// The region that holds `address`. While another handler may be applying a REMAP
+    /// the lookup is tried again shortly (up to three times per fault, counted in
+    /// `lookups`); nil then means the fault is not ours to fill: it is poisoned, so the
+    /// thread gets SIGBUS instead of faulting here forever, and reported. Nothing is
+    /// installed outside the regions.
+    @inline(__always)
+    func region(holding address: UInt64, lookups: inout Int) -> RegionEntry? {
+        while true {
+            if let entry = table.lookup(address) { return entry }
+            if lookups >= 3 { break }
+            lookups += 1
+            sched_yield()
+        }
+        StatisticsCounters.add(counters.outside, 1)
+        report(.faultOutsideRegions(address: address))
+        let page = MemoryRange(start: address, length: ps)
+        if (try? handle.poison(page)) == nil { try? handle.wake(page) }
+        return nil
+    }
+
     // MARK: - One fault
 
     @inline(__always)
@@ -32,21 +52,7 @@ extension HandlerLoop {
         var first = true
         var lookups = 0
         while !gone {
-            guard let entry = table.lookup(address) else {
-                // Another handler may be applying a REMAP right now: look again shortly.
-                if lookups < 3 {
-                    lookups += 1
-                    sched_yield()
-                    continue
-                }
-                // Not ours to fill: poison it, so the thread gets SIGBUS instead of
-                // faulting here forever. Nothing is installed outside the regions.
-                StatisticsCounters.add(counters.outside, 1)
-                report(.faultOutsideRegions(address: address))
-                let page = MemoryRange(start: address, length: ps)
-                if (try? handle.poison(page)) == nil { try? handle.wake(page) }
-                return
-            }
+            guard let entry = region(holding: address, lookups: &lookups) else { return }
             let page = (address &- entry.range.start) / ps
             let pages = entry.range.length / ps
             if first {
