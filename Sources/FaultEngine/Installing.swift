@@ -180,6 +180,16 @@ extension HandlerLoop {
                 try handle.copy(to: destination &+ UInt64(off), from: bytesInPlace + off, length: bytes - off)
             }
         }
+        return installThroughStaging(entry, from: i, to: j, faultPage: faultPage, minorFault: minorFault, zeroed: zeroed)
+    }
+
+    /// Installs pages `i ..< j` from the handler's staging buffer, filled from the source
+    /// first: MOVE where the memory allows it, COPY otherwise (and from where MOVE stopped).
+    @inline(__always)
+    func installThroughStaging(_ entry: RegionEntry, from i: UInt64, to j: UInt64, faultPage: UInt64,
+                               minorFault: Bool, zeroed: UInt64) -> InstallResult {
+        let bytes = Int((j &- i) &* ps)
+        let destination = entry.range.start &+ i &* ps
         do {
             try fill(staging, entry: entry, from: i, to: j, zeroed: zeroed)
         } catch {
