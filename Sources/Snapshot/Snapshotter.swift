@@ -82,9 +82,8 @@ public final class Snapshotter: @unchecked Sendable {
     ///
     /// - Throws: ``SnapshotError`` if a region is unaligned, overlaps another, is
     ///   shared hugetlb memory or a private file mapping, mixes hugetlb with other
-    ///   memory (one page size per file), asks for incremental captures of hugetlb
-    ///   memory, or the kernel lacks WP_UNPOPULATED (anonymous) or WP_HUGETLBFS_SHMEM
-    ///   (shmem, hugetlb).
+    ///   memory (one page size per file), or the kernel lacks WP_UNPOPULATED
+    ///   (anonymous) or WP_HUGETLBFS_SHMEM (shmem, hugetlb).
     public init(regions ranges: [MemoryRange], options: Options = Options()) throws(SnapshotError) {
         var regions: [SnapshotFormat.Region] = []
         var layout: [RegionLayout] = []
@@ -112,10 +111,6 @@ public final class Snapshotter: @unchecked Sendable {
             first += Int(range.length) / ps
         }
         guard !regions.isEmpty else { throw SnapshotError(.invalidArgument("no region given")) }
-        if options.incremental && ps != systemPageSize {
-            throw SnapshotError(.unsupported("incremental snapshots of hugetlb memory (\(ps / 1024) KiB pages): "
-                + "write tracking for deltas covers anonymous and shmem/memfd memory only"))
-        }
         var features: Userfaultfd.Features = [.wpUnpopulated]
         if regions.contains(where: { $0.kind != .anonymous }) { features.insert(.wpHugetlbfsShmem) }
         do {
