@@ -98,6 +98,21 @@ extension SnapshotTests {
                 bad += Self.mismatches(instant, hugePage: h, in: buffer)
             }
             #expect(bad.isEmpty, "flattened: \(bad.prefix(10)) of \(bad.count)")
+
+            // Restored lazily into 4 KiB anonymous memory through a FaultServer, whose
+            // fills are parts of the chain's huge pages.
+            let target = try MemoryMapping.anonymous(length: chain.pageCount * Self.huge)
+            let uffd = try Userfaultfd(features: [])
+            try uffd.handle.register(target.range, mode: .missing)
+            let server = try FaultServer(userfaultfd: uffd, regions: [ServedRegion(range: target.range)], source: source)
+            try server.start()
+            bad = []
+            for h in 0..<8 {
+                memcpy(buffer, target.base + h * Self.huge, Self.huge)
+                bad += Self.mismatches(instant, hugePage: h, in: buffer)
+            }
+            server.stop()
+            #expect(bad.isEmpty, "restored through a FaultServer: \(bad.prefix(10)) of \(bad.count)")
         }
 
         @Test(.needsFreeHugePages(2), .usesHugePages)
