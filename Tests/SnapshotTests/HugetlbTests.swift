@@ -206,3 +206,19 @@ extension SnapshotTests.HugetlbTests {
         #expect(delta.kindCounts()[.unchanged] == 4, "the four never-written huge pages stay with the parent: \(delta.kindCounts())")
     }
 }
+
+extension SnapshotTests.HugetlbTests {
+    @Test(.needsFreeHugePages(2), .usesHugePages, .enabled(if: commandsBuilt, "needs uffd built"))
+    func inspectShowsAHugetlbFile() throws {
+        let memory = try TestMemory(hugetlbLength: 2 * Self.huge)
+        for p in 0..<Self.subpages { memory.write(page: p, version: 1) }
+        let file = TemporaryPath("hugetlb-inspect")
+        _ = try Snapshotter(regions: [memory.range]).capture(to: file.path).wait()
+        let (status, output) = try runUffd(["snapshot", "inspect", file.path])
+        #expect(status == 0, "\(output)")
+        #expect(output.contains("\(Self.huge)-byte pages"), "\(output)")
+        #expect(output.contains("(2 pages, hugetlb)"), "\(output)")
+        #expect(output.contains("data 1"), "\(output)")
+        #expect(output.contains("checksums: all"), "\(output)")
+    }
+}
