@@ -9,8 +9,9 @@ import Userfaultfd
 enum MemoryProbe {
     /// The kind and page size of every mapping in `range`, which must all be alike.
     ///
-    /// - Throws: ``SnapshotError/Kind/unsupported(_:)`` for shared hugetlb memory, private
-    ///   file mappings, a range not wholly mapped, or a range mixing kinds or page sizes.
+    /// - Throws: ``SnapshotError/Kind/unsupported(_:)`` for shared hugetlb memory, hugetlb
+    ///   pages other than 2 MiB, private file mappings, a range not wholly mapped, or a
+    ///   range mixing kinds or page sizes.
     static func kind(of range: MemoryRange) throws(SnapshotError) -> (kind: SnapshotFormat.MemoryKind, pageSize: Int) {
         guard let f = fopen("/proc/self/smaps", "r") else { throw SnapshotError.system("open /proc/self/smaps") }
         defer { fclose(f) }
@@ -32,6 +33,11 @@ enum MemoryProbe {
                 if c.shared {
                     throw SnapshotError(.unsupported("shared hugetlb memory (a hugetlbfs file or MFD_HUGETLB memfd, "
                         + "\(pageSize / 1024) KiB pages) at \(range): only private hugetlb memory (MAP_PRIVATE | MAP_HUGETLB) is snapshotted"))
+                }
+                // A 1 GiB page would need a 1 GiB staging slot and stream chunk.
+                guard pageSize == HugePages.size else {
+                    throw SnapshotError(.unsupported("hugetlb memory with \(pageSize / 1024) KiB pages at \(range): "
+                        + "only \(HugePages.size / 1024) KiB huge pages are snapshotted"))
                 }
                 kinds.insert(.hugetlb)
                 return
