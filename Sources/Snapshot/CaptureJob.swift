@@ -86,7 +86,7 @@ final class CaptureJob: @unchecked Sendable {
         do { stop = try StopSignal() } catch { throw SnapshotError.system("eventfd", error.errno?.rawValue ?? EIO) }
         capacity = max(1, options.stagingBytes / pageSize)
         streamChunkPages = max(1, options.streamChunkBytes / pageSize)
-        faultChunkPages = max(1, min(options.faultChunkPages, capacity))
+        faultChunkPages = pageSize > systemPageSize ? 1 : max(1, min(options.faultChunkPages, capacity))
         handlerPriority = options.handlerPriority
         state = .allocate(capacity: max(1, pageCount))
         state.initialize(repeating: PageState.pending, count: max(1, pageCount))

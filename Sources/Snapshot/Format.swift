@@ -65,6 +65,8 @@ public enum SnapshotFormat {
         case anonymous = 0
         /// Shared memory: shmem or a memfd.
         case shmem = 1
+        /// Private hugetlb memory (MAP_HUGETLB); the file's page size is its huge page size.
+        case hugetlb = 2
     }
 
     /// One index entry: kind in the two high bits, record number below.

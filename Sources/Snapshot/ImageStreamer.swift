@@ -23,7 +23,8 @@ final class ImageStreamer: @unchecked Sendable {
             throw SnapshotError.system("open /proc/self/pagemap", error.errno?.rawValue ?? EIO)
         }
         mine = .allocate(capacity: job.streamChunkPages)
-        residency = .allocate(capacity: job.streamChunkPages)
+        // mincore answers per base page, also for hugetlb.
+        residency = .allocate(capacity: job.streamChunkPages * max(1, job.pageSize / systemPageSize))
     }
 
     deinit {
@@ -114,7 +115,11 @@ final class ImageStreamer: @unchecked Sendable {
         let start = job.address(of: first, in: region)
         let ps = job.pageSize
         let count = end - first
-        if job.layout[region].kind == .shmem { return try writeShared(first: first, count: count, from: start) }
+        switch job.layout[region].kind {
+        case .shmem: return try writeShared(first: first, count: count, from: start)
+        case .hugetlb: return try writeHugetlb(first: first, count: count, from: start)
+        case .anonymous: break
+        }
         var cursor = first
         var scanFrom = start
         let scanEnd = start + UInt64(count * ps)
@@ -162,6 +167,27 @@ final class ImageStreamer: @unchecked Sendable {
             let resident = residency[p] & 1 != 0
             while q < count && (residency[q] & 1 != 0) == resident { q += 1 }
             if resident { try record(first + p, q - p, from: start + UInt64(p * ps)) } else { job.writer.mark(first: first + p, count: q - p, .hole) }
+            p = q
+        }
+    }
+
+    /// Writes private hugetlb pages. PAGEMAP_SCAN shows a never-touched protected huge
+    /// page as swapped, like a page in migration, and reading it would allocate a huge
+    /// page; mincore tells them apart (the write-protect marker reads as not resident,
+    /// a migration entry as resident), so resident pages are read (zeros stored as
+    /// zero) and the others are holes.
+    private func writeHugetlb(first: Int, count: Int, from start: UInt64) throws(SnapshotError) {
+        let ps = job.pageSize
+        let perPage = ps / systemPageSize
+        if mincore(UnsafeMutableRawPointer(bitPattern: UInt(start)), count * ps, residency) != 0 {
+            throw SnapshotError.system("mincore")
+        }
+        var p = 0
+        while p < count {
+            var q = p + 1
+            let resident = residency[p * perPage] & 1 != 0
+            while q < count && (residency[q * perPage] & 1 != 0) == resident { q += 1 }
+            if resident { try writeNonZero(first + p, q - p, from: start + UInt64(p * ps)) } else { job.writer.mark(first: first + p, count: q - p, .hole) }
             p = q
         }
     }

@@ -7,14 +7,16 @@ import Userfaultfd
 
 /// What memory a range of the calling process is, from `/proc/self/smaps`.
 enum MemoryProbe {
-    /// The kind of every mapping in `range`, which must all be of one kind.
+    /// The kind and page size of every mapping in `range`, which must all be alike.
     ///
-    /// - Throws: ``SnapshotError/Kind/unsupported(_:)`` for hugetlb memory, private file
-    ///   mappings, a range not wholly mapped, or a range mixing kinds.
-    static func kind(of range: MemoryRange) throws(SnapshotError) -> SnapshotFormat.MemoryKind {
+    /// - Throws: ``SnapshotError/Kind/unsupported(_:)`` for shared hugetlb memory, hugetlb
+    ///   pages other than 2 MiB, private file mappings, a range not wholly mapped, or a
+    ///   range mixing kinds or page sizes.
+    static func kind(of range: MemoryRange) throws(SnapshotError) -> (kind: SnapshotFormat.MemoryKind, pageSize: Int) {
         guard let f = fopen("/proc/self/smaps", "r") else { throw SnapshotError.system("open /proc/self/smaps") }
         defer { fclose(f) }
         var kinds = Set<SnapshotFormat.MemoryKind>()
+        var pageSizes = Set<Int>()
         var covered: UInt64 = 0
         var current: (start: UInt64, end: UInt64, shared: Bool, path: String)?
         var line = [CChar](repeating: 0, count: 4096)
@@ -24,9 +26,21 @@ enum MemoryProbe {
             let lo = max(c.start, range.start), hi = min(c.end, range.end)
             guard lo < hi else { return }
             covered += hi - lo
+            pageSizes.insert(pageSize)
             if pageSize > systemPageSize {
-                throw SnapshotError(.unsupported("hugetlb memory (\(pageSize / 1024) KiB pages) at \(range): "
-                    + "only anonymous (with or without transparent huge pages) and shmem/memfd memory are snapshotted"))
+                // A shared hugetlb page may sit in the file's page cache without being
+                // mapped here: neither the page table nor mincore tells it from a hole.
+                if c.shared {
+                    throw SnapshotError(.unsupported("shared hugetlb memory (a hugetlbfs file or MFD_HUGETLB memfd, "
+                        + "\(pageSize / 1024) KiB pages) at \(range): only private hugetlb memory (MAP_PRIVATE | MAP_HUGETLB) is snapshotted"))
+                }
+                // A 1 GiB page would need a 1 GiB staging slot and stream chunk.
+                guard pageSize == HugePages.size else {
+                    throw SnapshotError(.unsupported("hugetlb memory with \(pageSize / 1024) KiB pages at \(range): "
+                        + "only \(HugePages.size / 1024) KiB huge pages are snapshotted"))
+                }
+                kinds.insert(.hugetlb)
+                return
             }
             if c.shared { kinds.insert(.shmem); return }
             if c.path.isEmpty || c.path.hasPrefix("[") { kinds.insert(.anonymous); return }
@@ -52,9 +66,12 @@ enum MemoryProbe {
             throw SnapshotError(.invalidArgument("\(range) is not wholly mapped"))
         }
         guard kinds.count == 1, let kind = kinds.first else {
-            throw SnapshotError(.invalidArgument("\(range) mixes anonymous and shared memory: give each part as its own region"))
+            throw SnapshotError(.invalidArgument("\(range) mixes anonymous, shared or hugetlb memory: give each part as its own region"))
         }
-        return kind
+        guard pageSizes.count == 1, let pageSize = pageSizes.first else {
+            throw SnapshotError(.invalidArgument("\(range) mixes page sizes \(pageSizes.sorted()): give each part as its own region"))
+        }
+        return (kind, pageSize)
     }
 }
 

@@ -75,6 +75,17 @@ public struct SnapshotChain: Sendable {
         }
     }
 
+    /// Writes `count` bytes of page `page` at the chain's instant, from byte `offset`
+    /// within it, to `destination`.
+    @inline(__always)
+    public func readPage(_ page: Int, offset: Int, count: Int, into destination: UnsafeMutableRawPointer) throws(SnapshotError) {
+        if let file = holder(of: page) {
+            try file.readPage(page, offset: offset, count: count, into: destination)
+        } else {
+            memset(destination, 0, count)
+        }
+    }
+
     /// Writes the memory as one raw image: the regions' bytes back to back (the layout
     /// of a Firecracker memory file). Pages that read as zeros are left as file holes.
     ///

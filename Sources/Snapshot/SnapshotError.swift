@@ -15,7 +15,7 @@ public struct SnapshotError: Error, Sendable, Hashable, CustomStringConvertible 
         case corrupted(String)
         /// A delta's parent is not the file given as its parent, or the layouts differ.
         case wrongParent(String)
-        /// Something this version does not handle (another format version, hugetlb memory).
+        /// Something this version does not handle (another format version, shared hugetlb memory).
         case unsupported(String)
         /// A system call failed with this errno.
         case system(operation: String, errno: Int32)

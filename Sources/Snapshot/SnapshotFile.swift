@@ -104,6 +104,21 @@ public final class SnapshotFile: @unchecked Sendable {
         try readExactly(fd, destination, pageSize, at: offset, path: path)
     }
 
+    /// Reads `count` stored bytes of data page `page`, from byte `offset` within it, into
+    /// `destination` (part of a huge page, for a server of smaller pages). The whole
+    /// record's checksum is checked first, as for ``readPage(_:into:)``.
+    public func readPage(_ page: Int, offset: Int, count: Int, into destination: UnsafeMutableRawPointer) throws(SnapshotError) {
+        let e = index[page]
+        guard SnapshotFormat.kind(of: e) == .data, offset >= 0, count >= 0, offset + count <= pageSize else {
+            throw SnapshotError(.invalidArgument("page \(page) has no data in this file, or \(offset)+\(count) is outside it"), path: path)
+        }
+        let r = SnapshotFormat.record(of: e)
+        try verify(chunk: r)
+        let c = chunks[r]
+        let at = c.offset + UInt64(SnapshotFormat.recordHeaderSize) + UInt64((page - c.firstPage) * pageSize + offset)
+        try readExactly(fd, destination, count, at: at, path: path)
+    }
+
     /// Checks record `r`'s checksum once; later calls return at once.
     public func verify(chunk r: Int) throws(SnapshotError) {
         if verified.withLock({ $0[r] }) { return }

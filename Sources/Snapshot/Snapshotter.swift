@@ -31,7 +31,8 @@ public final class Snapshotter: @unchecked Sendable {
         public var stagingBytes = 64 << 20
         /// The bytes the image writer streams, and unprotects with one call, at a time.
         public var streamChunkBytes = 2 << 20
-        /// The pages saved around a faulting page (aligned to the region), at most the staging capacity.
+        /// The pages saved around a faulting page (aligned to the region), at most the
+        /// staging capacity. Hugetlb memory saves the faulting huge page alone.
         public var faultChunkPages = 16
         /// Track writes after each capture (WP_ASYNC + PAGEMAP_SCAN) so the next capture
         /// is a delta holding only the pages written since. Captures then need a quiesce
@@ -62,6 +63,9 @@ public final class Snapshotter: @unchecked Sendable {
     public let regions: [SnapshotFormat.Region]
     /// The options captures run with.
     public let options: Options
+    /// The regions' page size, the page size of every file captured: the base page,
+    /// or the huge page size for hugetlb regions.
+    public let pageSize: Int
     let layout: [RegionLayout]
     let uffd: Userfaultfd
     /// The WP_ASYNC userfaultfd that tracks writes between captures (incremental only).
@@ -69,32 +73,46 @@ public final class Snapshotter: @unchecked Sendable {
     let tracking = Mutex(TrackingState())
     private let busy = Atomic<Bool>(false)
 
-    /// Registers `regions` (anonymous or shmem/memfd memory of this process) for
-    /// write protection.
+    /// Registers `regions` (anonymous, shmem/memfd or private hugetlb memory of this
+    /// process) for write protection.
+    ///
+    /// Hugetlb regions are captured a huge page at a time: protection, copy before
+    /// write, holes and the index are per huge page, and the file's page size is the
+    /// huge page size.
     ///
     /// - Throws: ``SnapshotError`` if a region is unaligned, overlaps another, is
-    ///   hugetlb or a private file mapping, or the kernel lacks WP_UNPOPULATED
-    ///   (anonymous) or WP_HUGETLBFS_SHMEM (shmem).
+    ///   shared hugetlb memory or a private file mapping, mixes hugetlb with other
+    ///   memory (one page size per file), or the kernel lacks WP_UNPOPULATED
+    ///   (anonymous) or WP_HUGETLBFS_SHMEM (shmem, hugetlb).
     public init(regions ranges: [MemoryRange], options: Options = Options()) throws(SnapshotError) {
-        let ps = systemPageSize
         var regions: [SnapshotFormat.Region] = []
         var layout: [RegionLayout] = []
         var first = 0
+        var ps = 0
         for range in ranges {
-            guard range.length > 0, range.isAligned(to: UInt64(ps)) else {
+            guard range.length > 0, range.isAligned(to: UInt64(systemPageSize)) else {
                 throw SnapshotError(.invalidArgument("region \(range) is empty or not page-aligned"))
             }
             if let other = regions.first(where: { MemoryRange(start: $0.start, length: $0.length).overlaps(range) }) {
                 throw SnapshotError(.invalidArgument("region \(range) overlaps 0x\(String(other.start, radix: 16))"))
             }
-            let kind = try MemoryProbe.kind(of: range)
+            let (kind, regionPageSize) = try MemoryProbe.kind(of: range)
+            // A file has one page size: hugetlb regions are captured apart from the others.
+            if ps != 0 && regionPageSize != ps {
+                throw SnapshotError(.unsupported("region \(range) has \(regionPageSize / 1024) KiB pages and another "
+                    + "\(ps / 1024) KiB pages: a snapshot file has one page size, so snapshot hugetlb regions with their own Snapshotter"))
+            }
+            ps = regionPageSize
+            guard range.isAligned(to: UInt64(ps)) else {
+                throw SnapshotError(.invalidArgument("region \(range) is not aligned to its \(ps / 1024) KiB pages"))
+            }
             regions.append(.init(start: range.start, length: range.length, kind: kind))
             layout.append(RegionLayout(start: range.start, pages: Int(range.length) / ps, firstPage: first, kind: kind))
             first += Int(range.length) / ps
         }
         guard !regions.isEmpty else { throw SnapshotError(.invalidArgument("no region given")) }
         var features: Userfaultfd.Features = [.wpUnpopulated]
-        if regions.contains(where: { $0.kind == .shmem }) { features.insert(.wpHugetlbfsShmem) }
+        if regions.contains(where: { $0.kind != .anonymous }) { features.insert(.wpHugetlbfsShmem) }
         do {
             uffd = try Userfaultfd(.init().requiring(features))
         } catch {
@@ -121,6 +139,7 @@ public final class Snapshotter: @unchecked Sendable {
         self.regions = regions
         self.layout = layout
         self.options = options
+        self.pageSize = ps
     }
 
     deinit {
@@ -162,9 +181,9 @@ public final class Snapshotter: @unchecked Sendable {
         }
         do {
             let parent = tracking.withLock { $0.active ? $0.parentID : nil }
-            let writer = try SnapshotFileWriter(fd: fd, path: path, regions: regions, pageSize: systemPageSize,
+            let writer = try SnapshotFileWriter(fd: fd, path: path, regions: regions, pageSize: pageSize,
                                                 id: Self.newID(), parentID: parent, initialKind: parent == nil ? .hole : .unchanged)
-            let job = try CaptureJob(layout: layout, pageSize: systemPageSize, handle: uffd.handle, writer: writer, options: options)
+            let job = try CaptureJob(layout: layout, pageSize: pageSize, handle: uffd.handle, writer: writer, options: options)
             if options.incremental, let quiesce {
                 job.onFinish = { [unowned self, unowned job] () throws(SnapshotError) in try self.handOver(job, quiesce: quiesce) }
             }

@@ -56,8 +56,8 @@ extension Snapshotter {
         var n = 0
         for r in layout {
             for p in r.firstPage..<(r.firstPage + r.pages) where job.state[p] == PageState.pending {
-                let source = UnsafeRawPointer(bitPattern: UInt(r.start) + UInt((p - r.firstPage) * systemPageSize))!
-                memcpy(job.slots + n * systemPageSize, source, systemPageSize)
+                let source = UnsafeRawPointer(bitPattern: UInt(r.start) + UInt((p - r.firstPage) * pageSize))!
+                memcpy(job.slots + n * pageSize, source, pageSize)
                 job.slotPages[n] = p
                 job.state[p] = PageState.saved
                 n += 1
@@ -94,7 +94,7 @@ extension Snapshotter {
         let scanner: PagemapScanner
         do { scanner = try PagemapScanner() } catch { throw SnapshotError.system("open /proc/self/pagemap", error.errno?.rawValue ?? 5) }
         for r in layout {
-            let end = r.start + UInt64(r.pages * systemPageSize)
+            let end = r.start + UInt64(r.pages * pageSize)
             var start = r.start
             while start < end {
                 let result: PagemapScanner.Result
@@ -105,8 +105,8 @@ extension Snapshotter {
                     throw SnapshotError.system("PAGEMAP_SCAN (written)", error.errno?.rawValue ?? 5)
                 }
                 for region in result.regions {
-                    let a = r.firstPage + Int((region.range.start - r.start) / UInt64(systemPageSize))
-                    for p in a..<(a + Int(region.range.length) / systemPageSize) { written[p] = 1 }
+                    let a = r.firstPage + Int((region.range.start - r.start) / UInt64(pageSize))
+                    for p in a..<(a + Int(region.range.length) / pageSize) { written[p] = 1 }
                 }
                 if result.walkEnd >= end || result.walkEnd <= start { break }
                 start = result.walkEnd

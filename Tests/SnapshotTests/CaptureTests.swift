@@ -131,13 +131,13 @@ extension SnapshotTests {
             unlink(dir.path + "/image")
         }
 
-        @Test(.needsFreeHugePages(1), .usesHugePages) func hugetlbIsRefusedByName() throws {
+        @Test(.needsFreeHugePages(1), .usesHugePages) func sharedHugetlbIsRefusedByName() throws {
             let memory = try MemoryMapping(kind: .hugetlb, length: HugePages.size)
             #expect {
                 _ = try Snapshotter(regions: [memory.range])
             } throws: { error in
                 guard let e = error as? SnapshotError, case .unsupported(let why) = e.kind else { return false }
-                return why.contains("hugetlb")
+                return why.contains("shared hugetlb")
             }
         }
     }

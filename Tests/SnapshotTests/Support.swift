@@ -60,6 +60,17 @@ final class TestMemory: @unchecked Sendable {
         self.length = length
     }
 
+    /// Private hugetlb memory (MAP_PRIVATE | MAP_HUGETLB, 2 MiB pages, reserved at map time).
+    init(hugetlbLength length: Int) throws {
+        let p = mmap(nil, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0)
+        try #require(p != MAP_FAILED, "mmap MAP_HUGETLB \(length) bytes: \(String(cString: strerror(errno)))")
+        memfd = -1
+        mapped = p!
+        mappedLength = length
+        base = p!
+        self.length = length
+    }
+
     deinit {
         munmap(mapped, mappedLength)
         if memfd >= 0 { close(memfd) }
