@@ -26,18 +26,7 @@ extension SnapshotTests {
             options.stagingBytes = stagingBytes
             let snapshotter = try Snapshotter(regions: [memory.range], options: options)
             workload.start(seed: 11)
-            var files: [TemporaryPath] = []
-            var logs: [[UInt64]] = []
-            var results: [Capture.Result] = []
-            for i in 0..<3 {
-                let before = workload.operations.load(ordering: .relaxed)
-                while workload.operations.load(ordering: .relaxed) < before + 3000 { sched_yield() }
-                let file = TemporaryPath("delta-\(kind)-\(i)")
-                let log = VersionLog()
-                results.append(try snapshotter.capture(to: file.path, quiesce: workload.quiesce(into: log)).wait())
-                files.append(file)
-                logs.append(log.versions)
-            }
+            let (files, logs, results) = try captureSeries(snapshotter, workload, count: 3, name: "delta-\(kind)")
             workload.stop()
             for i in 0..<3 {
                 let chain = try SnapshotChain(paths: files[0...i].map(\.path))

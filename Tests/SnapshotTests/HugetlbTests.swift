@@ -170,18 +170,7 @@ extension SnapshotTests.HugetlbTests {
         options.stagingBytes = stagingBytes
         let snapshotter = try Snapshotter(regions: [memory.range], options: options)
         workload.start(seed: 5)
-        var files: [TemporaryPath] = []
-        var logs: [[UInt64]] = []
-        var results: [Capture.Result] = []
-        for i in 0..<3 {
-            let before = workload.operations.load(ordering: .relaxed)
-            while workload.operations.load(ordering: .relaxed) < before + 3000 { sched_yield() }
-            let file = TemporaryPath("hugetlb-delta-\(i)")
-            let log = VersionLog()
-            results.append(try snapshotter.capture(to: file.path, quiesce: workload.quiesce(into: log)).wait())
-            files.append(file)
-            logs.append(log.versions)
-        }
+        let (files, logs, results) = try captureSeries(snapshotter, workload, count: 3, name: "hugetlb-delta")
         workload.stop()
         for r in results[1...] {
             if stagingBytes >= memory.length {

@@ -189,6 +189,26 @@ func mismatches(_ log: [UInt64], pageBytes: (Int, UnsafeMutableRawPointer) throw
     return bad
 }
 
+/// Captures `count` snapshots in a row while `workload` runs, each after at least 3000
+/// more of its operations: the files, the versions at each instant, and the results.
+func captureSeries(_ snapshotter: Snapshotter, _ workload: Workload, count: Int, name: String) throws
+    -> (files: [TemporaryPath], logs: [[UInt64]], results: [Capture.Result])
+{
+    var files: [TemporaryPath] = []
+    var logs: [[UInt64]] = []
+    var results: [Capture.Result] = []
+    for i in 0..<count {
+        let before = workload.operations.load(ordering: .relaxed)
+        while workload.operations.load(ordering: .relaxed) < before + 3000 { sched_yield() }
+        let file = TemporaryPath("\(name)-\(i)")
+        let log = VersionLog()
+        results.append(try snapshotter.capture(to: file.path, quiesce: workload.quiesce(into: log)).wait())
+        files.append(file)
+        logs.append(log.versions)
+    }
+    return (files, logs, results)
+}
+
 /// A temporary file path, removed when this value goes away.
 final class TemporaryPath: @unchecked Sendable {
     let path: String
