@@ -127,6 +127,7 @@ let package = Package(
         // Open flags that need _GNU_SOURCE (O_DIRECT, O_TMPFILE). No logic.
         .target(
             name: "_CPagedMemory",
+            dependencies: ["_CUserfaultfd"],
             cSettings: [.define("_GNU_SOURCE")]
         ),
         // Data larger than memory: a bounded page buffer over a store, with eviction and write-back.

@@ -6,6 +6,8 @@
 // Only async-signal-safe calls: ioctl, pread, write, syscall(futex), sigaction.
 // No allocation, no locks: tables are published whole through atomic pointers.
 #include "_CFaultEngine.h"
+#include "CUserfaultfd.h"
+#include "CUserfaultfdSignal.h"
 
 #ifdef __linux__
 #include <errno.h>
@@ -18,16 +20,6 @@
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
-
-#ifndef _UFFDIO_POISON
-#define _UFFDIO_POISON (0x08)
-struct uffdio_poison {
-    struct uffdio_range range;
-    __u64 mode;
-    __s64 updated;
-};
-#define UFFDIO_POISON _IOWR(UFFDIO, _UFFDIO_POISON, struct uffdio_poison)
-#endif
 
 #define CFE_SLOTS 64
 /// The largest chunk read from a file on the faulting thread's stack.
@@ -118,24 +110,6 @@ void cfe_resolver_quiesce(int slot) {
 void cfe_generation_bump(uint32_t *generation) {
     __atomic_fetch_add(generation, 1, __ATOMIC_ACQ_REL);
     syscall(SYS_futex, generation, FUTEX_WAKE, 0x7fffffff, NULL, NULL, 0);
-}
-
-/// Passes a SIGBUS that is not ours on: to the previous handler, or to the default
-/// action (the faulting instruction runs again and the signal kills the process).
-static void chain(int sig, siginfo_t *info, void *context) {
-    if (previous_action.sa_flags & SA_SIGINFO) {
-        if (previous_action.sa_sigaction) {
-            previous_action.sa_sigaction(sig, info, context);
-            return;
-        }
-    } else if (previous_action.sa_handler != SIG_DFL && previous_action.sa_handler != SIG_IGN) {
-        previous_action.sa_handler(sig);
-        return;
-    }
-    struct sigaction dfl;
-    memset(&dfl, 0, sizeof(dfl));
-    dfl.sa_handler = SIG_DFL;
-    sigaction(SIGBUS, &dfl, NULL);
 }
 
 /// Installs `len` bytes at `dst` with UFFDIO_COPY from `src`, or with UFFDIO_ZEROPAGE
@@ -355,7 +329,7 @@ static void on_sigbus(int sig, siginfo_t *info, void *context) {
             int again = resolve(s, t, hit, address & ~(t->page_size - 1));
             __atomic_sub_fetch(&slot_active[s], 1, __ATOMIC_SEQ_CST);
             errno = saved;
-            if (!again) chain(sig, info, context);
+            if (!again) cuffd_sigbus_chain(&previous_action, sig, info, context);
             return;
         }
         if (retry_retired(address)) {
@@ -364,22 +338,12 @@ static void on_sigbus(int sig, siginfo_t *info, void *context) {
         }
     }
     errno = saved;
-    chain(sig, info, context);
+    cuffd_sigbus_chain(&previous_action, sig, info, context);
 }
 
 struct cfe_table *cfe_resolver_publish(int slot, struct cfe_table *table) {
     if (slot < 0 || slot >= CFE_SLOTS) return NULL;
-    if (table && !__atomic_load_n(&handler_installed, __ATOMIC_ACQUIRE)) {
-        struct sigaction action;
-        memset(&action, 0, sizeof(action));
-        action.sa_sigaction = on_sigbus;
-        action.sa_flags = SA_SIGINFO | SA_RESTART;
-        sigemptyset(&action.sa_mask);
-        int expected = 0;
-        if (__atomic_compare_exchange_n(&handler_installed, &expected, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
-            sigaction(SIGBUS, &action, &previous_action);
-        }
-    }
+    if (table) cuffd_sigbus_install_once(&handler_installed, on_sigbus, &previous_action);
     return __atomic_exchange_n(&slots[slot], table, __ATOMIC_ACQ_REL);
 }
 

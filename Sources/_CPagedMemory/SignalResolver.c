@@ -9,6 +9,8 @@
 // pread, clock_gettime, sigaction. The mutex is the pager's lock; see the header for
 // why taking it here cannot deadlock. No allocation.
 #include "CPagedMemory.h"
+#include "CUserfaultfd.h"
+#include "CUserfaultfdSignal.h"
 
 #ifdef __linux__
 #include <errno.h>
@@ -20,19 +22,6 @@
 #include <time.h>
 #include <ucontext.h>
 #include <unistd.h>
-
-#ifndef _UFFDIO_POISON
-#define _UFFDIO_POISON (0x08)
-struct uffdio_poison {
-    struct uffdio_range range;
-    __u64 mode;
-    __s64 updated;
-};
-#define UFFDIO_POISON _IOWR(UFFDIO, _UFFDIO_POISON, struct uffdio_poison)
-#endif
-_Static_assert(sizeof(struct uffdio_poison) == 32, "uffdio_poison");
-_Static_assert(sizeof(struct uffdio_copy) == 40, "uffdio_copy");
-_Static_assert(sizeof(struct uffdio_writeprotect) == 24, "uffdio_writeprotect");
 
 #define SLOTS 16
 static struct cpaged_shared *slots[SLOTS];
@@ -332,19 +321,6 @@ static int resolve(struct cpaged_shared *s, struct cpaged_region *r, uint64_t ad
     }
 }
 
-static void chain(int sig, siginfo_t *info, void *context) {
-    if (previous_action.sa_flags & SA_SIGINFO) {
-        if (previous_action.sa_sigaction) { previous_action.sa_sigaction(sig, info, context); return; }
-    } else if (previous_action.sa_handler != SIG_DFL && previous_action.sa_handler != SIG_IGN) {
-        previous_action.sa_handler(sig);
-        return;
-    }
-    struct sigaction dfl;
-    memset(&dfl, 0, sizeof(dfl));
-    dfl.sa_handler = SIG_DFL;
-    sigaction(SIGBUS, &dfl, NULL);
-}
-
 /// Whether the faulting access was a write: 1, 0, or -1 when unknown.
 static int access_was_write(void *context) {
 #if defined(__x86_64__)
@@ -371,26 +347,16 @@ static void on_sigbus(int sig, siginfo_t *info, void *context) {
             __atomic_sub_fetch(&active[i], 1, __ATOMIC_SEQ_CST);
             if (again < 0) continue;
             errno = saved;
-            if (!again) chain(sig, info, context);
+            if (!again) cuffd_sigbus_chain(&previous_action, sig, info, context);
             return;
         }
     }
     errno = saved;
-    chain(sig, info, context);
+    cuffd_sigbus_chain(&previous_action, sig, info, context);
 }
 
 int cpaged_resolver_publish(struct cpaged_shared *shared) {
-    if (!__atomic_load_n(&handler_installed, __ATOMIC_ACQUIRE)) {
-        int expected = 0;
-        if (__atomic_compare_exchange_n(&handler_installed, &expected, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
-            struct sigaction action;
-            memset(&action, 0, sizeof(action));
-            action.sa_sigaction = on_sigbus;
-            action.sa_flags = SA_SIGINFO | SA_RESTART;
-            sigemptyset(&action.sa_mask);
-            sigaction(SIGBUS, &action, &previous_action);
-        }
-    }
+    cuffd_sigbus_install_once(&handler_installed, on_sigbus, &previous_action);
     for (int i = 0; i < SLOTS; i++) {
         struct cpaged_shared *expected = NULL;
         if (__atomic_compare_exchange_n(&slots[i], &expected, shared, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) return i;
