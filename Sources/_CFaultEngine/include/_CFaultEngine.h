@@ -23,30 +23,31 @@ static inline bool cfe_bit_test_and_set(uint64_t *words, uint64_t index) {
     return (__atomic_fetch_or(&words[index >> 6], mask, __ATOMIC_ACQ_REL) & mask) != 0;
 }
 
-/// Sets bits `first ..< first + count`.
-static inline void cfe_bits_set(uint64_t *words, uint64_t first, uint64_t count) {
+/// Sets (`set`) or clears bits `first ..< first + count`, a word at a time.
+static inline void cfe_bits_assign(uint64_t *words, uint64_t first, uint64_t count, bool set) {
     uint64_t end = first + count;
     while (first < end) {
         uint64_t bit = first & 63;
         uint64_t n = 64 - bit;
         if (n > end - first) n = end - first;
         uint64_t mask = (n == 64) ? ~(uint64_t)0 : (((uint64_t)1 << n) - 1) << bit;
-        __atomic_fetch_or(&words[first >> 6], mask, __ATOMIC_ACQ_REL);
+        if (set) {
+            __atomic_fetch_or(&words[first >> 6], mask, __ATOMIC_ACQ_REL);
+        } else {
+            __atomic_fetch_and(&words[first >> 6], ~mask, __ATOMIC_ACQ_REL);
+        }
         first += n;
     }
 }
 
+/// Sets bits `first ..< first + count`.
+static inline void cfe_bits_set(uint64_t *words, uint64_t first, uint64_t count) {
+    cfe_bits_assign(words, first, count, true);
+}
+
 /// Clears bits `first ..< first + count`.
 static inline void cfe_bits_clear(uint64_t *words, uint64_t first, uint64_t count) {
-    uint64_t end = first + count;
-    while (first < end) {
-        uint64_t bit = first & 63;
-        uint64_t n = 64 - bit;
-        if (n > end - first) n = end - first;
-        uint64_t mask = (n == 64) ? ~(uint64_t)0 : (((uint64_t)1 << n) - 1) << bit;
-        __atomic_fetch_and(&words[first >> 6], ~mask, __ATOMIC_ACQ_REL);
-        first += n;
-    }
+    cfe_bits_assign(words, first, count, false);
 }
 
 /// An atomic load of a shared counter.
