@@ -119,18 +119,20 @@ struct pm_scan_arg {
 #define MADV_POPULATE_WRITE 23
 #endif
 
-_Static_assert(sizeof(struct uffd_msg) == 32, "uffd_msg is 32 bytes");
-_Static_assert(sizeof(struct uffdio_api) == 24, "uffdio_api is 24 bytes");
-_Static_assert(sizeof(struct uffdio_range) == 16, "uffdio_range is 16 bytes");
-_Static_assert(sizeof(struct uffdio_register) == 32, "uffdio_register is 32 bytes");
-_Static_assert(sizeof(struct uffdio_copy) == 40, "uffdio_copy is 40 bytes");
-_Static_assert(sizeof(struct uffdio_zeropage) == 32, "uffdio_zeropage is 32 bytes");
-_Static_assert(sizeof(struct uffdio_writeprotect) == 24, "uffdio_writeprotect is 24 bytes");
-_Static_assert(sizeof(struct uffdio_continue) == 32, "uffdio_continue is 32 bytes");
-_Static_assert(sizeof(struct uffdio_move) == 40, "uffdio_move is 40 bytes");
-_Static_assert(sizeof(struct uffdio_poison) == 32, "uffdio_poison is 32 bytes");
-_Static_assert(sizeof(struct page_region) == 24, "page_region is 24 bytes");
-_Static_assert(sizeof(struct pm_scan_arg) == 96, "pm_scan_arg is 96 bytes");
+/// The kernel ABI's size of `struct name`, checked at compile time.
+#define CUFFD_ASSERT_SIZE(name, bytes) _Static_assert(sizeof(struct name) == (bytes), #name " is " #bytes " bytes")
+CUFFD_ASSERT_SIZE(uffd_msg, 32);
+CUFFD_ASSERT_SIZE(uffdio_api, 24);
+CUFFD_ASSERT_SIZE(uffdio_range, 16);
+CUFFD_ASSERT_SIZE(uffdio_register, 32);
+CUFFD_ASSERT_SIZE(uffdio_copy, 40);
+CUFFD_ASSERT_SIZE(uffdio_zeropage, 32);
+CUFFD_ASSERT_SIZE(uffdio_writeprotect, 24);
+CUFFD_ASSERT_SIZE(uffdio_continue, 32);
+CUFFD_ASSERT_SIZE(uffdio_move, 40);
+CUFFD_ASSERT_SIZE(uffdio_poison, 32);
+CUFFD_ASSERT_SIZE(page_region, 24);
+CUFFD_ASSERT_SIZE(pm_scan_arg, 96);
 
 // MARK: - Constants Swift cannot import (function-like macros, 64-bit casts)
 
