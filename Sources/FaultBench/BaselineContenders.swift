@@ -12,21 +12,15 @@ import Musl
 enum BaselineContenders {
     /// `memcpy`: copies the pages, in touch order, into already-populated memory.
     static func memcpy(_ workload: Workload, _ pattern: AccessPattern) -> RunOutcome {
-        let order = workload.order(pattern)
-        let region: MemoryMapping
-        do {
-            region = try MemoryMapping.anonymous(length: workload.sourceLength)
-        } catch {
-            return .notMeasured("cannot map the destination: \(error)")
+        withSmallPages(workload, pattern, naming: "the destination") { region, order in
+            let base = region.base
+            populate(base, length: region.length)
+            let ns = order.withUnsafeBufferPointer {
+                cbench_copy_pages(base, workload.source.baseAddress, workload.pageCount, $0.baseAddress, $0.count, workload.pageSize)
+            }
+            let problem = workload.verify(region: base, order: order)
+            return .measured(Run(nanoseconds: ns, pages: order.count, mismatch: problem))
         }
-        let base = region.base
-        _ = madvise(base, region.length, MADV_NOHUGEPAGE)
-        populate(base, length: region.length)
-        let ns = order.withUnsafeBufferPointer {
-            cbench_copy_pages(base, workload.source.baseAddress, workload.pageCount, $0.baseAddress, $0.count, workload.pageSize)
-        }
-        let problem = workload.verify(region: region.base, order: order)
-        return .measured(Run(nanoseconds: ns, pages: order.count, mismatch: problem))
     }
 
     /// The byte `kernel-first-touch` writes into each page it touches.
@@ -35,20 +29,32 @@ enum BaselineContenders {
     /// `kernel-first-touch`: writes one byte of each page of fresh anonymous memory
     /// (4 KiB pages: transparent huge pages are turned off for the region).
     static func kernelFirstTouch(_ workload: Workload, _ pattern: AccessPattern) -> RunOutcome {
+        withSmallPages(workload, pattern, naming: "the region") { region, order in
+            let base = region.base
+            let ns = order.withUnsafeBufferPointer {
+                cbench_touch_write(base, $0.baseAddress, $0.count, workload.pageSize, touchMarker)
+            }
+            let problem = workload.verify(region: base, order: order, zeroFilledWithMarker: touchMarker)
+            return .measured(Run(nanoseconds: ns, pages: order.count, mismatch: problem))
+        }
+    }
+
+    /// Runs `body` over fresh anonymous memory the size of the source, in 4 KiB pages
+    /// (transparent huge pages are turned off for it), with the pages in `pattern`'s
+    /// touch order; `what` names the region if it cannot be mapped.
+    private static func withSmallPages(
+        _ workload: Workload, _ pattern: AccessPattern, naming what: String,
+        _ body: (borrowing MemoryMapping, [UInt64]) -> RunOutcome
+    ) -> RunOutcome {
         let order = workload.order(pattern)
         let region: MemoryMapping
         do {
             region = try MemoryMapping.anonymous(length: workload.sourceLength)
         } catch {
-            return .notMeasured("cannot map the region: \(error)")
+            return .notMeasured("cannot map \(what): \(error)")
         }
-        let base = region.base
-        _ = madvise(base, region.length, MADV_NOHUGEPAGE)
-        let ns = order.withUnsafeBufferPointer {
-            cbench_touch_write(base, $0.baseAddress, $0.count, workload.pageSize, touchMarker)
-        }
-        let problem = workload.verify(region: region.base, order: order, zeroFilledWithMarker: touchMarker)
-        return .measured(Run(nanoseconds: ns, pages: order.count, mismatch: problem))
+        _ = madvise(region.base, region.length, MADV_NOHUGEPAGE)
+        return body(region, order)
     }
 
     /// `sigsegv-mprotect` (and the SIGSEGV scale runs): a PROT_NONE region of
