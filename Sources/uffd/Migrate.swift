@@ -57,6 +57,30 @@ struct WorkloadOptions: ParsableArguments {
     }
 }
 
+/// How the source migrates: the options `send` and `demo` share.
+struct MigrationModeOptions: ParsableArguments {
+    @Option(help: "postcopy, precopy+postcopy or stop-and-copy.")
+    var mode: MigrationStatistics.Mode = .precopyPostcopy
+
+    @Option(help: "The most precopy rounds (not used by pure postcopy).")
+    var precopyRounds = 4
+
+    @Option(help: "Seconds the workload runs in the source before the migration starts.")
+    var warmup = 1.0
+}
+
+/// How the destination continues the workload: the options `receive` and `demo` share.
+struct DestinationOptions: ParsableArguments {
+    @Option(help: "Seconds the workload keeps running in the destination once every page has arrived.")
+    var runAfter = 1.0
+
+    @Flag(help: "The destination installs pages with UFFDIO_MOVE from its receive buffer instead of UFFDIO_COPY.")
+    var installByMove = false
+
+    /// The same options on a `uffd migrate receive` command line.
+    var arguments: [String] { ["--run-after", "\(runAfter)"] + (installByMove ? ["--install-by-move"] : []) }
+}
+
 extension MigrationStatistics.Mode: ExpressibleByArgument {}
 
 /// The source side shared by `send` and `demo`: build the workload, run it, migrate it.
@@ -68,8 +92,8 @@ enum SourceRun {
     }
 
     nonisolated static func run(
-        to endpoint: MigrationEndpoint, token: [UInt8], workload: WorkloadOptions, mode: MigrationStatistics.Mode,
-        precopyRounds: Int, warmupSeconds: Double, connectTimeoutSeconds: Double, showProgress: Bool
+        to endpoint: MigrationEndpoint, token: [UInt8], workload: WorkloadOptions, migration: MigrationModeOptions,
+        connectTimeoutSeconds: Double, showProgress: Bool
     ) throws -> Result {
         let dataBytes = workload.size << 20
         let data = try MemoryMapping.anonymous(length: dataBytes)
@@ -77,9 +101,9 @@ enum SourceRun {
         let demo = DemoWorkload(data: data.range, log: log.range, workers: workload.workers)
         demo.initialize()
         demo.start()
-        usleep(UInt32(max(0, warmupSeconds) * 1e6))
-        var options = MigrationSource.Options(token: token, mode: mode)
-        options.precopyRounds = precopyRounds
+        usleep(UInt32(max(0, migration.warmup) * 1e6))
+        var options = MigrationSource.Options(token: token, mode: migration.mode)
+        options.precopyRounds = migration.precopyRounds
         options.streamBufferBytes = workload.streamBuffer << 10
         options.pagesAfterRequest = workload.pagesAfterRequest
         let source = try MigrationSource(regions: [data.range, log.range], options: options)

@@ -14,23 +14,11 @@ struct MigrateDemo: ParsableCommand {
         commandName: "demo",
         abstract: "Migrate a running 1 GiB workload to a second process over loopback and verify it.")
 
-    @Option(help: "postcopy, precopy+postcopy or stop-and-copy.")
-    var mode: MigrationStatistics.Mode = .precopyPostcopy
-
-    @Option(help: "The most precopy rounds (not used by pure postcopy).")
-    var precopyRounds = 4
-
-    @Option(help: "Seconds the workload runs in the source process before the migration starts.")
-    var warmup = 1.0
-
-    @Option(help: "Seconds the workload keeps running in the destination once every page has arrived.")
-    var runAfter = 1.0
+    @OptionGroup var migration: MigrationModeOptions
+    @OptionGroup var destination: DestinationOptions
 
     @Option(help: "tcp (127.0.0.1) or unix.")
     var transport = "tcp"
-
-    @Flag(help: "The destination installs pages with UFFDIO_MOVE instead of UFFDIO_COPY.")
-    var installByMove = false
 
     @OptionGroup var workload: WorkloadOptions
 
@@ -70,12 +58,11 @@ enum DemoRun {
         guard let endpoint = MigrationEndpoint(parsing: listen) else { throw ValidationError("bad endpoint \(listen)") }
         let child = try spawnDestination(demo, listen: listen, token: token)
         if !demo.json {
-            writeStandardError("source pid \(getpid()) -> destination pid \(child.pid) over \(listen), \(demo.workload.size) MiB, \(demo.workload.workers) workers, \(demo.mode.rawValue)\n")
+            writeStandardError("source pid \(getpid()) -> destination pid \(child.pid) over \(listen), \(demo.workload.size) MiB, \(demo.workload.workers) workers, \(demo.migration.mode.rawValue)\n")
         }
         let source: SourceRun.Result
         do {
-            source = try SourceRun.run(to: endpoint, token: Array(token.utf8), workload: demo.workload, mode: demo.mode,
-                                       precopyRounds: demo.precopyRounds, warmupSeconds: demo.warmup,
+            source = try SourceRun.run(to: endpoint, token: Array(token.utf8), workload: demo.workload, migration: demo.migration,
                                        connectTimeoutSeconds: 30, showProgress: !demo.json)
         } catch {
             kill(child.pid, SIGTERM)
@@ -113,7 +100,7 @@ enum DemoRun {
         posix_spawn_file_actions_adddup2(&actions, pipeFDs[1], 1)
         posix_spawn_file_actions_addclose(&actions, pipeFDs[0])
         let arguments = ["uffd", "migrate", "receive", "--listen", listen, "--workers", "\(demo.workload.workers)",
-                         "--run-after", "\(demo.runAfter)", "--json"] + (demo.installByMove ? ["--install-by-move"] : [])
+                         "--json"] + demo.destination.arguments
         // The token travels in the environment, which other users cannot read.
         var environment = ["\(MigrationToken.environmentVariable)=\(token)"]
         var e = environ

@@ -19,14 +19,10 @@ struct MigrateReceive: ParsableCommand {
     @Option(help: "Worker threads that continue the workload here.")
     var workers = 2
 
-    @Option(help: "Seconds the workload keeps running here once every page has arrived.")
-    var runAfter = 1.0
-
     @Option(help: "Milliseconds to wait for the source to come back after a dropped connection.")
     var recoveryTimeout: Int32 = 5_000
 
-    @Flag(help: "Install pages with UFFDIO_MOVE from the receive buffer instead of UFFDIO_COPY.")
-    var installByMove = false
+    @OptionGroup var destination: DestinationOptions
 
     @OptionGroup var common: MigrateCommonOptions
 
@@ -35,7 +31,7 @@ struct MigrateReceive: ParsableCommand {
             throw ValidationError("--listen '\(listen)' is not host:port, tcp:host:port or unix:/path")
         }
         let report = try ReceiveRun.run(listen: endpoint, token: common.resolvedToken(), workers: workers,
-                                        runAfter: runAfter, recoveryTimeout: recoveryTimeout, installByMove: installByMove)
+                                        destination: destination, recoveryTimeout: recoveryTimeout)
         if common.json {
             print(MigrationJSON.encode(report))
         } else {
@@ -60,13 +56,13 @@ struct ReceiveReport: Codable {
 }
 
 enum ReceiveRun {
-    nonisolated static func run(listen: MigrationEndpoint, token: [UInt8], workers: Int, runAfter: Double,
-                                recoveryTimeout: Int32, installByMove: Bool) throws -> ReceiveReport {
+    nonisolated static func run(listen: MigrationEndpoint, token: [UInt8], workers: Int,
+                                destination continuing: DestinationOptions, recoveryTimeout: Int32) throws -> ReceiveReport {
         let listener = try MigrationListener(listen)
         var options = MigrationDestination.Options(token: token)
         options.recoveryTimeoutMilliseconds = recoveryTimeout
         options.handshakeTimeoutMilliseconds = 60_000
-        options.installByMove = installByMove
+        options.installByMove = continuing.installByMove
         // This process ends when the migration fails: no page is poisoned under the workload.
         options.poisonOnFailure = false
         options.onRefusedConnection = { line in writeStandardError(line + "\n") }
@@ -87,7 +83,7 @@ enum ReceiveRun {
             workload.requestStop()
             withExtendedLifetime(destination) { MigrateReceive.exit(withError: error) }
         }
-        usleep(UInt32(max(0, runAfter) * 1e6))
+        usleep(UInt32(max(0, continuing.runAfter) * 1e6))
         workload.stop()
         let (pages, wrong) = workload.verify()
         return ReceiveReport(destination: stats, verifiedPages: pages, mismatches: wrong, readErrors: workload.errors,

@@ -12,15 +12,7 @@ struct MigrateSend: ParsableCommand {
     @Option(help: "The destination: host:port, tcp:host:port or unix:/path.")
     var to: String
 
-    @Option(help: "postcopy, precopy+postcopy or stop-and-copy.")
-    var mode: MigrationStatistics.Mode = .precopyPostcopy
-
-    @Option(help: "The most precopy rounds (not used by pure postcopy).")
-    var precopyRounds = 4
-
-    @Option(help: "Seconds the workload runs here before the migration starts.")
-    var warmup = 1.0
-
+    @OptionGroup var migration: MigrationModeOptions
     @OptionGroup var workload: WorkloadOptions
     @OptionGroup var common: MigrateCommonOptions
 
@@ -28,8 +20,7 @@ struct MigrateSend: ParsableCommand {
         guard let endpoint = MigrationEndpoint(parsing: to) else {
             throw ValidationError("--to '\(to)' is not host:port, tcp:host:port or unix:/path")
         }
-        let result = try SourceRun.run(to: endpoint, token: common.resolvedToken(), workload: workload, mode: mode,
-                                       precopyRounds: precopyRounds, warmupSeconds: warmup,
+        let result = try SourceRun.run(to: endpoint, token: common.resolvedToken(), workload: workload, migration: migration,
                                        connectTimeoutSeconds: 0, showProgress: !common.json)
         if common.json {
             print(result.stats.json)
