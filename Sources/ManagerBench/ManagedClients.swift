@@ -59,46 +59,20 @@ struct ManagedClients {
 
 /// A client process whose standard output is collected.
 final class ClientOutput {
-    let pid: pid_t
-    private let output: Int32
+    private let process: SpawnedProcess
     private var collected: [UInt8] = []
 
     init(_ executable: String, _ arguments: [String]) throws {
-        var fds: [Int32] = [-1, -1]
-        guard pipe(&fds) == 0 else { throw UserfaultfdError(operation: "pipe", errno: .init(rawValue: errno)) }
-        // Neither end may leak into the clients spawned later (a read would never see EOF).
-        for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_adddup2(&actions, fds[1], 1)
-        let argv = ([executable] + arguments).map { strdup($0) } + [nil]
-        defer { for p in argv { free(p) } }
-        var child: pid_t = 0
-        let rc = posix_spawn(&child, executable, &actions, nil, argv, environ)
-        close(fds[1])
-        if rc != 0 {
-            close(fds[0])
-            throw UserfaultfdError(operation: "posix_spawn \(executable)", errno: .init(rawValue: rc))
-        }
-        pid = child
-        output = fds[0]
+        process = try SpawnedProcess(executable, arguments)
     }
 
-    deinit { close(output) }
+    deinit { close(process.output) }
 
     /// Reads the output to its end and waits for the process; returns its exit status
     /// (128 + the signal if a signal ended it).
     func wait() -> Int32 {
-        var chunk = [UInt8](repeating: 0, count: 4096)
-        while true {
-            let n = retryOnInterrupt { chunk.withUnsafeMutableBytes { read(output, $0.baseAddress, $0.count) } }
-            if n <= 0 { break }
-            collected.append(contentsOf: chunk[0..<n])
-        }
-        var status: Int32 = 0
-        _ = retryOnInterrupt { waitpid(pid, &status, 0) }
-        return status & 0x7f == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
+        collected += process.readToEnd()
+        return SpawnedProcess.exitCode(waitStatus: process.waitStatus())
     }
 
     var text: String { String(decoding: collected, as: UTF8.self) }

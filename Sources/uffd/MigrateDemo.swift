@@ -44,12 +44,6 @@ struct DemoReport: Codable {
 }
 
 enum DemoRun {
-    /// The destination process: this executable, `migrate receive`, its stdout piped here.
-    struct Child {
-        var pid: pid_t
-        var output: Int32
-    }
-
     nonisolated static func run(_ demo: MigrateDemo) throws -> Bool {
         var random = SystemRandomNumberGenerator()
         let token = (0..<16).map { _ in String(random.next() as UInt8, radix: 16) }.joined()
@@ -91,15 +85,9 @@ enum DemoRun {
         return ok
     }
 
-    static func spawnDestination(_ demo: MigrateDemo, listen: String, token: String) throws -> Child {
-        var pipeFDs: [Int32] = [0, 0]
-        guard pipe(&pipeFDs) == 0 else { throw ValidationError("pipe failed") }
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_adddup2(&actions, pipeFDs[1], 1)
-        posix_spawn_file_actions_addclose(&actions, pipeFDs[0])
-        let arguments = ["uffd", "migrate", "receive", "--listen", listen, "--workers", "\(demo.workload.workers)",
+    /// The destination process: this executable, `migrate receive`, its stdout piped here.
+    static func spawnDestination(_ demo: MigrateDemo, listen: String, token: String) throws -> SpawnedProcess {
+        let arguments = ["migrate", "receive", "--listen", listen, "--workers", "\(demo.workload.workers)",
                          "--json"] + demo.destination.arguments
         // The token travels in the environment, which other users cannot read.
         var environment = ["\(MigrationToken.environmentVariable)=\(token)"]
@@ -109,32 +97,18 @@ enum DemoRun {
             if !s.hasPrefix("\(MigrationToken.environmentVariable)=") { environment.append(s) }
             e += 1
         }
-        let argv = arguments.map { strdup($0) } + [nil]
-        let envp = environment.map { strdup($0) } + [nil]
-        defer { for p in argv + envp { free(p) } }
-        var pid: pid_t = 0
-        let rc = posix_spawn(&pid, "/proc/self/exe", &actions, nil, argv, envp)
-        close(pipeFDs[1])
-        guard rc == 0 else {
-            close(pipeFDs[0])
-            throw ValidationError("could not start the destination process: errno \(rc)")
+        do {
+            return try SpawnedProcess("/proc/self/exe", arguments, name: "uffd", environment: environment)
+        } catch {
+            throw ValidationError("could not start the destination process: \(error)")
         }
-        return Child(pid: pid, output: pipeFDs[0])
     }
 
     /// Reads the child's output to its end and reaps it: the output and the wait status.
-    static func finish(_ child: Child) -> ([UInt8], Int32) {
-        var output: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 4096)
-        while true {
-            let n = retryOnInterrupt { chunk.withUnsafeMutableBytes { read(child.output, $0.baseAddress, $0.count) } }
-            if n <= 0 { break }
-            output += chunk[0..<n]
-        }
+    static func finish(_ child: SpawnedProcess) -> ([UInt8], Int32) {
+        let output = child.readToEnd()
         close(child.output)
-        var status: Int32 = 0
-        _ = retryOnInterrupt { waitpid(child.pid, &status, 0) }
-        return (output, status)
+        return (output, child.waitStatus())
     }
 
     /// "exited with status 1", "was killed by signal 7 (Bus error)".

@@ -44,26 +44,14 @@ public final class ChildProcess {
     ///     the test's own).
     /// - Throws: ``SpawnError`` if the pipe or the process cannot be made.
     public init(_ executable: String, _ arguments: [String], standardError: Bool = true) throws {
-        var fds: [Int32] = [-1, -1]
-        guard pipe(&fds) == 0 else { throw SpawnError(operation: "pipe", code: errno) }
-        // Neither end may leak into other children (a read would never see EOF).
-        for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_adddup2(&actions, fds[1], 1)
-        if standardError { posix_spawn_file_actions_adddup2(&actions, fds[1], 2) }
-        let argv = ([executable] + arguments).map { strdup($0) } + [nil]
-        defer { for p in argv { free(p) } }
-        var child: pid_t = 0
-        let rc = posix_spawn(&child, executable, &actions, nil, argv, environ)
-        close(fds[1])
-        if rc != 0 {
-            close(fds[0])
-            throw SpawnError(operation: "posix_spawn \(executable)", code: rc)
+        let spawned: SpawnedProcess
+        do {
+            spawned = try SpawnedProcess(executable, arguments, standardError: standardError)
+        } catch {
+            throw SpawnError(operation: error.operation, code: error.errno?.rawValue ?? EINVAL)
         }
-        pid = child
-        output = fds[0]
+        pid = spawned.pid
+        output = spawned.output
         _ = fcntl(output, F_SETFL, O_NONBLOCK)
     }
 
@@ -109,8 +97,7 @@ public final class ChildProcess {
             usleep(5_000)
         }
         drain()
-        guard let st = status else { return nil }
-        return st & 0x7f == 0 ? (st >> 8) & 0xff : 128 + (st & 0x7f)
+        return status.map { SpawnedProcess.exitCode(waitStatus: $0) }
     }
 
     /// Whether the child has exited (and is reaped now).
