@@ -93,7 +93,7 @@ public struct PageSourceError: Error, Sendable, Hashable, CustomStringConvertibl
     public var description: String {
         let what: String
         switch kind {
-        case .system(let e): what = "read failed: \(e) (errno \(e.rawValue))"
+        case .system(let e): what = systemCallFailure("read", e.rawValue)
         case .outOfBounds: what = "out of bounds"
         case .shortRead: what = "short read"
         case .failed(let why): what = why

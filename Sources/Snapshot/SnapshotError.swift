@@ -1,8 +1,4 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
+import Userfaultfd
 
 /// Why a snapshot could not be taken, written, read or restored.
 public struct SnapshotError: Error, Sendable, Hashable, CustomStringConvertible {
@@ -35,7 +31,7 @@ public struct SnapshotError: Error, Sendable, Hashable, CustomStringConvertible 
         self.path = path
     }
 
-    static func system(_ operation: String, _ e: Int32 = errno, path: String? = nil) -> SnapshotError {
+    static func system(_ operation: String, _ e: Int32 = currentErrno().rawValue, path: String? = nil) -> SnapshotError {
         SnapshotError(.system(operation: operation, errno: e), path: path)
     }
 
@@ -46,7 +42,7 @@ public struct SnapshotError: Error, Sendable, Hashable, CustomStringConvertible 
         case .corrupted(let s): what = "corrupted: \(s)"
         case .wrongParent(let s): what = "wrong parent: \(s)"
         case .unsupported(let s): what = "unsupported: \(s)"
-        case .system(let op, let e): what = "\(op) failed: \(String(cString: strerror(e))) (errno \(e))"
+        case .system(let op, let e): what = systemCallFailure(op, e)
         case .invalidArgument(let s): what = "invalid argument: \(s)"
         case .cancelled: what = "cancelled"
         }

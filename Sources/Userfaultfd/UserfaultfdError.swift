@@ -65,7 +65,7 @@ public struct UserfaultfdError: Error, Equatable, Sendable, CustomStringConverti
         var text: String
         switch kind {
         case .system(let e):
-            text = "\(operation) failed: \(e) (errno \(e.rawValue))"
+            text = systemCallFailure(operation, e.rawValue)
         case .unsupportedFeatures(let missing):
             text = "\(operation): the running kernel does not offer the required features \(missing)"
         case .unsupportedIoctls(let missing):
@@ -78,6 +78,12 @@ public struct UserfaultfdError: Error, Equatable, Sendable, CustomStringConverti
         if let hint { text += ". \(hint)" }
         return text
     }
+}
+
+/// `OPERATION failed: <the system's text for errno> (errno N)`: how every error of the
+/// package words a failed system call.
+package func systemCallFailure(_ operation: String, _ code: Int32) -> String {
+    "\(operation) failed: \(Errno(rawValue: code)) (errno \(code))"
 }
 
 /// The current thread's `errno` as an `Errno`.
