@@ -50,14 +50,14 @@ struct LimitTests {
         let pager = try pager(buffer, resolution)
         let mapping = try pager.map(SlowOrFailingWrites(try FileStore(path: file.path), delay: 2_000))
         #expect(mapping.resolution == resolution)
-        let pages = file.size / 4096
+        let pages = file.size / pageBytes
         let base = UInt(bitPattern: mapping.base)
         let threads = (0..<4).map { t in
             DedicatedThread(name: "writer-\(t)") {
                 let p = UnsafeMutableRawPointer(bitPattern: base)!
                 // Thread t writes every fourth page: each write dirties a new page.
                 for page in stride(from: t, to: pages, by: 4) {
-                    p.storeBytes(of: ~UInt64(page), toByteOffset: page * 4096 + 8 * t, as: UInt64.self)
+                    p.storeBytes(of: ~UInt64(page), toByteOffset: page * pageBytes + 8 * t, as: UInt64.self)
                 }
             }
         }
@@ -70,8 +70,8 @@ struct LimitTests {
         let words = file.words()
         var wrong = 0
         for page in 0..<pages {
-            for w in 0..<512 {
-                let i = page * 512 + w
+            for w in 0..<pageWords {
+                let i = page * pageWords + w
                 let expected = w == page % 4 ? ~UInt64(page) : PatternFile.pattern(i)
                 if words[i] != expected { wrong += 1 }
             }
@@ -83,16 +83,16 @@ struct LimitTests {
           .timeLimit(.minutes(2)), arguments: FaultResolution.allCases)
     func writeBackErrorKeepsThePage(resolution: FaultResolution) throws {
         let file = try PatternFile(size: 2 << 20)
-        let failing: Set<Int> = [5 * 4096, 77 * 4096]
+        let failing: Set<Int> = [5 * pageBytes, 77 * pageBytes]
         let pager = try pager(256 << 10, resolution)
         let mapping = try pager.map(SlowOrFailingWrites(try FileStore(path: file.path), failing: failing))
         #expect(mapping.resolution == resolution)
-        let pages = file.size / 4096
-        for page in 0..<pages { mapping.base.storeBytes(of: UInt64(page) | 1 << 62, toByteOffset: page * 4096, as: UInt64.self) }
+        let pages = file.size / pageBytes
+        for page in 0..<pages { mapping.base.storeBytes(of: UInt64(page) | 1 << 62, toByteOffset: page * pageBytes, as: UInt64.self) }
         // Read everything again: pages come and go through the 64-page buffer; the two
         // failing pages cannot leave and must still hold what was written.
         var wrong = 0
-        for page in 0..<pages where mapping.base.load(fromByteOffset: page * 4096, as: UInt64.self) != UInt64(page) | 1 << 62 {
+        for page in 0..<pages where mapping.base.load(fromByteOffset: page * pageBytes, as: UInt64.self) != UInt64(page) | 1 << 62 {
             wrong += 1
         }
         #expect(wrong == 0)
@@ -110,8 +110,8 @@ struct LimitTests {
         #expect(unmapError != nil)
         let words = file.words()
         for page in 0..<pages {
-            let expected = failing.contains(page * 4096) ? PatternFile.pattern(page * 512) : UInt64(page) | 1 << 62
-            #expect(words[page * 512] == expected)
+            let expected = failing.contains(page * pageBytes) ? PatternFile.pattern(page * pageWords) : UInt64(page) | 1 << 62
+            #expect(words[page * pageWords] == expected)
         }
     }
 

@@ -47,15 +47,15 @@ struct PagerTests {
         let pager = try pager(resolution: resolution)
         let mapping = try pager.map(FileStore(path: file.path))
         #expect(mapping.resolution == resolution)
-        let pages = file.size / 4096
-        for p in 0..<pages { mapping.base.storeBytes(of: UInt64(p) | 1 << 63, toByteOffset: p * 4096, as: UInt64.self) }
+        let pages = file.size / pageBytes
+        for p in 0..<pages { mapping.base.storeBytes(of: UInt64(p) | 1 << 63, toByteOffset: p * pageBytes, as: UInt64.self) }
         // No flush: only eviction has written anything so far.
         var updated = 0
         for p in 0..<pages {
-            let w = file.word(p * 512)
-            if w == UInt64(p) | 1 << 63 { updated += 1 } else { #expect(w == PatternFile.pattern(p * 512)) }
+            let w = file.word(p * pageWords)
+            if w == UInt64(p) | 1 << 63 { updated += 1 } else { #expect(w == PatternFile.pattern(p * pageWords)) }
         }
-        #expect(updated >= pages - PagerTests.buffer / 4096, "pages beyond the buffer must have been written back")
+        #expect(updated >= pages - PagerTests.buffer / pageBytes, "pages beyond the buffer must have been written back")
         // The evictor counts a write-back once its write is done: one may be landing in
         // the file while the count above reads it. Give the count a moment to catch up.
         var writtenBack = pager.statistics.pagesWrittenBack
@@ -65,7 +65,7 @@ struct PagerTests {
         }
         #expect(writtenBack >= updated)
         // Read back through the mapping: evicted pages come back with what was written.
-        for p in 0..<pages { #expect(mapping.base.load(fromByteOffset: p * 4096, as: UInt64.self) == UInt64(p) | 1 << 63) }
+        for p in 0..<pages { #expect(mapping.base.load(fromByteOffset: p * pageBytes, as: UInt64.self) == UInt64(p) | 1 << 63) }
         try mapping.unmap()
     }
 
@@ -77,12 +77,12 @@ struct PagerTests {
         let pager = try pager(resolution: resolution)
         let mapping = try pager.map(FileStore(path: file.path, writable: false), sharing: .private)
         #expect(mapping.resolution == resolution)
-        let pages = file.size / 4096
-        for p in 0..<pages { mapping.base.storeBytes(of: UInt64(p) ^ 0xFFFF, toByteOffset: p * 4096 + 8, as: UInt64.self) }
+        let pages = file.size / pageBytes
+        for p in 0..<pages { mapping.base.storeBytes(of: UInt64(p) ^ 0xFFFF, toByteOffset: p * pageBytes + 8, as: UInt64.self) }
         var wrong = 0
         for p in 0..<pages {
-            if mapping.base.load(fromByteOffset: p * 4096 + 8, as: UInt64.self) != UInt64(p) ^ 0xFFFF { wrong += 1 }
-            if mapping.base.load(fromByteOffset: p * 4096, as: UInt64.self) != PatternFile.pattern(p * 512) { wrong += 1 }
+            if mapping.base.load(fromByteOffset: p * pageBytes + 8, as: UInt64.self) != UInt64(p) ^ 0xFFFF { wrong += 1 }
+            if mapping.base.load(fromByteOffset: p * pageBytes, as: UInt64.self) != PatternFile.pattern(p * pageWords) { wrong += 1 }
         }
         #expect(wrong == 0)
         #expect(pager.statistics.pagesEvicted > 0)

@@ -6,6 +6,10 @@ import SystemPackage
 import Testing
 import Userfaultfd
 
+/// The system's page size, which the pager uses by default, and the 8-byte words in one page.
+let pageBytes = systemPageSize
+let pageWords = pageBytes / 8
+
 /// A temporary file whose 8-byte word `i` holds `pattern(i)`; removed on deinit.
 final class PatternFile: @unchecked Sendable {
     let path: String

@@ -60,7 +60,7 @@ extension SnapshotTests {
             #expect(result.savedBeforeWritePages > 0, "writers hit protected pages: \(result)")
             let chain = try SnapshotChain(paths: [file.path])
             let bad = try mismatches(log) { p, buffer in try chain.readPage(p, into: buffer) }
-            let buffer = UnsafeMutableRawPointer.allocate(byteCount: page, alignment: 4096)
+            let buffer = UnsafeMutableRawPointer.allocate(byteCount: page, alignment: page)
             defer { buffer.deallocate() }
             let described: [String] = try bad.prefix(6).map { p in
                 try chain.readPage(p, into: buffer)

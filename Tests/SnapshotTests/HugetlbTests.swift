@@ -17,7 +17,7 @@ extension SnapshotTests {
         static let huge = HugePages.size
         static let subpages = huge / page
 
-        /// The 4 KiB pages of huge page `h` (read into `buffer`) that do not hold their logged version.
+        /// The base pages of huge page `h` (read into `buffer`) that do not hold their logged version.
         static func mismatches(_ log: [UInt64], hugePage h: Int, in buffer: UnsafeMutableRawPointer) -> [Int] {
             var bad: [Int] = []
             for s in 0..<subpages {
@@ -65,7 +65,7 @@ extension SnapshotTests {
             #expect(kinds[.data] == 4 && kinds[.hole] == 4, "four written huge pages, four holes: \(kinds)")
             for h in 4..<8 { #expect(chain.files[0].kind(of: h) == .hole, "huge page \(h)") }
 
-            let buffer = UnsafeMutableRawPointer.allocate(byteCount: Self.huge, alignment: 4096)
+            let buffer = UnsafeMutableRawPointer.allocate(byteCount: Self.huge, alignment: page)
             defer { buffer.deallocate() }
             var bad: [Int] = []
             for h in 0..<8 {
@@ -129,7 +129,7 @@ extension SnapshotTests {
             var residency = [UInt8](repeating: 1, count: 2 * Self.subpages)
             #expect(mincore(memory.base, memory.length, &residency) == 0)
             #expect(residency.allSatisfy { $0 & 1 == 0 })
-            let buffer = UnsafeMutableRawPointer.allocate(byteCount: Self.huge, alignment: 4096)
+            let buffer = UnsafeMutableRawPointer.allocate(byteCount: Self.huge, alignment: page)
             defer { buffer.deallocate() }
             memset(buffer, 0xA5, Self.huge)
             try chain.readPage(1, into: buffer)
@@ -179,7 +179,7 @@ extension SnapshotTests.HugetlbTests {
                 #expect(r.heldCopyPages == 0, "\(r)")
             }
         }
-        let buffer = UnsafeMutableRawPointer.allocate(byteCount: Self.huge, alignment: 4096)
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: Self.huge, alignment: page)
         defer { buffer.deallocate() }
         for i in 0..<3 {
             let chain = try SnapshotChain(paths: files[0...i].map(\.path))

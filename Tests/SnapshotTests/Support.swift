@@ -175,7 +175,7 @@ final class VersionLog: @unchecked Sendable {
 
 /// The pages of `bytes(page)` (each `page` bytes) that do not hold their logged version.
 func mismatches(_ log: [UInt64], pageBytes: (Int, UnsafeMutableRawPointer) throws -> Void) rethrows -> [Int] {
-    let buffer = UnsafeMutableRawPointer.allocate(byteCount: page, alignment: 4096)
+    let buffer = UnsafeMutableRawPointer.allocate(byteCount: page, alignment: page)
     defer { buffer.deallocate() }
     var bad: [Int] = []
     for p in log.indices {
