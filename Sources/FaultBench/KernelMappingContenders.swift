@@ -109,19 +109,15 @@ enum KernelMappingContenders {
     /// `order`), so that the engine's share of the scale cost can be told from the
     /// kernel's (page-table allocation over a sparse region is the kernel's cost too).
     static func firstTouch(_ workload: Workload, regionPages: UInt64, order: [UInt64]) -> RunOutcome {
-        let region: MemoryMapping
-        do {
-            region = try MemoryMapping.anonymous(length: Int(regionPages) * workload.pageSize)
-        } catch {
-            return .notMeasured("cannot map the region: \(error)")
+        BaselineContenders.withAnonymousRegion(length: Int(regionPages) * workload.pageSize) { region in
+            let base = region.base
+            _ = madvise(base, region.length, MADV_NOHUGEPAGE)
+            let ns = order.withUnsafeBufferPointer {
+                cbench_touch_write(base, $0.baseAddress, $0.count, workload.pageSize, BaselineContenders.touchMarker)
+            }
+            let problem = workload.verify(region: base, order: order, zeroFilledWithMarker: BaselineContenders.touchMarker)
+            return .measured(Run(nanoseconds: ns, pages: order.count, mismatch: problem))
         }
-        let base = region.base
-        _ = madvise(base, region.length, MADV_NOHUGEPAGE)
-        let ns = order.withUnsafeBufferPointer {
-            cbench_touch_write(base, $0.baseAddress, $0.count, workload.pageSize, BaselineContenders.touchMarker)
-        }
-        let problem = workload.verify(region: base, order: order, zeroFilledWithMarker: BaselineContenders.touchMarker)
-        return .measured(Run(nanoseconds: ns, pages: order.count, mismatch: problem))
     }
 }
 
