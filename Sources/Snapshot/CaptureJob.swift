@@ -6,6 +6,13 @@ import Glibc
 import Musl
 #endif
 
+/// Nanoseconds of CPU the calling thread has used.
+func threadCPUNanoseconds() -> UInt64 {
+    var ts = timespec()
+    guard clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) == 0 else { return 0 }
+    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+}
+
 /// One region as the capture numbers it.
 struct RegionLayout: Sendable {
     var start: UInt64
@@ -67,6 +74,8 @@ final class CaptureJob: @unchecked Sendable {
     /// stayed registered on the tracking userfaultfd.
     var stayedOnTracking = false
     var endNanoseconds: UInt64 = 0
+    var writerCPUNanoseconds: UInt64 = 0
+    var handlerCPUNanoseconds: UInt64 = 0
     /// Whether writes after the instant are tracked for the next (delta) capture: the
     /// image writer then leaves clean pages protected, and every page written during
     /// the capture is noted in ``nextDirty``.

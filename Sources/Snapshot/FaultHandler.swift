@@ -27,6 +27,10 @@ final class FaultHandler: @unchecked Sendable {
     func run() {
         if job.handlerPriority > 0 { DedicatedThread.makeCurrentThreadRealTime(priority: job.handlerPriority) }
         let buffer = Userfaultfd.EventBuffer(capacity: 64)
+        defer {
+            let cpu = threadCPUNanoseconds()
+            job.monitor.withLock { job.handlerCPUNanoseconds = cpu }
+        }
         while true {
             do {
                 switch try job.handle.wait(stop: job.stop) {

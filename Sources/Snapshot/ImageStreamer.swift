@@ -54,7 +54,11 @@ final class ImageStreamer: @unchecked Sendable {
             job.fail(error)
             job.unprotectAll()
         }
-        job.monitor.withLock { job.endNanoseconds = MonotonicClock.nanoseconds() }
+        let cpu = threadCPUNanoseconds()
+        job.monitor.withLock {
+            job.endNanoseconds = MonotonicClock.nanoseconds()
+            job.writerCPUNanoseconds = cpu
+        }
         job.stop.raise()
     }
 
