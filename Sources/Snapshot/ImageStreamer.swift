@@ -231,9 +231,11 @@ final class ImageStreamer: @unchecked Sendable {
             var n = 1
             while i + n < to, slot + n < job.capacity, job.slotPages[slot + n] == page + n,
                   csnap_is_zero(base + n * ps, ps) == 0 { n += 1 }
-            try job.writer.appendRecord(first: page, count: n, bytes: base)
+            try job.writer.queueRecord(first: page, count: n, bytes: base)
             i += n
         }
+        // The slots are handed back only once their bytes are in the file.
+        try job.writer.flush()
         if to > from {
             job.monitor.withLock {
                 job.consumed = to
