@@ -17,6 +17,8 @@ public struct SnapshotDemo: Sendable {
         public var rounds = 2
         public var transparentHugePages: [Bool] = [true, false]
         public var stagingBytes = 64 << 20
+        /// Pages the fault handler saves around a faulting page (``Snapshotter/Options/faultChunkPages``).
+        public var faultChunkPages = Snapshotter.Options().faultChunkPages
         /// Where images go (tmpfs, so that fork and uffd-wp write to the same kind of file).
         public var directory = "/dev/shm"
         /// Seconds of steady state before the snapshots (latency baseline).
@@ -59,6 +61,7 @@ public struct SnapshotDemo: Sendable {
         report.anonHugePagesBytes[thp ? "on" : "off"] = MemorySampler.rollup(getpid(), "AnonHugePages:")
         var options = Snapshotter.Options()
         options.stagingBytes = c.stagingBytes
+        options.faultChunkPages = c.faultChunkPages
         var snapshotter: Snapshotter? = try Snapshotter(regions: [heap.range], options: options)
         heap.start()
         usleep(UInt32(c.steadySeconds * 1e6))
