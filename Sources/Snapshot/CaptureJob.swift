@@ -99,14 +99,14 @@ final class CaptureJob: @unchecked Sendable {
         faultChunkPages = pageSize > systemPageSize ? 1 : max(1, min(options.faultChunkPages, capacity))
         handlerPriority = options.handlerPriority
         slotsBytes = capacity * pageSize
-        // The ring on transparent huge pages, populated now (before the arm): the
-        // handler's copies and the writer's reads take few TLB misses, and no first
-        // touch of a ring page happens while a writer waits.
+        // The ring on transparent huge pages: the handler's copies and the writer's
+        // reads take few TLB misses, and a first touch faults once per 2 MiB. It is
+        // not populated ahead: that would delay the instant and hold the whole ring
+        // for captures that save little.
         guard let ring = mmap(nil, slotsBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), ring != MAP_FAILED else {
             throw SnapshotError.system("mmap \(slotsBytes) bytes of staging")
         }
         _ = madvise(ring, slotsBytes, MADV_HUGEPAGE)
-        _ = madvise(ring, slotsBytes, 23 /* MADV_POPULATE_WRITE */)
         slots = ring
         state = .allocate(capacity: max(1, pageCount))
         state.initialize(repeating: PageState.pending, count: max(1, pageCount))
