@@ -32,8 +32,11 @@ public final class Snapshotter: @unchecked Sendable {
         /// The bytes the image writer streams, and unprotects with one call, at a time.
         public var streamChunkBytes = 2 << 20
         /// The pages saved around a faulting page (aligned to the region), at most the
-        /// staging capacity. Hugetlb memory saves the faulting huge page alone.
-        public var faultChunkPages = 16
+        /// staging capacity. The faulting page is copied and its writer let go first;
+        /// the rest follows. Writers that touch pages at random hit a protected page
+        /// once per chunk, so a larger chunk means fewer held writes. Hugetlb memory
+        /// saves the faulting huge page alone.
+        public var faultChunkPages = 64
         /// Track writes after each capture (WP_ASYNC + PAGEMAP_SCAN) so the next capture
         /// is a delta holding only the pages written since. Captures then need a quiesce
         /// hook: it is also called once more at the end of each capture, to hand the

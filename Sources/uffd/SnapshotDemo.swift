@@ -21,7 +21,7 @@ struct SnapshotDemoCommand: ParsableCommand {
     var stagingMiB = 64
 
     @Option(name: .customLong("fault-chunk-pages"), help: "Pages uffd-wp's fault handler saves around a faulting page.")
-    var faultChunkPages = 16
+    var faultChunkPages = 64
 
     @Option(help: "Transparent huge pages: on, off or both.")
     var thp = "both"
