@@ -19,6 +19,9 @@ struct RegionLayout: Sendable {
     var pages: Int
     var firstPage: Int
     var kind: SnapshotFormat.MemoryKind
+    /// For shared hugetlb memory: the file, open for reading, and the region's offset in it.
+    var file: Int32 = -1
+    var fileOffset: UInt64 = 0
 }
 
 /// Where each page of a capture stands.
