@@ -39,6 +39,11 @@ public final class Capture: @unchecked Sendable {
         public var pauseNanoseconds: UInt64
         /// Nanoseconds from the start of the arm to the image's last byte.
         public var totalNanoseconds: UInt64
+        /// CPU nanoseconds the image writer thread used (the CPU cost of the image,
+        /// which unlike the total does not depend on what else the machine runs).
+        public var writerCPUNanoseconds: UInt64 = 0
+        /// CPU nanoseconds the fault handler thread used (saving pages before writes).
+        public var handlerCPUNanoseconds: UInt64 = 0
     }
 
     private let snapshotter: Snapshotter
@@ -122,7 +127,8 @@ public final class Capture: @unchecked Sendable {
                 stagingBytes: job.capacity * job.pageSize, extraBytes: job.extraBytes,
                 imageBytes: job.writer.position, dataBytes: job.writer.dataBytes,
                 armNanoseconds: armNanoseconds, pauseNanoseconds: pauseNanoseconds,
-                totalNanoseconds: job.endNanoseconds - startNanoseconds))
+                totalNanoseconds: job.endNanoseconds - startNanoseconds,
+                writerCPUNanoseconds: job.writerCPUNanoseconds, handlerCPUNanoseconds: job.handlerCPUNanoseconds))
         }
         return try outcome.get()
     }

@@ -27,6 +27,10 @@ final class FaultHandler: @unchecked Sendable {
     func run() {
         if job.handlerPriority > 0 { DedicatedThread.makeCurrentThreadRealTime(priority: job.handlerPriority) }
         let buffer = Userfaultfd.EventBuffer(capacity: 64)
+        defer {
+            let cpu = threadCPUNanoseconds()
+            job.monitor.withLock { job.handlerCPUNanoseconds = cpu }
+        }
         while true {
             do {
                 switch try job.handle.wait(stop: job.stop) {
@@ -72,21 +76,34 @@ final class FaultHandler: @unchecked Sendable {
             slot = job.reserved
             job.reserved += n
         }
-        if n > 0 && !cancelled { save(count: n, from: slot, region: region) }
-        // Clear protection on what was saved, in runs; a page the writer is streaming is
-        // cleared (and its writers woken) by the writer; one already saved or written
-        // (a late message) is cleared again, which only wakes.
-        var i = 0
-        while i < n {
-            var run = 1
-            while i + run < n && claimed[i + run] == claimed[i] + run { run += 1 }
-            do { try job.unprotect(region: region, first: claimed[i], pages: run) } catch { job.fail(error) }
-            i += run
-        }
-        if faultingState == PageState.saved || faultingState == PageState.done {
-            if job.tracking { releaseWritten(region: region, first: first, end: end); return }
+        // A late message for a page already in the image: let its writer go first.
+        let settled = faultingState == PageState.saved || faultingState == PageState.done
+        if settled && !job.tracking {
             do { try job.unprotect(region: region, first: page, pages: 1) } catch { job.fail(error) }
         }
+        if n > 0 && !cancelled {
+            // The faulting page is copied and released first: its writer waits for one
+            // page's copy, not the chunk's, and the rest follows.
+            var held = -1
+            for i in 0..<n where claimed[i] == page { held = i }
+            if held >= 0 {
+                copy(held, to: slot, region: region)
+                do { try job.unprotect(region: region, first: page, pages: 1) } catch { job.fail(error) }
+            }
+            for i in 0..<n where i != held { copy(i, to: slot, region: region) }
+            publish(count: n, from: slot)
+            // Clear protection on the rest, in runs; a page the writer is streaming is
+            // cleared (and its writers woken) by the writer.
+            var i = 0
+            while i < n {
+                if i == held { i += 1; continue }
+                var run = 1
+                while i + run < n && i + run != held && claimed[i + run] == claimed[i] + run { run += 1 }
+                do { try job.unprotect(region: region, first: claimed[i], pages: run) } catch { job.fail(error) }
+                i += run
+            }
+        }
+        if settled && job.tracking { releaseWritten(region: region, first: first, end: end) }
     }
 
     /// When tracking: a write to a page already in the image. Notes the chunk's settled
@@ -112,14 +129,17 @@ final class FaultHandler: @unchecked Sendable {
         }
     }
 
-    /// Copies the claimed pages into ring slots `slot ..< slot + count` and publishes them.
-    private func save(count: Int, from slot: Int, region: Int) {
-        for i in 0..<count {
-            let s = (slot + i) % job.capacity
-            let source = UnsafeRawPointer(bitPattern: UInt(job.address(of: claimed[i], in: region)))!
-            memcpy(job.slots + s * job.pageSize, source, job.pageSize)
-            job.slotPages[s] = claimed[i]
-        }
+    /// Copies claimed page `i` into ring slot `slot + i`.
+    @inline(__always)
+    private func copy(_ i: Int, to slot: Int, region: Int) {
+        let s = (slot + i) % job.capacity
+        let source = UnsafeRawPointer(bitPattern: UInt(job.address(of: claimed[i], in: region)))!
+        memcpy(job.slots + s * job.pageSize, source, job.pageSize)
+        job.slotPages[s] = claimed[i]
+    }
+
+    /// Publishes the `count` claimed pages copied into ring slots `slot ..< slot + count`.
+    private func publish(count: Int, from slot: Int) {
         job.monitor.withLock {
             for i in 0..<count {
                 job.state[claimed[i]] = PageState.saved

@@ -64,7 +64,11 @@ final class SnapshotFileWriter {
         try write(header.bytes)
     }
 
-    deinit { index.deallocate() }
+    deinit {
+        index.deallocate()
+        batchHeads.deallocate()
+        batchVectors.deallocate()
+    }
 
     /// Memory this writer holds besides the page data (index and chunk table).
     var metadataBytes: Int { pageCount * 8 + chunks.bytes.capacity }
@@ -122,6 +126,11 @@ final class SnapshotFileWriter {
         }
         try result.get()
         position = offset + UInt64(headerBytes + length)
+        noteRecord(at: offset, first: first, count: count, crc: crc)
+    }
+
+    /// Enters a record written at `offset` in the chunk table and the index.
+    private func noteRecord(at offset: UInt64, first: Int, count: Int, crc: UInt32) {
         chunks.u64(offset)
         chunks.u64(UInt64(first))
         chunks.u32(UInt32(count))
@@ -129,7 +138,72 @@ final class SnapshotFileWriter {
         let entry = SnapshotFormat.entry(.data, record: UInt32(chunkCount))
         for p in first..<(first + count) { index[p] = entry }
         chunkCount += 1
-        dataBytes += UInt64(length)
+        dataBytes += UInt64(count * pageSize)
+    }
+
+    /// The most records, and bytes, gathered for one `pwritev`: small enough that the
+    /// write reads them from cache after their checksums pulled them in.
+    static let batchRecords = 64
+    static let batchBytes = 512 << 10
+    private let batchHeads = UnsafeMutableRawPointer.allocate(byteCount: batchRecords * SnapshotFormat.recordHeaderSize, alignment: 8)
+    private let batchVectors = UnsafeMutablePointer<iovec>.allocate(capacity: 2 * batchRecords)
+    private var queued = 0
+    private var queuedBytes = 0
+    private var batchOffset: UInt64 = 0
+
+    /// Appends a record like ``appendRecord(first:count:bytes:)``, but small records are
+    /// gathered and written together by one `pwritev` (at the latest by ``flush()``):
+    /// `bytes` must stay unchanged until then.
+    func queueRecord(first: Int, count: Int, bytes: UnsafeRawPointer) throws(SnapshotError) {
+        let length = count * pageSize
+        let headerBytes = SnapshotFormat.recordHeaderSize
+        guard headerBytes + length <= Self.batchBytes else {
+            try flush()
+            return try appendRecord(first: first, count: count, bytes: bytes)
+        }
+        if queued == Self.batchRecords || queuedBytes + headerBytes + length > Self.batchBytes { try flush() }
+        if queued == 0 { batchOffset = position }
+        let crc = CRC32C.checksum(UnsafeRawBufferPointer(start: bytes, count: length))
+        let head = batchHeads + queued * headerBytes
+        head.storeBytes(of: SnapshotFormat.recordMagic.littleEndian, toByteOffset: 0, as: UInt32.self)
+        head.storeBytes(of: UInt32(count).littleEndian, toByteOffset: 4, as: UInt32.self)
+        head.storeBytes(of: UInt64(first).littleEndian, toByteOffset: 8, as: UInt64.self)
+        head.storeBytes(of: crc.littleEndian, toByteOffset: 16, as: UInt32.self)
+        head.storeBytes(of: UInt32(0), toByteOffset: 20, as: UInt32.self)
+        batchVectors[2 * queued] = iovec(iov_base: head, iov_len: headerBytes)
+        batchVectors[2 * queued + 1] = iovec(iov_base: UnsafeMutableRawPointer(mutating: bytes), iov_len: length)
+        queued += 1
+        queuedBytes += headerBytes + length
+        noteRecord(at: position, first: first, count: count, crc: crc)
+        position += UInt64(headerBytes + length)
+    }
+
+    /// Writes the records gathered by ``queueRecord(first:count:bytes:)``.
+    func flush() throws(SnapshotError) {
+        guard queued > 0 else { return }
+        var vectors = batchVectors
+        var vectorCount = 2 * queued
+        var offset = batchOffset
+        var remaining = queuedBytes
+        queued = 0
+        queuedBytes = 0
+        while remaining > 0 {
+            let n = retryOnInterrupt { pwritev(fd, vectors, Int32(vectorCount), off_t(offset)) }
+            if n <= 0 { throw SnapshotError.system("write snapshot", n == 0 ? EIO : errno, path: path) }
+            remaining -= n
+            offset += UInt64(n)
+            // A short write: go on from the first byte not written.
+            var skip = n
+            while vectorCount > 0 && skip >= vectors[0].iov_len {
+                skip -= vectors[0].iov_len
+                vectors += 1
+                vectorCount -= 1
+            }
+            if skip > 0 {
+                vectors[0].iov_base += skip
+                vectors[0].iov_len -= skip
+            }
+        }
     }
 
     /// Records `count` pages from `first` as `kind` (hole or zero).
@@ -140,6 +214,7 @@ final class SnapshotFileWriter {
 
     /// Writes the chunk table, the index and the footer. The file is complete after this.
     func finish() throws(SnapshotError) {
+        try flush()
         let chunkTableOffset = position
         let trailer = chunks
         let indexOffset = chunkTableOffset + UInt64(chunks.bytes.count)

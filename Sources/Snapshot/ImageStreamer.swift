@@ -16,6 +16,8 @@ final class ImageStreamer: @unchecked Sendable {
     private let scanner: PagemapScanner
     private let mine: UnsafeMutablePointer<Bool>
     private let residency: UnsafeMutablePointer<UInt8>
+    /// One page read from a shared hugetlb file.
+    private var bounce: UnsafeMutableRawPointer?
 
     init(job: CaptureJob) throws(SnapshotError) {
         self.job = job
@@ -30,6 +32,7 @@ final class ImageStreamer: @unchecked Sendable {
     deinit {
         mine.deallocate()
         residency.deallocate()
+        bounce?.deallocate()
     }
 
     /// Streams everything, waits for the staged pages, finishes the file. On failure or
@@ -54,7 +57,11 @@ final class ImageStreamer: @unchecked Sendable {
             job.fail(error)
             job.unprotectAll()
         }
-        job.monitor.withLock { job.endNanoseconds = MonotonicClock.nanoseconds() }
+        let cpu = threadCPUNanoseconds()
+        job.monitor.withLock {
+            job.endNanoseconds = MonotonicClock.nanoseconds()
+            job.writerCPUNanoseconds = cpu
+        }
         job.stop.raise()
     }
 
@@ -117,7 +124,7 @@ final class ImageStreamer: @unchecked Sendable {
         let count = end - first
         switch job.layout[region].kind {
         case .shmem: return try writeShared(first: first, count: count, from: start)
-        case .hugetlb: return try writeHugetlb(first: first, count: count, from: start)
+        case .hugetlb: return try writeHugetlb(region: region, first: first, count: count, from: start)
         case .anonymous: break
         }
         var cursor = first
@@ -171,24 +178,55 @@ final class ImageStreamer: @unchecked Sendable {
         }
     }
 
-    /// Writes private hugetlb pages. PAGEMAP_SCAN shows a never-touched protected huge
+    /// Writes hugetlb pages. PAGEMAP_SCAN shows a never-touched protected huge
     /// page as swapped, like a page in migration, and reading it would allocate a huge
     /// page; mincore tells them apart (the write-protect marker reads as not resident,
     /// a migration entry as resident), so resident pages are read (zeros stored as
-    /// zero) and the others are holes.
-    private func writeHugetlb(first: Int, count: Int, from start: UInt64) throws(SnapshotError) {
+    /// zero) and the others are holes (private memory).
+    ///
+    /// Shared hugetlb memory: a page not mapped here may still be in the file, so it is
+    /// read through the file, which reads a hole as zeros without allocating.
+    private func writeHugetlb(region: Int, first: Int, count: Int, from start: UInt64) throws(SnapshotError) {
         let ps = job.pageSize
         let perPage = ps / systemPageSize
         if mincore(UnsafeMutableRawPointer(bitPattern: UInt(start)), count * ps, residency) != 0 {
             throw SnapshotError.system("mincore")
         }
+        let file = job.layout[region].file
         var p = 0
         while p < count {
             var q = p + 1
             let resident = residency[p * perPage] & 1 != 0
             while q < count && (residency[q * perPage] & 1 != 0) == resident { q += 1 }
-            if resident { try writeNonZero(first + p, q - p, from: start + UInt64(p * ps)) } else { job.writer.mark(first: first + p, count: q - p, .hole) }
+            if resident {
+                try writeNonZero(first + p, q - p, from: start + UInt64(p * ps))
+            } else if file >= 0 {
+                for i in p..<q { try writeFromFile(region: region, page: first + i) }
+            } else {
+                job.writer.mark(first: first + p, count: q - p, .hole)
+            }
             p = q
+        }
+    }
+
+    /// Reads shared hugetlb page `page` from its file; stores it unless it is zeros.
+    private func writeFromFile(region: Int, page: Int) throws(SnapshotError) {
+        let r = job.layout[region]
+        let ps = job.pageSize
+        if bounce == nil { bounce = .allocate(byteCount: ps, alignment: 4096) }
+        let buffer = bounce!
+        let offset = r.fileOffset + UInt64((page - r.firstPage) * ps)
+        var done = 0
+        while done < ps {
+            let n = retryOnInterrupt { pread(r.file, buffer + done, ps - done, off_t(offset) + off_t(done)) }
+            if n < 0 { throw SnapshotError.system("read shared hugetlb file", errno) }
+            if n == 0 { memset(buffer + done, 0, ps - done); break }
+            done += n
+        }
+        if csnap_is_zero(buffer, ps) != 0 {
+            job.writer.mark(first: page, count: 1, .zero)
+        } else {
+            try job.writer.appendRecord(first: page, count: 1, bytes: buffer)
         }
     }
 
@@ -227,9 +265,11 @@ final class ImageStreamer: @unchecked Sendable {
             var n = 1
             while i + n < to, slot + n < job.capacity, job.slotPages[slot + n] == page + n,
                   csnap_is_zero(base + n * ps, ps) == 0 { n += 1 }
-            try job.writer.appendRecord(first: page, count: n, bytes: base)
+            try job.writer.queueRecord(first: page, count: n, bytes: base)
             i += n
         }
+        // The slots are handed back only once their bytes are in the file.
+        try job.writer.flush()
         if to > from {
             job.monitor.withLock {
                 job.consumed = to

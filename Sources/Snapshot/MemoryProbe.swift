@@ -7,18 +7,23 @@ import Userfaultfd
 
 /// What memory a range of the calling process is, from `/proc/self/smaps`.
 enum MemoryProbe {
-    /// The kind and page size of every mapping in `range`, which must all be alike.
+    /// The kind and page size of every mapping in `range`, which must all be alike, and
+    /// for shared hugetlb memory the file behind it.
     ///
-    /// - Throws: ``SnapshotError/Kind/unsupported(_:)`` for shared hugetlb memory, hugetlb
-    ///   pages other than 2 MiB, private file mappings, a range not wholly mapped, or a
-    ///   range mixing kinds or page sizes.
-    static func kind(of range: MemoryRange) throws(SnapshotError) -> (kind: SnapshotFormat.MemoryKind, pageSize: Int) {
+    /// - Throws: ``SnapshotError/Kind/unsupported(_:)`` for hugetlb pages other than
+    ///   2 MiB, shared hugetlb memory spanning more than one mapping, private file
+    ///   mappings, a range not wholly mapped, or a range mixing kinds or page sizes.
+    static func kind(of range: MemoryRange) throws(SnapshotError)
+        -> (kind: SnapshotFormat.MemoryKind, pageSize: Int, sharedFile: SharedHugetlbFile?)
+    {
         guard let f = fopen("/proc/self/smaps", "r") else { throw SnapshotError.system("open /proc/self/smaps") }
         defer { fclose(f) }
         var kinds = Set<SnapshotFormat.MemoryKind>()
         var pageSizes = Set<Int>()
         var covered: UInt64 = 0
-        var current: (start: UInt64, end: UInt64, shared: Bool, path: String)?
+        var sharedFile: SharedHugetlbFile?
+        var sharedMappings = 0
+        var current: (start: UInt64, end: UInt64, shared: Bool, offset: UInt64, path: String)?
         var line = [CChar](repeating: 0, count: 4096)
         func close(pageSize: Int) throws(SnapshotError) {
             guard let c = current else { return }
@@ -28,16 +33,19 @@ enum MemoryProbe {
             covered += hi - lo
             pageSizes.insert(pageSize)
             if pageSize > systemPageSize {
-                // A shared hugetlb page may sit in the file's page cache without being
-                // mapped here: neither the page table nor mincore tells it from a hole.
-                if c.shared {
-                    throw SnapshotError(.unsupported("shared hugetlb memory (a hugetlbfs file or MFD_HUGETLB memfd, "
-                        + "\(pageSize / 1024) KiB pages) at \(range): only private hugetlb memory (MAP_PRIVATE | MAP_HUGETLB) is snapshotted"))
-                }
                 // A 1 GiB page would need a 1 GiB staging slot and stream chunk.
                 guard pageSize == HugePages.size else {
                     throw SnapshotError(.unsupported("hugetlb memory with \(pageSize / 1024) KiB pages at \(range): "
                         + "only \(HugePages.size / 1024) KiB huge pages are snapshotted"))
+                }
+                // A shared hugetlb page may sit in the file's page cache without being
+                // mapped here (neither the page table nor mincore tells it from a hole),
+                // and reading it through the mapping would allocate a huge page for a
+                // hole: the capture reads such pages through the file instead.
+                if c.shared {
+                    sharedMappings += 1
+                    sharedFile = SharedHugetlbFile(path: "/proc/self/map_files/\(String(c.start, radix: 16))-\(String(c.end, radix: 16))",
+                                                   offset: c.offset + (lo - c.start))
                 }
                 kinds.insert(.hugetlb)
                 return
@@ -59,7 +67,7 @@ enum MemoryProbe {
                   let e = UInt64(fields[0][fields[0].index(after: dash)...], radix: 16) else { continue }
             let perms = fields[1]
             let path = fields.count > 5 ? fields[5].trimmingCharacters() : ""
-            current = (s, e, perms.count == 4 && perms.last == "s", path)
+            current = (s, e, perms.count == 4 && perms.last == "s", UInt64(fields[2], radix: 16) ?? 0, path)
         }
         try close(pageSize: systemPageSize)
         guard covered == range.length else {
@@ -71,8 +79,20 @@ enum MemoryProbe {
         guard pageSizes.count == 1, let pageSize = pageSizes.first else {
             throw SnapshotError(.invalidArgument("\(range) mixes page sizes \(pageSizes.sorted()): give each part as its own region"))
         }
-        return (kind, pageSize)
+        if sharedFile != nil && (sharedMappings != 1 || kinds.count != 1) {
+            throw SnapshotError(.unsupported("shared hugetlb memory at \(range) spans \(sharedMappings) mappings: give each mapping as its own region"))
+        }
+        return (kind, pageSize, sharedFile)
     }
+}
+
+/// The file behind a shared hugetlb region: where the capture reads the pages that are
+/// in the file but not mapped in this process.
+struct SharedHugetlbFile: Sendable {
+    /// `/proc/self/map_files/START-END` of the mapping.
+    var path: String
+    /// The file offset of the region's first byte.
+    var offset: UInt64
 }
 
 extension Substring {

@@ -32,8 +32,11 @@ public final class Snapshotter: @unchecked Sendable {
         /// The bytes the image writer streams, and unprotects with one call, at a time.
         public var streamChunkBytes = 2 << 20
         /// The pages saved around a faulting page (aligned to the region), at most the
-        /// staging capacity. Hugetlb memory saves the faulting huge page alone.
-        public var faultChunkPages = 16
+        /// staging capacity. The faulting page is copied and its writer let go first;
+        /// the rest follows. Writers that touch pages at random hit a protected page
+        /// once per chunk, so a larger chunk means fewer held writes. Hugetlb memory
+        /// saves the faulting huge page alone.
+        public var faultChunkPages = 64
         /// Track writes after each capture (WP_ASYNC + PAGEMAP_SCAN) so the next capture
         /// is a delta holding only the pages written since. Captures then need a quiesce
         /// hook: it is also called once more at the end of each capture, to hand the
@@ -73,15 +76,17 @@ public final class Snapshotter: @unchecked Sendable {
     let tracking = Mutex(TrackingState())
     private let busy = Atomic<Bool>(false)
 
-    /// Registers `regions` (anonymous, shmem/memfd or private hugetlb memory of this
-    /// process) for write protection.
+    /// Registers `regions` (anonymous, shmem/memfd or hugetlb memory of this process)
+    /// for write protection.
     ///
     /// Hugetlb regions are captured a huge page at a time: protection, copy before
     /// write, holes and the index are per huge page, and the file's page size is the
-    /// huge page size.
+    /// huge page size. Pages of shared hugetlb memory (a hugetlbfs file or
+    /// MFD_HUGETLB memfd) that are in the file but not mapped here are read through
+    /// the file (`/proc/self/map_files`, which needs CAP_SYS_ADMIN).
     ///
-    /// - Throws: ``SnapshotError`` if a region is unaligned, overlaps another, is
-    ///   shared hugetlb memory or a private file mapping, mixes hugetlb with other
+    /// - Throws: ``SnapshotError`` if a region is unaligned, overlaps another, is a
+    ///   private file mapping or shared hugetlb memory whose file does not open, mixes hugetlb with other
     ///   memory (one page size per file), or the kernel lacks WP_UNPOPULATED
     ///   (anonymous) or WP_HUGETLBFS_SHMEM (shmem, hugetlb).
     public init(regions ranges: [MemoryRange], options: Options = Options()) throws(SnapshotError) {
@@ -89,39 +94,59 @@ public final class Snapshotter: @unchecked Sendable {
         var layout: [RegionLayout] = []
         var first = 0
         var ps = 0
-        for range in ranges {
-            guard range.length > 0, range.isAligned(to: UInt64(systemPageSize)) else {
-                throw SnapshotError(.invalidArgument("region \(range) is empty or not page-aligned"))
+        do throws(SnapshotError) {
+            for range in ranges {
+                guard range.length > 0, range.isAligned(to: UInt64(systemPageSize)) else {
+                    throw SnapshotError(.invalidArgument("region \(range) is empty or not page-aligned"))
+                }
+                if let other = regions.first(where: { MemoryRange(start: $0.start, length: $0.length).overlaps(range) }) {
+                    throw SnapshotError(.invalidArgument("region \(range) overlaps 0x\(String(other.start, radix: 16))"))
+                }
+                let (kind, regionPageSize, sharedFile) = try MemoryProbe.kind(of: range)
+                // A file has one page size: hugetlb regions are captured apart from the others.
+                if ps != 0 && regionPageSize != ps {
+                    throw SnapshotError(.unsupported("region \(range) has \(regionPageSize / 1024) KiB pages and another "
+                        + "\(ps / 1024) KiB pages: a snapshot file has one page size, so snapshot hugetlb regions with their own Snapshotter"))
+                }
+                ps = regionPageSize
+                guard range.isAligned(to: UInt64(ps)) else {
+                    throw SnapshotError(.invalidArgument("region \(range) is not aligned to its \(ps / 1024) KiB pages"))
+                }
+                var region = RegionLayout(start: range.start, pages: Int(range.length) / ps, firstPage: first, kind: kind)
+                if let sharedFile {
+                    let fd = open(sharedFile.path, O_RDONLY | O_CLOEXEC)
+                    if fd < 0 {
+                        let e = errno
+                        throw SnapshotError(.unsupported("shared hugetlb memory at \(range) is read through its file, "
+                            + "and \(sharedFile.path) does not open (\(String(cString: strerror(e))); it needs CAP_SYS_ADMIN)"))
+                    }
+                    region.file = fd
+                    region.fileOffset = sharedFile.offset
+                }
+                regions.append(.init(start: range.start, length: range.length, kind: kind))
+                layout.append(region)
+                first += Int(range.length) / ps
             }
-            if let other = regions.first(where: { MemoryRange(start: $0.start, length: $0.length).overlaps(range) }) {
-                throw SnapshotError(.invalidArgument("region \(range) overlaps 0x\(String(other.start, radix: 16))"))
-            }
-            let (kind, regionPageSize) = try MemoryProbe.kind(of: range)
-            // A file has one page size: hugetlb regions are captured apart from the others.
-            if ps != 0 && regionPageSize != ps {
-                throw SnapshotError(.unsupported("region \(range) has \(regionPageSize / 1024) KiB pages and another "
-                    + "\(ps / 1024) KiB pages: a snapshot file has one page size, so snapshot hugetlb regions with their own Snapshotter"))
-            }
-            ps = regionPageSize
-            guard range.isAligned(to: UInt64(ps)) else {
-                throw SnapshotError(.invalidArgument("region \(range) is not aligned to its \(ps / 1024) KiB pages"))
-            }
-            regions.append(.init(start: range.start, length: range.length, kind: kind))
-            layout.append(RegionLayout(start: range.start, pages: Int(range.length) / ps, firstPage: first, kind: kind))
-            first += Int(range.length) / ps
+        } catch {
+            for l in layout where l.file >= 0 { close(l.file) }
+            throw error
         }
+        let opened = layout.compactMap { $0.file >= 0 ? $0.file : nil }
+        func closeFiles() { for fd in opened { close(fd) } }
         guard !regions.isEmpty else { throw SnapshotError(.invalidArgument("no region given")) }
         var features: Userfaultfd.Features = [.wpUnpopulated]
         if regions.contains(where: { $0.kind != .anonymous }) { features.insert(.wpHugetlbfsShmem) }
         do {
             uffd = try Userfaultfd(.init().requiring(features))
         } catch {
+            closeFiles()
             throw SnapshotError(.unsupported("a userfaultfd with \(features): \(error)"))
         }
         for r in regions {
             do {
                 try uffd.handle.register(MemoryRange(start: r.start, length: r.length), mode: .writeProtect, requiring: [.writeProtect])
             } catch {
+                closeFiles()
                 throw SnapshotError(.unsupported("registering 0x\(String(r.start, radix: 16)) for write protection: \(error)"))
             }
         }
@@ -131,6 +156,7 @@ public final class Snapshotter: @unchecked Sendable {
                     fileDescriptor: try Userfaultfd(.init().requiring(features.union([.wpAsync]))).release(),
                     features: features.union([.wpAsync]))
             } catch {
+                closeFiles()
                 throw SnapshotError(.unsupported("incremental snapshots need a userfaultfd with WP_ASYNC: \(error)"))
             }
         } else {
@@ -149,6 +175,7 @@ public final class Snapshotter: @unchecked Sendable {
             try? asyncHandle?.unregister(range)
         }
         try? asyncHandle?.fileDescriptor.close()
+        for l in layout where l.file >= 0 { close(l.file) }
     }
 
     /// The number of pages across the regions.

@@ -20,6 +20,9 @@ struct SnapshotDemoCommand: ParsableCommand {
     @Option(name: .customLong("staging-mib"), help: "Staging area of uffd-wp captures, in MiB.")
     var stagingMiB = 64
 
+    @Option(name: .customLong("fault-chunk-pages"), help: "Pages uffd-wp's fault handler saves around a faulting page.")
+    var faultChunkPages = 64
+
     @Option(help: "Transparent huge pages: on, off or both.")
     var thp = "both"
 
@@ -37,9 +40,9 @@ struct SnapshotDemoCommand: ParsableCommand {
 
     func run() throws {
         var c = SnapshotDemo.Configuration()
-        guard heapMiB >= 2, writers >= 1, rounds >= 1, stagingMiB >= 1, trackingRounds >= 1,
+        guard heapMiB >= 2, writers >= 1, rounds >= 1, stagingMiB >= 1, trackingRounds >= 1, faultChunkPages >= 1,
               incrementalPercent > 0, incrementalPercent <= 100 else {
-            throw ValidationError("--heap-mib >= 2, --writers, --rounds, --staging-mib, --tracking-rounds >= 1, 0 < --incremental-percent <= 100")
+            throw ValidationError("--heap-mib >= 2, --writers, --rounds, --staging-mib, --tracking-rounds, --fault-chunk-pages >= 1, 0 < --incremental-percent <= 100")
         }
         switch thp {
         case "on": c.transparentHugePages = [true]
@@ -51,6 +54,7 @@ struct SnapshotDemoCommand: ParsableCommand {
         c.writers = writers
         c.rounds = rounds
         c.stagingBytes = stagingMiB << 20
+        c.faultChunkPages = faultChunkPages
         c.directory = directory
         c.incrementalFraction = incrementalPercent / 100
         c.trackingRounds = trackingRounds

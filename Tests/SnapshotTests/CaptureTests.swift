@@ -131,14 +131,41 @@ extension SnapshotTests {
             unlink(dir.path + "/image")
         }
 
-        @Test(.needsFreeHugePages(1), .usesHugePages) func sharedHugetlbIsRefusedByName() throws {
-            let memory = try MemoryMapping(kind: .hugetlb, length: HugePages.size)
-            #expect {
-                _ = try Snapshotter(regions: [memory.range])
-            } throws: { error in
-                guard let e = error as? SnapshotError, case .unsupported(let why) = e.kind else { return false }
-                return why.contains("shared hugetlb")
+        /// Shared hugetlb memory captured through a second mapping of its memfd: pages in
+        /// the file but not mapped there are read through the file, holes read as zeros,
+        /// and a page written after the instant holds its bytes from the instant.
+        @Test(.needsFreeHugePages(3), .usesHugePages,
+              .enabled(if: geteuid() == 0, "the file is read through /proc/self/map_files, which needs CAP_SYS_ADMIN"))
+        func sharedHugetlbPagesNotMappedHereComeFromTheFile() throws {
+            let huge = HugePages.size
+            let memory = try MemoryMapping(kind: .hugetlb, length: 4 * huge)
+            // Through the first mapping: huge pages 0 and 2 hold a pattern, 1 and 3 are holes.
+            for h in [0, 2] { memset(memory.base + h * huge, Int32(0x40 + h), huge) }
+            let memfd = memory.memfd
+            let fd = try #require(memfd).rawValue
+            let second = try #require(mmap(nil, 4 * huge, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0))
+            try #require(second != MAP_FAILED, "mmap errno \(errno)")
+            defer { munmap(second, 4 * huge) }
+            let snapshotter = try Snapshotter(regions: [MemoryRange(second, length: 4 * huge)])
+            #expect(snapshotter.pageSize == huge)
+            let file = TemporaryPath("shared-hugetlb")
+            let capture = try snapshotter.capture(to: file.path)
+            // After the instant, through the captured mapping (copy before write).
+            memset(second + 2 * huge, 0x7f, huge)
+            let result = try capture.wait()
+            #expect(result.streamedPages + result.savedBeforeWritePages == 4)
+            let chain = try SnapshotChain(paths: [file.path])
+            #expect(chain.regions.map(\.kind) == [.hugetlb])
+            let buffer = UnsafeMutableRawPointer.allocate(byteCount: huge, alignment: 4096)
+            defer { buffer.deallocate() }
+            for h in 0..<4 {
+                try chain.readPage(h, into: buffer)
+                let expected: UInt8 = h % 2 == 0 ? UInt8(0x40 + h) : 0
+                let bytes = UnsafeRawBufferPointer(start: buffer, count: huge)
+                #expect(bytes.allSatisfy { $0 == expected }, "huge page \(h) holds \(bytes[0]), expected \(expected)")
+                #expect(chain.files[0].kind(of: h) == (h % 2 == 0 ? .data : .zero), "huge page \(h)")
             }
+            #expect(UnsafeRawBufferPointer(start: second + 2 * huge, count: huge).allSatisfy { $0 == 0x7f }, "the write went through")
         }
     }
 }

@@ -50,6 +50,16 @@ public struct DemoRun: Sendable, Codable, Hashable {
     /// and uffd-wp's partial unprotects split huge pages; THP heaps are collapsed
     /// again with MADV_COLLAPSE before each snapshot).
     public var hugePageBytesBefore: Int64
+    /// CPU nanoseconds the snapshot itself used: the forked child's, the copy's, or
+    /// the capture's image writer and fault handler threads'.
+    public var cpuNanoseconds: UInt64 = 0
+    /// For uffd-wp: write-protect faults, pages saved before a write, and waits for
+    /// room in the staging area.
+    public var faults: Int?
+    public var savedPages: Int?
+    /// For uffd-wp: the CPU nanoseconds of the fault handler thread (part of ``cpuNanoseconds``).
+    public var handlerCPUNanoseconds: UInt64?
+    public var stagingWaits: Int?
 }
 
 /// Samples the Pss of this process and of one more (a forked child) from /proc.
@@ -108,16 +118,20 @@ extension DemoHeap {
         var pause: UInt64 = 0
         var freeze: UInt64 = 0
         var declared: Int?
+        var cpu: UInt64 = 0
+        var captured: Capture.Result?
         switch method {
         case .fork:
-            (pause, freeze) = try forkAndWrite(path: path, sampler: sampler, log: &log)
+            (pause, freeze, cpu) = try forkAndWrite(path: path, sampler: sampler, log: &log)
         case .stopAndCopy:
             self.pause()
             log = versionLog()
             let copyStart = MonotonicClock.nanoseconds()
+            let cpuStart = threadCPUNanoseconds()
             let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
             let e = fd < 0 ? errno : csnap_write_all(fd, base, length)
             if fd >= 0 { close(fd) }
+            cpu = threadCPUNanoseconds() - cpuStart
             freeze = MonotonicClock.nanoseconds() - copyStart
             resume()
             pause = MonotonicClock.nanoseconds() - start
@@ -131,6 +145,8 @@ extension DemoHeap {
             freeze = capture.armNanoseconds
             let result = try capture.wait()
             declared = result.extraBytes
+            cpu = result.writerCPUNanoseconds + result.handlerCPUNanoseconds
+            captured = result
             log = logBox.withLock { $0 }
         }
         let total = MonotonicClock.nanoseconds() - start
@@ -145,12 +161,14 @@ extension DemoHeap {
                        bytesPerSecond: Double(length) / (Double(total) / 1e9), peakExtraBytes: peak,
                        declaredExtraBytes: declared, updatesDuring: updates,
                        dirtiedFraction: 1 - exp(-Double(updates) / Double(pages)), mismatchedPages: bad,
-                       hugePageBytesBefore: hugeBefore)
+                       hugePageBytesBefore: hugeBefore, cpuNanoseconds: cpu, faults: captured?.faults,
+                       savedPages: captured?.savedBeforeWritePages, handlerCPUNanoseconds: captured?.handlerCPUNanoseconds,
+                       stagingWaits: captured?.stagingWaits)
     }
 
     /// Forks with the writers held; the child writes the heap and exits. Returns the
-    /// pause and the time of `fork()` itself.
-    private func forkAndWrite(path: String, sampler: MemorySampler, log: inout [UInt64]) throws(SnapshotError) -> (UInt64, UInt64) {
+    /// pause, the time of `fork()` itself and the child's CPU time.
+    private func forkAndWrite(path: String, sampler: MemorySampler, log: inout [UInt64]) throws(SnapshotError) -> (UInt64, UInt64, UInt64) {
         let start = MonotonicClock.nanoseconds()
         let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         if fd < 0 { throw SnapshotError.system("open", path: path) }
@@ -166,10 +184,12 @@ extension DemoHeap {
         if pid < 0 { throw SnapshotError.system("fork") }
         sampler.child.store(pid, ordering: .releasing)
         var status: Int32 = 0
-        _ = retryOnInterrupt { waitpid(pid, &status, 0) }
+        var usage = rusage()
+        _ = retryOnInterrupt { wait4(pid, &status, 0, &usage) }
         sampler.child.store(0, ordering: .releasing)
         if status != 0 { throw SnapshotError.system("the forked child writing the image", EIO, path: path) }
-        return (paused, forked)
+        func ns(_ t: timeval) -> UInt64 { UInt64(t.tv_sec) * 1_000_000_000 + UInt64(t.tv_usec) * 1000 }
+        return (paused, forked, ns(usage.ru_utime) + ns(usage.ru_stime))
     }
 
     enum ImageKind { case raw, snapshot }

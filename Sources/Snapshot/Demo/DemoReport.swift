@@ -13,6 +13,8 @@ public struct SnapshotDemoReport: Sendable, Codable {
         public var pauseNanoseconds: UInt64
         public var freezeNanoseconds: UInt64
         public var totalNanoseconds: UInt64
+        /// CPU the snapshot used (fork: the child; uffd-wp: its two threads).
+        public var cpuNanoseconds: UInt64
         public var bytesPerSecond: Double
         public var peakExtraBytes: Int64
         public var declaredExtraBytes: Int?
@@ -77,17 +79,19 @@ public struct SnapshotDemoReport: Sendable, Codable {
             out.append("THP \(k): \(v >> 20) MiB of the heap in transparent huge pages after populating")
         }
         out.append("")
-        out.append(row(["method", "THP", "pause ms", "freeze ms", "total ms", "GB/s", "extra MiB", "dirtied", "p50/p99/max µs during", "p50/p99/max µs steady", "verified"]))
+        out.append(row(["method", "THP", "pause ms", "freeze ms", "total ms", "CPU ms", "GB/s", "extra MiB", "dirtied", "p50/p99/max µs during", "p50/p99/max µs steady", "verified"]))
         for s in summaries {
             let extra = s.declaredExtraBytes.map { "\(format1(Double(s.peakExtraBytes) / 1048576)) (\(format1(Double($0) / 1048576)))" }
                 ?? format1(Double(s.peakExtraBytes) / 1048576)
             out.append(row([s.method.rawValue, s.transparentHugePages ? "on" : "off", format3(Double(s.pauseNanoseconds) / 1e6),
                             format3(Double(s.freezeNanoseconds) / 1e6),
-                            format1(Double(s.totalNanoseconds) / 1e6), format3(s.bytesPerSecond / 1e9), extra,
+                            format1(Double(s.totalNanoseconds) / 1e6), format1(Double(s.cpuNanoseconds) / 1e6),
+                            format3(s.bytesPerSecond / 1e9), extra,
                             "\(Int(s.dirtiedFraction * 100))%", latency(s.during), latency(s.steady),
                             s.mismatchedPages == 0 ? "yes" : "NO (\(s.mismatchedPages) pages)"]))
         }
-        out.append("  (pause: writers held, parking them included; freeze: fork(), the write-protect ioctls, or the copy)")
+        out.append("  (pause: writers held, parking them included; freeze: fork(), the write-protect ioctls, or the copy;")
+        out.append("   CPU: the snapshot's own, the forked child's or the capture's two threads', apart from the load on the machine)")
         out.append("  (medians over rounds; extra = peak Pss growth of the process(es), in brackets what the capture declares: staging + metadata)")
         if !incremental.isEmpty {
             out.append("")
@@ -117,7 +121,7 @@ public struct SnapshotDemoReport: Sendable, Codable {
     }
 
     private func row(_ cells: [String]) -> String {
-        let widths = [14, 4, 9, 9, 9, 7, 18, 8, 22, 22, 10]
+        let widths = [14, 4, 9, 9, 9, 9, 7, 18, 8, 22, 22, 10]
         return cells.enumerated().map { i, c in pad(c, i < widths.count ? widths[i] : 10) }
             .joined(separator: " ")
     }

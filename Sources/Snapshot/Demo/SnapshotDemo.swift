@@ -17,6 +17,8 @@ public struct SnapshotDemo: Sendable {
         public var rounds = 2
         public var transparentHugePages: [Bool] = [true, false]
         public var stagingBytes = 64 << 20
+        /// Pages the fault handler saves around a faulting page (``Snapshotter/Options/faultChunkPages``).
+        public var faultChunkPages = Snapshotter.Options().faultChunkPages
         /// Where images go (tmpfs, so that fork and uffd-wp write to the same kind of file).
         public var directory = "/dev/shm"
         /// Seconds of steady state before the snapshots (latency baseline).
@@ -59,6 +61,7 @@ public struct SnapshotDemo: Sendable {
         report.anonHugePagesBytes[thp ? "on" : "off"] = MemorySampler.rollup(getpid(), "AnonHugePages:")
         var options = Snapshotter.Options()
         options.stagingBytes = c.stagingBytes
+        options.faultChunkPages = c.faultChunkPages
         var snapshotter: Snapshotter? = try Snapshotter(regions: [heap.range], options: options)
         heap.start()
         usleep(UInt32(c.steadySeconds * 1e6))
@@ -71,6 +74,9 @@ public struct SnapshotDemo: Sendable {
                 let run = try heap.snapshot(method, round: round, to: image, snapshotter: snapshotter!)
                 progress("  round \(round + 1) \(method.rawValue): pause \(format3(Double(run.pauseNanoseconds) / 1e6)) ms, total "
                     + "\(format1(Double(run.totalNanoseconds) / 1e6)) ms, extra \(format1(Double(run.peakExtraBytes) / 1048576)) MiB, "
+                    + "CPU \(format1(Double(run.cpuNanoseconds) / 1e6)) ms"
+                    + (run.handlerCPUNanoseconds.map { " (fault handler \(format1(Double($0) / 1e6)) ms)" } ?? "") + ", "
+                    + (run.faults.map { "faults \($0), saved \(run.savedPages ?? 0) pages, staging waits \(run.stagingWaits ?? 0), " } ?? "")
                     + "dirtied \(Int(run.dirtiedFraction * 100))%, THP before \(run.hugePageBytesBefore >> 20) MiB, \(run.mismatchedPages == 0 ? "verified" : "\(run.mismatchedPages) pages WRONG")")
                 runs.append(run)
                 usleep(UInt32(c.steadySeconds * 0.3e6))
@@ -84,7 +90,8 @@ public struct SnapshotDemo: Sendable {
             report.summaries.append(.init(
                 method: m, transparentHugePages: thp, pauseNanoseconds: median(mine.map(\.pauseNanoseconds))!,
                 freezeNanoseconds: median(mine.map(\.freezeNanoseconds))!,
-                totalNanoseconds: median(mine.map(\.totalNanoseconds))!, bytesPerSecond: median(mine.map(\.bytesPerSecond))!,
+                totalNanoseconds: median(mine.map(\.totalNanoseconds))!, cpuNanoseconds: median(mine.map(\.cpuNanoseconds))!,
+                bytesPerSecond: median(mine.map(\.bytesPerSecond))!,
                 peakExtraBytes: median(mine.map(\.peakExtraBytes))!, declaredExtraBytes: median(mine.compactMap(\.declaredExtraBytes)),
                 dirtiedFraction: median(mine.map(\.dirtiedFraction))!, imageBytes: median(mine.map(\.imageBytes))!,
                 mismatchedPages: mine.reduce(0) { $0 + $1.mismatchedPages },
