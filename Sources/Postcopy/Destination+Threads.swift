@@ -86,8 +86,7 @@ extension MigrationDestination {
         _ g0: Int, count: Int, region: Int, first: UInt64, data: UnsafeRawPointer?, channel: Wire.Channel,
         histogram: inout Histogram<UInt64>, blocktime: inout UInt64
     ) throws(MigrationError) {
-        let pageSize = table.pageSize
-        let base = table.regions[region].start + first * UInt64(pageSize)
+        let base = table.address(region: region, page: first)
         guard registered.load(ordering: .acquiring) else {
             try installBeforeSwitchover(g0, count: count, base: base, data: data, channel: channel)
             return
@@ -161,7 +160,7 @@ extension MigrationDestination {
     func forget(_ runs: [Wire.PageRun]) throws(MigrationError) {
         for run in runs {
             _ = try table.check(region: run.region, first: run.first, count: run.count)
-            let start = table.regions[Int(run.region)].start + run.first * UInt64(table.pageSize)
+            let start = table.address(region: Int(run.region), page: run.first)
             do {
                 let present = try server.forget(at: start, pages: Int(run.count))
                 receivedCount.subtract(present, ordering: .relaxed)
