@@ -127,6 +127,15 @@ public final class MigrationDestination: @unchecked Sendable {
         do throws(MigrationError) {
             try checkRegions(hello, options: options)
             let d = try MigrationDestination(hello: hello, stream: stream, urgent: urgent, listener: listener, options: options)
+            // Idle until the switchover registers the regions, but started before the
+            // source hears the welcome: a pure postcopy source pauses its workload and
+            // sends the switchover right after it, and a handler thread started later
+            // (a millisecond or more on a busy machine) would hold the frame unread.
+            do {
+                try d.server.start()
+            } catch {
+                throw MigrationError(error)
+            }
             try d.welcome(stream, urgent, bitmap: [], until: deadline)
             return d
         } catch {
@@ -210,13 +219,6 @@ public final class MigrationDestination: @unchecked Sendable {
         // The closure may well capture this destination: do not keep it past the run.
         defer { self.onResume = nil }
         let start = MonotonicClock.nanoseconds()
-        // Started now, idle until the switchover registers the regions: starting its
-        // thread then would lengthen the pause.
-        do {
-            try server.start()
-        } catch {
-            throw fail(MigrationError(error))
-        }
         startReceivers()
         var completeSince: UInt64 = 0
         while true {
