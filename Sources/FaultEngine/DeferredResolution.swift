@@ -81,6 +81,10 @@ extension FaultServer {
     /// It is closed when the server stops.
     public var userfaultfdHandle: Userfaultfd.Handle { handle }
 
+    /// The regions as first served, numbered by global page (the presence bitmap's
+    /// index), for a receiver that names pages by region and page.
+    package var regionLayout: RegionLayout { table.layout }
+
     /// Refuses configurations a deferred source cannot serve.
     static func checkDeferral(_ source: Source, _ configuration: Configuration) throws(UserfaultfdError) {
         guard source is any DeferredPageSource else { return }

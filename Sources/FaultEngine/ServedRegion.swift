@@ -39,7 +39,7 @@ struct RegionEntry {
     /// One bit per page: poisoned because the source failed (a later fault there is
     /// passed on as a real SIGBUS).
     var poisoned: UnsafeMutablePointer<UInt64>
-    /// The bit of `range.start` in both bitmaps.
+    /// The bit of `range.start` in the bitmaps (its global page in the table's layout).
     var firstBit: UInt64
     /// The page-cache alias of `range.start`, or 0.
     var alias: UInt64
@@ -54,44 +54,40 @@ struct RegionEntry {
 
 /// The served ranges. Only server threads (handlers, prefetcher) take its lock, never
 /// code that faults on the ranges; events (REMOVE, UNMAP, REMAP) change it.
+///
+/// Its bitmaps hold one bit per global page of ``layout``; each entry addresses them
+/// from its first page's bit, so a piece cut out or moved by an event keeps its bits.
 final class RegionTable: @unchecked Sendable {
     private let entries: Mutex<[RegionEntry]>
-    private var bitmaps: [(UnsafeMutableRawPointer, Int)] = []
+    /// The regions as first served, in the order given.
+    let layout: RegionLayout
+    /// Installed (or claimed) by this server.
+    let resident: PageBitmap
+    /// Released by a REMOVE, so the next fault installs zeros.
+    let zeroed: PageBitmap
+    /// Poisoned because the source failed.
+    let poisoned: PageBitmap
     let pageSize: UInt64
     /// The number of pages in all regions at creation.
     let totalPages: UInt64
 
     init(_ regions: [ServedRegion], pageSize: Int) throws(UserfaultfdError) {
         self.pageSize = UInt64(pageSize)
+        let layout = RegionLayout(regions.map(\.range), pageSize: pageSize)
+        self.layout = layout
+        resident = try PageBitmap(count: layout.totalPages)
+        zeroed = try PageBitmap(count: layout.totalPages)
+        poisoned = try PageBitmap(count: layout.totalPages)
         var list: [RegionEntry] = []
-        var total: UInt64 = 0
-        for region in regions {
-            let pages = region.range.length / UInt64(pageSize)
-            let words = Int((pages + 63) / 64)
-            let bytes = max(words * 8, 8)
-            guard let p = mmap(nil, 3 * bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0),
-                p != MAP_FAILED
-            else {
-                let e = Errno(rawValue: errno)
-                for (q, n) in bitmaps { munmap(q, n) }
-                throw UserfaultfdError(operation: "mmap residency bitmap (\(3 * bytes) bytes)", errno: e)
-            }
-            bitmaps.append((p, 3 * bytes))
+        for (region, r) in zip(regions, layout.regions) {
             list.append(RegionEntry(
                 range: region.range, sourceOffset: region.sourceOffset,
-                resident: p.assumingMemoryBound(to: UInt64.self),
-                zeroed: (p + bytes).assumingMemoryBound(to: UInt64.self),
-                poisoned: (p + 2 * bytes).assumingMemoryBound(to: UInt64.self),
-                firstBit: 0, alias: region.pageCacheAlias ?? 0))
-            total += pages
+                resident: resident.words, zeroed: zeroed.words, poisoned: poisoned.words,
+                firstBit: UInt64(r.firstGlobal), alias: region.pageCacheAlias ?? 0))
         }
         list.sort { $0.range.start < $1.range.start }
         entries = Mutex(list)
-        totalPages = total
-    }
-
-    deinit {
-        for (p, n) in bitmaps { munmap(p, n) }
+        totalPages = UInt64(layout.totalPages)
     }
 
     /// The entry containing `address`, if any.

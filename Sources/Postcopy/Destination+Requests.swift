@@ -12,8 +12,8 @@ import Musl
 /// page, and it asks the source for the page on the urgent channel (once per page).
 /// The receive threads install what arrives through the server.
 final class PageRequests: DeferredPageSource, @unchecked Sendable {
-    let table: RegionTable
-    /// Pages asked for (a page is asked for once; again after a reconnect).
+    let table: RegionLayout
+    /// Pages asked for, by global page (a page is asked for once; again after a reconnect).
     let requested: PageBitmap
     /// When each requested page was asked for.
     let requestTime: UnsafeMutablePointer<UInt64>
@@ -24,9 +24,9 @@ final class PageRequests: DeferredPageSource, @unchecked Sendable {
     /// The handler thread's CPU-time clock, once it served a fault (`Int.min`: none yet).
     let handlerClock = Atomic<Int>(Int.min)
 
-    init(table: RegionTable, urgentFD: Int32) {
+    init(table: RegionLayout, urgentFD: Int32) throws(UserfaultfdError) {
         self.table = table
-        requested = PageBitmap(count: table.totalPages)
+        requested = try PageBitmap(count: table.totalPages)
         requestTime = .allocate(capacity: max(1, table.totalPages))
         self.urgentFD = Atomic(urgentFD)
     }

@@ -11,7 +11,12 @@ import Musl
 // The destination's receive threads, one per channel.
 extension MigrationDestination {
     func receiveLoop(_ connection: Connection, channel: Wire.Channel) {
-        if channel == .urgent { preferLowLatencyScheduling() }
+        // The stream is silent from the welcome to a pure postcopy switchover, and this
+        // thread's wake-up for it then lies inside the source's pause: on a busy machine a
+        // time-shared wake-up waits milliseconds. It may preempt busy threads until the
+        // first frame arrives and shares the CPU like any bulk receiver from then on.
+        var waking = channel == .stream
+        preferLowLatencyScheduling()
         let cpuStart = ThreadCPU.current()
         defer { receiverCPU.add(ThreadCPU.current() - cpuStart, ordering: .releasing) }
         // Its own mapping, so that UFFDIO_MOVE can take pages out of it.
@@ -35,6 +40,11 @@ extension MigrationDestination {
             // The urgent channel is quiet while nothing faults; the stream never is for long.
             while true {
                 let header = try connection.receiveHeader(scratch: scratch, pageSize: table.pageSize, quietAllowed: channel == .urgent)
+                if waking {
+                    // Before the workload's threads start from here: they would inherit the policy.
+                    waking = false
+                    shareCPUScheduling()
+                }
                 let more = try handle(header, on: connection, channel: channel, buffer: bufferMapping.base,
                                       histogram: &histogram, blocktime: &blocktime)
                 if !more { return }
@@ -86,8 +96,7 @@ extension MigrationDestination {
         _ g0: Int, count: Int, region: Int, first: UInt64, data: UnsafeRawPointer?, channel: Wire.Channel,
         histogram: inout Histogram<UInt64>, blocktime: inout UInt64
     ) throws(MigrationError) {
-        let pageSize = table.pageSize
-        let base = table.regions[region].start + first * UInt64(pageSize)
+        let base = table.address(region: region, page: first)
         guard registered.load(ordering: .acquiring) else {
             try installBeforeSwitchover(g0, count: count, base: base, data: data, channel: channel)
             return
@@ -161,7 +170,7 @@ extension MigrationDestination {
     func forget(_ runs: [Wire.PageRun]) throws(MigrationError) {
         for run in runs {
             _ = try table.check(region: run.region, first: run.first, count: run.count)
-            let start = table.regions[Int(run.region)].start + run.first * UInt64(table.pageSize)
+            let start = table.address(region: Int(run.region), page: run.first)
             do {
                 let present = try server.forget(at: start, pages: Int(run.count))
                 receivedCount.subtract(present, ordering: .relaxed)
@@ -170,4 +179,11 @@ extension MigrationDestination {
             }
         }
     }
+}
+
+/// Returns the calling thread to time-shared scheduling (after `preferLowLatencyScheduling()`).
+private func shareCPUScheduling() {
+    var parameters = sched_param()
+    parameters.sched_priority = 0
+    _ = pthread_setschedparam(pthread_self(), SCHED_OTHER, &parameters)
 }

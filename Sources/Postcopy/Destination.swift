@@ -64,7 +64,8 @@ public final class MigrationDestination: @unchecked Sendable {
     /// The regions, mapped in this process, in the order the source described them.
     /// They stay mapped as long as this object lives.
     public let regions: [MemoryRange]
-    let table: RegionTable
+    /// The regions numbered by global page: the fault server's own layout.
+    let table: RegionLayout
     let options: Options
     let listener: MigrationListener
     let migrationID: UInt64
@@ -126,6 +127,15 @@ public final class MigrationDestination: @unchecked Sendable {
         do throws(MigrationError) {
             try checkRegions(hello, options: options)
             let d = try MigrationDestination(hello: hello, stream: stream, urgent: urgent, listener: listener, options: options)
+            // Idle until the switchover registers the regions, but started before the
+            // source hears the welcome: a pure postcopy source pauses its workload and
+            // sends the switchover right after it, and a handler thread started later
+            // (a millisecond or more on a busy machine) would hold the frame unread.
+            do {
+                try d.server.start()
+            } catch {
+                throw MigrationError(error)
+            }
             try d.welcome(stream, urgent, bitmap: [], until: deadline)
             return d
         } catch {
@@ -167,21 +177,19 @@ public final class MigrationDestination: @unchecked Sendable {
         for length in hello.regionLengths { maps.append(try RegionMemory(length: Int(length))) }
         memory = maps
         regions = maps.map { MemoryRange(start: $0.start, length: UInt64($0.length)) }
-        let table = RegionTable(starts: regions.map(\.start), lengths: hello.regionLengths, pageSize: hello.pageSize)
-        self.table = table
-        let requests = PageRequests(table: table, urgentFD: urgent.fd)
+        let layout = RegionLayout(regions, pageSize: hello.pageSize)
+        let requests: PageRequests
         do {
+            requests = try PageRequests(table: layout, urgentFD: urgent.fd)
             let uffd = try Userfaultfd(features: options.installByMove ? [.poison, .move] : [.poison])
-            // Region i is the source's bytes from its first global page on.
-            let served = table.regions.map {
-                ServedRegion(range: MemoryRange(start: $0.start, length: UInt64($0.pages * table.pageSize)),
-                             sourceOffset: UInt64($0.firstGlobal * table.pageSize))
-            }
-            server = try FaultServer(userfaultfd: uffd, regions: served, source: requests,
+            // Region i is the source's bytes from its first global page on, so a fault's
+            // source offset names its global page.
+            server = try FaultServer(userfaultfd: uffd, regions: layout.globallyNumbered, source: requests,
                                      configuration: .init(strategy: .copy(chunkPages: 1), handlerPriority: 1))
         } catch {
             throw MigrationError(error)
         }
+        table = server.regionLayout
         self.requests = requests
         self.stream = stream
         self.urgent = urgent
@@ -211,13 +219,6 @@ public final class MigrationDestination: @unchecked Sendable {
         // The closure may well capture this destination: do not keep it past the run.
         defer { self.onResume = nil }
         let start = MonotonicClock.nanoseconds()
-        // Started now, idle until the switchover registers the regions: starting its
-        // thread then would lengthen the pause.
-        do {
-            try server.start()
-        } catch {
-            throw fail(MigrationError(error))
-        }
         startReceivers()
         var completeSince: UInt64 = 0
         while true {

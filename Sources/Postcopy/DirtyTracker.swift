@@ -1,3 +1,4 @@
+import FaultEngine
 import Userfaultfd
 
 /// Tracks pages the workload writes, without a fault round trip: the regions are
@@ -6,15 +7,15 @@ import Userfaultfd
 final class DirtyTracker {
     private let uffd: Userfaultfd
     private let scanner: PagemapScanner
-    private let table: RegionTable
+    private let table: RegionLayout
 
-    init(table: RegionTable) throws(MigrationError) {
+    init(table: RegionLayout) throws(MigrationError) {
         self.table = table
         do {
             uffd = try Userfaultfd(features: [.wpAsync, .wpUnpopulated])
             scanner = try PagemapScanner()
-            for r in table.regions {
-                let range = MemoryRange(start: r.start, length: UInt64(r.pages * table.pageSize))
+            for i in table.regions.indices {
+                let range = table.range(i)
                 try uffd.handle.register(range, mode: .writeProtect, requiring: [.writeProtect])
                 try uffd.handle.writeProtect(range, mode: .writeProtect)
             }
@@ -53,8 +54,8 @@ final class DirtyTracker {
     }
 
     deinit {
-        for r in table.regions {
-            try? uffd.handle.unregister(MemoryRange(start: r.start, length: UInt64(r.pages * table.pageSize)))
+        for i in table.regions.indices {
+            try? uffd.handle.unregister(table.range(i))
         }
     }
 }

@@ -1,3 +1,4 @@
+import FaultEngine
 import Synchronization
 import Userfaultfd
 
@@ -61,7 +62,8 @@ public final class MigrationSource: @unchecked Sendable {
 
     /// The regions being migrated (memory of this process, which must stay mapped).
     public let regions: [MemoryRange]
-    let table: RegionTable
+    /// The regions, numbered by global page (the bitmaps' index).
+    let table: RegionLayout
     let options: Options
     let missing: PageBitmap
     private let sentOnce: PageBitmap
@@ -97,9 +99,13 @@ public final class MigrationSource: @unchecked Sendable {
         }
         self.regions = regions
         self.options = options
-        table = RegionTable(starts: regions.map(\.start), lengths: regions.map(\.length), pageSize: systemPageSize)
-        missing = PageBitmap(count: table.totalPages, set: true)
-        sentOnce = PageBitmap(count: table.totalPages)
+        table = RegionLayout(regions, pageSize: systemPageSize)
+        do {
+            missing = try PageBitmap(count: table.totalPages, set: true)
+            sentOnce = try PageBitmap(count: table.totalPages)
+        } catch {
+            throw MigrationError(error)
+        }
     }
 
     /// How far the migration has come.

@@ -107,6 +107,22 @@ struct EndToEndTests {
         #expect(stats.duplicatesDropped == 0)
     }
 
+    /// The stream's receive thread may preempt busy threads until the switchover frame
+    /// wakes it; it starts the workload, whose threads would inherit that policy.
+    @Test func theWorkloadStartsTimeShared() throws {
+        let source = try MemoryMapping.anonymous(length: testBytes)
+        fill(source)
+        let policy = Atomic<Int32>(-1)
+        let run = try DestinationRun(onResume: { _ in policy.store(sched_getscheduler(0), ordering: .relaxed) })
+        let migration = try MigrationSource(regions: [source.range], options: .init(token: token, mode: .postcopy))
+        _ = try migration.migrate(to: run.listener.endpoint) {}
+        run.wait()
+        let destination = try #require(run.destination)
+        _ = try #require(try run.result?.get())
+        #expect(differingPages(source.range, destination.regions[0]) == 0)
+        #expect(policy.load(ordering: .relaxed) == SCHED_OTHER)
+    }
+
     @Test func precopyThenPostcopyCarriesPagesDirtiedDuringPrecopy() throws {
         let source = try MemoryMapping.anonymous(length: testBytes)
         fill(source)

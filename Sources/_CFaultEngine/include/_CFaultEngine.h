@@ -23,6 +23,17 @@ static inline bool cfe_bit_test_and_set(uint64_t *words, uint64_t index) {
     return (__atomic_fetch_or(&words[index >> 6], mask, __ATOMIC_ACQ_REL) & mask) != 0;
 }
 
+/// Clears bit `index`; returns whether it was set.
+static inline bool cfe_bit_test_and_clear(uint64_t *words, uint64_t index) {
+    uint64_t mask = (uint64_t)1 << (index & 63);
+    return (__atomic_fetch_and(&words[index >> 6], ~mask, __ATOMIC_ACQ_REL) & mask) != 0;
+}
+
+/// Bits `64 * index ..< 64 * index + 64`, loaded without ordering.
+static inline uint64_t cfe_bits_word(const uint64_t *words, uint64_t index) {
+    return __atomic_load_n(&words[index], __ATOMIC_RELAXED);
+}
+
 /// Sets (`set`) or clears bits `first ..< first + count`, a word at a time.
 static inline void cfe_bits_assign(uint64_t *words, uint64_t first, uint64_t count, bool set) {
     uint64_t end = first + count;
