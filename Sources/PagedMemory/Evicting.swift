@@ -1,5 +1,6 @@
 import SystemPackage
 import Userfaultfd
+import _CPagedMemory
 
 #if canImport(Glibc)
 import Glibc
@@ -22,6 +23,8 @@ extension Pager {
     func evictLoop() {
         var victims: [TakenPage] = []
         victims.reserveCapacity(Self.evictionBatch)
+        var unmapped: [TakenPage] = []
+        unmapped.reserveCapacity(16 * Self.evictionBatch)
         lock.lock()
         while !isStopping {
             queueResolvedPages()
@@ -31,9 +34,13 @@ extension Pager {
             }
             while residentBytes > lowWaterBytes && !isStopping && queue.count > 0 {
                 victims.removeAll(keepingCapacity: true)
-                takeVictims(&victims)
+                unmapped.removeAll(keepingCapacity: true)
+                takeVictims(&victims, softened: &unmapped)
                 lock.unlock()
                 // Let fillers in between rounds: a round that only spent credits holds the lock briefly.
+                for v in unmapped {
+                    _ = madvise(UnsafeMutableRawPointer(bitPattern: UInt(v.table.address(v.page))), v.table.pageSize, MADV_DONTNEED)
+                }
                 if !victims.isEmpty { evict(victims) }
                 lock.lock()
             }
@@ -44,8 +51,10 @@ extension Pager {
 
     /// Takes up to a batch of victims from the queue (lock held): pages with credit
     /// go round again with one credit less; dirty victims are write-protected now so
-    /// that no write lands after their contents are saved.
-    private func takeVictims(_ victims: inout [TakenPage]) {
+    /// that no write lands after their contents are saved. A victim of a
+    /// soft-evicting table that is still mapped goes into `softened` instead (to be
+    /// unmapped) and round again: only an untouched second visit drops it.
+    private func takeVictims(_ victims: inout [TakenPage], softened: inout [TakenPage]) {
         queueResolvedPages()
         var looked = 0
         let bound = 16 * Self.evictionBatch
@@ -65,6 +74,13 @@ extension Pager {
             let credit = t.credit(page)
             if credit > 0 && configuration.policy == .clock {
                 t.setCredit(page, credit - 1)
+                requeue(e)
+                continue
+            }
+            if t.softEvicts && !t.isSoft(page) {
+                t.setSoft(page, true)
+                stats.pagesSoftEvicted += 1
+                softened.append(TakenPage(table: t, page: page, dirty: false))
                 requeue(e)
                 continue
             }
@@ -106,13 +122,14 @@ extension Pager {
                 }
                 written += 1
             }
-            _ = madvise(UnsafeMutableRawPointer(bitPattern: UInt(v.table.address(v.page))), v.table.pageSize, MADV_DONTNEED)
+            drop(v.table, v.page)
         }
         lock.withLock {
             for v in victims where v.table.state(v.page) == .evicting {
                 let t = v.table
                 if v.dirty && t.isPrivate { t.setInScratch(v.page) }
                 t.setDirty(v.page, false)
+                t.setSoft(v.page, false)
                 t.setState(v.page, .absent)
                 t.busyPages -= 1
                 t.residentPages -= 1
@@ -127,11 +144,21 @@ extension Pager {
         for v in victims where !v.table.inThread { try? v.table.handle.wake(v.table.range(v.page)) }
     }
 
+    /// Frees a victim's memory: `MADV_DONTNEED` on anonymous memory; a memfd's page is
+    /// punched out of the file (unmapping alone would keep it).
+    private func drop(_ t: PageTable, _ page: Int) {
+        if t.memfd >= 0 {
+            _ = cpaged_punch_hole(t.memfd, Int64(page * t.pageSize), Int64(t.pageSize))
+        } else {
+            _ = madvise(UnsafeMutableRawPointer(bitPattern: UInt(t.address(page))), t.pageSize, MADV_DONTNEED)
+        }
+    }
+
     /// Writes one page (write-protected, so stable) to its store, or to the scratch
     /// file of a private mapping. - Returns: nil, or the error.
     func writeBack(_ v: TakenPage) -> Errno? {
         let t = v.table
-        let source = UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(t.address(v.page))), count: t.pageSize)
+        let source = UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(t.sourceAddress(v.page))), count: t.pageSize)
         do {
             if t.isPrivate {
                 try scratchStore(t).write(source, at: v.page * t.pageSize)

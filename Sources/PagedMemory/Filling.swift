@@ -52,6 +52,10 @@ extension Pager {
             serveWrite(t, page)
             return
         }
+        if fault.flags.contains(.minor) {
+            serveMinor(t, page, write: fault.flags.contains(.write))
+            return
+        }
         switch t.state(page) {
         case .absent:
             lock.unlock()
@@ -65,11 +69,45 @@ extension Pager {
         }
     }
 
+    /// A touch of a page that is in the memfd but not mapped: a soft-evicted page
+    /// (lock held; released here). It is mapped again, write-protected unless dirty,
+    /// and earns a credit: the page was re-used while it waited to be dropped.
+    private func serveMinor(_ t: PageTable, _ page: Int, write: Bool) {
+        guard t.state(page) == .resident else {
+            // Filling, evicting or cleaning: whoever holds the page wakes its waiters.
+            let state = t.state(page)
+            lock.unlock()
+            if state == .absent || state == .poisoned { try? t.handle.wake(t.range(page)) }
+            return
+        }
+        if t.isSoft(page) {
+            t.setSoft(page, false)
+            stats.softHits += 1
+            if configuration.policy == .clock { t.setCredit(page, t.credit(page) + 1) }
+        }
+        if write && !t.isDirty(page) {
+            t.setDirty(page, true)
+            stats.writeFaults += 1
+        }
+        let mode: Userfaultfd.ContinueMode = t.isDirty(page) ? [] : Self.continueWriteProtect
+        lock.unlock()
+        while true {
+            let outcome = try? t.handle.continueMapping(t.range(page), mode: mode)
+            if case .retryAfterEvents = outcome { continue }
+            if outcome == nil || outcome == .alreadyPresent { try? t.handle.wake(t.range(page)) }
+            return
+        }
+    }
+
+    /// `UFFDIO_CONTINUE_MODE_WP`: map the page write-protected.
+    static let continueWriteProtect = Userfaultfd.ContinueMode(rawValue: 1 << 1)
+
     /// A write to a write-protected page (lock held; released here).
     private func serveWrite(_ t: PageTable, _ page: Int) {
         switch t.state(page) {
         case .resident:
             t.setDirty(page, true)
+            t.setSoft(page, false)
             if configuration.policy == .clock { t.setCredit(page, t.credit(page) + 1) }
             stats.writeFaults += 1
             do {

@@ -30,6 +30,14 @@ public struct PagerConfiguration: Sendable, Codable, Equatable {
     public var scratchDirectory: String = "/tmp"
     /// Where faults are resolved.
     public var resolution: FaultResolution = .handlerThreads
+    /// Give a victim a second chance that sees re-use: its pages live in a memfd, and
+    /// the evictor first only unmaps a victim (`MADV_DONTNEED` keeps the memfd's page)
+    /// and sends it round the queue once more. A touch meanwhile is a minor fault that
+    /// maps the page again (`UFFDIO_CONTINUE`, no read) and gives it a credit; a
+    /// victim that comes round untouched is written back if dirty and dropped from the
+    /// memfd. Soft-evicted pages still count against the buffer. Applies to mappings
+    /// served by the filler threads.
+    public var softEviction: Bool = false
 
     /// A configuration with a buffer of `bufferBytes`.
     public init(bufferBytes: Int) {
@@ -91,6 +99,10 @@ public struct PagerStatistics: Sendable, Codable, Equatable {
     public var peakResidentBytes = 0
     /// Store errors and poisoned pages.
     public var errors = 0
+    /// Pages unmapped for a second chance (``PagerConfiguration/softEviction``).
+    public var pagesSoftEvicted = 0
+    /// Touches of soft-evicted pages: minor faults served without a read.
+    public var softHits = 0
 }
 
 /// A failure the pager recorded for a mapping (the faulting thread got SIGBUS, or a

@@ -22,6 +22,15 @@
 static const int cpaged_O_DIRECT = O_DIRECT;
 static const int cpaged_O_TMPFILE = O_TMPFILE;
 
+/* memfd_create and fallocate's hole punching, which also need _GNU_SOURCE. */
+#include <sys/mman.h>
+#include <linux/falloc.h>
+#include <stdint.h>
+static inline int cpaged_memfd_create(const char *name) { return memfd_create(name, MFD_CLOEXEC); }
+static inline int cpaged_punch_hole(int fd, int64_t offset, int64_t length) {
+    return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
+}
+
 
 #include <pthread.h>
 #include <stdint.h>
