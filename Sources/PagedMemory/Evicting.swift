@@ -32,7 +32,7 @@ extension Pager {
                 lock.wait(milliseconds: 50)
                 continue
             }
-            while residentBytes > lowWaterBytes && !isStopping && queue.count > 0 {
+            while residentBytes > lowWaterBytes && !isStopping && queue.count + softQueue.count > 0 {
                 victims.removeAll(keepingCapacity: true)
                 unmapped.removeAll(keepingCapacity: true)
                 takeVictims(&victims, softened: &unmapped)
@@ -52,42 +52,51 @@ extension Pager {
     /// Takes up to a batch of victims from the queue (lock held): pages with credit
     /// go round again with one credit less; dirty victims are write-protected now so
     /// that no write lands after their contents are saved. A victim of a
-    /// soft-evicting table that is still mapped goes into `softened` instead (to be
-    /// unmapped) and round again: only an untouched second visit drops it.
+    /// soft-evicting table goes into `softened` instead (to be unmapped) and joins the
+    /// soft queue, while that holds under ``softTargetPages``; victims are then taken
+    /// from the soft queue, oldest first, skipping pages touched since (they have
+    /// rejoined the main queue).
     private func takeVictims(_ victims: inout [TakenPage], softened: inout [TakenPage]) {
         queueResolvedPages()
         var looked = 0
         let bound = 16 * Self.evictionBatch
-        while victims.count < Self.evictionBatch && looked < bound, let e = queue.pop() {
+        while victims.count < Self.evictionBatch && looked < bound {
             looked += 1
+            let fromSoft = softQueue.count > 0 && (softPages >= softTargetPages || queue.count == 0)
+            guard let e = fromSoft ? softQueue.pop() : queue.pop() else { break }
             guard let (t, page) = table(for: e) else { continue }
             switch t.state(page) {
             case .resident:
                 break
             case .cleaning, .filling:
-                requeue(e)
+                requeue(e, soft: fromSoft)
                 continue
             default:
                 continue
             }
-            if t.closing { requeue(e); continue }
+            // A soft page's entry is in the soft queue; a touched one's is back in the main queue.
+            if t.softEvicts && t.isSoft(page) != fromSoft { continue }
+            if t.closing { requeue(e, soft: fromSoft); continue }
             let credit = t.credit(page)
-            if credit > 0 && configuration.policy == .clock {
+            if credit > 0 && configuration.policy == .clock && !t.isSoft(page) {
                 t.setCredit(page, credit - 1)
                 requeue(e)
                 continue
             }
             if t.softEvicts && !t.isSoft(page) {
-                t.setSoft(page, true)
+                setSoft(t, page, true)
                 stats.pagesSoftEvicted += 1
                 softened.append(TakenPage(table: t, page: page, dirty: false))
-                requeue(e)
+                _ = softQueue.push(e) { [unowned self] e in
+                    guard let (t, p) = self.table(for: e) else { return false }
+                    return t.state(p) == .resident && t.isSoft(p)
+                }
                 continue
             }
             let dirty = t.isDirty(page)
             if dirty {
                 if (try? t.handle.writeProtect(t.range(page), mode: .writeProtect)) == nil {
-                    requeue(e)
+                    requeue(e, soft: t.isSoft(page))
                     continue
                 }
             }
@@ -97,8 +106,16 @@ extension Pager {
         }
     }
 
-    private func requeue(_ e: UInt64) {
-        _ = queue.push(e) { _ in true }
+    /// Marks `page` of `t` soft-evicted or not, keeping the count (lock held).
+    func setSoft(_ t: PageTable, _ page: Int, _ soft: Bool) {
+        if t.isSoft(page) == soft { return }
+        t.setSoft(page, soft)
+        t.softPages += soft ? 1 : -1
+        softPages += soft ? 1 : -1
+    }
+
+    private func requeue(_ e: UInt64, soft: Bool = false) {
+        if soft { _ = softQueue.push(e) { _ in true } } else { _ = queue.push(e) { _ in true } }
     }
 
     /// Writes back the dirty victims, drops all of them, wakes anyone who faulted on them.
@@ -113,6 +130,7 @@ extension Pager {
                         v.table.record(PagedMappingError(kind: .writeFailed(errno: errno.rawValue), offset: v.page * v.table.pageSize))
                         stats.errors += 1
                         v.table.setState(v.page, .resident)
+                        setSoft(v.table, v.page, false)
                         v.table.setCredit(v.page, PageTable.maxCredit)
                         v.table.busyPages -= 1
                         enqueue(v.table, v.page)
@@ -129,7 +147,7 @@ extension Pager {
                 let t = v.table
                 if v.dirty && t.isPrivate { t.setInScratch(v.page) }
                 t.setDirty(v.page, false)
-                t.setSoft(v.page, false)
+                setSoft(t, v.page, false)
                 t.setState(v.page, .absent)
                 t.busyPages -= 1
                 t.residentPages -= 1

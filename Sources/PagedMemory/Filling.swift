@@ -81,9 +81,11 @@ extension Pager {
             return
         }
         if t.isSoft(page) {
-            t.setSoft(page, false)
+            // Back into the main queue; its soft-queue entry is skipped when it comes up.
+            setSoft(t, page, false)
             stats.softHits += 1
             if configuration.policy == .clock { t.setCredit(page, t.credit(page) + 1) }
+            enqueue(t, page)
         }
         if write && !t.isDirty(page) {
             t.setDirty(page, true)
@@ -107,7 +109,10 @@ extension Pager {
         switch t.state(page) {
         case .resident:
             t.setDirty(page, true)
-            t.setSoft(page, false)
+            if t.isSoft(page) {
+                setSoft(t, page, false)
+                enqueue(t, page)
+            }
             if configuration.policy == .clock { t.setCredit(page, t.credit(page) + 1) }
             stats.writeFaults += 1
             do {

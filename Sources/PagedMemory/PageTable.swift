@@ -53,6 +53,8 @@ final class PageTable: @unchecked Sendable {
         set { c.pointee.resident_pages = Int64(newValue) }
     }
     var closing = false
+    /// Pages soft-evicted now.
+    var softPages = 0
     /// The memfd holding the pages of a soft-evicting table (-1: anonymous memory).
     let memfd: Int32
     /// A second, unregistered mapping of the memfd: write-back reads pages there, so

@@ -49,6 +49,11 @@ public final class Pager: @unchecked Sendable {
     /// Live tables sorted by base address, for the fault lookup.
     var sorted: [PageTable] = []
     var queue: VictimQueue
+    /// Soft-evicted pages, oldest first: where victims of soft-evicting tables come from.
+    var softQueue: VictimQueue
+    /// Pages soft-evicted now, and how many the evictors keep so (``PagerConfiguration/softEvictionFraction``).
+    var softPages = 0
+    var softTargetPages: Int { Int(Double(configuration.bufferBytes / 4096) * configuration.softEvictionFraction) }
     /// The bytes counted resident (kept with the in-thread resolver's state).
     var residentBytes: Int {
         get { Int(lock.shared.pointee.resident_bytes) }
@@ -83,6 +88,7 @@ public final class Pager: @unchecked Sendable {
         uffd = fd
         stopSignal = try StopSignal()
         queue = VictimQueue(capacity: c.bufferBytes / 4096 + 1024)
+        softQueue = VictimQueue(capacity: c.softEviction ? c.bufferBytes / 4096 + 1024 : 16)
         guard let lock = PagerLock(pendingCapacity: c.bufferBytes / 4096 + 1024) else {
             throw UserfaultfdError(operation: "Pager", errno: .noMemory)
         }
@@ -188,7 +194,7 @@ public final class Pager: @unchecked Sendable {
         let pushed = queue.push(e) { [unowned self] e in
             guard let (t, p) = self.table(for: e) else { return false }
             let s = t.state(p)
-            return s == .resident || s == .cleaning || s == .filling
+            return (s == .resident && !t.isSoft(p)) || s == .cleaning || s == .filling
         }
         if !pushed { t.record(PagedMappingError(kind: .bufferExhausted, offset: page * t.pageSize)) }
     }
@@ -229,6 +235,8 @@ public final class Pager: @unchecked Sendable {
         generations[t.slot] = generations[t.slot] &+ 1
         freeSlots.append(t.slot)
         residentBytes -= t.residentPages * t.pageSize
+        softPages -= t.softPages
+        t.softPages = 0
         lock.broadcast()
     }
 

@@ -38,6 +38,10 @@ public struct PagerConfiguration: Sendable, Codable, Equatable {
     /// memfd. Soft-evicted pages still count against the buffer. Applies to mappings
     /// served by the filler threads.
     public var softEviction: Bool = false
+    /// The share of the buffer's pages the evictors keep soft-evicted (unmapped, still
+    /// in memory) with ``softEviction``: the longer a page waits there, the more re-use
+    /// it can show, and the more touches pay a minor fault.
+    public var softEvictionFraction: Double = 0.25
 
     /// A configuration with a buffer of `bufferBytes`.
     public init(bufferBytes: Int) {
