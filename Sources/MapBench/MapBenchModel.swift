@@ -21,6 +21,8 @@ public struct MapBenchOptions: Codable, Sendable, Equatable {
     public var bulkPageSize: Int = 64 << 10
     /// The pager's page size for BFS (its reads are scattered: small pages waste less of the buffer).
     public var graphPageSize: Int = 4096
+    /// The share of the buffer `pager-soft` keeps soft-evicted.
+    public var softEvictionFraction: Double = 0.25
     /// Which contenders run (empty: each workload's own list).
     public var contenders: [Contender] = []
     /// The pager's store I/O.
@@ -54,26 +56,28 @@ public struct MapBenchOptions: Codable, Sendable, Equatable {
 
     /// The bytes of the limit the pager leaves for everything but its buffer: the
     /// workload's own anonymous memory (which every contender pays out of the limit,
-    /// the kernel's page cache getting the rest), the pager's own (filler staging,
-    /// page tables, its queue and page flags), and 8 MiB for heap, stacks and page
-    /// tables of the process. ``reserveBytes``, if set, instead.
+    /// the kernel's page cache getting the rest), the pager's own (filler staging as
+    /// far as it is touched, and per buffer page 16 bytes of queue and flags), and
+    /// 2 MiB for heap, stacks and page tables. ``reserveBytes``, if set, instead.
+    /// The table shows the cgroup's peak beside the buffer: the difference is what the
+    /// process used besides it.
     public func reserve(for workload: Workload) -> Int {
         if reserveBytes > 0 { return reserveBytes }
         let mib = 1 << 20
-        var own = 8 * mib
+        var own = 2 * mib
         switch workload {
         case .bfs:
-            // The level array (4 bytes a vertex) and the two frontiers (up to 4 bytes a vertex each).
-            own += 12 << graphScale
+            // The level array (4 bytes a vertex) and the frontiers (4 bytes a vertex together, at their widest).
+            own += 8 << graphScale
         case .sort:
             // Sorting a run allocates a merge buffer of half the run (a run is a quarter of the limit).
-            own += limitBytes / 8 + mib
+            own += limitBytes / 8
         default:
             break
         }
-        // Filler staging (read-ahead is at most 1 MiB), and per buffer page 16 bytes of bookkeeping.
-        let pager = fillers * mib + (limitBytes / 4096) * 16
-        return min(limitBytes - 8 * mib, own + pager)
+        // Read-ahead touches up to 1 MiB of a filler's staging; single pages only a page.
+        let staging = fillers * (workload == .scan || workload == .sort ? mib : pageSize(for: workload))
+        return min(limitBytes - 8 * mib, own + staging + (limitBytes / 4096) * 16)
     }
 
     /// The pager's buffer for `workload`: the limit less ``reserve(for:)``.
@@ -119,6 +123,8 @@ public enum Contender: String, Codable, Sendable, CaseIterable {
     case pagerInThread = "pager-in-thread"
     /// PagedMemory with CLOCK and soft eviction (``PagerConfiguration/softEviction``).
     case pagerSoft = "pager-soft"
+    /// Soft eviction, faults resolved in the faulting thread.
+    case pagerInThreadSoft = "pager-in-thread-soft"
 
     /// Whether a ``Pager`` serves the pages.
     public var isPager: Bool { self != .mmap && self != .mmapRandom }

@@ -101,7 +101,7 @@ public struct MapBenchRunner {
                     peakRSS: rs.map(\.peakRSS).max() ?? 0,
                     cgroupPeak: rs.compactMap(\.cgroupPeak).max(),
                     pagerFaults: rs.first?.pager == nil ? nil : Int(median(rs.compactMap { $0.pager.map { Double($0.faults) } })),
-                    softHits: c == .pagerSoft ? Int(median(rs.compactMap { $0.pager.map { Double($0.softHits) } })) : nil,
+                    softHits: c == .pagerSoft || c == .pagerInThreadSoft ? Int(median(rs.compactMap { $0.pager.map { Double($0.softHits) } })) : nil,
                     majorFaults: rs.allSatisfy { $0.majorFaults == nil } ? nil : Int(median(rs.compactMap { $0.majorFaults.map(Double.init) })),
                     bufferBytes: c.isPager ? o.bufferBytes(for: w) : nil))
             }

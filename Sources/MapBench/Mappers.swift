@@ -19,11 +19,12 @@ final class Mapper {
         self.options = options
         if contender.isPager {
             var c = PagerConfiguration(bufferBytes: bufferBytes)
-            c.softEviction = contender == .pagerSoft
+            c.softEviction = contender == .pagerSoft || contender == .pagerInThreadSoft
+            c.softEvictionFraction = options.softEvictionFraction
             c.fillers = options.fillers
             c.fillerPriority = options.fillerPriority
             c.policy = contender == .pagerFIFO ? .fifo : .clock
-            c.resolution = contender == .pagerInThread ? .faultingThread : .handlerThreads
+            c.resolution = contender == .pagerInThread || contender == .pagerInThreadSoft ? .faultingThread : .handlerThreads
             pager = try Pager(c)
         }
     }

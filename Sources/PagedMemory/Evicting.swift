@@ -110,8 +110,8 @@ extension Pager {
     func setSoft(_ t: PageTable, _ page: Int, _ soft: Bool) {
         if t.isSoft(page) == soft { return }
         t.setSoft(page, soft)
-        t.softPages += soft ? 1 : -1
-        softPages += soft ? 1 : -1
+        t.c.pointee.soft_pages += soft ? 1 : -1
+        lock.shared.pointee.soft_pages += soft ? 1 : -1
     }
 
     private func requeue(_ e: UInt64, soft: Bool = false) {

@@ -71,7 +71,9 @@ extension Pager {
 
     /// A touch of a page that is in the memfd but not mapped: a soft-evicted page
     /// (lock held; released here). It is mapped again, write-protected unless dirty,
-    /// and earns a credit: the page was re-used while it waited to be dropped.
+    /// and earns a credit: the page was re-used while it waited to be dropped. It is
+    /// marked filling meanwhile, so that no evictor or flush takes it while a write
+    /// may land.
     private func serveMinor(_ t: PageTable, _ page: Int, write: Bool) {
         guard t.state(page) == .resident else {
             // Filling, evicting or cleaning: whoever holds the page wakes its waiters.
@@ -83,22 +85,28 @@ extension Pager {
         if t.isSoft(page) {
             // Back into the main queue; its soft-queue entry is skipped when it comes up.
             setSoft(t, page, false)
-            stats.softHits += 1
+            lock.shared.pointee.soft_hits += 1
             if configuration.policy == .clock { t.setCredit(page, t.credit(page) + 1) }
             enqueue(t, page)
         }
-        if write && !t.isDirty(page) {
-            t.setDirty(page, true)
-            stats.writeFaults += 1
-        }
+        let firstWrite = write && !t.isDirty(page)
+        if firstWrite { t.setDirty(page, true) }
         let mode: Userfaultfd.ContinueMode = t.isDirty(page) ? [] : Self.continueWriteProtect
+        t.setState(page, .filling)
+        t.busyPages += 1
         lock.unlock()
-        while true {
-            let outcome = try? t.handle.continueMapping(t.range(page), mode: mode)
-            if case .retryAfterEvents = outcome { continue }
-            if outcome == nil || outcome == .alreadyPresent { try? t.handle.wake(t.range(page)) }
-            return
+        var outcome: Userfaultfd.Outcome?
+        repeat {
+            outcome = try? t.handle.continueMapping(t.range(page), mode: mode)
+        } while outcome == .retryAfterEvents
+        lock.withLock {
+            t.setState(page, .resident)
+            t.busyPages -= 1
+            if firstWrite, case .completed = outcome { stats.writeFaults += 1 }
+            if outcome == nil { t.record(PagedMappingError(kind: .kernel(errno: 0), offset: page * t.pageSize)) }
+            lock.broadcast()
         }
+        if outcome == nil || outcome == .alreadyPresent { try? t.handle.wake(t.range(page)) }
     }
 
     /// `UFFDIO_CONTINUE_MODE_WP`: map the page write-protected.

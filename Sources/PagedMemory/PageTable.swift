@@ -53,8 +53,11 @@ final class PageTable: @unchecked Sendable {
         set { c.pointee.resident_pages = Int64(newValue) }
     }
     var closing = false
-    /// Pages soft-evicted now.
-    var softPages = 0
+    /// Pages soft-evicted now (kept with the in-thread resolver's state).
+    var softPages: Int {
+        get { Int(c.pointee.soft_pages) }
+        set { c.pointee.soft_pages = Int64(newValue) }
+    }
     /// The memfd holding the pages of a soft-evicting table (-1: anonymous memory).
     let memfd: Int32
     /// A second, unregistered mapping of the memfd: write-back reads pages there, so
@@ -117,6 +120,7 @@ final class PageTable: @unchecked Sendable {
         c.pointee.in_thread = inThread ? 1 : 0
         c.pointee.last_fault_page = -2
         c.pointee.read_ahead_window = 1
+        c.pointee.soft_evicts = memfd >= 0 ? 1 : 0
     }
 
     deinit {

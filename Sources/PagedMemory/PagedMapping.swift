@@ -132,7 +132,7 @@ extension Pager {
         // In the faulting thread where the store reads with one pread onto the handler's stack.
         let inThreadHandle = store.signalReadableDescriptor != nil && pageSize <= Int(CPAGED_SIGNAL_CHUNK) ? self.inThreadHandle : nil
         let serving = inThreadHandle ?? handle
-        let memory = try Memory(length: length, memfd: configuration.softEviction && inThreadHandle == nil)
+        let memory = try Memory(length: length, memfd: configuration.softEviction)
         let range = MemoryRange(memory.base, length: length)
         do {
             if memory.memfd >= 0 {

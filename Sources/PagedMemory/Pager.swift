@@ -52,7 +52,10 @@ public final class Pager: @unchecked Sendable {
     /// Soft-evicted pages, oldest first: where victims of soft-evicting tables come from.
     var softQueue: VictimQueue
     /// Pages soft-evicted now, and how many the evictors keep so (``PagerConfiguration/softEvictionFraction``).
-    var softPages = 0
+    var softPages: Int {
+        get { Int(lock.shared.pointee.soft_pages) }
+        set { lock.shared.pointee.soft_pages = Int64(newValue) }
+    }
     var softTargetPages: Int { Int(Double(configuration.bufferBytes / 4096) * configuration.softEvictionFraction) }
     /// The bytes counted resident (kept with the in-thread resolver's state).
     var residentBytes: Int {
@@ -150,6 +153,7 @@ public final class Pager: @unchecked Sendable {
             s.bytesRead += Int(c.bytes_read)
             s.errors += Int(c.errors)
             s.spaceWaits += Int(c.space_waits)
+            s.softHits += Int(c.soft_hits)
             s.peakResidentBytes = max(s.peakResidentBytes, Int(c.peak_resident_bytes))
             return s
         }

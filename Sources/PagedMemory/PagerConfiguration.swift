@@ -35,8 +35,9 @@ public struct PagerConfiguration: Sendable, Codable, Equatable {
     /// and sends it round the queue once more. A touch meanwhile is a minor fault that
     /// maps the page again (`UFFDIO_CONTINUE`, no read) and gives it a credit; a
     /// victim that comes round untouched is written back if dirty and dropped from the
-    /// memfd. Soft-evicted pages still count against the buffer. Applies to mappings
-    /// served by the filler threads.
+    /// memfd. Soft-evicted pages still count against the buffer. With
+    /// ``FaultResolution/faultingThread`` the minor fault is served in the faulting
+    /// thread too (a few microseconds, against a round trip to a filler).
     public var softEviction: Bool = false
     /// The share of the buffer's pages the evictors keep soft-evicted (unmapped, still
     /// in memory) with ``softEviction``: the longer a page waits there, the more re-use

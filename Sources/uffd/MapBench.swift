@@ -20,7 +20,7 @@ struct MapBenchCommand: ParsableCommand {
     var fileMib: Int = 1024
     @Option(name: .long, help: "Memory cgroup limit in MiB; the pager's buffer is this minus --reserve-mib.")
     var limitMib: Int = 256
-    @Option(name: .long, help: "MiB of the limit left to the process itself (0: the workload's own arrays, the pager's bookkeeping and 8 MiB).")
+    @Option(name: .long, help: "MiB of the limit left to the process itself (0: the workload's own arrays, the pager's bookkeeping and 2 MiB).")
     var reserveMib: Int = 0
     @Option(name: .long, help: "Seconds per random-access run.")
     var seconds: Double = 6
@@ -32,6 +32,8 @@ struct MapBenchCommand: ParsableCommand {
     var bulkPageKib: Int = 64
     @Option(name: .long, help: "Pager page size in KiB for BFS.")
     var bfsPageKib: Int = 4
+    @Option(name: .long, help: "Share of the buffer pager-soft keeps soft-evicted (unmapped, still in memory).")
+    var softFraction: Double = 0.25
     @Option(name: .long, parsing: .upToNextOption, help: "Contenders to run (default: each workload's own).")
     var contenders: [String] = []
     @Option(name: .long, help: "Pager store I/O: direct (O_DIRECT) or buffered.")
@@ -78,6 +80,7 @@ struct MapBenchCommand: ParsableCommand {
         o.pageSize = pageKib << 10
         o.bulkPageSize = bulkPageKib << 10
         o.graphPageSize = bfsPageKib << 10
+        o.softEvictionFraction = softFraction
         o.contenders = contenders.compactMap(Contender.init(rawValue:))
         o.storeMode = FileStore.IOMode(rawValue: store) ?? .direct
         o.fillers = fillers

@@ -9,18 +9,20 @@ import Userfaultfd
 struct SoftEvictionTests {
     static let buffer = 1 << 20
 
-    func pager() throws -> Pager {
+    func pager(_ resolution: FaultResolution) throws -> Pager {
         var c = PagerConfiguration(bufferBytes: Self.buffer)
         c.softEviction = true
+        c.resolution = resolution
         return try Pager(c)
     }
 
     @Test("a hot set touched between cold reads comes back through minor faults, with the file's bytes, within the buffer",
-          .timeLimit(.minutes(2)))
-    func hotSetIsReused() throws {
+          .timeLimit(.minutes(2)), arguments: FaultResolution.allCases)
+    func hotSetIsReused(resolution: FaultResolution) throws {
         let file = try PatternFile(size: 16 << 20)
-        let pager = try pager()
+        let pager = try pager(resolution)
         let mapping = try pager.map(FileStore(path: file.path))
+        #expect(mapping.resolution == resolution)
         let pages = file.size / 4096
         var rng = SplitMix(seed: 5)
         var wrong = 0
@@ -47,11 +49,11 @@ struct SoftEvictionTests {
     }
 
     @Test("dirty pages unmapped, written again and dropped reach the file; a private mapping's stay out of it",
-          .timeLimit(.minutes(2)), arguments: [PagedMapping.Sharing.shared, .private])
-    func dirtyPagesSurvive(sharing: PagedMapping.Sharing) throws {
+          .timeLimit(.minutes(2)), arguments: [PagedMapping.Sharing.shared, .private], FaultResolution.allCases)
+    func dirtyPagesSurvive(sharing: PagedMapping.Sharing, resolution: FaultResolution) throws {
         let file = try PatternFile(size: 8 << 20)
         let before = file.words()
-        let pager = try pager()
+        let pager = try pager(resolution)
         let mapping = try pager.map(FileStore(path: file.path, writable: sharing == .shared), sharing: sharing)
         let pages = file.size / 4096
         // Two passes: the second writes pages that were unmapped or dropped after the first.

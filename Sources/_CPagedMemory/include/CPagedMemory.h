@@ -54,6 +54,8 @@ static inline int cpaged_punch_hole(int fd, int64_t offset, int64_t length) {
 #define CPAGED_DIRTY 0x08
 #define CPAGED_SCRATCH 0x10
 #define CPAGED_CREDIT_SHIFT 5
+/* Soft-evicted: unmapped, the page kept in the mapping's memfd (PagerConfiguration.softEviction). */
+#define CPAGED_SOFT 0x80
 
 /* Error kinds recorded by the resolver (PagedMappingError.Kind). */
 #define CPAGED_ERROR_READ 1
@@ -91,6 +93,10 @@ struct cpaged_region {
     int64_t busy_pages;
     int64_t last_fault_page;
     int64_t read_ahead_window;
+    /* Pages soft-evicted now; 1 if the region's pages live in a memfd and are soft-evicted. */
+    int64_t soft_pages;
+    int32_t soft_evicts;
+    int32_t reserved;
     /* Errors the resolver saw, for the pager to move into the mapping's list. */
     int32_t error_count;
     int32_t errors_dropped;
@@ -117,6 +123,9 @@ struct cpaged_shared {
     int64_t bytes_read;
     int64_t errors;
     int64_t space_waits;
+    int64_t soft_hits;
+    /* Pages soft-evicted now, over all regions. */
+    int64_t soft_pages;
     /* In-thread regions sorted by base. */
     struct cpaged_region **regions;
     int64_t region_count;
