@@ -21,6 +21,9 @@ public struct MapBenchOptions: Codable, Sendable, Equatable {
     public var bulkPageSize: Int = 64 << 10
     /// The pager's page size for BFS (its reads are scattered: small pages waste less of the buffer).
     public var graphPageSize: Int = 4096
+    /// The pager's eviction marks (``PagerConfiguration/highWater``, ``PagerConfiguration/lowWater``).
+    public var highWater: Double = 0.9
+    public var lowWater: Double = 0.7
     /// The share of the buffer `pager-soft` keeps soft-evicted.
     public var softEvictionFraction: Double = 0.25
     /// Which contenders run (empty: each workload's own list).

@@ -21,6 +21,8 @@ final class Mapper {
             var c = PagerConfiguration(bufferBytes: bufferBytes)
             c.softEviction = contender == .pagerSoft || contender == .pagerInThreadSoft
             c.softEvictionFraction = options.softEvictionFraction
+            c.highWater = options.highWater
+            c.lowWater = options.lowWater
             c.fillers = options.fillers
             c.fillerPriority = options.fillerPriority
             c.policy = contender == .pagerFIFO ? .fifo : .clock

@@ -32,6 +32,10 @@ struct MapBenchCommand: ParsableCommand {
     var bulkPageKib: Int = 64
     @Option(name: .long, help: "Pager page size in KiB for BFS.")
     var bfsPageKib: Int = 4
+    @Option(name: .long, help: "Pager eviction starts above this share of the buffer.")
+    var highWater: Double = 0.9
+    @Option(name: .long, help: "Pager eviction stops at this share of the buffer.")
+    var lowWater: Double = 0.7
     @Option(name: .long, help: "Share of the buffer pager-soft keeps soft-evicted (unmapped, still in memory).")
     var softFraction: Double = 0.25
     @Option(name: .long, parsing: .upToNextOption, help: "Contenders to run (default: each workload's own).")
@@ -67,6 +71,7 @@ struct MapBenchCommand: ParsableCommand {
         for w in workloads where Workload(rawValue: w) == nil && workloads != ["none"] {
             throw ValidationError("unknown workload \(w); known: \(Workload.allCases.map(\.rawValue).joined(separator: ", "))")
         }
+        if !(0 < lowWater && lowWater < highWater && highWater <= 1) { throw ValidationError("need 0 < --low-water < --high-water <= 1") }
         if repetitions < 1 || seconds <= 0 || fillers < 1 { throw ValidationError("repetitions, seconds and fillers must be positive") }
     }
 
@@ -81,6 +86,8 @@ struct MapBenchCommand: ParsableCommand {
         o.bulkPageSize = bulkPageKib << 10
         o.graphPageSize = bfsPageKib << 10
         o.softEvictionFraction = softFraction
+        o.highWater = highWater
+        o.lowWater = lowWater
         o.contenders = contenders.compactMap(Contender.init(rawValue:))
         o.storeMode = FileStore.IOMode(rawValue: store) ?? .direct
         o.fillers = fillers
