@@ -187,6 +187,8 @@ public struct MapBenchRow: Codable, Sendable {
     public var majorFaults: Int?
     /// The pager's buffer (pager contenders).
     public var bufferBytes: Int?
+    /// The most bytes the pager held resident, over the runs (pager contenders).
+    public var pagerPeakResident: Int?
 }
 
 /// The whole report: the options, where it ran, and the rows.
