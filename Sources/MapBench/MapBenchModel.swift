@@ -108,7 +108,11 @@ public enum Workload: String, Codable, Sendable, CaseIterable {
     public var isRate: Bool { [.randomRead1, .randomRead4, .zipfRead, .readModifyWrite].contains(self) }
     /// The contenders that run it.
     public var contenders: [Contender] {
-        self == .zipfRead ? [.mmap, .mmapRandom, .pager, .pagerFIFO] : [.mmap, .mmapRandom, .pager, .pagerInThread]
+        switch self {
+        case .zipfRead: return [.mmap, .mmapRandom, .pager, .pagerFIFO]
+        case .bfs: return [.mmap, .mmapRandom, .pager, .pagerInThread, .pagerInThreadSoft]
+        default: return [.mmap, .mmapRandom, .pager, .pagerInThread]
+        }
     }
 }
 
