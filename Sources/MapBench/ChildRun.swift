@@ -10,10 +10,11 @@ public enum ChildRun {
     /// Joins `cgroup` (if any), runs the workload, and returns what it measured.
     public static func run(_ workload: Workload, _ contender: Contender, options o: MapBenchOptions, cgroup: String?) throws -> RunResult {
         if let cgroup { try MemoryCgroup.join(cgroup) }
-        let mapper = try Mapper(contender, options: o)
+        let mapper = try Mapper(contender, options: o, bufferBytes: o.bufferBytes(for: workload))
         var result = RunResult(workload: workload, contender: contender, seconds: 0, operations: 0, verified: false,
                                note: "", bytesRead: 0, bytesWritten: 0, peakRSS: 0)
         let io0 = ProcessIO.current()
+        let faults0 = ProcessIO.majorFaults()
         let start = Date()
         switch workload {
         case .randomRead1, .randomRead4, .zipfRead:
@@ -36,13 +37,13 @@ public enum ChildRun {
         case .sort:
             let input = try mapper.map(DataFiles.dataPath(o), pageSize: o.bulkPageSize).assumingMemoryBound(to: UInt64.self)
             let scratch = try mapper.map(DataFiles.scratchPath(o), pageSize: o.bulkPageSize).assumingMemoryBound(to: UInt64.self)
-            let runKeys = max(1 << 16, (o.limitBytes - o.reserveBytes) / 4 / 8)
+            let runKeys = max(1 << 16, o.limitBytes / 4 / 8)
             result.verified = OutOfCore.sort(input: input, temporary: scratch, output: scratch + o.sortKeys,
                                              keys: o.sortKeys, runKeys: runKeys)
             try mapper.sync()
         case .bfs:
             guard let meta = GraphMeta.load(DataFiles.graphPath(o)) else { throw MapBenchError("no graph metadata") }
-            let base = try mapper.map(DataFiles.graphPath(o), pageSize: o.bulkPageSize)
+            let base = try mapper.map(DataFiles.graphPath(o), pageSize: o.graphPageSize)
             result.verified = OutOfCore.bfs(base, meta: meta)
         }
         if workload != .readModifyWrite { result.seconds = Date().timeIntervalSince(start) }
@@ -51,6 +52,7 @@ public enum ChildRun {
         result.bytesWritten = io1.written - io0.written
         result.pager = mapper.statistics
         result.peakRSS = ProcessIO.peakRSS()
+        result.majorFaults = ProcessIO.majorFaults() - faults0
         if workload != .readModifyWrite { try mapper.close() }
         return result
     }
@@ -71,6 +73,12 @@ enum ProcessIO {
                 .flatMap { Int($0.split(separator: " ").last ?? "") } ?? 0
         }
         return (field("read_bytes"), field("write_bytes"))
+    }
+
+    static func majorFaults() -> Int {
+        var usage = rusage()
+        getrusage(RUSAGE_SELF.rawValue, &usage)
+        return usage.ru_majflt
     }
 
     static func peakRSS() -> Int {

@@ -6,8 +6,9 @@ public struct MapBenchOptions: Codable, Sendable, Equatable {
     public var fileBytes: Int = 1 << 30
     /// The memory cgroup's limit, and the budget of every contender.
     public var limitBytes: Int = 256 << 20
-    /// Bytes of the limit the pager leaves to the process itself (heap, code, page tables).
-    public var reserveBytes: Int = 40 << 20
+    /// Bytes of the limit the pager leaves to the process itself (heap, code, page
+    /// tables, the workload's own arrays); 0: ``reserve(for:)`` works it out per workload.
+    public var reserveBytes: Int = 0
     /// Where the data files live (created once, reused while their size matches).
     public var directory: String = "/var/tmp/uffd-map-bench"
     /// Seconds each random-access run lasts.
@@ -16,8 +17,17 @@ public struct MapBenchOptions: Codable, Sendable, Equatable {
     public var repetitions: Int = 3
     /// The pager's page size for the random workloads.
     public var pageSize: Int = 4096
-    /// The pager's page size for the scan, the sort and BFS.
+    /// The pager's page size for the scan and the sort.
     public var bulkPageSize: Int = 64 << 10
+    /// The pager's page size for BFS (its reads are scattered: small pages waste less of the buffer).
+    public var graphPageSize: Int = 4096
+    /// The pager's eviction marks (``PagerConfiguration/highWater``, ``PagerConfiguration/lowWater``).
+    public var highWater: Double = 0.9
+    public var lowWater: Double = 0.7
+    /// The share of the buffer `pager-soft` keeps soft-evicted.
+    public var softEvictionFraction: Double = 0.25
+    /// Which contenders run (empty: each workload's own list).
+    public var contenders: [Contender] = []
     /// The pager's store I/O.
     public var storeMode: FileStore.IOMode = .direct
     /// The pager's filler threads.
@@ -37,6 +47,51 @@ public struct MapBenchOptions: Codable, Sendable, Equatable {
     public var dropCaches: Bool = true
 
     public init() {}
+
+    /// The pager's page size for `workload`.
+    public func pageSize(for workload: Workload) -> Int {
+        switch workload {
+        case .randomRead1, .randomRead4, .zipfRead, .readModifyWrite: return pageSize
+        case .scan, .sort: return bulkPageSize
+        case .bfs: return graphPageSize
+        }
+    }
+
+    /// The bytes of the limit the pager leaves for everything but its buffer: the
+    /// workload's own anonymous memory (which every contender pays out of the limit,
+    /// the kernel's page cache getting the rest), the pager's own (filler staging as
+    /// far as it is touched, and per buffer page 16 bytes of queue and flags), and
+    /// 2 MiB for heap, stacks and page tables. ``reserveBytes``, if set, instead.
+    /// The table shows the cgroup's peak beside the buffer: the difference is what the
+    /// process used besides it.
+    public func reserve(for workload: Workload) -> Int {
+        if reserveBytes > 0 { return reserveBytes }
+        let mib = 1 << 20
+        var own = 2 * mib
+        switch workload {
+        case .bfs:
+            // The level array (4 bytes a vertex) and the frontiers (4 bytes a vertex together, at their widest).
+            own += 8 << graphScale
+        case .sort:
+            // Sorting a run allocates a merge buffer of half the run (a run is a quarter of the limit).
+            own += limitBytes / 8
+        default:
+            break
+        }
+        // Read-ahead touches up to 1 MiB of a filler's staging; single pages only a page.
+        let staging = fillers * (workload == .scan || workload == .sort ? mib : pageSize(for: workload))
+        return min(limitBytes - 8 * mib, own + staging + (limitBytes / 4096) * 16)
+    }
+
+    /// The pager's buffer for `workload`: the limit less ``reserve(for:)``.
+    public func bufferBytes(for workload: Workload) -> Int { limitBytes - reserve(for: workload) }
+
+    /// The contenders that run `workload`.
+    public func contenders(for workload: Workload) -> [Contender] {
+        contenders.isEmpty ? workload.contenders : workload.contenders.filter(contenders.contains) + contenders.filter {
+            !workload.contenders.contains($0) && $0.isPager && workload != .zipfRead
+        }
+    }
 }
 
 /// A workload of the bench.
@@ -53,7 +108,11 @@ public enum Workload: String, Codable, Sendable, CaseIterable {
     public var isRate: Bool { [.randomRead1, .randomRead4, .zipfRead, .readModifyWrite].contains(self) }
     /// The contenders that run it.
     public var contenders: [Contender] {
-        self == .zipfRead ? [.mmap, .mmapRandom, .pager, .pagerFIFO] : [.mmap, .mmapRandom, .pager, .pagerInThread]
+        switch self {
+        case .zipfRead: return [.mmap, .mmapRandom, .pager, .pagerFIFO]
+        case .bfs: return [.mmap, .mmapRandom, .pager, .pagerInThread, .pagerInThreadSoft]
+        default: return [.mmap, .mmapRandom, .pager, .pagerInThread]
+        }
     }
 }
 
@@ -69,6 +128,13 @@ public enum Contender: String, Codable, Sendable, CaseIterable {
     case pagerFIFO = "pager-fifo"
     /// PagedMemory with CLOCK, faults resolved in the faulting thread (SIGBUS).
     case pagerInThread = "pager-in-thread"
+    /// PagedMemory with CLOCK and soft eviction (``PagerConfiguration/softEviction``).
+    case pagerSoft = "pager-soft"
+    /// Soft eviction, faults resolved in the faulting thread.
+    case pagerInThreadSoft = "pager-in-thread-soft"
+
+    /// Whether a ``Pager`` serves the pages.
+    public var isPager: Bool { self != .mmap && self != .mmapRandom }
 }
 
 /// One contender's run of one workload, as the child process reports it.
@@ -87,6 +153,8 @@ public struct RunResult: Codable, Sendable {
     public var bytesWritten: Int
     /// The process's peak resident set (`VmHWM`).
     public var peakRSS: Int
+    /// Major page faults of the measured part (`getrusage`): the kernel's reads for `mmap`.
+    public var majorFaults: Int?
     /// The pager's statistics (pager contenders).
     public var pager: PagerStatistics?
     /// The memory cgroup's peak usage (`memory.max_usage_in_bytes`), filled in by the parent.
@@ -117,6 +185,14 @@ public struct MapBenchRow: Codable, Sendable {
     public var cgroupPeak: Int?
     /// Median faults served by the pager (pager contenders).
     public var pagerFaults: Int?
+    /// Median touches of soft-evicted pages served without a read (`pager-soft`).
+    public var softHits: Int?
+    /// Median major faults (`getrusage`).
+    public var majorFaults: Int?
+    /// The pager's buffer (pager contenders).
+    public var bufferBytes: Int?
+    /// The most bytes the pager held resident, over the runs (pager contenders).
+    public var pagerPeakResident: Int?
 }
 
 /// The whole report: the options, where it ran, and the rows.

@@ -42,7 +42,8 @@ public struct MapBenchRunner {
         for workload in options.workloads {
             for rep in 0..<options.repetitions {
                 // Alternate the order too, so that no contender always goes first.
-                let order = rep % 2 == 0 ? workload.contenders : workload.contenders.reversed()
+                let contenders = options.contenders(for: workload)
+                let order = rep % 2 == 0 ? contenders : contenders.reversed()
                 for contender in order {
                     cold = DataFiles.makeCold(options)
                     cgroup?.resetPeak()
@@ -87,7 +88,7 @@ public struct MapBenchRunner {
                 median(results.filter { $0.workload == w && $0.contender == c }.map(\.figure))
             }
             let mmap = medianFigure(.mmap), mmapRandom = medianFigure(.mmapRandom)
-            for c in w.contenders {
+            for c in o.contenders(for: w) {
                 let rs = results.filter { $0.workload == w && $0.contender == c }
                 let m = median(rs.map(\.figure))
                 func ratio(_ base: Double) -> Double { w.isRate ? m / base : base / m }
@@ -99,7 +100,11 @@ public struct MapBenchRunner {
                     bytesWritten: Int(median(rs.map { Double($0.bytesWritten) })),
                     peakRSS: rs.map(\.peakRSS).max() ?? 0,
                     cgroupPeak: rs.compactMap(\.cgroupPeak).max(),
-                    pagerFaults: rs.first?.pager == nil ? nil : Int(median(rs.compactMap { $0.pager.map { Double($0.faults) } }))))
+                    pagerFaults: rs.first?.pager == nil ? nil : Int(median(rs.compactMap { $0.pager.map { Double($0.faults) } })),
+                    softHits: c == .pagerSoft || c == .pagerInThreadSoft ? Int(median(rs.compactMap { $0.pager.map { Double($0.softHits) } })) : nil,
+                    majorFaults: rs.allSatisfy { $0.majorFaults == nil } ? nil : Int(median(rs.compactMap { $0.majorFaults.map(Double.init) })),
+                    bufferBytes: c.isPager ? o.bufferBytes(for: w) : nil,
+                    pagerPeakResident: rs.compactMap { $0.pager?.peakResidentBytes }.max()))
             }
         }
         return rows
@@ -118,13 +123,15 @@ extension MapBenchReport {
         func pad(_ s: String, _ n: Int) -> String { s.count >= n ? s + " " : s + String(repeating: " ", count: n - s.count) }
         func mib(_ x: Int?) -> String { x.map { String($0 >> 20) } ?? "-" }
         let header = [("workload", 17), ("contender", 13), ("median", 11), ("unit", 6), ("x mmap", 8), ("x mmap-rnd", 11),
-                      ("verified", 9), ("read MiB", 9), ("written MiB", 12), ("peak RSS MiB", 13), ("cgroup peak MiB", 16), ("pager faults", 12)]
+                      ("verified", 9), ("read MiB", 9), ("written MiB", 12), ("peak RSS MiB", 13), ("cgroup peak MiB", 16), ("pager faults", 13), ("soft hits", 10), ("maj faults", 11), ("buffer MiB", 11), ("resident MiB", 12)]
         var lines = ["cgroup: \(cgroup); cold cache: \(coldCache)", header.map { pad($0.0, $0.1) }.joined()]
         for r in rows {
             let cells = [r.workload.rawValue, r.contender.rawValue, String(format: "%.4g", r.median), r.unit,
                          String(format: "%.2f", r.ratioToMmap), String(format: "%.2f", r.ratioToMmapRandom),
                          r.verified ? "yes" : "NO", mib(r.bytesRead), mib(r.bytesWritten), mib(r.peakRSS),
-                         mib(r.cgroupPeak), r.pagerFaults.map(String.init) ?? "-"]
+                         mib(r.cgroupPeak), r.pagerFaults.map(String.init) ?? "-",
+                         r.softHits.map(String.init) ?? "-", r.majorFaults.map(String.init) ?? "-", mib(r.bufferBytes),
+                         r.pagerPeakResident.map { String(format: "%.1f", Double($0) / 1048576) } ?? "-"]
             lines.append(zip(cells, header).map { pad($0, $1.1) }.joined())
         }
         if let d = dirtyTracking {

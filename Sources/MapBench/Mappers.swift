@@ -14,15 +14,19 @@ final class Mapper {
     private var kernelMappings: [(UnsafeMutableRawPointer, Int)] = []
     private var pagedMappings: [PagedMapping] = []
 
-    init(_ contender: Contender, options: MapBenchOptions) throws {
+    init(_ contender: Contender, options: MapBenchOptions, bufferBytes: Int) throws {
         self.contender = contender
         self.options = options
-        if contender == .pager || contender == .pagerFIFO || contender == .pagerInThread {
-            var c = PagerConfiguration(bufferBytes: options.limitBytes - options.reserveBytes)
+        if contender.isPager {
+            var c = PagerConfiguration(bufferBytes: bufferBytes)
+            c.softEviction = contender == .pagerSoft || contender == .pagerInThreadSoft
+            c.softEvictionFraction = options.softEvictionFraction
+            c.highWater = options.highWater
+            c.lowWater = options.lowWater
             c.fillers = options.fillers
             c.fillerPriority = options.fillerPriority
             c.policy = contender == .pagerFIFO ? .fifo : .clock
-            c.resolution = contender == .pagerInThread ? .faultingThread : .handlerThreads
+            c.resolution = contender == .pagerInThread || contender == .pagerInThreadSoft ? .faultingThread : .handlerThreads
             pager = try Pager(c)
         }
     }

@@ -52,6 +52,10 @@ extension Pager {
             serveWrite(t, page)
             return
         }
+        if fault.flags.contains(.minor) {
+            serveMinor(t, page, write: fault.flags.contains(.write))
+            return
+        }
         switch t.state(page) {
         case .absent:
             lock.unlock()
@@ -65,11 +69,58 @@ extension Pager {
         }
     }
 
+    /// A touch of a page that is in the memfd but not mapped: a soft-evicted page
+    /// (lock held; released here). It is mapped again, write-protected unless dirty,
+    /// and earns a credit: the page was re-used while it waited to be dropped. It is
+    /// marked filling meanwhile, so that no evictor or flush takes it while a write
+    /// may land.
+    private func serveMinor(_ t: PageTable, _ page: Int, write: Bool) {
+        guard t.state(page) == .resident else {
+            // Filling, evicting or cleaning: whoever holds the page wakes its waiters.
+            let state = t.state(page)
+            lock.unlock()
+            if state == .absent || state == .poisoned { try? t.handle.wake(t.range(page)) }
+            return
+        }
+        if t.isSoft(page) {
+            // Back into the main queue; its soft-queue entry is skipped when it comes up.
+            setSoft(t, page, false)
+            lock.shared.pointee.soft_hits += 1
+            if configuration.policy == .clock { t.setCredit(page, t.credit(page) + 1) }
+            enqueue(t, page)
+        }
+        let firstWrite = write && !t.isDirty(page)
+        if firstWrite { t.setDirty(page, true) }
+        let mode: Userfaultfd.ContinueMode = t.isDirty(page) ? [] : Self.continueWriteProtect
+        t.setState(page, .filling)
+        t.busyPages += 1
+        lock.unlock()
+        var outcome: Userfaultfd.Outcome?
+        repeat {
+            outcome = try? t.handle.continueMapping(t.range(page), mode: mode)
+        } while outcome == .retryAfterEvents
+        lock.withLock {
+            t.setState(page, .resident)
+            t.busyPages -= 1
+            if firstWrite, case .completed = outcome { stats.writeFaults += 1 }
+            if outcome == nil { t.record(PagedMappingError(kind: .kernel(errno: 0), offset: page * t.pageSize)) }
+            lock.broadcast()
+        }
+        if outcome == nil || outcome == .alreadyPresent { try? t.handle.wake(t.range(page)) }
+    }
+
+    /// `UFFDIO_CONTINUE_MODE_WP`: map the page write-protected.
+    static let continueWriteProtect = Userfaultfd.ContinueMode(rawValue: 1 << 1)
+
     /// A write to a write-protected page (lock held; released here).
     private func serveWrite(_ t: PageTable, _ page: Int) {
         switch t.state(page) {
         case .resident:
             t.setDirty(page, true)
+            if t.isSoft(page) {
+                setSoft(t, page, false)
+                enqueue(t, page)
+            }
             if configuration.policy == .clock { t.setCredit(page, t.credit(page) + 1) }
             stats.writeFaults += 1
             do {

@@ -21,8 +21,9 @@ enum PageState: UInt8 {
 /// The fields the in-thread resolver also uses live in a C `cpaged_region`.
 ///
 /// One flag byte per page: the ``PageState`` (bits 0–2), dirty (bit 3), kept in the
-/// private scratch file (bit 4) and the replacement credit (bits 5–6). One history
-/// byte per page counts the times it was filled (saturating).
+/// private scratch file (bit 4), the replacement credit (bits 5–6) and soft-evicted
+/// (bit 7: unmapped but kept in the memfd, see ``PagerConfiguration/softEviction``).
+/// One history byte per page counts the times it was filled (saturating).
 final class PageTable: @unchecked Sendable {
     let base: UInt64
     let length: Int
@@ -52,6 +53,18 @@ final class PageTable: @unchecked Sendable {
         set { c.pointee.resident_pages = Int64(newValue) }
     }
     var closing = false
+    /// Pages soft-evicted now (kept with the in-thread resolver's state).
+    var softPages: Int {
+        get { Int(c.pointee.soft_pages) }
+        set { c.pointee.soft_pages = Int64(newValue) }
+    }
+    /// The memfd holding the pages of a soft-evicting table (-1: anonymous memory).
+    let memfd: Int32
+    /// A second, unregistered mapping of the memfd: write-back reads pages there, so
+    /// that it never faults on a soft-evicted page (0: none).
+    let alias: UInt64
+    /// Whether the table's pages are soft-evicted before they are dropped.
+    var softEvicts: Bool { memfd >= 0 }
     /// Sequential read-ahead: the last page a fault asked for and the current window.
     var lastFaultPage: Int {
         get { Int(c.pointee.last_fault_page) }
@@ -67,12 +80,15 @@ final class PageTable: @unchecked Sendable {
     static let stateMask: UInt8 = 0x07
     static let dirtyBit: UInt8 = 0x08
     static let scratchBit: UInt8 = 0x10
+    static let softBit: UInt8 = 0x80
     static let creditShift: UInt8 = 5
     static let maxCredit: UInt8 = 3
 
     init(base: UInt64, length: Int, pageSize: Int, store: any PageStore, isPrivate: Bool, slot: Int, generation: UInt32,
-         handle: Userfaultfd.Handle, inThread: Bool) {
+         handle: Userfaultfd.Handle, inThread: Bool, memfd: Int32 = -1, alias: UInt64 = 0) {
         self.base = base
+        self.memfd = memfd
+        self.alias = alias
         self.length = length
         self.pageSize = pageSize
         self.pageCount = length / pageSize
@@ -104,6 +120,7 @@ final class PageTable: @unchecked Sendable {
         c.pointee.in_thread = inThread ? 1 : 0
         c.pointee.last_fault_page = -2
         c.pointee.read_ahead_window = 1
+        c.pointee.soft_evicts = memfd >= 0 ? 1 : 0
     }
 
     deinit {
@@ -142,13 +159,19 @@ final class PageTable: @unchecked Sendable {
     }
     @inline(__always) func inScratch(_ page: Int) -> Bool { flags[page] & Self.scratchBit != 0 }
     @inline(__always) func setInScratch(_ page: Int) { flags[page] |= Self.scratchBit }
+    @inline(__always) func isSoft(_ page: Int) -> Bool { flags[page] & Self.softBit != 0 }
+    @inline(__always) func setSoft(_ page: Int, _ soft: Bool) {
+        flags[page] = soft ? flags[page] | Self.softBit : flags[page] & ~Self.softBit
+    }
     @inline(__always) func credit(_ page: Int) -> UInt8 { (flags[page] >> Self.creditShift) & 0x3 }
     @inline(__always) func setCredit(_ page: Int, _ c: UInt8) {
-        flags[page] = (flags[page] & 0x9F) | (min(c, Self.maxCredit) << Self.creditShift)
+        flags[page] = (flags[page] & ~(0x3 << Self.creditShift)) | (min(c, Self.maxCredit) << Self.creditShift)
     }
 
     @inline(__always) func pageIndex(_ address: UInt64) -> Int { Int(address - base) / pageSize }
     @inline(__always) func address(_ page: Int) -> UInt64 { base + UInt64(page * pageSize) }
+    /// Where write-back reads `page`: the alias mapping if there is one.
+    @inline(__always) func sourceAddress(_ page: Int) -> UInt64 { (alias != 0 ? alias : base) + UInt64(page * pageSize) }
     @inline(__always) func range(_ page: Int, count: Int = 1) -> MemoryRange {
         MemoryRange(start: address(page), length: UInt64(count * pageSize))
     }

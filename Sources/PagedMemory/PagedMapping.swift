@@ -103,6 +103,8 @@ public final class PagedMapping: @unchecked Sendable {
         }
         pager.retire(table)
         munmap(base, length)
+        if table.alias != 0 { munmap(UnsafeMutableRawPointer(bitPattern: UInt(table.alias)), length) }
+        if table.memfd >= 0 { close(table.memfd) }
         if let failure { throw failure }
     }
 }
@@ -127,26 +129,27 @@ extension Pager {
             throw UserfaultfdError(operation: "Pager.map", kind: .invalidArgument("the store is empty"))
         }
         let length = (store.size + pageSize - 1) / pageSize * pageSize
-        guard let memory = mmap(nil, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0),
-              memory != MAP_FAILED else {
-            throw UserfaultfdError(operation: "mmap", errno: Errno(rawValue: errno))
-        }
-        _ = madvise(memory, length, MADV_NOHUGEPAGE)
-        let range = MemoryRange(memory, length: length)
         // In the faulting thread where the store reads with one pread onto the handler's stack.
         let inThreadHandle = store.signalReadableDescriptor != nil && pageSize <= Int(CPAGED_SIGNAL_CHUNK) ? self.inThreadHandle : nil
         let serving = inThreadHandle ?? handle
+        let memory = try Memory(length: length, memfd: configuration.softEviction)
+        let range = MemoryRange(memory.base, length: length)
         do {
-            try serving.register(range, mode: [.missing, .writeProtect], requiring: [.copy, .writeProtect, .wake])
+            if memory.memfd >= 0 {
+                try serving.register(range, mode: [.missing, .writeProtect, .minor], requiring: [.copy, .writeProtect, .wake, .continue])
+            } else {
+                try serving.register(range, mode: [.missing, .writeProtect], requiring: [.copy, .writeProtect, .wake])
+            }
         } catch {
-            munmap(memory, length)
+            memory.release()
             throw error
         }
         let table: PageTable? = lock.withLock {
             guard let (slot, generation) = takeSlot() else { return nil }
             let t = PageTable(base: range.start, length: length, pageSize: pageSize, store: store,
                               isPrivate: sharing == .private, slot: slot, generation: generation,
-                              handle: serving, inThread: inThreadHandle != nil)
+                              handle: serving, inThread: inThreadHandle != nil, memfd: memory.memfd,
+                              alias: memory.alias.map { UInt64(UInt(bitPattern: $0)) } ?? 0)
             if !insert(t) {
                 freeSlots.append(slot)
                 return nil
@@ -154,7 +157,7 @@ extension Pager {
             return t
         }
         guard let table else {
-            munmap(memory, length)
+            memory.release()
             throw UserfaultfdError(operation: "Pager.map", kind: .invalidArgument("over 1,048,576 mappings, or no memory for the lookup table"))
         }
         return PagedMapping(pager: self, table: table, sharing: sharing)
@@ -166,5 +169,56 @@ extension Pager {
             while t.busyPages > 0 { lock.wait(milliseconds: 1) }
             remove(t)
         }
+    }
+}
+
+/// The memory behind a mapping: private anonymous, or a memfd mapped twice (the
+/// registered range and an unregistered alias for write-back).
+private struct Memory {
+    let base: UnsafeMutableRawPointer
+    let length: Int
+    var memfd: Int32 = -1
+    var alias: UnsafeMutableRawPointer?
+
+    init(length: Int, memfd useMemfd: Bool) throws(UserfaultfdError) {
+        self.length = length
+        if !useMemfd {
+            guard let p = mmap(nil, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0),
+                  p != MAP_FAILED else {
+                throw UserfaultfdError(operation: "mmap", errno: Errno(rawValue: errno))
+            }
+            _ = madvise(p, length, MADV_NOHUGEPAGE)
+            base = p
+            return
+        }
+        let fd = cpaged_memfd_create("paged-memory")
+        if fd < 0 { throw UserfaultfdError(operation: "memfd_create", errno: Errno(rawValue: errno)) }
+        if ftruncate(fd, off_t(length)) != 0 {
+            let e = errno
+            close(fd)
+            throw UserfaultfdError(operation: "ftruncate", errno: Errno(rawValue: e))
+        }
+        guard let p = mmap(nil, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0), p != MAP_FAILED else {
+            let e = errno
+            close(fd)
+            throw UserfaultfdError(operation: "mmap", errno: Errno(rawValue: e))
+        }
+        guard let a = mmap(nil, length, PROT_READ, MAP_SHARED | MAP_NORESERVE, fd, 0), a != MAP_FAILED else {
+            let e = errno
+            munmap(p, length)
+            close(fd)
+            throw UserfaultfdError(operation: "mmap", errno: Errno(rawValue: e))
+        }
+        _ = madvise(p, length, MADV_NOHUGEPAGE)
+        _ = madvise(a, length, MADV_NOHUGEPAGE)
+        base = p
+        memfd = fd
+        alias = a
+    }
+
+    func release() {
+        munmap(base, length)
+        if let alias { munmap(alias, length) }
+        if memfd >= 0 { close(memfd) }
     }
 }

@@ -49,6 +49,14 @@ public final class Pager: @unchecked Sendable {
     /// Live tables sorted by base address, for the fault lookup.
     var sorted: [PageTable] = []
     var queue: VictimQueue
+    /// Soft-evicted pages, oldest first: where victims of soft-evicting tables come from.
+    var softQueue: VictimQueue
+    /// Pages soft-evicted now, and how many the evictors keep so (``PagerConfiguration/softEvictionFraction``).
+    var softPages: Int {
+        get { Int(lock.shared.pointee.soft_pages) }
+        set { lock.shared.pointee.soft_pages = Int64(newValue) }
+    }
+    var softTargetPages: Int { Int(Double(configuration.bufferBytes / 4096) * configuration.softEvictionFraction) }
     /// The bytes counted resident (kept with the in-thread resolver's state).
     var residentBytes: Int {
         get { Int(lock.shared.pointee.resident_bytes) }
@@ -83,6 +91,7 @@ public final class Pager: @unchecked Sendable {
         uffd = fd
         stopSignal = try StopSignal()
         queue = VictimQueue(capacity: c.bufferBytes / 4096 + 1024)
+        softQueue = VictimQueue(capacity: c.softEviction ? c.bufferBytes / 4096 + 1024 : 16)
         guard let lock = PagerLock(pendingCapacity: c.bufferBytes / 4096 + 1024) else {
             throw UserfaultfdError(operation: "Pager", errno: .noMemory)
         }
@@ -144,6 +153,7 @@ public final class Pager: @unchecked Sendable {
             s.bytesRead += Int(c.bytes_read)
             s.errors += Int(c.errors)
             s.spaceWaits += Int(c.space_waits)
+            s.softHits += Int(c.soft_hits)
             s.peakResidentBytes = max(s.peakResidentBytes, Int(c.peak_resident_bytes))
             return s
         }
@@ -188,7 +198,7 @@ public final class Pager: @unchecked Sendable {
         let pushed = queue.push(e) { [unowned self] e in
             guard let (t, p) = self.table(for: e) else { return false }
             let s = t.state(p)
-            return s == .resident || s == .cleaning || s == .filling
+            return (s == .resident && !t.isSoft(p)) || s == .cleaning || s == .filling
         }
         if !pushed { t.record(PagedMappingError(kind: .bufferExhausted, offset: page * t.pageSize)) }
     }
@@ -229,6 +239,8 @@ public final class Pager: @unchecked Sendable {
         generations[t.slot] = generations[t.slot] &+ 1
         freeSlots.append(t.slot)
         residentBytes -= t.residentPages * t.pageSize
+        softPages -= t.softPages
+        t.softPages = 0
         lock.broadcast()
     }
 

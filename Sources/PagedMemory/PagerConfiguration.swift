@@ -30,6 +30,19 @@ public struct PagerConfiguration: Sendable, Codable, Equatable {
     public var scratchDirectory: String = "/tmp"
     /// Where faults are resolved.
     public var resolution: FaultResolution = .handlerThreads
+    /// Give a victim a second chance that sees re-use: its pages live in a memfd, and
+    /// the evictor first only unmaps a victim (`MADV_DONTNEED` keeps the memfd's page)
+    /// and sends it round the queue once more. A touch meanwhile is a minor fault that
+    /// maps the page again (`UFFDIO_CONTINUE`, no read) and gives it a credit; a
+    /// victim that comes round untouched is written back if dirty and dropped from the
+    /// memfd. Soft-evicted pages still count against the buffer. With
+    /// ``FaultResolution/faultingThread`` the minor fault is served in the faulting
+    /// thread too (a few microseconds, against a round trip to a filler).
+    public var softEviction: Bool = false
+    /// The share of the buffer's pages the evictors keep soft-evicted (unmapped, still
+    /// in memory) with ``softEviction``: the longer a page waits there, the more re-use
+    /// it can show, and the more touches pay a minor fault.
+    public var softEvictionFraction: Double = 0.25
 
     /// A configuration with a buffer of `bufferBytes`.
     public init(bufferBytes: Int) {
@@ -91,6 +104,10 @@ public struct PagerStatistics: Sendable, Codable, Equatable {
     public var peakResidentBytes = 0
     /// Store errors and poisoned pages.
     public var errors = 0
+    /// Pages unmapped for a second chance (``PagerConfiguration/softEviction``).
+    public var pagesSoftEvicted = 0
+    /// Touches of soft-evicted pages: minor faults served without a read.
+    public var softHits = 0
 }
 
 /// A failure the pager recorded for a mapping (the faulting thread got SIGBUS, or a

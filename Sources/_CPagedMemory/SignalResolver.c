@@ -294,6 +294,53 @@ static void open_for_writing(struct cpaged_shared *s, struct cpaged_region *r, i
     }
 }
 
+#ifndef UFFDIO_CONTINUE_MODE_WP
+#define UFFDIO_CONTINUE_MODE_WP ((__u64)1 << 1)
+#endif
+_Static_assert(sizeof(struct uffdio_continue) == 32, "uffdio_continue");
+
+/// A fault on a resident page of a soft-evicting region (mutex held; released and
+/// taken again around the ioctl): a touch of a soft-evicted page (a minor fault) maps
+/// it again, write-protected unless dirty, with a credit for the re-use; a page that
+/// is mapped already (EEXIST) was a first write, or a fault another thread resolved.
+/// The page is marked filling meanwhile, so that no evictor or flush takes it while a
+/// write may land.
+static void resolve_resident_soft(struct cpaged_shared *s, struct cpaged_region *r, int64_t page, int is_write) {
+    if (r->flags[page] & CPAGED_SOFT) {
+        r->flags[page] &= (uint8_t)~CPAGED_SOFT;
+        r->soft_pages--;
+        s->soft_pages--;
+        s->soft_hits++;
+        if (s->clock_policy) set_credit(r, page, credit(r, page) + 1);
+        // Back into the main queue (its soft-queue entry is skipped when it comes up).
+        if (s->pending_count < s->pending_capacity) s->pending[s->pending_count++] = entry(r, page);
+    }
+    int first_write = is_write == 1 && !(r->flags[page] & CPAGED_DIRTY);
+    if (first_write) set_dirty(r, page, 1);
+    struct uffdio_continue c = {
+        .range = { .start = r->base + (uint64_t)(page * r->page_size), .len = (uint64_t)r->page_size },
+        .mode = (r->flags[page] & CPAGED_DIRTY) ? 0 : UFFDIO_CONTINUE_MODE_WP, .mapped = 0 };
+    set_state(r, page, CPAGED_FILLING);
+    r->busy_pages++;
+    pthread_mutex_unlock(&s->mutex);
+    int rc, e;
+    do {
+        rc = ioctl(r->uffd, UFFDIO_CONTINUE, &c);
+        e = rc == 0 ? 0 : errno;
+    } while (rc != 0 && (e == EINTR || e == EAGAIN));
+    pthread_mutex_lock(&s->mutex);
+    set_state(r, page, CPAGED_RESIDENT);
+    r->busy_pages--;
+    if (rc == 0) {
+        if (first_write) s->write_faults++;
+    } else if (e == EEXIST && is_write != 0) {
+        open_for_writing(s, r, page);
+    } else if (e != EEXIST) {
+        record(s, r, CPAGED_ERROR_KERNEL, e, page);
+    }
+    pthread_cond_broadcast(&s->cond);
+}
+
 /// Serves a fault at `address` of `r` (mutex held). `is_write`: 1, 0, or -1 when the
 /// CPU state does not say. Returns 1 if the access can run again, 0 for a real SIGBUS.
 static int resolve(struct cpaged_shared *s, struct cpaged_region *r, uint64_t address, int is_write) {
@@ -302,6 +349,7 @@ static int resolve(struct cpaged_shared *s, struct cpaged_region *r, uint64_t ad
     case CPAGED_ABSENT:
         return fill(s, r, page, is_write == 1);
     case CPAGED_RESIDENT:
+        if (r->soft_evicts) { resolve_resident_soft(s, r, page, is_write); return 1; }
         // A first write, or a read that faulted while another thread filled the page.
         if (is_write != 0) open_for_writing(s, r, page);
         return 1;

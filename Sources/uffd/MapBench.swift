@@ -20,16 +20,26 @@ struct MapBenchCommand: ParsableCommand {
     var fileMib: Int = 1024
     @Option(name: .long, help: "Memory cgroup limit in MiB; the pager's buffer is this minus --reserve-mib.")
     var limitMib: Int = 256
-    @Option(name: .long, help: "MiB of the limit left to the process itself (heap, code, page tables).")
-    var reserveMib: Int = 40
+    @Option(name: .long, help: "MiB of the limit left to the process itself (0: the workload's own arrays, the pager's bookkeeping and 2 MiB).")
+    var reserveMib: Int = 0
     @Option(name: .long, help: "Seconds per random-access run.")
     var seconds: Double = 6
     @Option(name: .long, help: "Runs of every contender per workload (medians are reported).")
     var repetitions: Int = 3
     @Option(name: .long, help: "Pager page size in KiB for the random workloads.")
     var pageKib: Int = 4
-    @Option(name: .long, help: "Pager page size in KiB for the scan, the sort and BFS.")
+    @Option(name: .long, help: "Pager page size in KiB for the scan and the sort.")
     var bulkPageKib: Int = 64
+    @Option(name: .long, help: "Pager page size in KiB for BFS.")
+    var bfsPageKib: Int = 4
+    @Option(name: .long, help: "Pager eviction starts above this share of the buffer.")
+    var highWater: Double = 0.9
+    @Option(name: .long, help: "Pager eviction stops at this share of the buffer.")
+    var lowWater: Double = 0.7
+    @Option(name: .long, help: "Share of the buffer pager-soft keeps soft-evicted (unmapped, still in memory).")
+    var softFraction: Double = 0.25
+    @Option(name: .long, parsing: .upToNextOption, help: "Contenders to run (default: each workload's own).")
+    var contenders: [String] = []
     @Option(name: .long, help: "Pager store I/O: direct (O_DIRECT) or buffered.")
     var store: String = "direct"
     @Option(name: .long, help: "Pager filler threads.")
@@ -54,10 +64,14 @@ struct MapBenchCommand: ParsableCommand {
     func validate() throws {
         if fileMib < 4 * limitMib { throw ValidationError("--file-mib must be at least 4x --limit-mib") }
         if reserveMib >= limitMib { throw ValidationError("--reserve-mib must be below --limit-mib") }
+        for c in contenders where Contender(rawValue: c) == nil {
+            throw ValidationError("unknown contender \(c); known: \(Contender.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
         if FileStore.IOMode(rawValue: store) == nil { throw ValidationError("--store is direct or buffered") }
         for w in workloads where Workload(rawValue: w) == nil && workloads != ["none"] {
             throw ValidationError("unknown workload \(w); known: \(Workload.allCases.map(\.rawValue).joined(separator: ", "))")
         }
+        if !(0 < lowWater && lowWater < highWater && highWater <= 1) { throw ValidationError("need 0 < --low-water < --high-water <= 1") }
         if repetitions < 1 || seconds <= 0 || fillers < 1 { throw ValidationError("repetitions, seconds and fillers must be positive") }
     }
 
@@ -70,6 +84,11 @@ struct MapBenchCommand: ParsableCommand {
         o.repetitions = repetitions
         o.pageSize = pageKib << 10
         o.bulkPageSize = bulkPageKib << 10
+        o.graphPageSize = bfsPageKib << 10
+        o.softEvictionFraction = softFraction
+        o.highWater = highWater
+        o.lowWater = lowWater
+        o.contenders = contenders.compactMap(Contender.init(rawValue:))
         o.storeMode = FileStore.IOMode(rawValue: store) ?? .direct
         o.fillers = fillers
         o.fillerPriority = fillerPriority

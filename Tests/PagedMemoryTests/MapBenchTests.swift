@@ -43,6 +43,26 @@ struct MapBenchTests {
         }
     }
 
+    @Test("the pager's buffer is the limit less the workload's arrays and the pager's bookkeeping; BFS maps 4 KiB pages")
+    func bufferPerWorkload() {
+        var o = MapBenchOptions()
+        o.limitBytes = 48 << 20
+        o.graphScale = 20
+        o.fillers = 4
+        let bookkeeping = (48 << 20) / 4096 * 16
+        #expect(o.reserve(for: .bfs) == (2 << 20) + (8 << 20) + 4 * 4096 + bookkeeping)
+        #expect(o.reserve(for: .randomRead1) == (2 << 20) + 4 * 4096 + bookkeeping)
+        #expect(o.reserve(for: .sort) == (2 << 20) + (6 << 20) + 4 * (1 << 20) + bookkeeping)
+        #expect(o.bufferBytes(for: .bfs) == o.limitBytes - o.reserve(for: .bfs))
+        #expect(o.pageSize(for: .bfs) == 4096 && o.pageSize(for: .sort) == 64 << 10)
+        o.reserveBytes = 40 << 20
+        #expect(o.bufferBytes(for: .bfs) == 8 << 20)
+        o.contenders = [.mmapRandom, .pagerInThreadSoft]
+        #expect(o.contenders(for: .bfs) == [.mmapRandom, .pagerInThreadSoft])
+        #expect(o.contenders(for: .randomRead1) == [.mmapRandom, .pagerInThreadSoft])
+        #expect(o.contenders(for: .zipfRead) == [.mmapRandom])
+    }
+
     @Test("both dirty-tracking schemes find every written page")
     func dirtyTracking() throws {
         let r = try DirtyTracking.measure(pages: 512, repetitions: 1)

@@ -22,6 +22,15 @@
 static const int cpaged_O_DIRECT = O_DIRECT;
 static const int cpaged_O_TMPFILE = O_TMPFILE;
 
+/* memfd_create and fallocate's hole punching, which also need _GNU_SOURCE. */
+#include <sys/mman.h>
+#include <linux/falloc.h>
+#include <stdint.h>
+static inline int cpaged_memfd_create(const char *name) { return memfd_create(name, MFD_CLOEXEC); }
+static inline int cpaged_punch_hole(int fd, int64_t offset, int64_t length) {
+    return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
+}
+
 
 #include <pthread.h>
 #include <stdint.h>
@@ -45,6 +54,8 @@ static const int cpaged_O_TMPFILE = O_TMPFILE;
 #define CPAGED_DIRTY 0x08
 #define CPAGED_SCRATCH 0x10
 #define CPAGED_CREDIT_SHIFT 5
+/* Soft-evicted: unmapped, the page kept in the mapping's memfd (PagerConfiguration.softEviction). */
+#define CPAGED_SOFT 0x80
 
 /* Error kinds recorded by the resolver (PagedMappingError.Kind). */
 #define CPAGED_ERROR_READ 1
@@ -82,6 +93,10 @@ struct cpaged_region {
     int64_t busy_pages;
     int64_t last_fault_page;
     int64_t read_ahead_window;
+    /* Pages soft-evicted now; 1 if the region's pages live in a memfd and are soft-evicted. */
+    int64_t soft_pages;
+    int32_t soft_evicts;
+    int32_t reserved;
     /* Errors the resolver saw, for the pager to move into the mapping's list. */
     int32_t error_count;
     int32_t errors_dropped;
@@ -108,6 +123,9 @@ struct cpaged_shared {
     int64_t bytes_read;
     int64_t errors;
     int64_t space_waits;
+    int64_t soft_hits;
+    /* Pages soft-evicted now, over all regions. */
+    int64_t soft_pages;
     /* In-thread regions sorted by base. */
     struct cpaged_region **regions;
     int64_t region_count;
