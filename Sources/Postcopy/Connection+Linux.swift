@@ -41,6 +41,9 @@ final class Connection: @unchecked Sendable {
         throw MigrationError(.connectionLost("\(what): the peer made no progress for \(stallNanoseconds / 1_000_000) ms"))
     }
 
+    /// Zero-copy sending: whether it is on, and its counts (see `ZeroCopy+Linux.swift`).
+    var zeroCopy = ZeroCopyState()
+
     init(fd: Int32) { self.fd = fd }
     deinit { _ = close(fd) }
 
@@ -120,6 +123,9 @@ final class Connection: @unchecked Sendable {
     func send(header: Wire.Header, payload: UnsafeRawPointer?, scratch: UnsafeMutableRawPointer) throws(MigrationError) {
         header.encode(into: scratch)
         let length = Int(header.payloadLength)
+        if zeroCopy.enabled && length >= ZeroCopyState.smallestPayload, let payload {
+            return try sendZeroCopy(header: scratch, payload: payload, length: length)
+        }
         var iov = (iovec(iov_base: scratch, iov_len: Wire.headerSize),
                    iovec(iov_base: UnsafeMutableRawPointer(mutating: payload), iov_len: length))
         var sent = 0

@@ -8,9 +8,11 @@ import Glibc
 import Musl
 #endif
 
-// The destination's receive threads, one per channel.
+// The destination's receive threads, one per connection.
 extension MigrationDestination {
-    func receiveLoop(_ connection: Connection, channel: Wire.Channel) {
+    /// Receives frames from one connection; `extra`: a stream connection past the first,
+    /// which carries pages and flushes only.
+    func receiveLoop(_ connection: Connection, channel: Wire.Channel, extra: Bool = false) {
         if channel == .urgent { preferLowLatencyScheduling() }
         let cpuStart = ThreadCPU.current()
         defer { receiverCPU.add(ThreadCPU.current() - cpuStart, ordering: .releasing) }
@@ -35,7 +37,7 @@ extension MigrationDestination {
             // The urgent channel is quiet while nothing faults; the stream never is for long.
             while true {
                 let header = try connection.receiveHeader(scratch: scratch, pageSize: table.pageSize, quietAllowed: channel == .urgent)
-                let more = try handle(header, on: connection, channel: channel, buffer: bufferMapping.base,
+                let more = try handle(header, on: connection, channel: channel, extra: extra, buffer: bufferMapping.base,
                                       histogram: &histogram, blocktime: &blocktime)
                 if !more { return }
             }
@@ -51,7 +53,7 @@ extension MigrationDestination {
 
     /// Acts on one frame from `channel`; false once the stream is complete.
     private func handle(
-        _ header: Wire.Header, on connection: Connection, channel: Wire.Channel, buffer: UnsafeMutableRawPointer,
+        _ header: Wire.Header, on connection: Connection, channel: Wire.Channel, extra: Bool, buffer: UnsafeMutableRawPointer,
         histogram: inout Histogram<UInt64>, blocktime: inout UInt64
     ) throws(MigrationError) -> Bool {
         switch header.type {
@@ -61,16 +63,20 @@ extension MigrationDestination {
             if let data { try connection.receive(into: data, Int(header.payloadLength)) }
             try install(g, count: Int(header.count), region: Int(header.region), first: header.first,
                         data: data, channel: channel, histogram: &histogram, blocktime: &blocktime)
-        case .switchover where channel == .stream:
+        case .flush where extra:
+            // Every frame before it on this connection is installed: the source may now
+            // send what depends on them (a discard, the switchover) on the first stream.
+            try connection.send(.flushed)
+        case .switchover where channel == .stream && !extra:
             let runs = try Wire.decodeRuns(connection.receivePayload(Int(header.payloadLength)))
             try switchover(invalidating: runs, final: header.count == 1, connection: connection)
-        case .discard where channel == .stream:
+        case .discard where channel == .stream && !extra:
             if registered.load(ordering: .acquiring) || resumed.load(ordering: .acquiring) {
                 throw MigrationError(.malformedFrame("a discard frame after the switchover"))
             }
             try forget(Wire.decodeRuns(connection.receivePayload(Int(header.payloadLength))))
             try connection.send(.discarded)
-        case .complete where channel == .stream:
+        case .complete where channel == .stream && !extra:
             completeSeen.store(true, ordering: .releasing)
             return false
         case .error:
