@@ -28,7 +28,9 @@ extension MigrationSource {
         var streams: [Connection] = []
         for i in 0..<count {
             let stream = try Connection.connect(to: endpoint, deadline: deadline)
-            stream.limitSendBuffer(options.streamBufferBytes)
+            // The bytes queued ahead of a requested page the stream already took are the
+            // sum over the connections: split the budget between them.
+            stream.limitSendBuffer(max(16 << 10, options.streamBufferBytes / count))
             if options.zeroCopy { try stream.enableZeroCopy() }
             try stream.send(.hello, payload: hello(.stream, i))
             streams.append(stream)

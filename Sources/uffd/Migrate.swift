@@ -47,11 +47,11 @@ struct WorkloadOptions: ParsableArguments {
     @Option(help: "Pages after a requested one that the source sends along with it (0...64).")
     var pagesAfterRequest = 64
 
-    @Option(help: "Kernel send buffer of the stream connection, in KiB (smaller: shorter remote faults).")
+    @Option(help: "Kernel send buffer of the stream connections together, in KiB (smaller: shorter remote faults).")
     var streamBuffer = 256
 
     @Option(help: "Connections the background stream is spread over, one sending thread each (1...8).")
-    var streamConnections = 1
+    var streamConnections = 2
 
     @Flag(help: "Send page data with MSG_ZEROCOPY (TCP only; over loopback the kernel copies anyway).")
     var zeroCopy = false
