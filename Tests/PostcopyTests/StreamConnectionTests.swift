@@ -163,4 +163,49 @@ struct StreamConnectionTests {
         #expect((status >> 8) & 0xff == 64, "wait status \(status); stderr: \(errors)")
         #expect(errors.contains(arguments[0]), "\(errors)")
     }
+
+    /// A hello frame of stream connection `index` of `count` (the urgent channel with index 0).
+    func hello(_ channel: Wire.Channel, index: Int = 0, count: Int) -> [UInt8] {
+        let payload = Wire.Hello(channel: channel, resume: false, pageSize: systemPageSize, migrationID: 42,
+                                 regionLengths: [1 << 20], token: token, streamIndex: index, streamCount: count).encode()
+        return Peer.frame(.init(type: .hello, payloadLength: UInt32(payload.count))) + payload
+    }
+
+    @Test func streamConnectionsThatAnnounceDifferentCountsAreRefused() throws {
+        let run = try DestinationRun(options: { $0.handshakeTimeoutMilliseconds = 3_000 })
+        let first = try Peer.connect(run.listener.endpoint)
+        try Peer.send(first, hello(.stream, index: 0, count: 2))
+        let urgent = try Peer.connect(run.listener.endpoint)
+        try Peer.send(urgent, hello(.urgent, count: 2))
+        let second = try Peer.connect(run.listener.endpoint)
+        try Peer.send(second, hello(.stream, index: 1, count: 3))
+        run.wait()
+        guard case .malformedFrame(let why) = failure(of: run)?.kind else {
+            Issue.record("expected malformedFrame, got \(String(describing: failure(of: run)))")
+            return
+        }
+        #expect(why.contains("stream counts"))
+    }
+
+    @Test func aControlFrameOnAnExtraStreamIsAProtocolError() throws {
+        let run = try DestinationRun(options: { $0.recoveryTimeoutMilliseconds = 300 })
+        let first = try Peer.connect(run.listener.endpoint)
+        try Peer.send(first, hello(.stream, index: 0, count: 2))
+        let second = try Peer.connect(run.listener.endpoint)
+        try Peer.send(second, hello(.stream, index: 1, count: 2))
+        let urgent = try Peer.connect(run.listener.endpoint)
+        try Peer.send(urgent, hello(.urgent, count: 2))
+        for c in [first, second, urgent] { _ = try c.receiveControl(pageSize: systemPageSize) }
+        // A flush is answered on an extra stream; a switchover there is refused.
+        try Peer.send(second, Peer.control(.flush))
+        let (flushed, _) = try second.receiveControl(pageSize: systemPageSize)
+        #expect(flushed.type == .flushed)
+        try Peer.send(second, Peer.control(.switchover, Wire.encodeRuns([])))
+        run.wait()
+        guard case .malformedFrame(let why) = failure(of: run)?.kind else {
+            Issue.record("expected malformedFrame, got \(String(describing: failure(of: run)))")
+            return
+        }
+        #expect(why.contains("switchover"))
+    }
 }
