@@ -17,8 +17,9 @@ import Musl
 /// is refused. A hello is read into a buffer sized to what its header announces (a few
 /// hundred bytes at most), never a preallocated one.
 struct HelloAcceptor {
-    /// Connections in their handshake at once.
-    static let maxPending = 8
+    /// Connections in their handshake at once: a source's stream connections and urgent
+    /// channel may all arrive together, with room for as many strangers beside them.
+    static let maxPending = 2 * (Wire.maxStreams + 1)
 
     private struct Pending {
         let connection: Connection

@@ -58,11 +58,15 @@ public final class MigrationSource: @unchecked Sendable {
         /// Sends page data on the stream connections with `MSG_ZEROCOPY` (TCP only): the
         /// kernel sends from the migrated memory itself, and each buffer counts as in use
         /// until its completion arrives on the socket's error queue; ``MigrationSource/migrate(to:pause:)``
-        /// returns only once every completion has come. Over loopback the kernel copies anyway.
+        /// returns only once every completion has come. A page the workload writes while the
+        /// kernel still holds it (precopy) is dirty to the tracker and sent again, as with
+        /// copying sends. Over loopback the kernel copies anyway.
         public var zeroCopy: Bool = false
-        /// For tests of recovery: shut the stream connection down once this many pages were
+        /// For tests of recovery: shut the stream connections down once this many pages were
         /// sent after the switchover, as a network failure would.
         public var _dropConnectionsAfterPages: Int?
+        /// For tests of recovery: drop only the stream connection that reaches that count.
+        public var _dropOnlyOneConnection = false
 
         public init(token: [UInt8], mode: MigrationStatistics.Mode = .postcopy) {
             self.token = token
@@ -302,7 +306,7 @@ public final class MigrationSource: @unchecked Sendable {
     /// concern) those connections are flushed: the destination has installed all they carried.
     private func sendMissing(_ channels: Channels, scratch: UnsafeMutableRawPointer, phase: SendPhase) throws(MigrationError) {
         let extra = channels.streams.dropFirst()
-        if extra.isEmpty { return try sendMissing(channels.stream, scratch: scratch, phase: phase, from: 0) }
+        if extra.isEmpty { return try sendMissing(channels.stream, scratch: scratch, phase: phase, from: 0, all: channels.streams) }
         streamFailed.store(false, ordering: .relaxed)
         let errors = Mutex<MigrationError?>(nil)
         let share = max(1, table.totalPages / channels.streams.count)
@@ -315,7 +319,7 @@ public final class MigrationSource: @unchecked Sendable {
                     streamCPU.add(ThreadCPU.current() - cpuStart, ordering: .releasing)
                 }
                 do throws(MigrationError) {
-                    try sendMissing(connection, scratch: threadScratch, phase: phase, from: (i + 1) * share)
+                    try sendMissing(connection, scratch: threadScratch, phase: phase, from: (i + 1) * share, all: channels.streams)
                 } catch {
                     streamFailed.store(true, ordering: .releasing)
                     errors.withLock { if $0 == nil { $0 = error } }
@@ -323,7 +327,7 @@ public final class MigrationSource: @unchecked Sendable {
             }
         }
         do throws(MigrationError) {
-            try sendMissing(channels.stream, scratch: scratch, phase: phase, from: 0)
+            try sendMissing(channels.stream, scratch: scratch, phase: phase, from: 0, all: channels.streams)
         } catch {
             streamFailed.store(true, ordering: .releasing)
             errors.withLock { if $0 == nil { $0 = error } }
@@ -336,9 +340,9 @@ public final class MigrationSource: @unchecked Sendable {
     }
 
     /// Streams every missing page in address order from `start` on, following seeks;
-    /// returns when none is left.
+    /// returns when none is left. `all`: every stream connection (for the drop of tests).
     private func sendMissing(_ connection: Connection, scratch: UnsafeMutableRawPointer, phase: SendPhase,
-                             from start: Int) throws(MigrationError) {
+                             from start: Int, all: [Connection]) throws(MigrationError) {
         var cursor = start
         while true {
             if linkDown.load(ordering: .acquiring) {
@@ -361,7 +365,7 @@ public final class MigrationSource: @unchecked Sendable {
             if phase == .stream, let limit = options._dropConnectionsAfterPages,
                postcopySent.add(n, ordering: .relaxed).newValue >= limit,
                !dropDone.exchange(true, ordering: .relaxed) {
-                connection.shutdown()
+                for c in options._dropOnlyOneConnection ? [connection] : all { c.shutdown() }
             }
         }
     }

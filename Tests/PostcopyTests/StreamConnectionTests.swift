@@ -62,7 +62,7 @@ struct StreamConnectionTests {
         return (stats, differingPages(range, destination.regions[0]), nonzero)
     }
 
-    @Test(arguments: [MigrationStatistics.Mode.postcopy, .precopyPostcopy, .stopAndCopy], [2, 4])
+    @Test(arguments: [MigrationStatistics.Mode.postcopy, .precopyPostcopy, .stopAndCopy], [2, Wire.maxStreams])
     func severalStreamConnectionsDeliverEveryByte(mode: MigrationStatistics.Mode, connections: Int) throws {
         let (stats, differing, nonzero) = try migrate(mode: mode) { $0.streamConnections = connections }
         #expect(differing == 0)
@@ -88,13 +88,16 @@ struct StreamConnectionTests {
         #expect(stats.zeroCopyCopiedSends <= stats.zeroCopySends)
     }
 
-    @Test func aConnectionDroppedAmongSeveralIsRecoveredWithoutLosingAPage() throws {
+    @Test(arguments: [true, false])
+    func aConnectionDroppedAmongSeveralIsRecoveredWithoutLosingAPage(onlyOne: Bool) throws {
         let source = try MemoryMapping.anonymous(length: testBytes)
         fill(source)
         let run = try DestinationRun()
         var options = MigrationSource.Options(token: token, mode: .postcopy)
         options.streamConnections = 3
         options._dropConnectionsAfterPages = 3000
+        // One connection of three (whichever sends the 3000th page), or all of them.
+        options._dropOnlyOneConnection = onlyOne
         let stats = try MigrationSource(regions: [source.range], options: options).migrate(to: run.listener.endpoint) {}
         run.wait()
         let destinationStats = try #require(try run.result?.get())
