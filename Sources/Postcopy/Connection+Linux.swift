@@ -156,6 +156,35 @@ final class Connection: @unchecked Sendable {
         }
     }
 
+    /// Sends `bytes` bytes gathered from `count` vectors (which it may change) with as few
+    /// `sendmsg` calls as the kernel allows.
+    func send(_ vectors: UnsafeMutablePointer<iovec>, count: Int, bytes: Int) throws(MigrationError) {
+        var first = 0
+        var left = bytes
+        let flags = waitFlags
+        while left > 0 {
+            var msg = msghdr()
+            msg.msg_iov = vectors + first
+            msg.msg_iovlen = count - first
+            let n = retryOnInterrupt { Glibc.sendmsg(fd, &msg, Int32(MSG_NOSIGNAL) | flags) }
+            if n < 0 {
+                if errno == EAGAIN { try waitAfterAgain(Int16(POLLOUT), quietAllowed: false, doing: "send"); continue }
+                throw MigrationError(.connectionLost("send: \(String(cString: strerror(errno)))"))
+            }
+            left -= n
+            // Skip what went out; the vector cut in the middle starts where the kernel stopped.
+            var sent = n
+            while first < count && sent >= vectors[first].iov_len {
+                sent -= vectors[first].iov_len
+                first += 1
+            }
+            if sent > 0 {
+                vectors[first].iov_base += sent
+                vectors[first].iov_len -= sent
+            }
+        }
+    }
+
     /// Sends a frame whose payload is a byte array (control frames).
     func send(_ type: Wire.FrameType, payload: [UInt8] = [], count: UInt32 = 0) throws(MigrationError) {
         let frame = Self.frame(type, payload: payload, count: count)

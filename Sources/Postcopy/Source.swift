@@ -344,6 +344,10 @@ public final class MigrationSource: @unchecked Sendable {
     private func sendMissing(_ connection: Connection, scratch: UnsafeMutableRawPointer, phase: SendPhase,
                              from start: Int, all: [Connection]) throws(MigrationError) {
         var cursor = start
+        // Batched before the switchover only: after it, a requested page the stream has
+        // taken would wait for the batch to fill (remote-fault p99 went from 0.25 to 2 ms).
+        // Zero-copy sends frame by frame: only whole runs are worth pinning.
+        let batch = options.zeroCopy || phase == .stream ? nil : FrameBatch(byteLimit: Wire.maxRunPages * table.pageSize)
         while true {
             if linkDown.load(ordering: .acquiring) {
                 if let f = failure.withLock({ $0 }) { throw f }
@@ -354,14 +358,18 @@ public final class MigrationSource: @unchecked Sendable {
             }
             let s = seek.exchange(-1, ordering: .acquiringAndReleasing)
             if s >= 0 { cursor = s }
-            guard let g = missing.nextSet(from: cursor) ?? missing.nextSet(from: 0) else { return }
+            guard let g = missing.nextSet(from: cursor) ?? missing.nextSet(from: 0) else {
+                try batch?.flush(connection)
+                return
+            }
             let (region, page) = table.split(g)
             let regionPages = table.regions[region].pages
             var n = 0
             while n < Wire.maxRunPages && page + n < regionPages && missing.testAndClear(g + n) { n += 1 }
             cursor = g + max(n, 1)
             if n == 0 { continue }
-            try sendRun(connection, region: region, page: page, global: g, count: n, scratch: scratch, phase: phase)
+            try sendRun(connection, region: region, page: page, global: g, count: n, scratch: scratch, phase: phase,
+                        batch: batch)
             if phase == .stream, let limit = options._dropConnectionsAfterPages,
                postcopySent.add(n, ordering: .relaxed).newValue >= limit,
                !dropDone.exchange(true, ordering: .relaxed) {
@@ -371,8 +379,9 @@ public final class MigrationSource: @unchecked Sendable {
     }
 
     /// Sends `count` pages starting at `page` of `region`: zero runs as markers, the rest as data.
+    /// With a `batch`, the frames join it (sent once it fills, so they may leave later).
     func sendRun(_ connection: Connection, region: Int, page: Int, global g: Int, count: Int,
-                         scratch: UnsafeMutableRawPointer, phase: SendPhase) throws(MigrationError) {
+                 scratch: UnsafeMutableRawPointer, phase: SendPhase, batch: FrameBatch? = nil) throws(MigrationError) {
         let pageSize = table.pageSize
         let base = UnsafeRawPointer(bitPattern: UInt(table.regions[region].start) + UInt(page * pageSize))!
         var i = 0
@@ -383,7 +392,12 @@ public final class MigrationSource: @unchecked Sendable {
             let n = j - i
             let header = Wire.Header(type: zero ? .zeros : .pages, payloadLength: zero ? 0 : UInt32(n * pageSize),
                                      count: UInt32(n), region: UInt32(region), first: UInt64(page + i))
-            try connection.send(header: header, payload: zero ? nil : base + i * pageSize, scratch: scratch)
+            if let batch {
+                if batch.isFull(adding: Int(header.payloadLength)) { try batch.flush(connection) }
+                batch.append(header, payload: zero ? nil : base + i * pageSize)
+            } else {
+                try connection.send(header: header, payload: zero ? nil : base + i * pageSize, scratch: scratch)
+            }
             for k in i..<j { sentOnce.testAndSet(g + k) }
             if zero {
                 zeroPages.add(n, ordering: .relaxed)

@@ -211,4 +211,49 @@ struct StreamConnectionTests {
         }
         #expect(why.contains("switchover"))
     }
+
+    @Test func aBatchCutAnywhereByTheKernelArrivesWholeAndInOrder() throws {
+        var fds: [Int32] = [0, 0]
+        #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0)
+        let sender = Connection(fd: fds[0]), receiver = Connection(fd: fds[1])
+        // Non-blocking sends (a deadline) into a small buffer: the kernel takes any part of the batch.
+        sender.deadline = MonotonicClock.nanoseconds() + 30_000_000_000
+        sender.limitSendBuffer(4096)
+        let pageSize = systemPageSize
+        let memory = try MemoryMapping.anonymous(length: 64 * pageSize)
+        for p in 0..<64 { memset(memory.base + p * pageSize, Int32(p + 1), pageSize) }
+        let batch = FrameBatch(byteLimit: 64 * pageSize)
+        var expected: [UInt8] = []
+        var first = 0
+        // Runs of 1, 2, 3, ... pages, and a zero marker between them.
+        for n in 1...9 where first + n <= 64 {
+            let pages = Wire.Header(type: .pages, payloadLength: UInt32(n * pageSize), count: UInt32(n), first: UInt64(first))
+            #expect(!batch.isFull(adding: n * pageSize))
+            batch.append(pages, payload: memory.base + first * pageSize)
+            expected += Peer.frame(pages) + Array(UnsafeRawBufferPointer(start: memory.base + first * pageSize, count: n * pageSize))
+            let zeros = Wire.Header(type: .zeros, count: 1, first: UInt64(first + n))
+            batch.append(zeros, payload: nil)
+            expected += Peer.frame(zeros)
+            first += n + 1
+        }
+        let received = Mutex<[UInt8]>([])
+        let count = expected.count
+        let readFD = fds[1]
+        let reader = DedicatedThread(name: "test-reader") {
+            var chunk = [UInt8](repeating: 0, count: 3000)
+            var got: [UInt8] = []
+            while got.count < count {
+                let n = chunk.withUnsafeMutableBytes { recv(readFD, $0.baseAddress, $0.count, 0) }
+                if n <= 0 { break }
+                got += chunk[0..<n]
+                usleep(200)
+            }
+            received.withLock { $0 = got }
+        }
+        try batch.flush(sender)
+        reader.join()
+        #expect(batch.isEmpty)
+        #expect(received.withLock { $0 } == expected)
+        _ = receiver
+    }
 }
