@@ -41,6 +41,9 @@ final class Connection: @unchecked Sendable {
         throw MigrationError(.connectionLost("\(what): the peer made no progress for \(stallNanoseconds / 1_000_000) ms"))
     }
 
+    /// Zero-copy sending: whether it is on, and its counts (see `ZeroCopy+Linux.swift`).
+    var zeroCopy = ZeroCopyState()
+
     init(fd: Int32) { self.fd = fd }
     deinit { _ = close(fd) }
 
@@ -120,6 +123,9 @@ final class Connection: @unchecked Sendable {
     func send(header: Wire.Header, payload: UnsafeRawPointer?, scratch: UnsafeMutableRawPointer) throws(MigrationError) {
         header.encode(into: scratch)
         let length = Int(header.payloadLength)
+        if zeroCopy.enabled && length >= ZeroCopyState.smallestPayload, let payload {
+            return try sendZeroCopy(header: scratch, payload: payload, length: length)
+        }
         var iov = (iovec(iov_base: scratch, iov_len: Wire.headerSize),
                    iovec(iov_base: UnsafeMutableRawPointer(mutating: payload), iov_len: length))
         var sent = 0
@@ -147,6 +153,35 @@ final class Connection: @unchecked Sendable {
             if n >= 0 { sent += n; continue }
             if errno == EAGAIN { try waitAfterAgain(Int16(POLLOUT), quietAllowed: false, doing: "send"); continue }
             throw MigrationError(.connectionLost("send: \(String(cString: strerror(errno)))"))
+        }
+    }
+
+    /// Sends `bytes` bytes gathered from `count` vectors (which it may change) with as few
+    /// `sendmsg` calls as the kernel allows.
+    func send(_ vectors: UnsafeMutablePointer<iovec>, count: Int, bytes: Int) throws(MigrationError) {
+        var first = 0
+        var left = bytes
+        let flags = waitFlags
+        while left > 0 {
+            var msg = msghdr()
+            msg.msg_iov = vectors + first
+            msg.msg_iovlen = count - first
+            let n = retryOnInterrupt { Glibc.sendmsg(fd, &msg, Int32(MSG_NOSIGNAL) | flags) }
+            if n < 0 {
+                if errno == EAGAIN { try waitAfterAgain(Int16(POLLOUT), quietAllowed: false, doing: "send"); continue }
+                throw MigrationError(.connectionLost("send: \(String(cString: strerror(errno)))"))
+            }
+            left -= n
+            // Skip what went out; the vector cut in the middle starts where the kernel stopped.
+            var sent = n
+            while first < count && sent >= vectors[first].iov_len {
+                sent -= vectors[first].iov_len
+                first += 1
+            }
+            if sent > 0 {
+                vectors[first].iov_base += sent
+                vectors[first].iov_len -= sent
+            }
         }
     }
 

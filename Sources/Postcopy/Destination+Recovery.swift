@@ -33,16 +33,16 @@ extension MigrationDestination {
         let deadline = MonotonicClock.nanoseconds() + UInt64(max(0, options.recoveryTimeoutMilliseconds)) * 1_000_000
         var acceptor = HelloAcceptor(listener, options)
         while MonotonicClock.nanoseconds() < deadline {
-            let pair: (Wire.Hello, Connection, Connection)?
+            let accepted: HelloAcceptor.Accepted?
             do {
-                pair = try acceptor.acceptPair(until: deadline, check: refuseUnlessResume)
+                accepted = try acceptor.acceptAll(until: deadline, check: refuseUnlessResume)
             } catch {
                 usleep(10_000)
                 continue
             }
-            guard let (_, s, u) = pair else { break }
-            do { try welcome(s, u, bitmap: receivedBitmap(), until: deadline) } catch { continue }
-            adopt(stream: s, urgent: u)
+            guard let accepted else { break }
+            do { try welcome(accepted, bitmap: receivedBitmap(), until: deadline) } catch { continue }
+            adopt(accepted)
             return nil
         }
         return fail(MigrationError(.recoveryTimedOut(poisonedPages: 0)))
@@ -55,9 +55,10 @@ extension MigrationDestination {
         let deadline = MonotonicClock.nanoseconds() + UInt64(max(0, options.recoveryTimeoutMilliseconds)) * 1_000_000
         var acceptor = HelloAcceptor(listener, options)
         while MonotonicClock.nanoseconds() < deadline {
-            guard let (_, s, u) = try? acceptor.acceptPair(until: deadline, check: refuseUnlessResume) else { return }
+            guard let accepted = try? acceptor.acceptAll(until: deadline, check: refuseUnlessResume) else { return }
+            let s = accepted.streams[0]
             do {
-                try welcome(s, u, bitmap: receivedBitmap(), until: deadline)
+                try welcome(accepted, bitmap: receivedBitmap(), until: deadline)
                 let (header, _) = try s.receiveControl(pageSize: table.pageSize)
                 if header.type != .complete { continue }
                 try s.send(.done, payload: report.encode())
@@ -79,8 +80,9 @@ extension MigrationDestination {
     /// Refuses a hello unless it resumes this migration with the same regions.
     func refuseUnlessResume(_ hello: Wire.Hello) -> MigrationError? {
         let lengths = table.regions.map { UInt64($0.pages * table.pageSize) }
-        if hello.resume && hello.migrationID == migrationID && hello.regionLengths == lengths { return nil }
-        return MigrationError(.badRegions("not a resume of migration \(migrationID) with the same regions"))
+        if hello.resume && hello.migrationID == migrationID && hello.regionLengths == lengths
+            && hello.streamCount == extraStreams.count + 1 { return nil }
+        return MigrationError(.badRegions("not a resume of migration \(migrationID) with the same regions and streams"))
     }
 
     /// One bit per page, region after region: which pages are here.
@@ -91,9 +93,11 @@ extension MigrationDestination {
     }
 
     /// Switches to the source's new connections and asks again for every page a thread still waits on.
-    func adopt(stream s: Connection, urgent u: Connection) {
-        retired += [stream, urgent]
-        stream = s
+    func adopt(_ accepted: HelloAcceptor.Accepted) {
+        retired += [stream, urgent] + extraStreams
+        stream = accepted.streams[0]
+        extraStreams = Array(accepted.streams.dropFirst())
+        let u = accepted.urgent
         urgent = u
         requests.urgentFD.store(u.fd, ordering: .releasing)
         var g = 0

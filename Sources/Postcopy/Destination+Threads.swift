@@ -8,15 +8,18 @@ import Glibc
 import Musl
 #endif
 
-// The destination's receive threads, one per channel.
+// The destination's receive threads, one per connection.
 extension MigrationDestination {
-    func receiveLoop(_ connection: Connection, channel: Wire.Channel) {
+    /// Receives frames from one connection; `extra`: a stream connection past the first,
+    /// which carries pages and flushes only.
+    func receiveLoop(_ connection: Connection, channel: Wire.Channel, extra: Bool = false) {
         // The stream is silent from the welcome to a pure postcopy switchover, and this
         // thread's wake-up for it then lies inside the source's pause: on a busy machine a
-        // time-shared wake-up waits milliseconds. It may preempt busy threads until the
-        // first frame arrives and shares the CPU like any bulk receiver from then on.
-        var waking = channel == .stream
-        preferLowLatencyScheduling()
+        // time-shared wake-up waits milliseconds. The first stream connection may preempt
+        // busy threads until its first frame arrives and shares the CPU like any bulk
+        // receiver from then on; the urgent channel keeps the preference.
+        var waking = channel == .stream && !extra
+        if channel == .urgent || waking { preferLowLatencyScheduling() }
         let cpuStart = ThreadCPU.current()
         defer { receiverCPU.add(ThreadCPU.current() - cpuStart, ordering: .releasing) }
         // Its own mapping, so that UFFDIO_MOVE can take pages out of it.
@@ -45,7 +48,7 @@ extension MigrationDestination {
                     waking = false
                     shareCPUScheduling()
                 }
-                let more = try handle(header, on: connection, channel: channel, buffer: bufferMapping.base,
+                let more = try handle(header, on: connection, channel: channel, extra: extra, buffer: bufferMapping.base,
                                       histogram: &histogram, blocktime: &blocktime)
                 if !more { return }
             }
@@ -61,7 +64,7 @@ extension MigrationDestination {
 
     /// Acts on one frame from `channel`; false once the stream is complete.
     private func handle(
-        _ header: Wire.Header, on connection: Connection, channel: Wire.Channel, buffer: UnsafeMutableRawPointer,
+        _ header: Wire.Header, on connection: Connection, channel: Wire.Channel, extra: Bool, buffer: UnsafeMutableRawPointer,
         histogram: inout Histogram<UInt64>, blocktime: inout UInt64
     ) throws(MigrationError) -> Bool {
         switch header.type {
@@ -71,16 +74,20 @@ extension MigrationDestination {
             if let data { try connection.receive(into: data, Int(header.payloadLength)) }
             try install(g, count: Int(header.count), region: Int(header.region), first: header.first,
                         data: data, channel: channel, histogram: &histogram, blocktime: &blocktime)
-        case .switchover where channel == .stream:
+        case .flush where extra:
+            // Every frame before it on this connection is installed: the source may now
+            // send what depends on them (a discard, the switchover) on the first stream.
+            try connection.send(.flushed)
+        case .switchover where channel == .stream && !extra:
             let runs = try Wire.decodeRuns(connection.receivePayload(Int(header.payloadLength)))
             try switchover(invalidating: runs, final: header.count == 1, connection: connection)
-        case .discard where channel == .stream:
+        case .discard where channel == .stream && !extra:
             if registered.load(ordering: .acquiring) || resumed.load(ordering: .acquiring) {
                 throw MigrationError(.malformedFrame("a discard frame after the switchover"))
             }
             try forget(Wire.decodeRuns(connection.receivePayload(Int(header.payloadLength))))
             try connection.send(.discarded)
-        case .complete where channel == .stream:
+        case .complete where channel == .stream && !extra:
             completeSeen.store(true, ordering: .releasing)
             return false
         case .error:

@@ -76,6 +76,8 @@ public final class MigrationDestination: @unchecked Sendable {
     var handle: Userfaultfd.Handle { server.userfaultfdHandle }
 
     var stream: Connection
+    /// Stream connections past the first (which alone carries control frames).
+    var extraStreams: [Connection]
     var urgent: Connection
     var retired: [Connection] = []
 
@@ -117,16 +119,18 @@ public final class MigrationDestination: @unchecked Sendable {
     public static func accept(on listener: MigrationListener, options: Options) throws(MigrationError) -> MigrationDestination {
         let deadline = MonotonicClock.nanoseconds() + UInt64(max(0, options.handshakeTimeoutMilliseconds)) * 1_000_000
         var acceptor = HelloAcceptor(listener, options)
-        let pair = try acceptor.acceptPair(until: deadline) { hello in
+        let accepted = try acceptor.acceptAll(until: deadline) { hello in
             hello.resume ? MigrationError(.malformedFrame("a resume handshake for a migration this destination does not know")) : nil
         }
-        guard let (hello, stream, urgent) = pair else {
+        guard let accepted else {
             throw acceptor.lastRefusal ?? MigrationError(.connectionLost(
                 "no source connected to \(listener.endpoint) within \(options.handshakeTimeoutMilliseconds) ms"))
         }
+        let stream = accepted.streams[0]
         do throws(MigrationError) {
-            try checkRegions(hello, options: options)
-            let d = try MigrationDestination(hello: hello, stream: stream, urgent: urgent, listener: listener, options: options)
+            try checkRegions(accepted.hello, options: options)
+            let d = try MigrationDestination(hello: accepted.hello, streams: accepted.streams, urgent: accepted.urgent,
+                                             listener: listener, options: options)
             // Idle until the switchover registers the regions, but started before the
             // source hears the welcome: a pure postcopy source pauses its workload and
             // sends the switchover right after it, and a handler thread started later
@@ -136,7 +140,7 @@ public final class MigrationDestination: @unchecked Sendable {
             } catch {
                 throw MigrationError(error)
             }
-            try d.welcome(stream, urgent, bitmap: [], until: deadline)
+            try d.welcome(accepted, bitmap: [], until: deadline)
             return d
         } catch {
             stream.sendError(error)
@@ -160,19 +164,21 @@ public final class MigrationDestination: @unchecked Sendable {
         }
     }
 
-    /// Answers both channels' hellos before `deadline`, then gives them the stall limit.
-    func welcome(_ stream: Connection, _ urgent: Connection, bitmap: [UInt8], until deadline: UInt64) throws(MigrationError) {
-        stream.deadline = deadline
-        urgent.deadline = deadline
-        try stream.send(.welcome, payload: bitmap)
-        try urgent.send(.welcome)
-        for c in [stream, urgent] {
+    /// Answers every channel's hello before `deadline` (the first stream with `bitmap`),
+    /// then gives them the stall limit.
+    func welcome(_ accepted: HelloAcceptor.Accepted, bitmap: [UInt8], until deadline: UInt64) throws(MigrationError) {
+        let all = accepted.streams + [accepted.urgent]
+        for c in all { c.deadline = deadline }
+        try accepted.streams[0].send(.welcome, payload: bitmap)
+        for c in all.dropFirst() { try c.send(.welcome) }
+        for c in all {
             c.deadline = .max
             c.stallNanoseconds = UInt64(max(1, options.stallTimeoutMilliseconds)) * 1_000_000
         }
     }
 
-    private init(hello: Wire.Hello, stream: Connection, urgent: Connection, listener: MigrationListener, options: Options) throws(MigrationError) {
+    private init(hello: Wire.Hello, streams: [Connection], urgent: Connection, listener: MigrationListener,
+                 options: Options) throws(MigrationError) {
         var maps: [RegionMemory] = []
         for length in hello.regionLengths { maps.append(try RegionMemory(length: Int(length))) }
         memory = maps
@@ -191,7 +197,8 @@ public final class MigrationDestination: @unchecked Sendable {
         }
         table = server.regionLayout
         self.requests = requests
-        self.stream = stream
+        stream = streams[0]
+        extraStreams = Array(streams.dropFirst())
         self.urgent = urgent
         self.listener = listener
         self.options = options
@@ -255,11 +262,15 @@ public final class MigrationDestination: @unchecked Sendable {
             DedicatedThread(name: "pc-recv-stream") { [self] in receiveLoop(s, channel: .stream) },
             DedicatedThread(name: "pc-recv-urgent") { [self] in receiveLoop(u, channel: .urgent) },
         ]
+        for e in extraStreams {
+            receivers.append(DedicatedThread(name: "pc-recv-stream") { [self] in receiveLoop(e, channel: .stream, extra: true) })
+        }
     }
 
     func stopReceivers() {
         stream.shutdown()
         urgent.shutdown()
+        for e in extraStreams { e.shutdown() }
         for t in receivers { t.join() }
         receivers = []
     }
@@ -268,6 +279,7 @@ public final class MigrationDestination: @unchecked Sendable {
         // Every page is here: the receive threads are done (the stream one left at COMPLETE)
         // and hand in their latency figures as they exit.
         urgent.shutdown()
+        for e in extraStreams { e.shutdown() }
         for t in receivers { t.join() }
         receivers = []
         let report = makeReport()

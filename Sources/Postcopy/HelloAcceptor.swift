@@ -6,7 +6,7 @@ import Glibc
 import Musl
 #endif
 
-/// Accepts a source's two connections and reads their hellos side by side, so that no
+/// Accepts a source's connections and reads their hellos side by side, so that no
 /// peer can hold the listener.
 ///
 /// Each connection must deliver a complete hello with the right token within the hello
@@ -17,8 +17,9 @@ import Musl
 /// is refused. A hello is read into a buffer sized to what its header announces (a few
 /// hundred bytes at most), never a preallocated one.
 struct HelloAcceptor {
-    /// Connections in their handshake at once.
-    static let maxPending = 8
+    /// Connections in their handshake at once: a source's stream connections and urgent
+    /// channel may all arrive together, with room for as many strangers beside them.
+    static let maxPending = 2 * (Wire.maxStreams + 1)
 
     private struct Pending {
         let connection: Connection
@@ -50,17 +51,26 @@ struct HelloAcceptor {
         onRefusal = options.onRefusedConnection
     }
 
-    /// Accepts connections until one stream and one urgent channel of the same migration
-    /// have shaken hands, or `deadline` (monotonic nanoseconds) passes: nil then.
+    /// The connections of one source: the urgent channel and its stream connections
+    /// (index 0 first, which carries the control frames).
+    struct Accepted {
+        var hello: Wire.Hello
+        var streams: [Connection]
+        var urgent: Connection
+    }
+
+    /// Accepts connections until the urgent channel and every stream connection of the
+    /// same migration have shaken hands, or `deadline` (monotonic nanoseconds) passes: nil then.
     ///
     /// - Parameter check: whether an authentic hello belongs here; the error it returns
     ///   refuses that connection.
-    /// - Throws: when the two channels of one migration describe different regions, or the
-    ///   listener fails.
-    mutating func acceptPair(
+    /// - Throws: when the channels of one migration describe different regions or stream
+    ///   counts, or the listener fails.
+    mutating func acceptAll(
         until deadline: UInt64, check: (Wire.Hello) -> MigrationError?
-    ) throws(MigrationError) -> (Wire.Hello, Connection, Connection)? {
-        var slots: [Wire.Channel: (Wire.Hello, Connection)] = [:]
+    ) throws(MigrationError) -> Accepted? {
+        // Keyed by stream index; the urgent channel as -1.
+        var slots: [Int: (Wire.Hello, Connection)] = [:]
         defer { pending = [] }
         while true {
             let now = MonotonicClock.nanoseconds()
@@ -78,19 +88,26 @@ struct HelloAcceptor {
                 case .hello(let hello):
                     let connection = pending.remove(at: i).connection
                     if let error = check(hello) { refuse(connection, error); continue }
-                    if let other = slots.first(where: { $0.key != hello.channel }), other.value.0.migrationID != hello.migrationID {
-                        slots = [:]
-                    }
-                    slots[hello.channel] = (hello, connection)
+                    // A newer migration's hello replaces what an older one left.
+                    if slots.values.contains(where: { $0.0.migrationID != hello.migrationID }) { slots = [:] }
+                    slots[hello.channel == .urgent ? -1 : hello.streamIndex] = (hello, connection)
                 }
             }
-            if let s = slots[.stream], let u = slots[.urgent] {
-                if s.0.regionLengths != u.0.regionLengths || s.0.pageSize != u.0.pageSize {
-                    let error = MigrationError(.badRegions("the two channels describe different regions"))
+            if let u = slots[-1], let s = slots[0], slots.count == s.0.streamCount + 1,
+               (0..<s.0.streamCount).allSatisfy({ slots[$0] != nil }) {
+                let hellos = slots.values.map(\.0)
+                if hellos.contains(where: { $0.regionLengths != s.0.regionLengths || $0.pageSize != s.0.pageSize }) {
+                    let error = MigrationError(.badRegions("the channels describe different regions"))
                     s.1.sendError(error)
                     throw error
                 }
-                return (s.0, s.1, u.1)
+                if hellos.contains(where: { $0.streamCount != s.0.streamCount }) {
+                    let error = MigrationError(.malformedFrame("the channels announce different stream counts"))
+                    s.1.sendError(error)
+                    throw error
+                }
+                let streams = (0..<s.0.streamCount).map { slots[$0]!.1 }
+                return Accepted(hello: s.0, streams: streams, urgent: u.1)
             }
             if fds[0].revents != 0 { try acceptWaiting() }
         }

@@ -5,37 +5,56 @@ import Glibc
 import Musl
 #endif
 
-// A source's two connections: connecting, resuming after a drop, and the control
+// A source's connections: connecting, resuming after a drop, and the control
 // frames it waits for.
 extension MigrationSource {
-    func connectPair(_ endpoint: MigrationEndpoint, id: UInt64, resume: Bool,
-                             until deadline: UInt64) throws(MigrationError) -> (stream: Connection, urgent: Connection) {
-        func hello(_ channel: Wire.Channel) -> [UInt8] {
+    /// A source's connections: the stream connections (the first carries the control
+    /// frames) and the urgent channel.
+    struct Channels {
+        var streams: [Connection]
+        var urgent: Connection
+        var stream: Connection { streams[0] }
+        var all: [Connection] { streams + [urgent] }
+    }
+
+    func connectAll(_ endpoint: MigrationEndpoint, id: UInt64, resume: Bool,
+                    until deadline: UInt64) throws(MigrationError) -> Channels {
+        let count = options.streamConnections
+        func hello(_ channel: Wire.Channel, _ index: Int) -> [UInt8] {
             Wire.Hello(channel: channel, resume: resume, pageSize: table.pageSize, migrationID: id,
-                       regionLengths: regions.map(\.length), token: options.token).encode()
+                       regionLengths: regions.map(\.length), token: options.token,
+                       streamIndex: index, streamCount: count).encode()
         }
-        let stream = try Connection.connect(to: endpoint, deadline: deadline)
-        stream.limitSendBuffer(options.streamBufferBytes)
-        try stream.send(.hello, payload: hello(.stream))
+        var streams: [Connection] = []
+        for i in 0..<count {
+            let stream = try Connection.connect(to: endpoint, deadline: deadline)
+            // The bytes queued ahead of a requested page the stream already took are the
+            // sum over the connections: split the budget between them.
+            stream.limitSendBuffer(max(16 << 10, options.streamBufferBytes / count))
+            if options.zeroCopy { try stream.enableZeroCopy() }
+            try stream.send(.hello, payload: hello(.stream, i))
+            streams.append(stream)
+        }
         let urgent = try Connection.connect(to: endpoint, deadline: deadline)
-        try urgent.send(.hello, payload: hello(.urgent))
-        let bitmap = try expect(.welcome, on: stream)
-        try expect(.welcome, on: urgent)
+        try urgent.send(.hello, payload: hello(.urgent, 0))
+        let bitmap = try expect(.welcome, on: streams[0])
+        for c in streams.dropFirst() + [urgent] { try expect(.welcome, on: c) }
         if resume { try adoptBitmap(bitmap) }
-        for c in [stream, urgent] {
+        let channels = Channels(streams: streams, urgent: urgent)
+        for c in channels.all {
             c.deadline = .max
             c.stallNanoseconds = UInt64(max(1, options.stallTimeoutMilliseconds)) * 1_000_000
         }
-        return (stream, urgent)
+        return channels
     }
 
     /// Reconnects after a drop, within the recovery timeout.
-    func reconnect(_ endpoint: MigrationEndpoint, id: UInt64) throws(MigrationError) -> (stream: Connection, urgent: Connection) {
+    func reconnect(_ endpoint: MigrationEndpoint, id: UInt64) throws(MigrationError) -> Channels {
         let deadline = MonotonicClock.nanoseconds() + UInt64(max(0, options.recoveryTimeoutMilliseconds)) * 1_000_000
         var last = MigrationError(.connectionLost("no attempt to reconnect was made"))
         while MonotonicClock.nanoseconds() < deadline {
             do throws(MigrationError) {
-                return try connectPair(endpoint, id: id, resume: true, until: deadline)
+                return try connectAll(endpoint, id: id, resume: true, until: deadline)
             } catch {
                 switch error.kind {
                 // The destination may refuse a hello that a stalled path delivered late

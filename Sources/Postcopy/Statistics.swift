@@ -75,6 +75,12 @@ public struct MigrationStatistics: Sendable, Equatable, Codable {
     /// CPU time of the destination's migration threads (receiving, installing, serving
     /// faults), in seconds. The workload's own threads are not counted.
     public var destinationCPUSeconds: Double = 0
+    /// Stream connections the source used (``MigrationSource/Options/streamConnections``).
+    public var streamConnections: Int = 1
+    /// Frames the source sent with `MSG_ZEROCOPY` (``MigrationSource/Options/zeroCopy``).
+    public var zeroCopySends: Int = 0
+    /// Of those, frames the kernel copied after all (over loopback, all of them).
+    public var zeroCopyCopiedSends: Int = 0
 
     public init() {}
 
@@ -108,6 +114,7 @@ public struct MigrationStatistics: Sendable, Equatable, Codable {
         case duplicatesDropped, reconnects, streamSeconds, streamBytesPerSecond
         case pagesSentAfterRequests, pageBytesSent, sourceCPUSeconds, destinationCPUSeconds, sourceCPUSecondsPerGB, destinationCPUSecondsPerGB
         case postcopyBytesPerSecond
+        case streamConnections, zeroCopySends, zeroCopyCopiedSends
     }
 
     public func encode(to encoder: any Encoder) throws {
@@ -136,6 +143,9 @@ public struct MigrationStatistics: Sendable, Equatable, Codable {
         try c.encode(pageBytesSent, forKey: .pageBytesSent)
         try c.encode(sourceCPUSeconds, forKey: .sourceCPUSeconds)
         try c.encode(destinationCPUSeconds, forKey: .destinationCPUSeconds)
+        try c.encode(streamConnections, forKey: .streamConnections)
+        try c.encode(zeroCopySends, forKey: .zeroCopySends)
+        try c.encode(zeroCopyCopiedSends, forKey: .zeroCopyCopiedSends)
         // Derived, written for readers of the JSON; ignored when decoding.
         try c.encode(streamBytesPerSecond, forKey: .streamBytesPerSecond)
         try c.encode(postcopyBytesPerSecond, forKey: .postcopyBytesPerSecond)
@@ -170,6 +180,9 @@ public struct MigrationStatistics: Sendable, Equatable, Codable {
         pageBytesSent = try c.decodeIfPresent(Int.self, forKey: .pageBytesSent) ?? 0
         sourceCPUSeconds = try c.decodeIfPresent(Double.self, forKey: .sourceCPUSeconds) ?? 0
         destinationCPUSeconds = try c.decodeIfPresent(Double.self, forKey: .destinationCPUSeconds) ?? 0
+        streamConnections = try c.decodeIfPresent(Int.self, forKey: .streamConnections) ?? 1
+        zeroCopySends = try c.decodeIfPresent(Int.self, forKey: .zeroCopySends) ?? 0
+        zeroCopyCopiedSends = try c.decodeIfPresent(Int.self, forKey: .zeroCopyCopiedSends) ?? 0
     }
 
     /// The same figures as a JSON object (keys in a fixed order).

@@ -46,7 +46,13 @@ enum Wire {
         /// Precopy: forget these sent pages, they keep changing (and will come again later).
         case discard = 11
         case discarded = 12
+        /// On an extra stream connection: answer once every frame before this one is installed.
+        case flush = 13
+        case flushed = 14
     }
+
+    /// The most stream connections one migration may use.
+    static let maxStreams = 8
 
     enum Channel: UInt8 {
         case stream = 0
@@ -106,7 +112,7 @@ enum Wire {
             case .zeros, .request:
                 if header.count == 0 { throw MigrationError(.malformedFrame("a \(type) frame covers no page")) }
                 if length != 0 { throw MigrationError(.malformedFrame("a \(type) frame has a \(length)-byte payload")) }
-            case .resumed, .complete, .discarded:
+            case .resumed, .complete, .discarded, .flush, .flushed:
                 if length != 0 { throw MigrationError(.malformedFrame("a \(type) frame has a \(length)-byte payload")) }
             case .hello where length > Wire.maxHelloPayload:
                 throw MigrationError(.malformedFrame("a hello frame announces \(length) payload bytes (at most \(Wire.maxHelloPayload))"))
@@ -129,6 +135,10 @@ enum Wire {
         var migrationID: UInt64
         var regionLengths: [UInt64]
         var token: [UInt8]
+        /// Which of the stream connections this is (0: the one that carries control frames).
+        var streamIndex: Int = 0
+        /// How many stream connections the migration uses (1...maxStreams).
+        var streamCount: Int = 1
 
         func encode() -> [UInt8] {
             var out = ByteWriter()
@@ -138,7 +148,7 @@ enum Wire {
             out.u32(UInt32(pageSize))
             out.u64(migrationID)
             out.u32(UInt32(regionLengths.count))
-            out.u32(0)
+            out.u32(UInt32(streamIndex & 0xff) | UInt32(streamCount & 0xff) << 8)
             for length in regionLengths { out.u64(length) }
             out.bytes.append(contentsOf: token)
             return out.bytes
@@ -153,7 +163,13 @@ enum Wire {
             let pageSize = Int(try r.u32())
             let id = try r.u64()
             let count = Int(try r.u32())
-            _ = try r.u32()
+            let streams = try r.u32()
+            // 0 from a peer that predates several stream connections: one.
+            let streamIndex = Int(streams & 0xff), streamCount = max(1, Int(streams >> 8 & 0xff))
+            if streams >> 16 != 0 || streamCount > Wire.maxStreams || streamIndex >= streamCount
+                || (channel == .urgent && streamIndex != 0) {
+                throw MigrationError(.malformedFrame("stream \(streamIndex) of \(streamCount) in hello (1...\(Wire.maxStreams) streams allowed)"))
+            }
             if count == 0 || count > Wire.maxRegions {
                 throw MigrationError(.badRegions("\(count) regions described (1...\(Wire.maxRegions) allowed)"))
             }
@@ -164,7 +180,8 @@ enum Wire {
             }
             let token = Array(try r.bytes(tokenLength))
             if !r.atEnd { throw MigrationError(.malformedFrame("\(r.remaining) trailing bytes after hello")) }
-            return Hello(channel: channel, resume: flags == 1, pageSize: pageSize, migrationID: id, regionLengths: lengths, token: token)
+            return Hello(channel: channel, resume: flags == 1, pageSize: pageSize, migrationID: id, regionLengths: lengths,
+                         token: token, streamIndex: streamIndex, streamCount: streamCount)
         }
     }
 

@@ -47,13 +47,22 @@ struct WorkloadOptions: ParsableArguments {
     @Option(help: "Pages after a requested one that the source sends along with it (0...64).")
     var pagesAfterRequest = 64
 
-    @Option(help: "Kernel send buffer of the stream connection, in KiB (smaller: shorter remote faults).")
+    @Option(help: "Kernel send buffer of the stream connections together, in KiB (smaller: shorter remote faults).")
     var streamBuffer = 256
+
+    @Option(help: "Connections the background stream is spread over, one sending thread each (1...8).")
+    var streamConnections = 2
+
+    @Flag(help: "Send page data with MSG_ZEROCOPY (TCP only; over loopback the kernel copies anyway).")
+    var zeroCopy = false
 
     func validate() throws {
         guard size > 0, size <= 1 << 20 else { throw ValidationError("--size must be 1...1048576 MiB, not \(size)") }
         guard (0...64).contains(pagesAfterRequest) else { throw ValidationError("--pages-after-request must be 0...64, not \(pagesAfterRequest)") }
         guard (1...64).contains(workers) else { throw ValidationError("--workers must be 1...64, not \(workers)") }
+        guard (1...8).contains(streamConnections) else {
+            throw ValidationError("--stream-connections must be 1...8, not \(streamConnections)")
+        }
     }
 }
 
@@ -106,6 +115,8 @@ enum SourceRun {
         options.precopyRounds = migration.precopyRounds
         options.streamBufferBytes = workload.streamBuffer << 10
         options.pagesAfterRequest = workload.pagesAfterRequest
+        options.streamConnections = workload.streamConnections
+        options.zeroCopy = workload.zeroCopy
         let source = try MigrationSource(regions: [data.range, log.range], options: options)
         let progress = showProgress ? ProgressLine(source) : nil
         defer { progress?.finish() }
@@ -192,6 +203,8 @@ func statisticsRows(_ s: MigrationStatistics) -> [(String, String)] {
         ("zero pages (markers)", "\(s.zeroPages)"),
         ("duplicates dropped", "\(s.duplicatesDropped)"),
         ("reconnects", "\(s.reconnects)"),
+        ("stream connections", "\(s.streamConnections)" + (s.zeroCopySends > 0
+            ? ", \(s.zeroCopySends) zero-copy sends (\(s.zeroCopyCopiedSends) copied by the kernel)" : "")),
         ("CPU per GB moved", "source \(Reporting.fixed(s.sourceCPUSecondsPerGB, 2)) s, destination \(Reporting.fixed(s.destinationCPUSecondsPerGB, 2)) s"
             + " (\(Reporting.fixed(s.sourceCPUSeconds, 2)) s and \(Reporting.fixed(s.destinationCPUSeconds, 2)) s for \(mib(s.pageBytesSent)))"),
     ]

@@ -27,6 +27,7 @@ struct MigrateDemo: ParsableCommand {
 
     func validate() throws {
         guard transport == "tcp" || transport == "unix" else { throw ValidationError("--transport must be tcp or unix, not \(transport)") }
+        if workload.zeroCopy && transport != "tcp" { throw ValidationError("--zero-copy needs --transport tcp") }
     }
 
     func run() throws {

@@ -20,6 +20,7 @@ struct MigrateSend: ParsableCommand {
         guard let endpoint = MigrationEndpoint(parsing: to) else {
             throw ValidationError("--to '\(to)' is not host:port, tcp:host:port or unix:/path")
         }
+        if workload.zeroCopy, case .unix = endpoint { throw ValidationError("--zero-copy needs a TCP destination, not \(to)") }
         let result = try SourceRun.run(to: endpoint, token: common.resolvedToken(), workload: workload, migration: migration,
                                        connectTimeoutSeconds: 0, showProgress: !common.json)
         if common.json {

@@ -118,7 +118,9 @@ struct NetworkFaultTests {
         let network = try NetworkPair()
         defer { network.remove() }
         let cut = Atomic<Bool>(false)
-        let outcome = try migrate(network, bytes: 256 << 20, timeouts: 1_000) { source in
+        // 512 MiB: over two stream connections, postcopy of 256 MiB could end before `ip`
+        // had taken the link down.
+        let outcome = try migrate(network, bytes: 512 << 20, timeouts: 1_000) { source in
             guard (try? network.setLink(up: false)) != nil else { return }
             cut.store(source.progress.phase == .postcopy, ordering: .relaxed)
             usleep(1_500_000)
