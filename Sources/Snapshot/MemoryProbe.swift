@@ -16,26 +16,20 @@ enum MemoryProbe {
     static func kind(of range: MemoryRange) throws(SnapshotError)
         -> (kind: SnapshotFormat.MemoryKind, pageSize: Int, sharedFile: SharedHugetlbFile?)
     {
-        guard let f = fopen("/proc/self/smaps", "r") else { throw SnapshotError.system("open /proc/self/smaps") }
-        defer { fclose(f) }
         var kinds = Set<SnapshotFormat.MemoryKind>()
         var pageSizes = Set<Int>()
         var covered: UInt64 = 0
         var sharedFile: SharedHugetlbFile?
         var sharedMappings = 0
-        var current: (start: UInt64, end: UInt64, shared: Bool, offset: UInt64, path: String)?
-        var line = [CChar](repeating: 0, count: 4096)
-        func close(pageSize: Int) throws(SnapshotError) {
-            guard let c = current else { return }
-            current = nil
+        for c in try mappings() {
             let lo = max(c.start, range.start), hi = min(c.end, range.end)
-            guard lo < hi else { return }
+            guard lo < hi else { continue }
             covered += hi - lo
-            pageSizes.insert(pageSize)
-            if pageSize > systemPageSize {
+            pageSizes.insert(c.pageSize)
+            if c.pageSize > systemPageSize {
                 // A 1 GiB page would need a 1 GiB staging slot and stream chunk.
-                guard pageSize == HugePages.size else {
-                    throw SnapshotError(.unsupported("hugetlb memory with \(pageSize / 1024) KiB pages at \(range): "
+                guard c.pageSize == HugePages.size else {
+                    throw SnapshotError(.unsupported("hugetlb memory with \(c.pageSize / 1024) KiB pages at \(range): "
                         + "only \(HugePages.size / 1024) KiB huge pages are snapshotted"))
                 }
                 // A shared hugetlb page may sit in the file's page cache without being
@@ -48,28 +42,12 @@ enum MemoryProbe {
                                                    offset: c.offset + (lo - c.start))
                 }
                 kinds.insert(.hugetlb)
-                return
-            }
-            if c.shared { kinds.insert(.shmem); return }
-            if c.path.isEmpty || c.path.hasPrefix("[") { kinds.insert(.anonymous); return }
-            throw SnapshotError(.unsupported("private file mapping \(c.path) at \(range)"))
-        }
-        while fgets(&line, Int32(line.count), f) != nil {
-            let text = line.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
-            if text.hasPrefix("KernelPageSize:") {
-                let kb = Int(text.dropFirst("KernelPageSize:".count).split(separator: " ").first ?? "") ?? 4
-                try close(pageSize: kb * 1024)
                 continue
             }
-            let fields = text.split(separator: " ", maxSplits: 5, omittingEmptySubsequences: true)
-            guard fields.count >= 5, let dash = fields[0].firstIndex(of: "-"),
-                  let s = UInt64(fields[0][..<dash], radix: 16),
-                  let e = UInt64(fields[0][fields[0].index(after: dash)...], radix: 16) else { continue }
-            let perms = fields[1]
-            let path = fields.count > 5 ? fields[5].trimmingCharacters() : ""
-            current = (s, e, perms.count == 4 && perms.last == "s", UInt64(fields[2], radix: 16) ?? 0, path)
+            if c.shared { kinds.insert(.shmem); continue }
+            if c.path.isEmpty || c.path.hasPrefix("[") { kinds.insert(.anonymous); continue }
+            throw SnapshotError(.unsupported("private file mapping \(c.path) at \(range)"))
         }
-        try close(pageSize: systemPageSize)
         guard covered == range.length else {
             throw SnapshotError(.invalidArgument("\(range) is not wholly mapped"))
         }
@@ -83,6 +61,48 @@ enum MemoryProbe {
             throw SnapshotError(.unsupported("shared hugetlb memory at \(range) spans \(sharedMappings) mappings: give each mapping as its own region"))
         }
         return (kind, pageSize, sharedFile)
+    }
+
+    /// One mapping of `/proc/self/smaps`: its range, whether it is shared, its file
+    /// offset and path, and its kernel page size.
+    struct Mapping {
+        var start: UInt64
+        var end: UInt64
+        var shared: Bool
+        var offset: UInt64
+        var path: String
+        var pageSize: Int
+    }
+
+    /// Every mapping of the calling process, in address order.
+    static func mappings() throws(SnapshotError) -> [Mapping] {
+        guard let f = fopen("/proc/self/smaps", "r") else { throw SnapshotError.system("open /proc/self/smaps") }
+        defer { fclose(f) }
+        var out: [Mapping] = []
+        var current: Mapping?
+        var line = [CChar](repeating: 0, count: 4096)
+        while fgets(&line, Int32(line.count), f) != nil {
+            let text = line.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
+            if text.hasPrefix("KernelPageSize:") {
+                let kb = Int(text.dropFirst("KernelPageSize:".count).split(separator: " ").first ?? "") ?? 4
+                if var c = current {
+                    c.pageSize = kb * 1024
+                    out.append(c)
+                    current = nil
+                }
+                continue
+            }
+            let fields = text.split(separator: " ", maxSplits: 5, omittingEmptySubsequences: true)
+            guard fields.count >= 5, let dash = fields[0].firstIndex(of: "-"),
+                  let s = UInt64(fields[0][..<dash], radix: 16),
+                  let e = UInt64(fields[0][fields[0].index(after: dash)...], radix: 16) else { continue }
+            let perms = fields[1]
+            let path = fields.count > 5 ? fields[5].trimmingCharacters() : ""
+            current = Mapping(start: s, end: e, shared: perms.count == 4 && perms.last == "s",
+                              offset: UInt64(fields[2], radix: 16) ?? 0, path: path, pageSize: systemPageSize)
+        }
+        if let c = current { out.append(c) }
+        return out
     }
 }
 
