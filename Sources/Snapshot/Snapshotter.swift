@@ -90,6 +90,49 @@ public final class Snapshotter: @unchecked Sendable {
     ///   memory (one page size per file), or the kernel lacks WP_UNPOPULATED
     ///   (anonymous) or WP_HUGETLBFS_SHMEM (shmem, hugetlb).
     public init(regions ranges: [MemoryRange], options: Options = Options()) throws(SnapshotError) {
+        let (regions, layout, ps) = try Self.checkedLayout(of: ranges)
+        let opened = layout.compactMap { $0.file >= 0 ? $0.file : nil }
+        func closeFiles() { for fd in opened { close(fd) } }
+        guard !regions.isEmpty else { throw SnapshotError(.invalidArgument("no region given")) }
+        var features: Userfaultfd.Features = [.wpUnpopulated]
+        if regions.contains(where: { $0.kind != .anonymous }) { features.insert(.wpHugetlbfsShmem) }
+        do {
+            uffd = try Userfaultfd(.init().requiring(features))
+        } catch {
+            closeFiles()
+            throw SnapshotError(.unsupported("a userfaultfd with \(features): \(error)"))
+        }
+        for r in regions {
+            do {
+                try uffd.handle.register(MemoryRange(start: r.start, length: r.length), mode: .writeProtect, requiring: [.writeProtect])
+            } catch {
+                closeFiles()
+                throw SnapshotError(.unsupported("registering 0x\(String(r.start, radix: 16)) for write protection: \(error)"))
+            }
+        }
+        if options.incremental {
+            do {
+                asyncHandle = Userfaultfd.Handle(
+                    fileDescriptor: try Userfaultfd(.init().requiring(features.union([.wpAsync]))).release(),
+                    features: features.union([.wpAsync]))
+            } catch {
+                closeFiles()
+                throw SnapshotError(.unsupported("incremental snapshots need a userfaultfd with WP_ASYNC: \(error)"))
+            }
+        } else {
+            asyncHandle = nil
+        }
+        self.regions = regions
+        self.layout = layout
+        self.options = options
+        self.pageSize = ps
+    }
+
+    /// Checks `ranges` and lays them out in one page numbering; opens the file behind
+    /// shared hugetlb regions (closed again if any range is refused).
+    private static func checkedLayout(of ranges: [MemoryRange]) throws(SnapshotError)
+        -> (regions: [SnapshotFormat.Region], layout: [RegionLayout], pageSize: Int)
+    {
         var regions: [SnapshotFormat.Region] = []
         var layout: [RegionLayout] = []
         var first = 0
@@ -131,41 +174,7 @@ public final class Snapshotter: @unchecked Sendable {
             for l in layout where l.file >= 0 { close(l.file) }
             throw error
         }
-        let opened = layout.compactMap { $0.file >= 0 ? $0.file : nil }
-        func closeFiles() { for fd in opened { close(fd) } }
-        guard !regions.isEmpty else { throw SnapshotError(.invalidArgument("no region given")) }
-        var features: Userfaultfd.Features = [.wpUnpopulated]
-        if regions.contains(where: { $0.kind != .anonymous }) { features.insert(.wpHugetlbfsShmem) }
-        do {
-            uffd = try Userfaultfd(.init().requiring(features))
-        } catch {
-            closeFiles()
-            throw SnapshotError(.unsupported("a userfaultfd with \(features): \(error)"))
-        }
-        for r in regions {
-            do {
-                try uffd.handle.register(MemoryRange(start: r.start, length: r.length), mode: .writeProtect, requiring: [.writeProtect])
-            } catch {
-                closeFiles()
-                throw SnapshotError(.unsupported("registering 0x\(String(r.start, radix: 16)) for write protection: \(error)"))
-            }
-        }
-        if options.incremental {
-            do {
-                asyncHandle = Userfaultfd.Handle(
-                    fileDescriptor: try Userfaultfd(.init().requiring(features.union([.wpAsync]))).release(),
-                    features: features.union([.wpAsync]))
-            } catch {
-                closeFiles()
-                throw SnapshotError(.unsupported("incremental snapshots need a userfaultfd with WP_ASYNC: \(error)"))
-            }
-        } else {
-            asyncHandle = nil
-        }
-        self.regions = regions
-        self.layout = layout
-        self.options = options
-        self.pageSize = ps
+        return (regions, layout, ps)
     }
 
     deinit {
