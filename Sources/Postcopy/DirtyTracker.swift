@@ -24,10 +24,11 @@ final class DirtyTracker {
         }
     }
 
-    /// Reports the pages written since the last scan (protecting them again) by calling
-    /// `dirty` with each global page index; returns how many there were.
+    /// Reports the pages written since the last scan that protected them again (with
+    /// `protectAgain`, this one does) by calling `dirty` with each global page index;
+    /// returns how many there were.
     @discardableResult
-    func scan(_ dirty: (Int) -> Void) throws(MigrationError) -> Int {
+    func scan(protectAgain: Bool = true, _ dirty: (Int) -> Void) throws(MigrationError) -> Int {
         var count = 0
         for r in table.regions {
             let end = r.start + UInt64(r.pages * table.pageSize)
@@ -35,7 +36,8 @@ final class DirtyTracker {
             while start < end {
                 let result: PagemapScanner.Result
                 do {
-                    result = try scanner.scan(MemoryRange(start: start, end: end), flags: .writeProtectMatching,
+                    result = try scanner.scan(MemoryRange(start: start, end: end),
+                                              flags: protectAgain ? .writeProtectMatching : [],
                                               required: .written, returning: .written)
                 } catch {
                     throw MigrationError(error)
