@@ -32,14 +32,16 @@ extension HandlerLoop {
             installInBackground(at: address, from: page, to: end)
         }
         guard populate else { return }
-        for region in table.snapshot {
-            var page: UInt64 = 0
-            let pages = region.range.length / ps
-            while page < pages && !shouldStop {
-                let end = min(page &+ maxChunk, pages)
+        // From the last page down: faults most often come in address order, so this
+        // thread and a sequential reader work on different ends and meet once, instead
+        // of racing for the same chunks on the same page-table locks.
+        for region in table.snapshot.reversed() {
+            var end = region.range.length / ps
+            while end > 0 && !shouldStop {
+                let page = end > maxChunk ? end &- maxChunk : 0
                 yieldToHandlers()
                 installInBackground(at: region.range.start &+ page &* ps, from: page, to: end)
-                page = end
+                end = page
             }
         }
     }
