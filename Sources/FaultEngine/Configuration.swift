@@ -73,7 +73,8 @@ public struct FaultServerConfiguration: Sendable, Hashable {
     public var prefetch: Prefetch
     /// Handler threads reading the uffd (at least 1).
     public var handlerThreads: Int
-    /// Stream every region's remaining pages in the background while faults are served first.
+    /// Stream every region's remaining pages in the background, from its last page down
+    /// (faults most often come in address order), while faults are served first.
     public var backgroundPopulate: Bool
     /// Write the order in which pages were first faulted to this file when the server stops.
     public var recordWorkingSet: String?
