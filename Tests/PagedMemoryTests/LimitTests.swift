@@ -37,9 +37,7 @@ final class SlowOrFailingWrites: PageStore, @unchecked Sendable {
 @Suite(.sharesProcess, .serialized, .enabled(if: canUseUserfaultfd, "this process cannot create a userfaultfd"))
 struct LimitTests {
     func pager(_ buffer: Int, _ resolution: FaultResolution) throws -> Pager {
-        var c = PagerConfiguration(bufferBytes: buffer)
-        c.resolution = resolution
-        return try Pager(c)
+        try makePager(buffer: buffer, resolution: resolution)
     }
 
     @Test("with the buffer full of dirty pages that write back slowly, four writers wait for room and lose nothing",

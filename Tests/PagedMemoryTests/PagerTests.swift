@@ -11,10 +11,7 @@ struct PagerTests {
 
     func pager(_ buffer: Int = PagerTests.buffer, policy: ReplacementPolicy = .clock,
                resolution: FaultResolution = .handlerThreads) throws -> Pager {
-        var c = PagerConfiguration(bufferBytes: buffer)
-        c.policy = policy
-        c.resolution = resolution
-        return try Pager(c)
+        try makePager(buffer: buffer, policy: policy, resolution: resolution)
     }
 
     @Test("random reads see the file's bytes while resident memory stays within the buffer", .timeLimit(.minutes(2)),

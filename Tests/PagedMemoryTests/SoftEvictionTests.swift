@@ -10,10 +10,7 @@ struct SoftEvictionTests {
     static let buffer = 1 << 20
 
     func pager(_ resolution: FaultResolution) throws -> Pager {
-        var c = PagerConfiguration(bufferBytes: Self.buffer)
-        c.softEviction = true
-        c.resolution = resolution
-        return try Pager(c)
+        try makePager(buffer: Self.buffer, resolution: resolution, softEviction: true)
     }
 
     @Test("a hot set touched between cold reads comes back through minor faults, with the file's bytes, within the buffer",

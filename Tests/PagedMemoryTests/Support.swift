@@ -10,6 +10,17 @@ import Userfaultfd
 let pageBytes = systemPageSize
 let pageWords = pageBytes / 8
 
+/// A pager of `buffer` bytes with the given replacement policy, fault resolution and
+/// eviction.
+func makePager(buffer: Int, policy: ReplacementPolicy = .clock, resolution: FaultResolution = .handlerThreads,
+               softEviction: Bool = false) throws -> Pager {
+    var c = PagerConfiguration(bufferBytes: buffer)
+    c.policy = policy
+    c.resolution = resolution
+    c.softEviction = softEviction
+    return try Pager(c)
+}
+
 /// A temporary file whose 8-byte word `i` holds `pattern(i)`; removed on deinit.
 final class PatternFile: @unchecked Sendable {
     let path: String
