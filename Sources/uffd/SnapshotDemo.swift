@@ -40,9 +40,17 @@ struct SnapshotDemoCommand: ParsableCommand {
 
     func run() throws {
         var c = SnapshotDemo.Configuration()
-        guard heapMiB >= 2, writers >= 1, rounds >= 1, stagingMiB >= 1, trackingRounds >= 1, faultChunkPages >= 1,
-              incrementalPercent > 0, incrementalPercent <= 100 else {
-            throw ValidationError("--heap-mib >= 2, --writers, --rounds, --staging-mib, --tracking-rounds, --fault-chunk-pages >= 1, 0 < --incremental-percent <= 100")
+        let limits: [(name: String, value: Double, ok: Bool, rule: String)] = [
+            ("--heap-mib", Double(heapMiB), heapMiB >= 2, "at least 2"),
+            ("--writers", Double(writers), writers >= 1, "at least 1"),
+            ("--rounds", Double(rounds), rounds >= 1, "at least 1"),
+            ("--staging-mib", Double(stagingMiB), stagingMiB >= 1, "at least 1"),
+            ("--tracking-rounds", Double(trackingRounds), trackingRounds >= 1, "at least 1"),
+            ("--fault-chunk-pages", Double(faultChunkPages), faultChunkPages >= 1, "at least 1"),
+            ("--incremental-percent", incrementalPercent, incrementalPercent > 0 && incrementalPercent <= 100, "above 0 and at most 100"),
+        ]
+        if let bad = limits.first(where: { !$0.ok }) {
+            throw ValidationError("\(bad.name) must be \(bad.rule), not \(bad.value == bad.value.rounded() ? String(Int(bad.value)) : String(bad.value))")
         }
         switch thp {
         case "on": c.transparentHugePages = [true]
