@@ -55,12 +55,9 @@ struct NetworkFaultTests {
             guard workload else { return }
             let range = d.regions[0]
             readers.withLock { $0.append(DedicatedThread(name: "test-reader") {
-                let pages = Int(range.length) / systemPageSize
-                for i in stride(from: pages - 1, to: 0, by: -37) {
-                    let expected: UInt64 = i % 4 == 3 ? 0 : UInt64(i)
-                    if (range.pointer + i * systemPageSize).load(as: UInt64.self) != expected { wrong.add(1, ordering: .relaxed) }
-                    reads.add(1, ordering: .relaxed)
-                }
+                let (bad, read) = readDown(range, from: Int(range.length) / systemPageSize - 1, by: 37)
+                wrong.add(bad, ordering: .relaxed)
+                reads.add(read, ordering: .relaxed)
             }) }
         })
         let endpoint = try via?(listener.endpoint) ?? listener.endpoint

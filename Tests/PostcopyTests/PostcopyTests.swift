@@ -22,6 +22,19 @@ func fill(_ m: borrowing MemoryMapping, generation: UInt8 = 0) {
     }
 }
 
+/// A destination workload: reads the first word of every `step`-th page of `range`, from
+/// page `start` down to page 1 (each read of a page not yet there is a fault); returns
+/// how many differ from what ``fill(_:generation:)`` wrote, and how many were read.
+func readDown(_ range: MemoryRange, from start: Int, by step: Int) -> (wrong: Int, read: Int) {
+    var wrong = 0, read = 0
+    for i in stride(from: start, to: 0, by: -step) {
+        let expected: UInt64 = i % 4 == 3 ? 0 : UInt64(i)
+        if (range.pointer + i * systemPageSize).load(as: UInt64.self) != expected { wrong += 1 }
+        read += 1
+    }
+    return (wrong, read)
+}
+
 /// The number of pages whose bytes differ between the two ranges.
 func differingPages(_ a: MemoryRange, _ b: MemoryRange) -> Int {
     precondition(a.length == b.length)
@@ -79,15 +92,9 @@ struct EndToEndTests {
             // A workload on the destination: touch pages far apart while the stream runs.
             let range = d.regions[0]
             let t = DedicatedThread(name: "test-work") {
-                let pages = Int(range.length) / systemPageSize
-                var i = pages - 1
-                while i > 0 {
-                    let p = range.pointer + i * systemPageSize
-                    let expected: UInt64 = i % 4 == 3 ? 0 : UInt64(i)
-                    if p.load(as: UInt64.self) != expected { wrong.add(1, ordering: .relaxed) }
-                    checked.add(1, ordering: .relaxed)
-                    i -= 97
-                }
+                let (bad, read) = readDown(range, from: Int(range.length) / systemPageSize - 1, by: 97)
+                wrong.add(bad, ordering: .relaxed)
+                checked.add(read, ordering: .relaxed)
             }
             workers.withLock { $0.append(t) }
         })

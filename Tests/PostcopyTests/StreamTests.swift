@@ -22,13 +22,7 @@ struct StreamTests {
         let run = try DestinationRun(onResume: { d in
             let range = d.regions[0]
             let t = DedicatedThread(name: "test-work") {
-                let pages = Int(range.length) / systemPageSize
-                var i = pages - 200
-                while i > 0 {
-                    let expected: UInt64 = i % 4 == 3 ? 0 : UInt64(i)
-                    if (range.pointer + i * systemPageSize).load(as: UInt64.self) != expected { wrong.add(1, ordering: .relaxed) }
-                    i -= 97
-                }
+                wrong.add(readDown(range, from: Int(range.length) / systemPageSize - 200, by: 97).wrong, ordering: .relaxed)
             }
             workers.withLock { $0.append(t) }
         })
