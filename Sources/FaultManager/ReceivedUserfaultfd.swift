@@ -77,9 +77,3 @@ enum ReceivedUserfaultfd {
         return String(decoding: buffer[0..<n], as: UTF8.self)
     }
 }
-
-private extension Substring {
-    func trimmingCharacters(in set: String) -> String {
-        String(drop { set.contains($0) }.reversed().drop { set.contains($0) }.reversed())
-    }
-}

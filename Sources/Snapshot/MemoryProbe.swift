@@ -1,8 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import Userfaultfd
 
 /// What memory a range of the calling process is, from `/proc/self/smaps`.
@@ -21,8 +16,9 @@ enum MemoryProbe {
         var covered: UInt64 = 0
         var sharedFile: SharedHugetlbFile?
         var sharedMappings = 0
-        for c in try mappings() {
-            let lo = max(c.start, range.start), hi = min(c.end, range.end)
+        guard let mappings = ProcessMapping.all() else { throw SnapshotError.system("read /proc/self/smaps") }
+        for c in mappings {
+            let lo = max(c.range.start, range.start), hi = min(c.range.end, range.end)
             guard lo < hi else { continue }
             covered += hi - lo
             pageSizes.insert(c.pageSize)
@@ -38,8 +34,8 @@ enum MemoryProbe {
                 // hole: the capture reads such pages through the file instead.
                 if c.shared {
                     sharedMappings += 1
-                    sharedFile = SharedHugetlbFile(path: "/proc/self/map_files/\(String(c.start, radix: 16))-\(String(c.end, radix: 16))",
-                                                   offset: c.offset + (lo - c.start))
+                    sharedFile = SharedHugetlbFile(path: "/proc/self/map_files/\(String(c.range.start, radix: 16))-\(String(c.range.end, radix: 16))",
+                                                   offset: c.offset + (lo - c.range.start))
                 }
                 kinds.insert(.hugetlb)
                 continue
@@ -62,48 +58,6 @@ enum MemoryProbe {
         }
         return (kind, pageSize, sharedFile)
     }
-
-    /// One mapping of `/proc/self/smaps`: its range, whether it is shared, its file
-    /// offset and path, and its kernel page size.
-    struct Mapping {
-        var start: UInt64
-        var end: UInt64
-        var shared: Bool
-        var offset: UInt64
-        var path: String
-        var pageSize: Int
-    }
-
-    /// Every mapping of the calling process, in address order.
-    static func mappings() throws(SnapshotError) -> [Mapping] {
-        guard let f = fopen("/proc/self/smaps", "r") else { throw SnapshotError.system("open /proc/self/smaps") }
-        defer { fclose(f) }
-        var out: [Mapping] = []
-        var current: Mapping?
-        var line = [CChar](repeating: 0, count: 4096)
-        while fgets(&line, Int32(line.count), f) != nil {
-            let text = line.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
-            if text.hasPrefix("KernelPageSize:") {
-                let kb = Int(text.dropFirst("KernelPageSize:".count).split(separator: " ").first ?? "") ?? 4
-                if var c = current {
-                    c.pageSize = kb * 1024
-                    out.append(c)
-                    current = nil
-                }
-                continue
-            }
-            let fields = text.split(separator: " ", maxSplits: 5, omittingEmptySubsequences: true)
-            guard fields.count >= 5, let dash = fields[0].firstIndex(of: "-"),
-                  let s = UInt64(fields[0][..<dash], radix: 16),
-                  let e = UInt64(fields[0][fields[0].index(after: dash)...], radix: 16) else { continue }
-            let perms = fields[1]
-            let path = fields.count > 5 ? fields[5].trimmingCharacters() : ""
-            current = Mapping(start: s, end: e, shared: perms.count == 4 && perms.last == "s",
-                              offset: UInt64(fields[2], radix: 16) ?? 0, path: path, pageSize: systemPageSize)
-        }
-        if let c = current { out.append(c) }
-        return out
-    }
 }
 
 /// The file behind a shared hugetlb region: where the capture reads the pages that are
@@ -113,10 +67,4 @@ struct SharedHugetlbFile: Sendable {
     var path: String
     /// The file offset of the region's first byte.
     var offset: UInt64
-}
-
-extension Substring {
-    func trimmingCharacters() -> String {
-        String(self.drop(while: { $0 == " " }).reversed().drop(while: { $0 == " " || $0 == "\n" }).reversed())
-    }
 }

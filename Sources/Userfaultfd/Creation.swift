@@ -180,7 +180,7 @@ func readSmallFile(_ path: String) -> String? {
 
 extension StringProtocol {
     /// This text without the characters of `set` at either end.
-    func trimmingCharacters(in set: String) -> String {
+    package func trimmingCharacters(in set: String) -> String {
         let chars = Set(set)
         var s = Substring(self)
         while let c = s.first, chars.contains(c) { s.removeFirst() }
