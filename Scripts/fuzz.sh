@@ -39,10 +39,18 @@ for target in handshake migration-frame; do
         migration-frame) seed_migration_frame "$corpus" ;;
     esac
     echo "== $target: fuzzing for $seconds s (corpus $corpus)"
-    if ! UFFD_FUZZ_TARGET=$target "$scratch/x86_64-unknown-linux-gnu/debug/uffd-fuzz" -max_total_time="$seconds" -max_len=65536 \
-        -artifact_prefix="$scratch/crash-$target-" -print_final_stats=1 "$corpus" 2>&1 | tail -15; then
+    # The Swift runtime's backtracer would take the crash before libFuzzer can save its input.
+    if ! SWIFT_BACKTRACE=enable=no UFFD_FUZZ_TARGET=$target "$scratch/x86_64-unknown-linux-gnu/debug/uffd-fuzz" -max_total_time="$seconds" -max_len=65536 \
+        -artifact_prefix="$scratch/crash-$target-" -print_final_stats=1 "$corpus" >"$scratch/log-$target" 2>&1; then
+        grep -E -A3 '^(==[0-9]+==|SUMMARY|MS:)|ERROR' "$scratch/log-$target" | head -40 || true
+        grep -E '^ +#[0-9]+ .* in .*(uffd|Fault|Postcopy|Userfaultfd)' "$scratch/log-$target" | head -15 || true
+        for crash in "$scratch"/crash-"$target"-*; do
+            [ -e "$crash" ] && echo "== input $crash: $(head -c 400 "$crash" | od -An -c | tr -s ' ' | head -8)"
+        done
         echo "== $target: FAILED (crash input under $scratch/crash-$target-*)"
         status=1
+    else
+        grep -E '^(Done|stat::)' "$scratch/log-$target" || true
     fi
 done
 exit $status

@@ -247,11 +247,14 @@ public struct NativeHandshake: Sendable, Hashable, Codable {
         }
         guard let version = probe.version else { throw .invalidMessage("the native handshake has no \"version\"") }
         guard version == currentVersion else { throw .unsupportedVersion(version) }
+        let handshake: NativeHandshake
         do {
-            return try JSONDecoder().decode(NativeHandshake.self, from: Data(body))
+            handshake = try JSONDecoder().decode(NativeHandshake.self, from: Data(body))
         } catch {
             throw .invalidMessage("native handshake version \(version): \(describe(error))")
         }
+        if handshake.regions.isEmpty { throw .invalidMessage("the native handshake's \"regions\" array is empty") }
+        return handshake
     }
 
     /// The message body.

@@ -43,6 +43,8 @@ import Testing
         (#"[{"base_host_virt_addr":"x","size":1,"offset":0,"page_size":4096}]"#, "not a JSON array of Firecracker regions"),
         (#"[{"size":4096,"offset":0,"page_size":4096}]"#, "missing key \"base_host_virt_addr\""),
         ("[]", "the region array is empty"),
+        (#"{"backing":"memoryFile","features":0,"protocol":"swift-userfaultfd-manager","regions":[],"version":1}"#,
+         "\"regions\" array is empty"),
         ("hello", "neither a JSON array"),
     ])
     func malformedBodiesNameTheProblem(body: String, reason: String) {
