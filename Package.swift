@@ -109,9 +109,11 @@ let package = Package(
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
-        // C whose job is to be C: the CRC32C instruction the snapshot format checksums with.
+        // C whose job is to be C: the CRC32C instruction the snapshot format checksums with,
+        // and copy before write in the writing threads' SIGBUS handler.
         .target(
             name: "_CSnapshot",
+            dependencies: ["_CUserfaultfd"],
             cSettings: [.define("_GNU_SOURCE")]
         ),
         // Live snapshots of this process's memory: capture, file format, restore.

@@ -49,7 +49,7 @@ public final class Capture: @unchecked Sendable {
     private let snapshotter: Snapshotter
     let job: CaptureJob
     private let fd: Int32
-    private let handler: DedicatedThread
+    private let handler: DedicatedThread?
     private let streamer: DedicatedThread
     private var joined = false
     /// Nanoseconds from the start of the arm to the instant.
@@ -64,7 +64,9 @@ public final class Capture: @unchecked Sendable {
         self.fd = fd
         let handlerBody = FaultHandler(job: job)
         let streamerBody = try ImageStreamer(job: job)
-        handler = DedicatedThread(name: "snap-fault") { handlerBody.run() }
+        // Saving in the writing threads, no fault reaches a handler thread.
+        handler = job.savesInWritingThread ? nil : DedicatedThread(name: "snap-fault") { handlerBody.run() }
+        snapshotter.attach(job)
         let pauseStart = MonotonicClock.nanoseconds()
         quiesce?.pause()
         let armStart = MonotonicClock.nanoseconds()
@@ -75,7 +77,7 @@ public final class Capture: @unchecked Sendable {
             job.unprotectAll()
             quiesce?.resume()
             job.stop.raise()
-            handler.join()
+            handler?.join()
             snapshotter.captureEnded(finished: false)
             throw armError
         }
@@ -94,16 +96,11 @@ public final class Capture: @unchecked Sendable {
     }
 
     /// Pages settled so far (written or staged), for progress.
-    public var settledPages: Int { job.monitor.withLock { job.streamedPages + job.savedPages } }
+    public var settledPages: Int { job.monitor.withLock { job.streamedPages } + job.counter(\.saved_pages) }
 
     /// Stops the capture: every page is unprotected and no writer stays held. The file
     /// is left without a footer, so it is refused when read. Does nothing once finished.
-    public func cancel() {
-        job.monitor.withLock {
-            if !job.finished { job.cancelled = true }
-            job.monitor.broadcast()
-        }
-    }
+    public func cancel() { job.cancel() }
 
     /// Waits for the capture to end.
     ///
@@ -114,16 +111,18 @@ public final class Capture: @unchecked Sendable {
         if !joined {
             joined = true
             streamer.join()
-            handler.join()
+            handler?.join()
             if fd >= 0 { close(fd) }
             snapshotter.captureEnded(finished: job.monitor.withLock { job.finished })
         }
+        let failure = job.firstFailure
+        let saved = job.counter(\.saved_pages)
         let outcome: Swift.Result<Result, SnapshotError> = job.monitor.withLock {
-            if !job.finished { return .failure(job.failure ?? SnapshotError(.cancelled)) }
+            if !job.finished { return .failure(failure ?? SnapshotError(.cancelled)) }
             return .success(Result(
-                pages: job.pageCount, streamedPages: job.streamedPages, savedBeforeWritePages: job.savedPages,
-                heldCopyPages: job.stayedOnTracking ? job.savedPages : 0,
-                faults: job.faults, stagingWaits: job.stagingWaits, peakStagedPages: job.peakStaged,
+                pages: job.pageCount, streamedPages: job.streamedPages, savedBeforeWritePages: saved,
+                heldCopyPages: job.stayedOnTracking ? saved : 0,
+                faults: job.counter(\.faults), stagingWaits: job.counter(\.staging_waits), peakStagedPages: job.counter(\.peak_staged),
                 stagingBytes: job.capacity * job.pageSize, extraBytes: job.extraBytes,
                 imageBytes: job.writer.position, dataBytes: job.writer.dataBytes,
                 armNanoseconds: armNanoseconds, pauseNanoseconds: pauseNanoseconds,

@@ -1,4 +1,5 @@
 import Userfaultfd
+import _CSnapshot
 
 #if canImport(Glibc)
 import Glibc
@@ -24,23 +25,26 @@ struct RegionLayout: Sendable {
     var fileOffset: UInt64 = 0
 }
 
-/// Where each page of a capture stands.
+/// Where each page of a capture stands (one byte per page, changed atomically: the
+/// writing threads' SIGBUS handler claims pages too).
 enum PageState {
     /// Not yet saved: still write-protected.
-    static let pending: UInt8 = 0
+    static let pending = UInt8(CSNAP_PENDING)
     /// Claimed by the image writer, which unprotects it once written.
-    static let streaming: UInt8 = 1
-    /// Copied by the fault handler into the staging area (and then unprotected by it).
-    static let saved: UInt8 = 2
+    static let streaming = UInt8(CSNAP_STREAMING)
+    /// Copied by a resolver into the staging area (and then unprotected by it).
+    static let saved = UInt8(CSNAP_SAVED)
     /// Written to the image and unprotected.
-    static let done: UInt8 = 3
-    /// Claimed by the fault handler, not yet copied: nobody else may unprotect it.
-    static let saving: UInt8 = 4
+    static let done = UInt8(CSNAP_DONE)
+    /// Claimed by a resolver, not yet copied: nobody else may unprotect it.
+    static let saving = UInt8(CSNAP_SAVING)
 }
 
-/// The state a capture's fault handler and image writer share: page states, the
-/// bounded staging ring of pages saved before a write, counters. Everything under
-/// ``monitor``, which only those two threads take.
+/// The state a capture's image writer and resolvers share. Page states, the bounded
+/// staging ring and the resolvers' counters live in ``core`` (C, atomics only), where
+/// the fault handler thread or the writing threads' SIGBUS handler reach them; the
+/// image writer's own progress and the outcome are under ``monitor``, which the
+/// caller's threads never take.
 final class CaptureJob: @unchecked Sendable {
     let layout: [RegionLayout]
     let pageSize: Int
@@ -52,26 +56,18 @@ final class CaptureJob: @unchecked Sendable {
     let streamChunkPages: Int
     let faultChunkPages: Int
     let handlerPriority: Int32
+    /// Whether the writing threads save pages themselves (SIGBUS) instead of a handler thread.
+    let savesInWritingThread: Bool
 
+    let core: UnsafeMutablePointer<csnap_capture>
+    private let regionTable: UnsafeMutablePointer<csnap_region>
     let state: UnsafeMutablePointer<UInt8>
     /// The staging ring: `capacity` page slots and the global page each holds.
     let capacity: Int
     let slots: UnsafeMutableRawPointer
     private let slotsBytes: Int
-    let slotPages: UnsafeMutablePointer<Int>
-    /// Ring positions (monotonic): reserved by the handler, published once copied,
-    /// consumed once written to the image.
-    var reserved = 0
-    var published = 0
-    var consumed = 0
-    /// Pages the handler claimed and has not yet published.
-    var inFlight = 0
-    var peakStaged = 0
-    var stagingWaits = 0
-    var cancelled = false
+    let slotPages: UnsafeMutablePointer<Int64>
     var failure: SnapshotError?
-    var faults = 0
-    var savedPages = 0
     var streamedPages = 0
     var finished = false
     /// Whether this delta was copied while the writers were held and the regions
@@ -99,7 +95,7 @@ final class CaptureJob: @unchecked Sendable {
         do { stop = try StopSignal() } catch { throw SnapshotError.system("eventfd", error.errno?.rawValue ?? EIO) }
         capacity = max(1, options.stagingBytes / pageSize)
         streamChunkPages = max(1, options.streamChunkBytes / pageSize)
-        faultChunkPages = pageSize > systemPageSize ? 1 : max(1, min(options.faultChunkPages, capacity))
+        faultChunkPages = pageSize > systemPageSize ? 1 : max(1, min(options.faultChunkPages, capacity, Int(CSNAP_MAX_FAULT_CHUNK)))
         handlerPriority = options.handlerPriority
         slotsBytes = capacity * pageSize
         // The ring on transparent huge pages: the handler's copies and the writer's
@@ -114,17 +110,55 @@ final class CaptureJob: @unchecked Sendable {
         state = .allocate(capacity: max(1, pageCount))
         state.initialize(repeating: PageState.pending, count: max(1, pageCount))
         slotPages = .allocate(capacity: capacity)
-        slotPages.initialize(repeating: 0, count: capacity)
+        slotPages.initialize(repeating: -1, count: capacity)
         tracking = options.incremental
+        savesInWritingThread = options.savingThread == .writingThread
         nextDirty = .allocate(capacity: max(1, pageCount))
         nextDirty.initialize(repeating: 0, count: max(1, pageCount))
+        regionTable = .allocate(capacity: max(1, layout.count))
+        for (i, r) in layout.enumerated() {
+            regionTable[i] = csnap_region(start: r.start, length: UInt64(r.pages * pageSize), first_page: Int64(r.firstPage))
+        }
+        core = .allocate(capacity: 1)
+        core.initialize(to: csnap_capture(
+            uffd: handle.fileDescriptor.rawValue, tracking: tracking ? 1 : 0, page_size: UInt64(pageSize),
+            fault_chunk_pages: Int64(faultChunkPages), region_count: Int64(layout.count), regions: regionTable,
+            state: state, next_dirty: nextDirty, slots: ring.assumingMemoryBound(to: UInt8.self), slot_pages: slotPages,
+            capacity: Int64(capacity), reserved: 0, consumed: 0, resolvers: 0, faults: 0, saved_pages: 0,
+            staging_waits: 0, peak_staged: 0, cancelled: 0, failure_errno: 0))
     }
 
     deinit {
+        core.deallocate()
+        regionTable.deallocate()
         state.deallocate()
         munmap(slots, slotsBytes)
         slotPages.deallocate()
         nextDirty.deallocate()
+    }
+
+    /// One of the resolvers' counters in ``core``.
+    func counter(_ field: KeyPath<csnap_capture, Int64>) -> Int { Int(csnap_load(core.pointer(to: field)!)) }
+
+    /// Stores one of ``core``'s counters (only while no resolver runs).
+    func setCounter(_ field: WritableKeyPath<csnap_capture, Int64>, _ value: Int) { csnap_store(core.pointer(to: field)!, Int64(value)) }
+
+    /// Whether the capture was cancelled or failed (also by a resolver).
+    var isCancelled: Bool { csnap_load_int(core.pointer(to: \.cancelled)!) != 0 }
+
+    /// The first failure: the image writer's, or a resolver's failed unprotect.
+    var firstFailure: SnapshotError? {
+        if let failure = monitor.withLock({ failure }) { return failure }
+        let e = csnap_load_int(core.pointer(to: \.failure_errno)!)
+        return e != 0 ? SnapshotError.system("UFFDIO_WRITEPROTECT (clear)", e) : nil
+    }
+
+    /// Stops the capture unless it has finished; resolvers waiting for room give up.
+    func cancel() {
+        monitor.withLock {
+            if !finished { csnap_store_int(core.pointer(to: \.cancelled)!, 1) }
+            monitor.broadcast()
+        }
     }
 
     /// Memory the capture holds besides the caller's: staging, page states, the index.
@@ -175,7 +209,7 @@ final class CaptureJob: @unchecked Sendable {
     func fail(_ error: SnapshotError) {
         monitor.withLock {
             if failure == nil { failure = error }
-            cancelled = true
+            csnap_store_int(core.pointer(to: \.cancelled)!, 1)
             monitor.broadcast()
         }
     }

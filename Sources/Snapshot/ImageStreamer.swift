@@ -42,7 +42,7 @@ final class ImageStreamer: @unchecked Sendable {
             for (i, r) in job.layout.enumerated() {
                 var first = r.firstPage
                 while first < r.firstPage + r.pages {
-                    if job.monitor.withLock({ job.cancelled }) { throw job.monitor.withLock { job.failure } ?? SnapshotError(.cancelled) }
+                    if job.isCancelled { throw job.firstFailure ?? SnapshotError(.cancelled) }
                     try drain()
                     let end = min(first + job.streamChunkPages, r.firstPage + r.pages)
                     try stream(region: i, first: first, end: end)
@@ -69,12 +69,10 @@ final class ImageStreamer: @unchecked Sendable {
     /// (unless tracking writes for a delta).
     private func stream(region: Int, first: Int, end: Int) throws(SnapshotError) {
         var any = false
-        job.monitor.withLock {
-            for p in first..<end {
-                let pending = job.state[p] == PageState.pending
-                if pending { job.state[p] = PageState.streaming; any = true }
-                mine[p - first] = pending
-            }
+        for p in first..<end {
+            let claimed = csnap_claim(job.core, Int64(p), PageState.pending, PageState.streaming) != 0
+            mine[p - first] = claimed
+            any = any || claimed
         }
         var p = first
         while any && p < end {
@@ -87,10 +85,9 @@ final class ImageStreamer: @unchecked Sendable {
         if !job.tracking {
             try unprotectChunk(region: region, first: first, end: end)
         }
-        job.monitor.withLock {
-            for p in first..<end where mine[p - first] { job.state[p] = PageState.done }
-            job.streamedPages += (first..<end).reduce(0) { $0 + (mine[$1 - first] ? 1 : 0) }
-        }
+        for p in first..<end where mine[p - first] { csnap_set_state(job.core, Int64(p), PageState.done) }
+        let streamed = (first..<end).reduce(0) { $0 + (mine[$1 - first] ? 1 : 0) }
+        job.monitor.withLock { job.streamedPages += streamed }
         // When tracking, clean pages stay protected; a writer held on one of them is
         // woken to fault again, and the handler then notes it written.
         if job.tracking && any { try job.wake(region: region, first: first, pages: end - first) }
@@ -99,18 +96,15 @@ final class ImageStreamer: @unchecked Sendable {
     /// Clears protection on the chunk, in one call unless the fault handler is still
     /// copying some of its pages (those it clears itself once copied).
     private func unprotectChunk(region: Int, first: Int, end: Int) throws(SnapshotError) {
-        var runs: [(Int, Int)] = []
-        job.monitor.withLock {
-            var p = first
-            while p < end {
-                if job.state[p] == PageState.saving { p += 1; continue }
-                var q = p + 1
-                while q < end && job.state[q] != PageState.saving { q += 1 }
-                runs.append((p, q - p))
-                p = q
-            }
+        func saving(_ p: Int) -> Bool { csnap_state(job.core, Int64(p)) == PageState.saving }
+        var p = first
+        while p < end {
+            if saving(p) { p += 1; continue }
+            var q = p + 1
+            while q < end && !saving(q) { q += 1 }
+            try job.unprotect(region: region, first: p, pages: q - p)
+            p = q
         }
-        for (p, n) in runs { try job.unprotect(region: region, first: p, pages: n) }
     }
 
     /// Writes pages `first ..< end` (all claimed), classing each as data, zero or hole.
@@ -248,14 +242,17 @@ final class ImageStreamer: @unchecked Sendable {
         try job.writer.appendRecord(first: first, count: count, bytes: UnsafeRawPointer(bitPattern: UInt(address))!)
     }
 
-    /// Writes the published staged pages to the image and frees their slots.
+    /// Writes the staged pages whose copy is finished, in ring order, to the image and
+    /// frees their slots.
     private func drain() throws(SnapshotError) {
-        let (from, to) = job.monitor.withLock { (job.consumed, job.published) }
+        let from = job.counter(\.consumed)
+        var to = from
+        while to - from < job.capacity && csnap_slot_page(job.core, Int64(to)) >= 0 { to += 1 }
         var i = from
         let ps = job.pageSize
         while i < to {
             let slot = i % job.capacity
-            let page = job.slotPages[slot]
+            let page = Int(job.slotPages[slot])
             let base = job.slots + slot * ps
             if csnap_is_zero(base, ps) != 0 {
                 job.writer.mark(first: page, count: 1, .zero)
@@ -263,33 +260,26 @@ final class ImageStreamer: @unchecked Sendable {
                 continue
             }
             var n = 1
-            while i + n < to, slot + n < job.capacity, job.slotPages[slot + n] == page + n,
+            while i + n < to, slot + n < job.capacity, Int(job.slotPages[slot + n]) == page + n,
                   csnap_is_zero(base + n * ps, ps) == 0 { n += 1 }
             try job.writer.queueRecord(first: page, count: n, bytes: base)
             i += n
         }
         // The slots are handed back only once their bytes are in the file.
         try job.writer.flush()
-        if to > from {
-            job.monitor.withLock {
-                job.consumed = to
-                job.monitor.broadcast()
-            }
-        }
+        if to > from { csnap_release_slots(job.core, Int64(to)) }
     }
 
-    /// After the walk, waits until every page the handler claimed is staged and written.
+    /// After the walk, waits until every page a resolver claimed is staged and written.
+    /// Every page is claimed by now, so once no resolver is between its claim and its
+    /// last copy and every reserved slot is consumed, the image is complete.
     private func drainUntilSettled() throws(SnapshotError) {
         while true {
             try drain()
-            let settled: Bool = job.monitor.withLock {
-                if job.cancelled { return false }
-                if job.inFlight == 0 && job.consumed == job.published { return true }
-                if job.consumed == job.published { job.monitor.wait(milliseconds: 1) }
-                return false
-            }
-            if settled { return }
-            if job.monitor.withLock({ job.cancelled }) { throw job.monitor.withLock { job.failure } ?? SnapshotError(.cancelled) }
+            if job.isCancelled { throw job.firstFailure ?? SnapshotError(.cancelled) }
+            // Resolvers first: one that leaves after this read has reserved what it copied.
+            if job.counter(\.resolvers) == 0 && job.counter(\.consumed) == job.counter(\.reserved) { return }
+            if csnap_slot_page(job.core, Int64(job.counter(\.consumed))) < 0 { usleep(200) }
         }
     }
 }

@@ -1,5 +1,6 @@
 import Synchronization
 import Userfaultfd
+import _CSnapshot
 
 #if canImport(Glibc)
 import Glibc
@@ -47,8 +48,24 @@ public final class Snapshotter: @unchecked Sendable {
         /// waits for the handler; on a busy host a time-shared handler first waits
         /// for a time slice. Without CAP_SYS_NICE it stays time-shared.
         public var handlerPriority: Int32 = 1
+        /// Which thread saves a page before its first write.
+        public var savingThread = SavingThread.handlerThread
 
         public init() {}
+    }
+
+    /// Which thread saves a page a writer touches before the image writer reached it.
+    public enum SavingThread: String, Sendable, Codable, CaseIterable {
+        /// A fault handler thread; the writer is held in the kernel meanwhile. Writes by
+        /// the kernel into the regions (`read(2)` into a buffer there) are held the
+        /// same way, so any memory can be captured.
+        case handlerThread = "handler-thread"
+        /// The writing thread itself, in a SIGBUS handler (FEATURE_SIGBUS): no wake-up
+        /// of another CPU per fault, so a write waits for one page's copy only. The
+        /// kernel cannot raise a signal for its own writes: a system call writing into
+        /// a protected page fails with EFAULT instead. Use it for memory that only
+        /// user-space code writes, such as a heap, while a capture runs.
+        case writingThread = "writing-thread"
     }
 
     /// A hook around the arm: `pause` stops the caller's writers, `resume` lets them go.
@@ -75,6 +92,8 @@ public final class Snapshotter: @unchecked Sendable {
     let asyncHandle: Userfaultfd.Handle?
     let tracking = Mutex(TrackingState())
     private let busy = Atomic<Bool>(false)
+    /// The SIGBUS handler's slot for these regions when the writing threads save pages (else -1).
+    private let signalSlot: Int32
 
     /// Registers `regions` (anonymous, shmem/memfd or hugetlb memory of this process)
     /// for write protection.
@@ -96,6 +115,7 @@ public final class Snapshotter: @unchecked Sendable {
         guard !regions.isEmpty else { throw SnapshotError(.invalidArgument("no region given")) }
         var features: Userfaultfd.Features = [.wpUnpopulated]
         if regions.contains(where: { $0.kind != .anonymous }) { features.insert(.wpHugetlbfsShmem) }
+        if options.savingThread == .writingThread { features.insert(.sigbus) }
         do {
             uffd = try Userfaultfd(.init().requiring(features))
         } catch {
@@ -121,6 +141,17 @@ public final class Snapshotter: @unchecked Sendable {
             }
         } else {
             asyncHandle = nil
+        }
+        if options.savingThread == .writingThread {
+            let table = layout.map { csnap_region(start: $0.start, length: UInt64($0.pages * ps), first_page: Int64($0.firstPage)) }
+            signalSlot = csnap_sigbus_attach(uffd.handle.fileDescriptor.rawValue, UInt64(ps), table, Int64(table.count))
+            if signalSlot < 0 {
+                closeFiles()
+                try? asyncHandle?.fileDescriptor.close()
+                throw SnapshotError(.unsupported("saving in the writing threads serves at most 16 snapshotters of at most 64 regions each"))
+            }
+        } else {
+            signalSlot = -1
         }
         self.regions = regions
         self.layout = layout
@@ -178,6 +209,7 @@ public final class Snapshotter: @unchecked Sendable {
     }
 
     deinit {
+        if signalSlot >= 0 { csnap_sigbus_detach(signalSlot) }
         for r in regions {
             let range = MemoryRange(start: r.start, length: r.length)
             try? uffd.handle.unregister(range)
@@ -230,7 +262,15 @@ public final class Snapshotter: @unchecked Sendable {
         }
     }
 
+    /// Lets the writing threads' SIGBUS handler resolve faults for `job` (from before its arm).
+    func attach(_ job: CaptureJob) {
+        if signalSlot >= 0 { csnap_sigbus_set_capture(signalSlot, job.core) }
+    }
+
     func captureEnded(finished: Bool) {
+        // Every page is unprotected (or on the tracking userfaultfd) and the capture's
+        // threads are joined: no writing thread may still use its state after this.
+        if signalSlot >= 0 { csnap_sigbus_set_capture(signalSlot, nil) }
         // A capture that did not finish leaves no parent to build a delta on.
         // Regions left on the tracking userfaultfd go back to the copy-before-write one.
         if !finished {

@@ -58,18 +58,17 @@ extension Snapshotter {
             for p in r.firstPage..<(r.firstPage + r.pages) where job.state[p] == PageState.pending {
                 let source = UnsafeRawPointer(bitPattern: UInt(r.start) + UInt((p - r.firstPage) * pageSize))!
                 memcpy(job.slots + n * pageSize, source, pageSize)
-                job.slotPages[n] = p
+                job.slotPages[n] = Int64(p)
                 job.state[p] = PageState.saved
                 n += 1
             }
         }
-        job.monitor.withLock {
-            job.reserved = n
-            job.published = n
-            job.savedPages = n
-            job.peakStaged = n
-            job.stayedOnTracking = true
-        }
+        // The writers are held and nothing is protected on the copy-before-write
+        // userfaultfd: no resolver runs.
+        job.setCounter(\.reserved, n)
+        job.setCounter(\.saved_pages, n)
+        job.setCounter(\.peak_staged, n)
+        job.monitor.withLock { job.stayedOnTracking = true }
     }
 
     /// Moves the regions from the tracking userfaultfd back to the copy-before-write one.

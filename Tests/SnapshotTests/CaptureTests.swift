@@ -31,11 +31,13 @@ extension SnapshotTests {
             return (log.versions, result)
         }
 
-        @Test(arguments: TestMemoryKind.allCases)
-        func everyPageHoldsItsVersionAtTheInstant(kind: TestMemoryKind) throws {
+        @Test(arguments: TestMemoryKind.allCases, Snapshotter.SavingThread.allCases)
+        func everyPageHoldsItsVersionAtTheInstant(kind: TestMemoryKind, savingThread: Snapshotter.SavingThread) throws {
             let memory = try TestMemory(kind: kind, length: 16 << 20)
             let file = TemporaryPath("consistency-\(kind)")
-            let (log, result) = try Self.captureUnderWriters(memory, file: file)
+            var options = Snapshotter.Options()
+            options.savingThread = savingThread
+            let (log, result) = try Self.captureUnderWriters(memory, options: options, file: file)
             #expect(log.contains(where: { $0 > 1 }), "some pages were written before the instant")
             #expect(result.streamedPages + result.savedBeforeWritePages == memory.pages)
             let chain = try SnapshotChain(paths: [file.path])
@@ -47,9 +49,11 @@ extension SnapshotTests {
             }
         }
 
-        @Test func stagingBoundHoldsUnderAWriteStorm() throws {
+        @Test(arguments: Snapshotter.SavingThread.allCases)
+        func stagingBoundHoldsUnderAWriteStorm(savingThread: Snapshotter.SavingThread) throws {
             let memory = try TestMemory(kind: .anonymous, length: 32 << 20)
             var options = Snapshotter.Options()
+            options.savingThread = savingThread
             options.stagingBytes = 64 * page
             options.faultChunkPages = 16
             options.streamChunkBytes = 256 << 10
@@ -71,11 +75,13 @@ extension SnapshotTests {
             #expect(bad.isEmpty, "\(bad.count) pages wrong: \(described)")
         }
 
-        @Test func cancelLeavesNothingProtectedAndNoWriterHeld() throws {
+        @Test(arguments: Snapshotter.SavingThread.allCases)
+        func cancelLeavesNothingProtectedAndNoWriterHeld(savingThread: Snapshotter.SavingThread) throws {
             let memory = try TestMemory(kind: .anonymous, length: 32 << 20)
             let workload = Workload(memory: memory, threads: 2)
             workload.populate(stride: 1)
             var options = Snapshotter.Options()
+            options.savingThread = savingThread
             options.streamChunkBytes = 64 << 10
             let snapshotter = try Snapshotter(regions: [memory.range], options: options)
             let file = TemporaryPath("cancel")

@@ -15,8 +15,12 @@ extension SnapshotTests {
     struct DeltaTests {
         /// With 64 MiB of staging each delta fits and is copied while the writers are
         /// held; with 256 KiB it does not, and the regions go back to copy before write.
-        @Test(arguments: [TestMemoryKind.anonymous, .memfd], [64 << 20, 256 << 10])
-        func aDeltaChainRestoresEachInstantExactly(kind: TestMemoryKind, stagingBytes: Int) throws {
+        @Test(arguments: [(TestMemoryKind.anonymous, 64 << 20, Snapshotter.SavingThread.handlerThread),
+                          (.anonymous, 256 << 10, .handlerThread), (.memfd, 64 << 20, .handlerThread),
+                          (.memfd, 256 << 10, .handlerThread), (.anonymous, 256 << 10, .writingThread),
+                          (.memfd, 256 << 10, .writingThread)])
+        func aDeltaChainRestoresEachInstantExactly(kind: TestMemoryKind, stagingBytes: Int,
+                                                   savingThread: Snapshotter.SavingThread) throws {
             let memory = try TestMemory(kind: kind, length: 16 << 20)
             let workload = Workload(memory: memory, threads: 2)
             workload.hotPages = memory.pages / 8
@@ -24,6 +28,7 @@ extension SnapshotTests {
             var options = Snapshotter.Options()
             options.incremental = true
             options.stagingBytes = stagingBytes
+            options.savingThread = savingThread
             let snapshotter = try Snapshotter(regions: [memory.range], options: options)
             workload.start(seed: 11)
             let (files, logs, results) = try captureSeries(snapshotter, workload, count: 3, name: "delta-\(kind)")

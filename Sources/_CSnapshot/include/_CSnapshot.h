@@ -8,6 +8,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "CSnapshotCapture.h"
+
 /// Continues a CRC32C (Castagnoli) over `length` bytes at `data`.
 /// Start with 0; the result of one call is the `crc` of the next.
 uint32_t csnap_crc32c(uint32_t crc, const void *data, size_t length);
