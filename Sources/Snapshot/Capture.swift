@@ -67,6 +67,7 @@ public final class Capture: @unchecked Sendable {
         // Saving in the writing threads, no fault reaches a handler thread.
         handler = job.savesInWritingThread ? nil : DedicatedThread(name: "snap-fault") { handlerBody.run() }
         snapshotter.attach(job)
+        if handler != nil { while !handlerBody.running.load(ordering: .acquiring) { sched_yield() } }
         let pauseStart = MonotonicClock.nanoseconds()
         quiesce?.pause()
         let armStart = MonotonicClock.nanoseconds()

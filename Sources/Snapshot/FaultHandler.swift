@@ -1,3 +1,4 @@
+import Synchronization
 import Userfaultfd
 import _CSnapshot
 
@@ -17,6 +18,9 @@ import Musl
 /// no lock.
 final class FaultHandler: @unchecked Sendable {
     let job: CaptureJob
+    /// Set once the thread runs (at its priority): the capture holds the writers only then,
+    /// so a thread starting up does not take a CPU from a writer being parked.
+    let running = Atomic<Bool>(false)
 
     init(job: CaptureJob) {
         self.job = job
@@ -25,6 +29,7 @@ final class FaultHandler: @unchecked Sendable {
     /// Serves faults until the job's stop signal is raised.
     func run() {
         if job.handlerPriority > 0 { DedicatedThread.makeCurrentThreadRealTime(priority: job.handlerPriority) }
+        running.store(true, ordering: .releasing)
         let buffer = Userfaultfd.EventBuffer(capacity: 64)
         defer {
             let cpu = threadCPUNanoseconds()

@@ -248,6 +248,19 @@ final class ImageStreamer: @unchecked Sendable {
         let from = job.counter(\.consumed)
         var to = from
         while to - from < job.capacity && csnap_slot_page(job.core, Int64(to)) >= 0 { to += 1 }
+        // In batches of about 2 MiB, each handed back once written, so a writer waiting
+        // for room waits for one batch, not for the whole ring.
+        let batch = max(1, (2 << 20) / job.pageSize)
+        var start = from
+        while start < to {
+            let end = min(start + batch, to)
+            try drain(start, end)
+            start = end
+        }
+    }
+
+    /// Writes ring positions `from ..< to` (all ready) and frees them.
+    private func drain(_ from: Int, _ to: Int) throws(SnapshotError) {
         var i = from
         let ps = job.pageSize
         while i < to {

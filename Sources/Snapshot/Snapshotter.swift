@@ -32,12 +32,17 @@ public final class Snapshotter: @unchecked Sendable {
         public var stagingBytes = 64 << 20
         /// The bytes the image writer streams, and unprotects with one call, at a time.
         public var streamChunkBytes = 2 << 20
-        /// The pages saved around a faulting page (aligned to the region), at most the
-        /// staging capacity. The faulting page is copied and its writer let go first;
-        /// the rest follows. Writers that touch pages at random hit a protected page
-        /// once per chunk, so a larger chunk means fewer held writes. Hugetlb memory
-        /// saves the faulting huge page alone.
-        public var faultChunkPages = 64
+        /// The pages saved around a faulting page (aligned to the region), at most 512
+        /// and the staging capacity; 512 base pages are one transparent huge page.
+        /// The faulting page is copied and unprotected first. A handler thread lets its
+        /// writer go then and copies the rest; a writing thread saving it copies the
+        /// rest before its write goes on. Writers that touch pages at random hit a
+        /// protected page once per chunk, so a larger chunk means fewer held writes:
+        /// measured on a 2 GiB heap under random updates, 512 pages held under 1 % of
+        /// them (write p99 under 1 µs) where 64 pages held several percent (p99 of
+        /// 100 µs and more), and the capture ended sooner. Fewer writes wait, each for
+        /// longer. Hugetlb memory saves the faulting huge page alone.
+        public var faultChunkPages = 512
         /// Track writes after each capture (WP_ASYNC + PAGEMAP_SCAN) so the next capture
         /// is a delta holding only the pages written since. Captures then need a quiesce
         /// hook: it is also called once more at the end of each capture, to hand the

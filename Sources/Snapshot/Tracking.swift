@@ -1,3 +1,5 @@
+import Dispatch
+import Synchronization
 import Userfaultfd
 
 #if canImport(Glibc)
@@ -39,13 +41,52 @@ extension Snapshotter {
             }
             try moveToCopyBeforeWrite()
         }
-        for r in regions {
-            do {
-                try uffd.handle.writeProtect(MemoryRange(start: r.start, length: r.length), mode: .writeProtect)
+        try protectAll()
+    }
+
+    /// Write-protects every region. The regions are cut into 16 pieces; when the first
+    /// one shows that the rest would take over 2 ms (base pages: a page-table entry
+    /// each), the rest is protected by two threads at once, as the writers are held
+    /// and their CPUs idle. Huge pages take microseconds and stay on this thread.
+    func protectAll() throws(SnapshotError) {
+        let pieces = Self.pieces(of: regions.map { MemoryRange(start: $0.start, length: $0.length) }, count: 16, alignment: UInt64(pageSize))
+        let handle = uffd.handle
+        let failure = Mutex<Int32?>(nil)
+        let protect: @Sendable (MemoryRange) -> Void = { range in
+            do throws(UserfaultfdError) {
+                try handle.writeProtect(range, mode: .writeProtect)
             } catch {
-                throw SnapshotError.system("UFFDIO_WRITEPROTECT (set)", error.errno?.rawValue ?? 5)
+                failure.withLock { if $0 == nil { $0 = error.errno?.rawValue ?? EIO } }
             }
         }
+        let start = MonotonicClock.nanoseconds()
+        protect(pieces[0])
+        let first = MonotonicClock.nanoseconds() - start
+        let rest = Array(pieces.dropFirst())
+        if first * UInt64(rest.count) > 2_000_000 && sysconf(Int32(_SC_NPROCESSORS_ONLN)) > 1 {
+            DispatchQueue.concurrentPerform(iterations: 2) { worker in
+                for i in stride(from: worker, to: rest.count, by: 2) { protect(rest[i]) }
+            }
+        } else {
+            for piece in rest { protect(piece) }
+        }
+        if let e = failure.withLock({ $0 }) { throw SnapshotError.system("UFFDIO_WRITEPROTECT (set)", e) }
+    }
+
+    /// `ranges` cut into about `count` pieces of equal length (multiples of `alignment`).
+    static func pieces(of ranges: [MemoryRange], count: Int, alignment: UInt64) -> [MemoryRange] {
+        let total = ranges.reduce(UInt64(0)) { $0 + $1.length }
+        let size = max(alignment, (total / UInt64(count) + alignment - 1) / alignment * alignment)
+        var out: [MemoryRange] = []
+        for r in ranges {
+            var start = r.start
+            while start < r.start + r.length {
+                let length = min(size, r.start + r.length - start)
+                out.append(MemoryRange(start: start, length: length))
+                start += length
+            }
+        }
+        return out
     }
 
     /// A delta whose pages fit the staging area: copies them there while the writers

@@ -5,7 +5,7 @@ import Snapshot
 struct SnapshotDemoCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "demo",
-        abstract: "Snapshot a heap under random updates by fork, uffd-wp and stop-and-copy (THP on and off), "
+        abstract: "Snapshot a heap under random updates by fork, uffd-wp (handler thread, writing thread) and stop-and-copy (THP on and off), "
             + "verify every image, and measure incremental capture and write-tracking cost.")
 
     @Option(name: .customLong("heap-mib"), help: "Heap size in MiB.")
@@ -20,8 +20,11 @@ struct SnapshotDemoCommand: ParsableCommand {
     @Option(name: .customLong("staging-mib"), help: "Staging area of uffd-wp captures, in MiB.")
     var stagingMiB = 64
 
-    @Option(name: .customLong("fault-chunk-pages"), help: "Pages uffd-wp's fault handler saves around a faulting page.")
-    var faultChunkPages = 64
+    @Option(name: .customLong("fault-chunk-pages"), help: "Pages uffd-wp saves around a faulting page (at most 512).")
+    var faultChunkPages = Snapshotter.Options().faultChunkPages
+
+    @Option(parsing: .upToNextOption, help: "The methods to compare (\(DemoMethod.allCases.map(\.rawValue).joined(separator: ", "))).")
+    var methods: [DemoMethod] = DemoMethod.allCases
 
     @Option(help: "Transparent huge pages: on, off or both.")
     var thp = "both"
@@ -46,7 +49,7 @@ struct SnapshotDemoCommand: ParsableCommand {
             ("--rounds", Double(rounds), rounds >= 1, "at least 1"),
             ("--staging-mib", Double(stagingMiB), stagingMiB >= 1, "at least 1"),
             ("--tracking-rounds", Double(trackingRounds), trackingRounds >= 1, "at least 1"),
-            ("--fault-chunk-pages", Double(faultChunkPages), faultChunkPages >= 1, "at least 1"),
+            ("--fault-chunk-pages", Double(faultChunkPages), (1...Int(512)).contains(faultChunkPages), "from 1 to 512"),
             ("--incremental-percent", incrementalPercent, incrementalPercent > 0 && incrementalPercent <= 100, "above 0 and at most 100"),
         ]
         if let bad = limits.first(where: { !$0.ok }) {
@@ -63,6 +66,8 @@ struct SnapshotDemoCommand: ParsableCommand {
         c.rounds = rounds
         c.stagingBytes = stagingMiB << 20
         c.faultChunkPages = faultChunkPages
+        var seen = Set<DemoMethod>()
+        c.methods = methods.filter { seen.insert($0).inserted }
         c.directory = directory
         c.incrementalFraction = incrementalPercent / 100
         c.trackingRounds = trackingRounds
@@ -78,3 +83,5 @@ struct SnapshotDemoCommand: ParsableCommand {
         }
     }
 }
+
+extension DemoMethod: ExpressibleByArgument {}

@@ -55,6 +55,14 @@ func takingALiveSnapshot(_ heap: borrowing MemoryMapping, pauseWriters: @escapin
     print(result.pauseNanoseconds, result.savedBeforeWritePages)
 }
 
+/// The Snapshot article: pages saved by the writing threads themselves.
+func savingInTheWritingThread(_ heap: borrowing MemoryMapping) throws -> Snapshotter {
+    var options = Snapshotter.Options()
+    options.savingThread = .writingThread
+    let heapSnapshotter = try Snapshotter(regions: [heap.range], options: options)
+    return heapSnapshotter
+}
+
 /// The Snapshot article: a full snapshot, then a delta.
 func takingADelta(_ heap: borrowing MemoryMapping, hook: Snapshotter.Quiesce) throws {
     var options = Snapshotter.Options()

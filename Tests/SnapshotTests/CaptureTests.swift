@@ -105,6 +105,34 @@ extension SnapshotTests {
             #expect(bad.isEmpty, "\(bad.count) pages wrong, first \(bad.prefix(5))")
         }
 
+        /// Saving in the writing thread, the kernel's own write into a protected page
+        /// cannot be held: `read(2)` fails with EFAULT, as the documentation says, and
+        /// the image keeps the page's bytes at the instant.
+        @Test func aSystemCallWritingAProtectedPageFailsWhenWritersSaveThemselves() throws {
+            let memory = try TestMemory(kind: .anonymous, length: 256 << 20)
+            let last = memory.pages - 1
+            memory.write(page: last, version: 3)
+            var options = Snapshotter.Options()
+            options.savingThread = .writingThread
+            options.streamChunkBytes = 64 << 10
+            let snapshotter = try Snapshotter(regions: [memory.range], options: options)
+            var fds: [Int32] = [0, 0]
+            try #require(pipe(&fds) == 0)
+            defer { close(fds[0]); close(fds[1]) }
+            #expect(Glibc.write(fds[1], "abcdefgh", 8) == 8)
+            let file = TemporaryPath("efault")
+            let capture = try snapshotter.capture(to: file.path)
+            // The image writer streams in address order: the last page is still protected.
+            let n = read(fds[0], memory.base + last * page, 8)
+            let e = errno
+            try capture.wait()
+            #expect(n == -1 && e == EFAULT, "read returned \(n), errno \(e)")
+            #expect(read(fds[0], memory.base + last * page, 8) == 8, "after the capture the same read works")
+            let chain = try SnapshotChain(paths: [file.path])
+            let bad = try mismatches(Array(repeating: 0, count: last) + [3]) { p, b in try chain.readPage(p, into: b) }
+            #expect(bad.isEmpty, "\(bad.count) pages differ from the instant")
+        }
+
         @Test(.enabled(if: getuid() == 0, "mounts a small tmpfs (needs root)"))
         func anImageWriterDyingMidCaptureLeavesNothingProtected() throws {
             // A 1 MiB tmpfs: the image writer fails with ENOSPC part way through 8 MiB.

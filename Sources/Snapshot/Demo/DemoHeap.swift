@@ -23,14 +23,19 @@ final class DemoHeap: @unchecked Sendable {
     private let mappedLength: Int
     /// Each page's version, kept outside the heap; updated after the page.
     let versions: UnsafeMutablePointer<UInt64>
+    /// The versions at the last snapshot's instant, copied while the writers are held
+    /// (allocated and touched once, so the copy is a plain memcpy in every method's pause).
+    private let instantVersions: UnsafeMutablePointer<UInt64>
     let pauseRequested = Atomic<Bool>(false)
     let parked = Atomic<Int>(0)
+    /// Where parked writers sleep, and the pausing thread waits for them.
+    private let parking = ConditionLock()
     let stopRequested = Atomic<Bool>(false)
     let operations = Atomic<Int>(0)
     /// What is running: 0 nothing (steady state), else a ``DemoMethod``'s phase; each
     /// writer records latency per phase.
     let phase = Atomic<Int>(0)
-    static let phases = 4
+    static let phases = DemoMethod.allCases.count + 1
     let latencies: Mutex<[Histogram<UInt64>]>
     private var threads: [DedicatedThread] = []
     let writerCount: Int
@@ -48,6 +53,8 @@ final class DemoHeap: @unchecked Sendable {
         _ = madvise(base, length, transparentHugePages ? MADV_HUGEPAGE : MADV_NOHUGEPAGE)
         versions = .allocate(capacity: pages)
         versions.initialize(repeating: 1, count: pages)
+        instantVersions = .allocate(capacity: pages)
+        instantVersions.initialize(repeating: 0, count: pages)
         writerCount = writers
         latencies = Mutex((0..<Self.phases).map { _ in DemoHeap.histogram() })
     }
@@ -56,6 +63,7 @@ final class DemoHeap: @unchecked Sendable {
         stop()
         munmap(mapped, mappedLength)
         versions.deallocate()
+        instantVersions.deallocate()
     }
 
     var range: MemoryRange { MemoryRange(base, length: length) }
@@ -100,9 +108,14 @@ final class DemoHeap: @unchecked Sendable {
         var flushed = 0
         while !stopRequested.load(ordering: .acquiring) {
             if pauseRequested.load(ordering: .acquiring) {
-                parked.add(1, ordering: .acquiringAndReleasing)
-                while pauseRequested.load(ordering: .acquiring) { sched_yield() }
-                parked.subtract(1, ordering: .acquiringAndReleasing)
+                // Parked writers sleep, as a store's writers blocked on a lock would, and
+                // leave the CPUs to whatever fixes the image.
+                parking.withLock {
+                    parked.add(1, ordering: .acquiringAndReleasing)
+                    parking.broadcast()
+                    while pauseRequested.load(ordering: .acquiring) { parking.wait(milliseconds: 100) }
+                    parked.subtract(1, ordering: .acquiringAndReleasing)
+                }
                 continue
             }
             state = state &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
@@ -125,13 +138,26 @@ final class DemoHeap: @unchecked Sendable {
     /// Parks the writers between updates.
     func pause() {
         pauseRequested.store(true, ordering: .releasing)
-        while parked.load(ordering: .acquiring) < writerCount { sched_yield() }
+        parking.withLock {
+            while parked.load(ordering: .acquiring) < writerCount { parking.wait(milliseconds: 100) }
+        }
     }
 
-    func resume() { pauseRequested.store(false, ordering: .releasing) }
+    func resume() {
+        parking.withLock {
+            pauseRequested.store(false, ordering: .releasing)
+            parking.broadcast()
+        }
+    }
 
     /// The versions now (call with the writers paused).
     func versionLog() -> [UInt64] { Array(UnsafeBufferPointer(start: versions, count: pages)) }
+
+    /// Copies the versions now (call with the writers paused) for ``recordedVersions()``.
+    func recordVersions() { instantVersions.update(from: versions, count: pages) }
+
+    /// The versions ``recordVersions()`` copied.
+    func recordedVersions() -> [UInt64] { Array(UnsafeBufferPointer(start: instantVersions, count: pages)) }
 
     static func histogram() -> Histogram<UInt64> {
         Histogram<UInt64>(lowestDiscernibleValue: 1, highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .two)
@@ -141,7 +167,7 @@ final class DemoHeap: @unchecked Sendable {
     func latency(phase: Int) -> LatencySummary {
         let h = latencies.withLock { $0[phase] }
         return LatencySummary(count: h.totalCount, p50Nanoseconds: h.valueAtPercentile(50),
-                              p99Nanoseconds: h.valueAtPercentile(99), maxNanoseconds: h.max)
+                              p99Nanoseconds: h.valueAtPercentile(99), p999Nanoseconds: h.valueAtPercentile(99.9), maxNanoseconds: h.max)
     }
 }
 
@@ -150,5 +176,7 @@ public struct LatencySummary: Sendable, Codable, Hashable {
     public var count: UInt64
     public var p50Nanoseconds: UInt64
     public var p99Nanoseconds: UInt64
+    /// The 99.9th percentile: where a method that stalls few writes for longer shows it.
+    public var p999Nanoseconds: UInt64
     public var maxNanoseconds: UInt64
 }

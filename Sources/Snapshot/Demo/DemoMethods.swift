@@ -12,12 +12,26 @@ import Musl
 public enum DemoMethod: String, Sendable, Codable, CaseIterable {
     /// `fork`, and the child writes the heap to the image (as Redis BGSAVE does).
     case fork
-    /// This module's capture: uffd write protection, copy before write.
+    /// This module's capture: uffd write protection, copy before write by a fault
+    /// handler thread (the library's default).
     case uffdWP = "uffd-wp"
+    /// The same, the writing threads saving pages themselves in a SIGBUS handler
+    /// (``Snapshotter/SavingThread/writingThread``: the demo's heap is written by
+    /// user-space code only).
+    case uffdWPInThread = "uffd-wp-in-thread"
     /// Writers held while the heap is written out.
     case stopAndCopy = "stop-and-copy"
 
     var phase: Int { DemoMethod.allCases.firstIndex(of: self)! + 1 }
+
+    /// For the uffd methods, which thread saves a page before its write.
+    var savingThread: Snapshotter.SavingThread? {
+        switch self {
+        case .uffdWP: return .handlerThread
+        case .uffdWPInThread: return .writingThread
+        case .fork, .stopAndCopy: return nil
+        }
+    }
 }
 
 /// One snapshot the demo took, measured and verified.
@@ -106,13 +120,19 @@ final class MemorySampler: @unchecked Sendable {
 
 extension DemoHeap {
     /// Takes one snapshot by `method` into `path`; returns the run, verified.
-    func snapshot(_ method: DemoMethod, round: Int, to path: String, snapshotter: Snapshotter) throws(SnapshotError) -> DemoRun {
+    func snapshot(_ method: DemoMethod, round: Int, to path: String, options: Snapshotter.Options) throws(SnapshotError) -> DemoRun {
         if transparentHugePages { _ = madvise(base, length, 25 /* MADV_COLLAPSE */) }
+        // Registered before the measured part, as a snapshotter is once for many captures.
+        var snapshotter: Snapshotter?
+        if let saving = method.savingThread {
+            var options = options
+            options.savingThread = saving
+            snapshotter = try Snapshotter(regions: [range], options: options)
+        }
         let hugeBefore = MemorySampler.rollup(getpid(), "AnonHugePages:")
         let sampler = MemorySampler()
         sampler.start(baseline: MemorySampler.pss(getpid()))
         let opsBefore = operations.load(ordering: .relaxed)
-        var log: [UInt64] = []
         let start = MonotonicClock.nanoseconds()
         phase.store(method.phase, ordering: .relaxed)
         var pause: UInt64 = 0
@@ -122,10 +142,10 @@ extension DemoHeap {
         var captured: Capture.Result?
         switch method {
         case .fork:
-            (pause, freeze, cpu) = try forkAndWrite(path: path, sampler: sampler, log: &log)
+            (pause, freeze, cpu) = try forkAndWrite(path: path, sampler: sampler)
         case .stopAndCopy:
             self.pause()
-            log = versionLog()
+            recordVersions()
             let copyStart = MonotonicClock.nanoseconds()
             let cpuStart = threadCPUNanoseconds()
             let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
@@ -136,10 +156,9 @@ extension DemoHeap {
             resume()
             pause = MonotonicClock.nanoseconds() - start
             if e != 0 { throw SnapshotError.system("write image", e, path: path) }
-        case .uffdWP:
-            let logBox = Mutex<[UInt64]>([])
-            let capture = try snapshotter.capture(to: path, quiesce: Snapshotter.Quiesce(
-                pause: { [self] in self.pause(); logBox.withLock { $0 = versionLog() } },
+        case .uffdWP, .uffdWPInThread:
+            let capture = try snapshotter!.capture(to: path, quiesce: Snapshotter.Quiesce(
+                pause: { [self] in self.pause(); recordVersions() },
                 resume: { [self] in resume() }))
             pause = capture.pauseNanoseconds
             freeze = capture.armNanoseconds
@@ -147,15 +166,16 @@ extension DemoHeap {
             declared = result.extraBytes
             cpu = result.writerCPUNanoseconds + result.handlerCPUNanoseconds
             captured = result
-            log = logBox.withLock { $0 }
         }
+        snapshotter = nil
+        let log = recordedVersions()
         let total = MonotonicClock.nanoseconds() - start
         phase.store(0, ordering: .relaxed)
         let peak = sampler.stop()
         let updates = operations.load(ordering: .relaxed) - opsBefore
         var st = stat()
         let imageBytes = stat(path, &st) == 0 ? UInt64(st.st_size) : 0
-        let bad = try verify(method == .uffdWP ? .snapshot : .raw, path: path, log: log)
+        let bad = try verify(method.savingThread != nil ? .snapshot : .raw, path: path, log: log)
         return DemoRun(method: method, transparentHugePages: transparentHugePages, round: round,
                        pauseNanoseconds: pause, freezeNanoseconds: freeze, totalNanoseconds: total, imageBytes: imageBytes,
                        bytesPerSecond: Double(length) / (Double(total) / 1e9), peakExtraBytes: peak,
@@ -168,13 +188,13 @@ extension DemoHeap {
 
     /// Forks with the writers held; the child writes the heap and exits. Returns the
     /// pause, the time of `fork()` itself and the child's CPU time.
-    private func forkAndWrite(path: String, sampler: MemorySampler, log: inout [UInt64]) throws(SnapshotError) -> (UInt64, UInt64, UInt64) {
+    private func forkAndWrite(path: String, sampler: MemorySampler) throws(SnapshotError) -> (UInt64, UInt64, UInt64) {
         let start = MonotonicClock.nanoseconds()
         let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         if fd < 0 { throw SnapshotError.system("open", path: path) }
         defer { close(fd) }
         pause()
-        log = versionLog()
+        recordVersions()
         let forkStart = MonotonicClock.nanoseconds()
         let pid = Glibc.fork()
         if pid == 0 { _exit(csnap_write_all(fd, base, length) == 0 ? 0 : 1) }

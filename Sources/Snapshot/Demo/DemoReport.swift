@@ -79,7 +79,7 @@ public struct SnapshotDemoReport: Sendable, Codable {
             out.append("THP \(k): \(v >> 20) MiB of the heap in transparent huge pages after populating")
         }
         out.append("")
-        out.append(row(["method", "THP", "pause ms", "freeze ms", "total ms", "CPU ms", "GB/s", "extra MiB", "dirtied", "p50/p99/max µs during", "p50/p99/max µs steady", "verified"]))
+        out.append(row(["method", "THP", "pause ms", "freeze ms", "total ms", "CPU ms", "GB/s", "extra MiB", "dirtied", "p50/p99/p99.9/max µs during", "p50/p99/p99.9/max µs steady", "verified"]))
         for s in summaries {
             let extra = s.declaredExtraBytes.map { "\(format1(Double(s.peakExtraBytes) / 1048576)) (\(format1(Double($0) / 1048576)))" }
                 ?? format1(Double(s.peakExtraBytes) / 1048576)
@@ -91,7 +91,7 @@ public struct SnapshotDemoReport: Sendable, Codable {
                             s.mismatchedPages == 0 ? "yes" : "NO (\(s.mismatchedPages) pages)"]))
         }
         out.append("  (pause: writers held, parking them included; freeze: fork(), the write-protect ioctls, or the copy;")
-        out.append("   CPU: the snapshot's own, the forked child's or the capture's two threads', apart from the load on the machine)")
+        out.append("   CPU: the snapshot's own, the forked child's or the capture's threads' (image writer, fault handler), apart from the load on the machine)")
         out.append("  (medians over rounds; extra = peak Pss growth of the process(es), in brackets what the capture declares: staging + metadata)")
         if !incremental.isEmpty {
             out.append("")
@@ -117,11 +117,11 @@ public struct SnapshotDemoReport: Sendable, Codable {
     }
 
     private func latency(_ l: LatencySummary) -> String {
-        "\(format1(Double(l.p50Nanoseconds) / 1000))/\(format1(Double(l.p99Nanoseconds) / 1000))/\(format1(Double(l.maxNanoseconds) / 1000))"
+        "\(format1(Double(l.p50Nanoseconds) / 1000))/\(format1(Double(l.p99Nanoseconds) / 1000))/\(format1(Double(l.p999Nanoseconds) / 1000))/\(format1(Double(l.maxNanoseconds) / 1000))"
     }
 
     private func row(_ cells: [String]) -> String {
-        let widths = [14, 4, 9, 9, 9, 9, 7, 18, 8, 22, 22, 10]
+        let widths = [18, 4, 9, 9, 9, 9, 7, 18, 8, 28, 28, 10]
         return cells.enumerated().map { i, c in pad(c, i < widths.count ? widths[i] : 10) }
             .joined(separator: " ")
     }

@@ -7,7 +7,8 @@ import Musl
 #endif
 
 /// The demo behind `uffd snapshot demo`: a heap under random updates, snapshotted in
-/// alternation by fork, uffd-wp and stop-and-copy, with and without transparent huge
+/// alternation by fork, uffd-wp (a handler thread saving pages, then the writing
+/// threads themselves) and stop-and-copy, with and without transparent huge
 /// pages, every image verified against the workload's log; then an incremental
 /// capture and the cost of three ways to track writes.
 public struct SnapshotDemo: Sendable {
@@ -16,6 +17,8 @@ public struct SnapshotDemo: Sendable {
         public var writers = 2
         public var rounds = 2
         public var transparentHugePages: [Bool] = [true, false]
+        /// The methods compared, in the first round's order.
+        public var methods: [DemoMethod] = DemoMethod.allCases
         public var stagingBytes = 64 << 20
         /// Pages the fault handler saves around a faulting page (``Snapshotter/Options/faultChunkPages``).
         public var faultChunkPages = Snapshotter.Options().faultChunkPages
@@ -62,16 +65,15 @@ public struct SnapshotDemo: Sendable {
         var options = Snapshotter.Options()
         options.stagingBytes = c.stagingBytes
         options.faultChunkPages = c.faultChunkPages
-        var snapshotter: Snapshotter? = try Snapshotter(regions: [heap.range], options: options)
         heap.start()
         usleep(UInt32(c.steadySeconds * 1e6))
         var runs: [DemoRun] = []
         for round in 0..<c.rounds {
-            let order = DemoMethod.allCases.indices.map { DemoMethod.allCases[($0 + round) % DemoMethod.allCases.count] }
+            let order = c.methods.indices.map { c.methods[($0 + round) % c.methods.count] }
             for method in order {
                 let image = path(method.rawValue)
                 defer { unlink(image) }
-                let run = try heap.snapshot(method, round: round, to: image, snapshotter: snapshotter!)
+                let run = try heap.snapshot(method, round: round, to: image, options: options)
                 progress("  round \(round + 1) \(method.rawValue): pause \(format3(Double(run.pauseNanoseconds) / 1e6)) ms, total "
                     + "\(format1(Double(run.totalNanoseconds) / 1e6)) ms, extra \(format1(Double(run.peakExtraBytes) / 1048576)) MiB, "
                     + "CPU \(format1(Double(run.cpuNanoseconds) / 1e6)) ms"
@@ -84,7 +86,7 @@ public struct SnapshotDemo: Sendable {
         }
         heap.stop()
         report.runs += runs
-        for m in DemoMethod.allCases {
+        for m in c.methods {
             let mine = runs.filter { $0.method == m }
             guard !mine.isEmpty else { continue }
             report.summaries.append(.init(
@@ -97,7 +99,6 @@ public struct SnapshotDemo: Sendable {
                 mismatchedPages: mine.reduce(0) { $0 + $1.mismatchedPages },
                 during: heap.latency(phase: m.phase), steady: heap.latency(phase: 0)))
         }
-        snapshotter = nil
         progress("heap THP \(thp ? "on" : "off"): incremental capture after \(format1(c.incrementalFraction * 100))% of the pages are written")
         report.incremental.append(try incremental(heap))
     }
