@@ -39,8 +39,12 @@ public struct DemoRun: Sendable, Codable, Hashable {
     public var method: DemoMethod
     public var transparentHugePages: Bool
     public var round: Int
-    /// Nanoseconds the writers were held (parking them included).
+    /// Nanoseconds the writers were held, parking them included, less the demo's own
+    /// copy of its version log (``versionCopyNanoseconds``), which an application
+    /// snapshotting its heap would not make.
     public var pauseNanoseconds: UInt64
+    /// Nanoseconds the demo spent copying its version log while the writers were held.
+    public var versionCopyNanoseconds: UInt64 = 0
     /// Nanoseconds of the step that fixes the image once the writers are parked:
     /// `fork()`, the write-protect ioctls, or the whole copy.
     public var freezeNanoseconds: UInt64
@@ -176,8 +180,9 @@ extension DemoHeap {
         var st = stat()
         let imageBytes = stat(path, &st) == 0 ? UInt64(st.st_size) : 0
         let bad = try verify(method.savingThread != nil ? .snapshot : .raw, path: path, log: log)
+        let logCopy = versionCopyNanoseconds
         return DemoRun(method: method, transparentHugePages: transparentHugePages, round: round,
-                       pauseNanoseconds: pause, freezeNanoseconds: freeze, totalNanoseconds: total, imageBytes: imageBytes,
+                       pauseNanoseconds: pause - min(pause, logCopy), versionCopyNanoseconds: logCopy, freezeNanoseconds: freeze, totalNanoseconds: total, imageBytes: imageBytes,
                        bytesPerSecond: Double(length) / (Double(total) / 1e9), peakExtraBytes: peak,
                        declaredExtraBytes: declared, updatesDuring: updates,
                        dirtiedFraction: 1 - exp(-Double(updates) / Double(pages)), mismatchedPages: bad,

@@ -90,7 +90,8 @@ public struct SnapshotDemoReport: Sendable, Codable {
                             "\(Int(s.dirtiedFraction * 100))%", latency(s.during), latency(s.steady),
                             s.mismatchedPages == 0 ? "yes" : "NO (\(s.mismatchedPages) pages)"]))
         }
-        out.append("  (pause: writers held, parking them included; freeze: fork(), the write-protect ioctls, or the copy;")
+        out.append("  (pause: writers held, parking them included, the demo's copy of its version log left out (see --json);")
+        out.append("   freeze: fork(), the write-protect ioctls, or the copy;")
         out.append("   CPU: the snapshot's own, the forked child's or the capture's threads' (image writer, fault handler), apart from the load on the machine)")
         out.append("  (medians over rounds; extra = peak Pss growth of the process(es), in brackets what the capture declares: staging + metadata)")
         if !incremental.isEmpty {

@@ -74,7 +74,8 @@ public struct SnapshotDemo: Sendable {
                 let image = path(method.rawValue)
                 defer { unlink(image) }
                 let run = try heap.snapshot(method, round: round, to: image, options: options)
-                progress("  round \(round + 1) \(method.rawValue): pause \(format3(Double(run.pauseNanoseconds) / 1e6)) ms, total "
+                progress("  round \(round + 1) \(method.rawValue): pause \(format3(Double(run.pauseNanoseconds) / 1e6)) ms "
+                    + "(+ \(format3(Double(run.versionCopyNanoseconds) / 1e6)) ms version log copy), total "
                     + "\(format1(Double(run.totalNanoseconds) / 1e6)) ms, extra \(format1(Double(run.peakExtraBytes) / 1048576)) MiB, "
                     + "CPU \(format1(Double(run.cpuNanoseconds) / 1e6)) ms"
                     + (run.handlerCPUNanoseconds.map { " (fault handler \(format1(Double($0) / 1e6)) ms)" } ?? "") + ", "
