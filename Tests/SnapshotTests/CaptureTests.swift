@@ -133,37 +133,6 @@ extension SnapshotTests {
             #expect(bad.isEmpty, "\(bad.count) pages differ from the instant")
         }
 
-        /// The writing threads' SIGBUS handler passes a signal that is not its own on: a
-        /// read past the end of a mapped file still ends the (forked) process with SIGBUS.
-        @Test func aSigbusOutsideTheRegionsIsNotSwallowed() throws {
-            let memory = try TestMemory(kind: .anonymous, length: 2 << 20)
-            var options = Snapshotter.Options()
-            options.savingThread = .writingThread
-            let snapshotter = try Snapshotter(regions: [memory.range], options: options)
-            let file = TemporaryPath("empty-file")
-            let fd = open(file.path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-            try #require(fd >= 0)
-            defer { close(fd) }
-            let mapped = try #require(mmap(nil, page, PROT_READ, MAP_SHARED, fd, 0))
-            try #require(mapped != MAP_FAILED)
-            defer { munmap(mapped, page) }
-            let pid = fork()
-            if pid == 0 {
-                // The runtime's crash reporter, next in the chain, must not hold the test's output open.
-                let null = open("/dev/null", O_WRONLY)
-                dup2(null, 1)
-                dup2(null, 2)
-                // Past the end of an empty file: SIGBUS (BUS_ADRERR), outside the regions.
-                let byte = mapped.load(as: UInt8.self)
-                _exit(byte == 0 ? 3 : 4)
-            }
-            try #require(pid > 0)
-            var status: Int32 = 0
-            _ = waitpid(pid, &status, 0)
-            #expect(status & 0x7F == SIGBUS, "the child ended with status \(status), not by SIGBUS")
-            withExtendedLifetime(snapshotter) {}
-        }
-
         @Test(.enabled(if: getuid() == 0, "mounts a small tmpfs (needs root)"))
         func anImageWriterDyingMidCaptureLeavesNothingProtected() throws {
             // A 1 MiB tmpfs: the image writer fails with ENOSPC part way through 8 MiB.
