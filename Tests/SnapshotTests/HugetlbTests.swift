@@ -31,8 +31,8 @@ extension SnapshotTests {
             return bad
         }
 
-        @Test(.needsFreeHugePages(8), .usesHugePages)
-        func writtenDuringCaptureEqualsTheInstantAndRestores() throws {
+        @Test(.needsFreeHugePages(8), .usesHugePages, arguments: Snapshotter.SavingThread.allCases)
+        func writtenDuringCaptureEqualsTheInstantAndRestores(savingThread: Snapshotter.SavingThread) throws {
             // Eight huge pages: writers update the first four, the last four are never touched.
             let memory = try TestMemory(hugetlbLength: 8 * Self.huge)
             let workload = Workload(memory: memory, threads: 2)
@@ -41,7 +41,9 @@ extension SnapshotTests {
                 workload.versions[p] = 1
                 memory.write(page: p, version: 1)
             }
-            let snapshotter = try Snapshotter(regions: [memory.range])
+            var options = Snapshotter.Options()
+            options.savingThread = savingThread
+            let snapshotter = try Snapshotter(regions: [memory.range], options: options)
             #expect(snapshotter.pageSize == Self.huge)
             workload.start(seed: 11)
             while workload.operations.load(ordering: .relaxed) < 2000 { sched_yield() }
