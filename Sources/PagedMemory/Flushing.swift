@@ -62,6 +62,10 @@ extension Pager {
             while p < t.pageCount && taken.count < Self.flushBatch {
                 // A page written while it was being filled: wait until it is in.
                 while t.state(p) == .filling && t.isDirty(p) { lock.wait(milliseconds: 1) }
+                // A page the evictor is writing back: wait until it is written (then the
+                // fsync below covers it) or its write failed (then it is dirty again and
+                // this flush reports it).
+                while t.state(p) == .evicting { lock.wait(milliseconds: 1) }
                 if t.state(p) == .resident && t.isDirty(p),
                    (try? t.handle.writeProtect(t.range(p), mode: .writeProtect)) != nil {
                     t.setDirty(p, false)
