@@ -23,6 +23,11 @@ struct RegionLayout: Sendable {
     /// For shared hugetlb memory: the file, open for reading, and the region's offset in it.
     var file: Int32 = -1
     var fileOffset: UInt64 = 0
+
+    /// The region as the C resolver sees it.
+    func resolverRegion(pageSize: Int) -> csnap_region {
+        csnap_region(start: start, length: UInt64(pages * pageSize), first_page: Int64(firstPage))
+    }
 }
 
 /// Where each page of a capture stands (one byte per page, changed atomically: the
@@ -117,7 +122,7 @@ final class CaptureJob: @unchecked Sendable {
         nextDirty.initialize(repeating: 0, count: max(1, pageCount))
         regionTable = .allocate(capacity: max(1, layout.count))
         for (i, r) in layout.enumerated() {
-            regionTable[i] = csnap_region(start: r.start, length: UInt64(r.pages * pageSize), first_page: Int64(r.firstPage))
+            regionTable[i] = r.resolverRegion(pageSize: pageSize)
         }
         core = .allocate(capacity: 1)
         core.initialize(to: csnap_capture(

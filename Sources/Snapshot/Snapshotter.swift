@@ -148,7 +148,7 @@ public final class Snapshotter: @unchecked Sendable {
             asyncHandle = nil
         }
         if options.savingThread == .writingThread {
-            let table = layout.map { csnap_region(start: $0.start, length: UInt64($0.pages * ps), first_page: Int64($0.firstPage)) }
+            let table = layout.map { $0.resolverRegion(pageSize: ps) }
             signalSlot = csnap_sigbus_attach(uffd.handle.fileDescriptor.rawValue, UInt64(ps), table, Int64(table.count))
             if signalSlot < 0 {
                 closeFiles()

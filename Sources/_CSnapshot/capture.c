@@ -10,7 +10,6 @@
 #include <sched.h>
 #include <signal.h>
 #include <string.h>
-#include <sys/ioctl.h>
 #include <time.h>
 
 #define LOAD(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
@@ -42,7 +41,7 @@ void csnap_release_slots(struct csnap_capture *c, int64_t to) {
 int csnap_unprotect(int uffd, uint64_t start, uint64_t length) {
     struct uffdio_writeprotect wp = {.range = {.start = start, .len = length}, .mode = 0};
     for (;;) {
-        if (ioctl(uffd, UFFDIO_WRITEPROTECT, &wp) == 0) return 0;
+        if (cuffd_writeprotect(uffd, &wp) == 0) return 0;
         // EAGAIN: the mm is changing (a fork or mremap in progress); try again.
         if (errno != EAGAIN && errno != EINTR) return errno;
     }
@@ -241,11 +240,12 @@ static void handle_sigbus(int sig, siginfo_t *info, void *context) {
         repeat_last = now;
         for (int i = 0; i < CSNAP_SLOTS && !handled; i++) {
             ADD(&owner_active[i], 1);
-            if (LOAD(&owner_live[i]) && owns(&owners[i], address) && now - repeat_since < CSNAP_REPEAT_LIMIT_NS) {
+            if (LOAD(&owner_live[i]) && now - repeat_since < CSNAP_REPEAT_LIMIT_NS) {
+                // A running capture has the same regions: its resolver tells whether the address is ours.
                 struct csnap_capture *c = LOAD(&owners[i].capture);
                 if (c) {
                     handled = csnap_resolve(c, address, 1);
-                } else {
+                } else if (owns(&owners[i], address)) {
                     // Between captures nothing should be protected: a late signal.
                     uint64_t ps = owners[i].page_size;
                     handled = csnap_unprotect(owners[i].uffd, address / ps * ps, ps) == 0;

@@ -148,18 +148,7 @@ extension DemoHeap {
         case .fork:
             (pause, freeze, cpu) = try forkAndWrite(path: path, sampler: sampler)
         case .stopAndCopy:
-            self.pause()
-            recordVersions()
-            let copyStart = MonotonicClock.nanoseconds()
-            let cpuStart = threadCPUNanoseconds()
-            let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-            let e = fd < 0 ? errno : csnap_write_all(fd, base, length)
-            if fd >= 0 { close(fd) }
-            cpu = threadCPUNanoseconds() - cpuStart
-            freeze = MonotonicClock.nanoseconds() - copyStart
-            resume()
-            pause = MonotonicClock.nanoseconds() - start
-            if e != 0 { throw SnapshotError.system("write image", e, path: path) }
+            (pause, freeze, cpu) = try stopAndCopy(path: path)
         case .uffdWP, .uffdWPInThread:
             let capture = try snapshotter!.capture(to: path, quiesce: Snapshotter.Quiesce(
                 pause: { [self] in self.pause(); recordVersions() },
@@ -189,6 +178,24 @@ extension DemoHeap {
                        hugePageBytesBefore: hugeBefore, cpuNanoseconds: cpu, faults: captured?.faults,
                        savedPages: captured?.savedBeforeWritePages, handlerCPUNanoseconds: captured?.handlerCPUNanoseconds,
                        stagingWaits: captured?.stagingWaits)
+    }
+
+    /// Writes the heap with the writers held. Returns the pause, the copy's time and its CPU time.
+    private func stopAndCopy(path: String) throws(SnapshotError) -> (UInt64, UInt64, UInt64) {
+        let start = MonotonicClock.nanoseconds()
+        pause()
+        recordVersions()
+        let copyStart = MonotonicClock.nanoseconds()
+        let cpuStart = threadCPUNanoseconds()
+        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        let e = fd < 0 ? errno : csnap_write_all(fd, base, length)
+        if fd >= 0 { close(fd) }
+        let cpu = threadCPUNanoseconds() - cpuStart
+        let freeze = MonotonicClock.nanoseconds() - copyStart
+        resume()
+        let paused = MonotonicClock.nanoseconds() - start
+        if e != 0 { throw SnapshotError.system("write image", e, path: path) }
+        return (paused, freeze, cpu)
     }
 
     /// Forks with the writers held; the child writes the heap and exits. Returns the

@@ -2,7 +2,6 @@ extension SnapshotDemo {
     /// Judges the targets on the medians (reported, never asserted).
     static func targets(_ r: SnapshotDemoReport) -> [SnapshotDemoReport.Target] {
         var out: [SnapshotDemoReport.Target] = []
-        func ms(_ ns: UInt64) -> String { format3(Double(ns) / 1e6) + " ms" }
         for method in DemoMethod.allCases where method.savingThread != nil {
             out += targets(of: method, r)
         }
@@ -26,7 +25,6 @@ extension SnapshotDemo {
     /// The targets that concern one of the uffd methods, judged against fork.
     private static func targets(of method: DemoMethod, _ r: SnapshotDemoReport) -> [SnapshotDemoReport.Target] {
         var out: [SnapshotDemoReport.Target] = []
-        func ms(_ ns: UInt64) -> String { format3(Double(ns) / 1e6) + " ms" }
         let name = method.rawValue
         if let ours = r.summary(method, thp: true), let fork = r.summary(.fork, thp: true) {
             out.append(.init(name: "\(name): pause with THP <= 1/5 of fork's",
@@ -59,3 +57,6 @@ extension SnapshotDemo {
         return out
     }
 }
+
+/// Nanoseconds as milliseconds, for the targets' figures.
+private func ms(_ ns: UInt64) -> String { format3(Double(ns) / 1e6) + " ms" }
